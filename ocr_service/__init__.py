@@ -1,0 +1,1 @@
+"""Service logic around the DeepSeek-OCR model: presets, inputs, weights, grounding, engine."""
