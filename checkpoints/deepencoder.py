@@ -1,0 +1,329 @@
+"""DeepEncoder: the vision side of DeepSeek-OCR.
+
+An image goes through a SAM ViT-B (16-pixel patches, windowed attention with decomposed relative
+positions, global attention in a few blocks), a neck and two stride-2 convolutions, so a 1024-pixel
+view becomes a 16×16 grid of 1024-channel features. CLIP-L then reads that grid in place of its own
+patch embedding. Per position, CLIP's output (without its class token) and SAM's features are
+concatenated and a linear projector maps them into the decoder's embedding space.
+
+Every size comes from the checkpoint's `vision_config` / `projector_config`, so a small config
+builds a small tower with the same tensor names.
+"""
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class SamSettings:
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    global_attn_indexes: list = field(default_factory=lambda: [2, 5, 8, 11])
+    downsample_channels: list = field(default_factory=lambda: [512, 1024])
+    out_chans: int = 256
+    window_size: int = 14
+    patch_size: int = 16
+    mlp_ratio: float = 4.0
+    image_size: int = 1024
+
+
+@dataclass
+class ClipSettings:
+    width: int = 1024
+    layers: int = 24
+    heads: int = 16
+    image_size: int = 224
+    patch_size: int = 14
+    ffn_hidden_size: Optional[int] = None
+
+
+def vision_settings(vision_config: dict) -> tuple[SamSettings, ClipSettings]:
+    """Read the tower sizes from a checkpoint's `vision_config` (unknown keys are ignored)."""
+    widths = (vision_config or {}).get("width", {})
+    sam_cfg = dict(widths.get("sam_vit_b", {}))
+    clip_cfg = dict(widths.get("clip-l-14-224", {}))
+    sam_keys, clip_keys = SamSettings.__dataclass_fields__, ClipSettings.__dataclass_fields__
+    sam = SamSettings(**{k: v for k, v in sam_cfg.items() if k in sam_keys})
+    if "image_size" in (vision_config or {}):
+        sam.image_size = vision_config["image_size"]
+    clip = ClipSettings(**{k: v for k, v in clip_cfg.items() if k in clip_keys})
+    if sam.downsample_channels[-1] != clip.width:
+        raise ValueError("SAM's last downsample width must equal CLIP's width: CLIP reads SAM's features")
+    return sam, clip
+
+
+def resize_grid_embedding(grid: torch.Tensor, size: int) -> torch.Tensor:
+    """Bicubic (antialiased) resize of a [1, C, S, S] position grid, in float32."""
+    if grid.shape[-1] == size:
+        return grid
+    resized = F.interpolate(grid.float(), size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    return resized.to(grid.dtype)
+
+
+# ---------------------------------------------------------------- SAM ViT-B
+
+
+class LayerNorm2d(nn.Module):
+    """LayerNorm over the channel axis of a [B, C, H, W] map."""
+
+    def __init__(self, num_channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(1, keepdim=True)
+        var = (x - mean).pow(2).mean(1, keepdim=True)
+        x = (x - mean) / torch.sqrt(var + self.eps)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size: int, embed_dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(3, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).permute(0, 2, 3, 1)  # [B, H, W, C]
+
+
+class MLPBlock(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.lin1 = nn.Linear(dim, hidden)
+        self.lin2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin2(F.gelu(self.lin1(x)))
+
+
+def relative_positions(q_size: int, k_size: int, table: torch.Tensor) -> torch.Tensor:
+    """Relative-position embeddings [q_size, k_size, C] looked up in `table` [L, C].
+
+    The table is sized for the resolution the block was trained at; for another grid it is
+    linearly resampled to 2·max(q, k) − 1 entries first.
+    """
+    length = 2 * max(q_size, k_size) - 1
+    if table.shape[0] != length:
+        resized = F.interpolate(table.float().t()[None], size=length, mode="linear")
+        table = resized[0].t().to(table.dtype)
+    q_coords = torch.arange(q_size, device=table.device)[:, None] * max(k_size / q_size, 1.0)
+    k_coords = torch.arange(k_size, device=table.device)[None, :] * max(q_size / k_size, 1.0)
+    offsets = (q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)
+    return table[offsets.long()]
+
+
+class SamAttention(nn.Module):
+    def __init__(self, dim: int, heads: int, grid: int):
+        super().__init__()
+        self.heads = heads
+        head_dim = dim // heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+        self.rel_pos_h = nn.Parameter(torch.zeros(2 * grid - 1, head_dim))
+        self.rel_pos_w = nn.Parameter(torch.zeros(2 * grid - 1, head_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, height, width, _ = x.shape
+        qkv = self.qkv(x).reshape(batch, height * width, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # [B, heads, HW, d]
+        # Decomposed relative positions: a bias of (row term + column term) from the unscaled query.
+        rel_h = relative_positions(height, height, self.rel_pos_h)  # [H, H, d]
+        rel_w = relative_positions(width, width, self.rel_pos_w)  # [W, W, d]
+        q_grid = q.reshape(batch, self.heads, height, width, -1)
+        bias_h = torch.einsum("bnhwc,hkc->bnhwk", q_grid, rel_h)  # [B, n, H, W, H]
+        bias_w = torch.einsum("bnhwc,wkc->bnhwk", q_grid, rel_w)  # [B, n, H, W, W]
+        bias = (bias_h[..., :, None] + bias_w[..., None, :]).reshape(batch, self.heads, height * width, -1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        out = out.view(batch, self.heads, height, width, -1).permute(0, 2, 3, 1, 4).reshape(batch, height, width, -1)
+        return self.proj(out)
+
+
+def partition_windows(x: torch.Tensor, size: int):
+    """[B, H, W, C] → [B·nH·nW, size, size, C], zero-padding H and W up to multiples of `size`."""
+    batch, height, width, channels = x.shape
+    pad_h, pad_w = (-height) % size, (-width) % size
+    if pad_h or pad_w:
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    hp, wp = height + pad_h, width + pad_w
+    x = x.view(batch, hp // size, size, wp // size, size, channels)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, size, size, channels), (hp, wp)
+
+
+def merge_windows(windows: torch.Tensor, size: int, padded: tuple, original: tuple) -> torch.Tensor:
+    hp, wp = padded
+    height, width = original
+    batch = windows.shape[0] // ((hp // size) * (wp // size))
+    x = windows.view(batch, hp // size, wp // size, size, size, -1)
+    x = x.permute(0, 1, 3, 2, 4, 5).reshape(batch, hp, wp, -1)
+    return x[:, :height, :width, :]
+
+
+class SamBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, window_size: int, grid: int):
+        super().__init__()
+        self.window_size = window_size  # 0 = global attention
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = SamAttention(dim, heads, window_size or grid)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = MLPBlock(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        x = self.norm1(x)
+        if self.window_size:
+            height, width = x.shape[1:3]
+            x, padded = partition_windows(x, self.window_size)
+            x = merge_windows(self.attn(x), self.window_size, padded, (height, width))
+        else:
+            x = self.attn(x)
+        x = shortcut + x
+        return x + self.mlp(self.norm2(x))
+
+
+class SamEncoder(nn.Module):
+    """SAM ViT-B image encoder with the two extra stride-2 convolutions (net_2, net_3)."""
+
+    def __init__(self, s: SamSettings):
+        super().__init__()
+        grid = s.image_size // s.patch_size
+        self.patch_embed = PatchEmbed(s.patch_size, s.width)
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid, grid, s.width))
+        self.blocks = nn.ModuleList(
+            SamBlock(s.width, s.heads, s.mlp_ratio, 0 if i in s.global_attn_indexes else s.window_size, grid)
+            for i in range(s.layers)
+        )
+        self.neck = nn.Sequential(
+            nn.Conv2d(s.width, s.out_chans, kernel_size=1, bias=False),
+            LayerNorm2d(s.out_chans),
+            nn.Conv2d(s.out_chans, s.out_chans, kernel_size=3, padding=1, bias=False),
+            LayerNorm2d(s.out_chans),
+        )
+        mid, out = s.downsample_channels
+        self.net_2 = nn.Conv2d(s.out_chans, mid, kernel_size=3, stride=2, padding=1, bias=False)
+        self.net_3 = nn.Conv2d(mid, out, kernel_size=3, stride=2, padding=1, bias=False)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(pixels)  # [B, H, W, C]
+        pos = resize_grid_embedding(self.pos_embed.permute(0, 3, 1, 2), x.shape[1]).permute(0, 2, 3, 1)
+        x = x + pos
+        for block in self.blocks:
+            x = block(x)
+        x = self.neck(x.permute(0, 3, 1, 2))
+        return self.net_3(self.net_2(x))  # [B, C_out, H/4, W/4]
+
+
+# ---------------------------------------------------------------- CLIP-L
+
+
+class ClipEmbeddings(nn.Module):
+    def __init__(self, s: ClipSettings):
+        super().__init__()
+        self.class_embedding = nn.Parameter(torch.zeros(s.width))
+        # Present in the checkpoint, but unused: the patch features come from SAM.
+        self.patch_embedding = nn.Conv2d(3, s.width, kernel_size=s.patch_size, stride=s.patch_size, bias=False)
+        self.position_embedding = nn.Embedding((s.image_size // s.patch_size) ** 2 + 1, s.width)
+
+    def forward(self, patch_features: torch.Tensor) -> torch.Tensor:
+        batch = patch_features.shape[0]
+        tokens = patch_features.flatten(2).transpose(1, 2)  # [B, HW, C]
+        cls = self.class_embedding.expand(batch, 1, -1)
+        x = torch.cat([cls, tokens], dim=1)
+        table = self.position_embedding.weight
+        src, dst = math.isqrt(table.shape[0] - 1), math.isqrt(tokens.shape[1])
+        grid = table[1:].reshape(1, src, src, -1).permute(0, 3, 1, 2)
+        grid = resize_grid_embedding(grid, dst).permute(0, 2, 3, 1).reshape(dst * dst, -1)
+        return x + torch.cat([table[:1], grid], dim=0)[None]
+
+
+class ClipAttention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv_proj = nn.Linear(dim, dim * 3)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, dim = x.shape
+        q, k, v = self.qkv_proj(x).view(batch, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.out_proj(out.transpose(1, 2).reshape(batch, length, dim))
+
+
+class ClipMLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        return self.fc2(h * torch.sigmoid(1.702 * h))  # quick GELU, as CLIP was trained
+
+
+class ClipLayer(nn.Module):
+    def __init__(self, dim: int, heads: int, hidden: int):
+        super().__init__()
+        self.self_attn = ClipAttention(dim, heads)
+        self.mlp = ClipMLP(dim, hidden)
+        self.layer_norm1 = nn.LayerNorm(dim, eps=1e-5)
+        self.layer_norm2 = nn.LayerNorm(dim, eps=1e-5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class ClipTransformer(nn.Module):
+    def __init__(self, s: ClipSettings):
+        super().__init__()
+        hidden = s.ffn_hidden_size or 4 * s.width
+        self.layers = nn.ModuleList(ClipLayer(s.width, s.heads, hidden) for _ in range(s.layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class ClipVisionModel(nn.Module):
+    """CLIP-L without its patch embedding in use and without a final norm."""
+
+    def __init__(self, s: ClipSettings):
+        super().__init__()
+        self.embeddings = ClipEmbeddings(s)
+        self.pre_layrnorm = nn.LayerNorm(s.width, eps=1e-5)  # the checkpoint's spelling
+        self.transformer = ClipTransformer(s)
+
+    def forward(self, sam_features: torch.Tensor) -> torch.Tensor:
+        return self.transformer(self.pre_layrnorm(self.embeddings(sam_features)))
+
+
+# ---------------------------------------------------------------- projector
+
+
+class LinearProjector(nn.Module):
+    def __init__(self, projector_config: dict):
+        kind = projector_config.get("projector_type", "linear")
+        if kind != "linear":
+            raise NotImplementedError(f"projector_type {kind!r} is not supported (DeepSeek-OCR uses 'linear')")
+        super().__init__()
+        self.layers = nn.Linear(projector_config["input_dim"], projector_config["n_embed"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+def encode_views(sam: SamEncoder, clip: ClipVisionModel, projector: LinearProjector, pixels: torch.Tensor):
+    """Square views [N, 3, S, S] → projected features [N, (S/64)², n_embed]."""
+    sam_features = sam(pixels)  # [N, C, h, w]
+    clip_tokens = clip(sam_features)[:, 1:]  # drop the class token
+    joint = torch.cat([clip_tokens, sam_features.flatten(2).transpose(1, 2)], dim=-1)
+    return projector(joint)

@@ -1,0 +1,296 @@
+"""DeepSeek-OCR: DeepEncoder features placed into a DeepSeek-V2 MoE decoder's prompt.
+
+Entry points:
+- `DeepseekOCRForCausalLM.ocr(tokenizer, image, prompt, ...)`: one PIL image in, raw text and token
+  counts out. This is what the service calls.
+- `DeepseekOCRForCausalLM.infer(tokenizer, prompt, image_file, output_path, ...)`: the call users of
+  the original remote code know, with the same arguments; it returns the text.
+"""
+
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+from PIL import Image, ImageOps
+from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .configuration_deepseek_v2 import DeepseekV2Config
+from .conversation import format_prompt
+from .deepencoder import ClipVisionModel, LinearProjector, SamEncoder, encode_views, vision_settings
+from .generation import NoRepeatNGramGuard, pick_next_token
+from .modeling_deepseekv2 import DeepseekV2Model, DeepseekV2PreTrainedModel, KVCache
+from .processing_deepseekocr import ImageViews, PromptInputs, build_prompt_inputs
+
+logger = logging.getLogger(__name__)
+
+EOS_TEXT = "<｜end▁of▁sentence｜>"
+
+DEFAULT_VISION_CONFIG = {
+    "image_size": 1024,
+    "width": {
+        "clip-l-14-224": {"heads": 16, "image_size": 224, "layers": 24, "patch_size": 14, "width": 1024},
+        "sam_vit_b": {"downsample_channels": [512, 1024], "global_attn_indexes": [2, 5, 8, 11],
+                      "heads": 12, "layers": 12, "width": 768},
+    },
+}
+
+
+class DeepseekOCRConfig(DeepseekV2Config):
+    model_type = "deepseek_vl_v2"
+
+    def __init__(self, vision_config=None, projector_config=None, **kwargs):
+        super().__init__(**kwargs)
+        self.vision_config = vision_config or DEFAULT_VISION_CONFIG
+        self.projector_config = projector_config or {
+            "projector_type": "linear", "input_dim": 2048, "n_embed": self.hidden_size,
+        }
+
+
+@dataclass
+class OCRResult:
+    text: str  # decoded output, special tokens kept (grounding tags, table cells), EOS removed
+    token_ids: list  # generated ids, EOS excluded
+    prompt_tokens: int
+    image_tokens: int
+    finished: bool  # True when the model emitted EOS; False when max_new_tokens cut it off
+
+
+class DeepseekOCRModel(DeepseekV2Model):
+    config_class = DeepseekOCRConfig
+
+    def __init__(self, config: DeepseekOCRConfig):
+        super().__init__(config)
+        sam, clip = vision_settings(config.vision_config)
+        self.sam_model = SamEncoder(sam)
+        self.vision_model = ClipVisionModel(clip)
+        self.projector = LinearProjector(config.projector_config)
+        n_embed = config.projector_config["n_embed"]
+        self.image_newline = nn.Parameter(torch.zeros(n_embed))
+        self.view_seperator = nn.Parameter(torch.zeros(n_embed))  # the checkpoint's spelling
+        self.post_init()
+
+    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        pixels = pixels.to(device=self.image_newline.device, dtype=self.image_newline.dtype)
+        return encode_views(self.sam_model, self.vision_model, self.projector, pixels)
+
+    def _with_row_ends(self, grid: torch.Tensor) -> torch.Tensor:
+        """[rows, cols, D] feature grid → [rows·(cols + 1), D], each row closed by the newline vector."""
+        rows, _, dim = grid.shape
+        newline = self.image_newline.view(1, 1, dim).expand(rows, 1, dim)
+        return torch.cat([grid, newline], dim=1).reshape(-1, dim)
+
+    def embed_image(self, views: ImageViews) -> torch.Tensor:
+        """The embeddings that fill an image's `<image>` positions: [views.num_tokens, D].
+
+        Order: the tiles stitched into one grid (row by row), then the global view, then the
+        view separator; without tiles, the global view and the separator.
+        """
+        parts = []
+        if views.has_tiles:
+            cols, rows = views.grid
+            tiles = self._encode(views.tiles)  # [cols·rows, q², D]
+            side = math.isqrt(tiles.shape[1])
+            stitched = tiles.view(rows, cols, side, side, -1).permute(0, 2, 1, 3, 4)
+            parts.append(self._with_row_ends(stitched.reshape(rows * side, cols * side, -1)))
+        global_features = self._encode(views.global_view[None])[0]
+        side = math.isqrt(global_features.shape[0])
+        parts.append(self._with_row_ends(global_features.view(side, side, -1)))
+        parts.append(self.view_seperator[None])
+        return torch.cat(parts, dim=0)
+
+    def embed_prompt(self, input_ids: torch.Tensor, image_mask: Optional[torch.Tensor] = None,
+                     images: Optional[Sequence[Sequence[ImageViews]]] = None) -> torch.Tensor:
+        """Token embeddings [B, T, D] with each row's `<image>` positions replaced by its images'."""
+        embeds = self.embed_tokens(input_ids)
+        if images is None:
+            return embeds
+        for row, row_images in enumerate(images):
+            if not row_images:
+                continue
+            features = torch.cat([self.embed_image(v) for v in row_images], dim=0).to(embeds.dtype)
+            positions = image_mask[row].nonzero().squeeze(-1)
+            if positions.numel() != features.shape[0]:
+                raise ValueError(f"{positions.numel()} image positions in the prompt for {features.shape[0]} features")
+            embeds[row, positions] = features
+        return embeds
+
+
+class DeepseekOCRForCausalLM(DeepseekV2PreTrainedModel):
+    config_class = DeepseekOCRConfig
+    _no_split_modules = ["DeepseekV2DecoderLayer", "SamBlock", "ClipLayer"]
+
+    def __init__(self, config: DeepseekOCRConfig):
+        super().__init__(config)
+        self.model = DeepseekOCRModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, DeepseekOCRModel):
+            std = 1 / math.sqrt(module.image_newline.shape[0])
+            nn.init.normal_(module.image_newline, std=std)
+            nn.init.normal_(module.view_seperator, std=std)
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+        images: Optional[Sequence[Sequence[ImageViews]]] = None,
+        image_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        past_key_values: Optional[KVCache] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        use_cache: bool = False,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """`images[b]` lists the ImageViews of batch row b (see `prepare_inputs`)."""
+        if inputs_embeds is None:
+            inputs_embeds = self.model.embed_prompt(input_ids, image_mask, images)
+        if use_cache and past_key_values is None:
+            past_key_values = KVCache(self.config.num_hidden_layers)
+        hidden = self.model.decode(inputs_embeds, position_ids, past_key_values, attention_mask)
+        logits = self.lm_head(hidden).float()
+        return CausalLMOutputWithPast(logits=logits, past_key_values=past_key_values)
+
+    # ------------------------------------------------------------------ inference
+
+    def prepare_inputs(self, tokenizer, prompt: str, images: Sequence[Image.Image], base_size: int = 1024,
+                       image_size: int = 640, crop_mode: bool = True) -> PromptInputs:
+        return build_prompt_inputs(tokenizer, prompt, images, base_size, image_size, crop_mode)
+
+    @torch.inference_mode()
+    def generate_tokens(
+        self,
+        inputs: PromptInputs,
+        max_new_tokens: int = 8192,
+        no_repeat_ngram_size: int = 20,
+        eos_token_id: int = 1,
+        temperature: float = 0.0,
+        on_token: Optional[Callable[[int], None]] = None,
+    ) -> tuple[list, bool]:
+        """Greedy (or sampled, with temperature > 0) decoding with a KV cache, for one prompt.
+
+        The no-repeat n-gram guard sees the whole sequence, prompt included, as the original's does.
+        Returns the generated ids (EOS excluded) and whether EOS ended the generation.
+        """
+        device = self.lm_head.weight.device
+        input_ids = inputs.input_ids.to(device)[None]
+        embeds = self.model.embed_prompt(input_ids, inputs.image_mask.to(device)[None], [inputs.images])
+        cache = KVCache(self.config.num_hidden_layers)
+        guard = NoRepeatNGramGuard(no_repeat_ngram_size, inputs.input_ids.tolist())
+        hidden = self.model.decode(embeds, cache=cache)
+        generated = []
+        for _ in range(max_new_tokens):
+            logits = self.lm_head(hidden[:, -1]).float()[0]
+            token = pick_next_token(guard.mask_banned(logits), temperature)
+            if token == eos_token_id:
+                return generated, True
+            generated.append(token)
+            guard.append(token)
+            if on_token is not None:
+                on_token(token)
+            step = torch.tensor([[token]], device=device)
+            hidden = self.model.decode(self.model.embed_tokens(step), cache=cache)
+        return generated, False
+
+    def decode_text(self, tokenizer, token_ids: Sequence[int]) -> str:
+        # Special tokens stay: <|ref|>/<|det|> carry the boxes and <td>/<tr> the tables.
+        text = tokenizer.decode(list(token_ids), skip_special_tokens=False)
+        if text.endswith(EOS_TEXT):
+            text = text[: -len(EOS_TEXT)]
+        return text.strip()
+
+    def ocr(self, tokenizer, image: Image.Image, prompt: str = "<image>\n<|grounding|>Convert the document to markdown.",
+            base_size: int = 1024, image_size: int = 640, crop_mode: bool = True, max_new_tokens: int = 8192,
+            no_repeat_ngram_size: int = 20, temperature: float = 0.0,
+            on_token: Optional[Callable[[int], None]] = None) -> OCRResult:
+        """Run one image (already EXIF-transposed, any mode) through the model and return the text."""
+        inputs = self.prepare_inputs(tokenizer, prompt, [image], base_size, image_size, crop_mode)
+        ids, finished = self.generate_tokens(inputs, max_new_tokens, no_repeat_ngram_size,
+                                             tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 1,
+                                             temperature, on_token)
+        return OCRResult(
+            text=self.decode_text(tokenizer, ids),
+            token_ids=ids,
+            prompt_tokens=int(inputs.input_ids.numel()),
+            image_tokens=int(inputs.image_mask.sum()),
+            finished=finished,
+        )
+
+    def infer(self, tokenizer, prompt: str = "", image_file: str = "", output_path: str = "", base_size: int = 1024,
+              image_size: int = 640, crop_mode: bool = True, test_compress: bool = False, save_results: bool = False,
+              eval_mode: bool = False, **generation_kwargs) -> str:
+        """The original remote code's entry point, returning the text instead of only printing it.
+
+        eval_mode: no streaming and a 35-gram repeat guard (20 otherwise), as in the original.
+        save_results: writes result.mmd, result_with_boxes.jpg and images/N.jpg under output_path.
+        generation_kwargs: max_new_tokens, no_repeat_ngram_size, temperature, eos_token_id.
+        """
+        if not prompt:
+            raise ValueError("prompt is empty")
+        if output_path:
+            os.makedirs(os.path.join(output_path, "images"), exist_ok=True)
+        prompt = format_prompt(prompt, "plain")
+        images = [load_image(image_file)] if image_file else []
+        inputs = self.prepare_inputs(tokenizer, prompt, images, base_size, image_size, crop_mode)
+        options = {"max_new_tokens": 8192, "no_repeat_ngram_size": 35 if eval_mode else 20,
+                   "eos_token_id": tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 1}
+        options.update(generation_kwargs)
+        on_token = None if eval_mode else _stdout_streamer(tokenizer)
+        ids, _ = self.generate_tokens(inputs, on_token=on_token, **options)
+        if on_token is not None:
+            sys.stdout.write("\n")
+        text = self.decode_text(tokenizer, ids)
+        if images and test_compress:
+            text_tokens = len(tokenizer.encode(text, add_special_tokens=False))
+            vision_tokens = int(inputs.image_mask.sum())
+            logger.info("image %s: %d vision tokens, %d text tokens, compression %.2f",
+                        images[0].size, vision_tokens, text_tokens, text_tokens / max(vision_tokens, 1))
+        if images and save_results:
+            if not output_path:
+                raise ValueError("save_results needs an output_path")
+            save_ocr_results(text, images[0], output_path)
+        return text
+
+
+def load_image(path: str) -> Image.Image:
+    """Open an image file the way the model expects it: EXIF orientation applied, RGB."""
+    with Image.open(path) as image:
+        return ImageOps.exif_transpose(image).convert("RGB")
+
+
+def _stdout_streamer(tokenizer) -> Callable[[int], None]:
+    """Print text as it is generated; tokens that end inside a multi-byte character wait for the rest."""
+    pending = []
+
+    def on_token(token: int) -> None:
+        pending.append(token)
+        text = tokenizer.decode(pending, skip_special_tokens=False)
+        if not text.endswith("\ufffd"):
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            pending.clear()
+
+    return on_token
+
+
+def save_ocr_results(text: str, image: Image.Image, output_path: str) -> None:
+    """Write what the original writes: result.mmd, result_with_boxes.jpg and the cropped figures."""
+    from .grounding import crop_figures, draw_regions, parse_regions, to_markdown
+
+    regions = parse_regions(text, image.size)
+    for index, figure in enumerate(crop_figures(image, regions)):
+        if figure is not None:
+            figure.convert("RGB").save(os.path.join(output_path, "images", f"{index}.jpg"))
+    with open(os.path.join(output_path, "result.mmd"), "w", encoding="utf-8") as handle:
+        handle.write(to_markdown(text))
+    draw_regions(image, regions).convert("RGB").save(os.path.join(output_path, "result_with_boxes.jpg"))

@@ -1,0 +1,65 @@
+"""Shared fixtures: a tiny random checkpoint of the official format, built once per test session."""
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+REFERENCE = REPO.parent / "shared" / "reference"
+sys.path.insert(0, str(REPO))
+
+from scripts.make_random_checkpoint import write_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """Weights, config and tokenizer of a tiny model, plus our model code beside them, so the folder
+    loads both directly and through `AutoModel.from_pretrained(..., trust_remote_code=True)`."""
+    folder = write_checkpoint(tmp_path_factory.mktemp("tiny-checkpoint"), size="tiny", seed=0)
+    for source in (REPO / "checkpoints").glob("*.py"):
+        shutil.copy(source, folder / source.name)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_checkpoint):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_checkpoint, trust_remote_code=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_checkpoint):
+    from checkpoints import DeepseekOCRForCausalLM
+
+    model = DeepseekOCRForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32)
+    return model.eval()
+
+
+def reference_tensor_shapes() -> dict:
+    """name → shape of every tensor in the official checkpoint."""
+    rows = (REFERENCE / "checkpoint-tensors.tsv").read_text().splitlines()[1:]
+    return {name: tuple(int(d) for d in shape.split("x")) for name, shape in (r.split("\t") for r in rows)}
+
+
+def document_image(width: int, height: int, seed: int = 0):
+    """A page-like RGB image: white background, dark text lines and a grey figure block, with some noise
+    so that no view is flat."""
+    import random
+
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    line_height = max(4, height // 40)
+    for y in range(line_height, height - line_height, line_height * 2):
+        x_end = int(width * rng.uniform(0.4, 0.95))
+        draw.rectangle([width // 20, y, x_end, y + line_height // 2], fill=(rng.randint(0, 60),) * 3)
+    draw.rectangle([width // 4, height // 3, width // 2, height // 2], fill=(120, 140, 160))
+    for _ in range(200):
+        draw.point((rng.randrange(width), rng.randrange(height)), fill=(rng.randrange(256),) * 3)
+    return image

@@ -1,0 +1,66 @@
+"""The model's parameters are exactly the official checkpoint's tensors, and a checkpoint folder of that
+format loads through Hugging Face's remote-code path."""
+
+import json
+
+import torch
+from PIL import Image
+from transformers import AutoConfig, AutoModel
+
+from checkpoints import DeepseekOCRConfig, DeepseekOCRForCausalLM
+from conftest import REFERENCE, document_image, reference_tensor_shapes
+
+
+def test_official_config_builds_every_official_tensor_and_nothing_else():
+    config = DeepseekOCRConfig(**json.loads((REFERENCE / "config.json").read_text()))
+    with torch.device("meta"):
+        model = DeepseekOCRForCausalLM(config)
+    ours = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    reference = reference_tensor_shapes()
+    assert sorted(set(reference) - set(ours)) == []
+    assert sorted(set(ours) - set(reference)) == []
+    assert {n: s for n, s in ours.items() if reference[n] != s} == {}
+    assert sum(t.numel() for t in model.state_dict().values()) == 3_336_106_240
+
+
+def test_tiny_checkpoint_loads_through_automodel_with_remote_code(tiny_checkpoint, tiny_tokenizer):
+    config = AutoConfig.from_pretrained(tiny_checkpoint, trust_remote_code=True)
+    assert type(config).__name__ == "DeepseekOCRConfig"
+    model, info = AutoModel.from_pretrained(tiny_checkpoint, trust_remote_code=True, dtype=torch.float32,
+                                            output_loading_info=True)
+    assert type(model).__name__ == "DeepseekOCRForCausalLM"
+    assert info["missing_keys"] == set() or not info["missing_keys"]
+    assert not info["unexpected_keys"]
+    assert not info.get("mismatched_keys")
+    result = model.eval().ocr(tiny_tokenizer, document_image(800, 1000), max_new_tokens=8)
+    assert len(result.token_ids) == 8 or result.finished
+    assert result.image_tokens == 273 + (10 * 2 + 1) * 10 * 3  # Gundam, 2 columns × 3 rows of tiles
+
+
+def test_tokenizer_carries_official_special_token_ids(tiny_tokenizer):
+    rows = (REFERENCE / "tokenizer-added-tokens.tsv").read_text(encoding="utf-8").splitlines()[1:]
+    for row in rows:
+        token_id, content, _ = row.split("\t")
+        assert tiny_tokenizer.convert_tokens_to_ids(content) == int(token_id), content
+    ids = tiny_tokenizer.encode("<image>\n<|grounding|>Convert the document to markdown.", add_special_tokens=False)
+    assert ids[0] == 128815 and 128820 in ids
+    assert tiny_tokenizer.bos_token_id == 0 and tiny_tokenizer.eos_token_id == 1
+
+
+def test_model_code_has_no_cuda_calls_and_no_torchvision():
+    from conftest import REPO
+
+    for source in (REPO / "checkpoints").glob("*.py"):
+        text = source.read_text()
+        assert ".cuda(" not in text, source.name
+        assert "torchvision" not in text, source.name
+
+
+def test_loaded_weights_equal_the_file(tiny_checkpoint, tiny_model):
+    from safetensors import safe_open
+
+    with safe_open(str(tiny_checkpoint / "model-00001-of-000001.safetensors"), "pt") as handle:
+        for name in ["model.sam_model.blocks.1.attn.rel_pos_h", "model.layers.2.mlp.experts.5.up_proj.weight",
+                     "model.view_seperator", "lm_head.weight"]:
+            expected = handle.get_tensor(name).float()
+            assert torch.equal(tiny_model.state_dict()[name], expected), name
