@@ -70,13 +70,14 @@ def parse_regions(raw_text: str, image_size: tuple, page: int = 1) -> list:
     ]
 
 
-def to_markdown(raw_text: str, image_prefix: str = "images/") -> str:
+def to_markdown(raw_text: str, image_prefix: str = "images/", first_index: int = 0) -> str:
     """Clean markdown: figure references become `![](images/N.jpg)`, other references disappear.
 
     Figures are numbered per box, in order, the same numbering `crop_figures` uses; a figure
-    reference with several boxes links to each of its crops.
+    reference with several boxes links to each of its crops. `first_index` continues a numbering
+    across pages.
     """
-    counter = iter(range(1 << 30))
+    counter = iter(range(first_index, 1 << 62))
 
     def replace(match: re.Match) -> str:
         label, det = match.group(1).strip(), match.group(2)
