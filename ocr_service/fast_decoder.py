@@ -14,8 +14,9 @@ Shapes in comments: B batch slots, T tokens, S cache length, H heads, Dh head di
 E routed experts, K experts per token, I expert width.
 """
 
+from collections import deque
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -235,13 +236,16 @@ class NgramBanGPU:
         return extended[:, :vocab]
 
 
-@dataclass
+@dataclass(eq=False)
 class GenerationRequest:
     prompt_ids: torch.Tensor  # [T] long, the prompt's token ids (for the n-gram guard)
     embeds: torch.Tensor  # [T, D] prompt embeddings, images included
     max_new_tokens: int
     tokens: Optional[list] = None  # filled in: generated ids, EOS excluded
     finished: bool = False  # filled in: True when EOS ended it
+    cancelled: bool = False  # set by the caller: the request leaves the batch at the next sync point
+    on_done: Optional[Callable] = None  # called once the request has left the batch (done or cancelled)
+    error: Optional[BaseException] = None  # set when the batch it was in failed
 
 
 class BatchGenerator:
@@ -356,20 +360,28 @@ class BatchGenerator:
             request.tokens, request.finished = ids, False
 
     @torch.inference_mode()
-    def generate(self, requests: list, on_progress=None) -> list:
+    def generate(self, requests: list, on_progress=None, incoming: Optional[Callable] = None) -> list:
         """Decode every request; fills `request.tokens`/`finished` and returns the requests.
 
-        `on_progress(request, tokens_so_far)` is called at each synchronisation point.
+        `incoming()`, if given, is asked at every synchronisation point for requests that arrived
+        meanwhile; they join the batch as rows free up. `on_progress(request, tokens_so_far)` is called at
+        each synchronisation point.
         """
-        waiting = list(requests)[::-1]
+        waiting = deque(requests)
         active: list = []  # active[i] occupies row i
-        while waiting or active:
+        while True:
+            if incoming is not None:
+                waiting.extend(incoming())
             while waiting and len(active) < self.max_batch:
-                request = waiting.pop()
+                request = waiting.popleft()
+                if request.cancelled:
+                    self._retire(request)
+                    continue
                 self._admit(request, len(active))
                 active.append(request)
-            batch = next(b for b in self.BATCH_BUCKETS if b >= len(active))
-            batch = min(batch, self.max_batch)
+            if not active:
+                return list(requests)
+            batch = min(next(b for b in self.BATCH_BUCKETS if b >= len(active)), self.max_batch)
             if len(active) < batch:  # rows past the active ones must not run away with stale state
                 self.done[len(active):batch] = True
             done = self.done[: len(active)].tolist()
@@ -384,11 +396,18 @@ class BatchGenerator:
                 for request, count in zip(active, generated):
                     on_progress(request, count)
             for row in reversed(range(len(active))):
-                if done[row]:
-                    self._collect(active[row], row)
+                request = active[row]
+                if done[row] or request.cancelled:
+                    if not request.cancelled:
+                        self._collect(request, row)
                     last = len(active) - 1
                     if row != last:
                         self._move(last, row)
                         active[row] = active[last]
                     active.pop()
-        return list(requests)
+                    self._retire(request)
+
+    @staticmethod
+    def _retire(request: GenerationRequest) -> None:
+        if request.on_done is not None:
+            request.on_done()
