@@ -34,22 +34,24 @@ class LayerWeights:
     dense_w2: Optional[torch.Tensor] = None
     router: Optional[torch.Tensor] = None  # [E, D] float32
     experts_w13: Optional[torch.Tensor] = None  # [E, 2·I, D]
-    experts_w2: Optional[torch.Tensor] = None  # [E, D, I]
+    experts_w2t: Optional[torch.Tensor] = None  # [E, I, D]
     shared_w13: Optional[torch.Tensor] = None
     shared_w2: Optional[torch.Tensor] = None
 
 
 def stack_moe_weights(moe: DeepseekV2MoE):
-    """Stack the experts' weights into [E, 2I, D] and [E, D, I] and make each expert's parameters views of
-    them, so the reference modules keep working and no weight is held twice."""
-    w13 = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in moe.experts])
-    w2 = torch.stack([e.down_proj.weight for e in moe.experts])
+    """Stack the experts' weights into [E, 2I, D] (gate and up) and [E, I, D] (down, transposed) and make
+    each expert's parameters views of them, so the reference modules keep working and no weight is held
+    twice. The transposed down weights let the K chosen experts' down projections run as one GEMV."""
     width = moe.experts[0].gate_proj.weight.shape[0]
+    with torch.no_grad():
+        w13 = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in moe.experts])
+        w2t = torch.stack([e.down_proj.weight.t() for e in moe.experts]).contiguous()
     for i, expert in enumerate(moe.experts):
         expert.gate_proj.weight = torch.nn.Parameter(w13[i, :width], requires_grad=False)
         expert.up_proj.weight = torch.nn.Parameter(w13[i, width:], requires_grad=False)
-        expert.down_proj.weight = torch.nn.Parameter(w2[i], requires_grad=False)
-    return w13, w2
+        expert.down_proj.weight = torch.nn.Parameter(w2t[i].t(), requires_grad=False)
+    return w13, w2t
 
 
 def gated_mlp(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
@@ -71,6 +73,11 @@ class FastDecoder:
         self.kv_heads = config.num_key_value_heads
         self.top_k = config.num_experts_per_tok
         self.layers = [self._layer_weights(layer) for layer in model.model.layers]
+        moe = next((w for w in self.layers if w.router is not None), None)
+        if moe is not None:  # room for the most (token, expert) pairs the gather path handles
+            rows = moe.experts_w13.shape[0] - 1
+            self._w13_buffer = moe.experts_w13.new_empty((rows,) + moe.experts_w13.shape[1:])
+            self._w2_buffer = moe.experts_w2t.new_empty((rows,) + moe.experts_w2t.shape[1:])
         cache_shape = (len(self.layers), max_batch, self.kv_heads, max_seq_len, self.head_dim)
         self.k_cache = torch.zeros(cache_shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.zeros(cache_shape, dtype=self.dtype, device=self.device)
@@ -93,7 +100,7 @@ class FastDecoder:
         mlp = layer.mlp
         if isinstance(mlp, DeepseekV2MoE):
             weights.router = mlp.gate.weight.detach().float()
-            weights.experts_w13, weights.experts_w2 = stack_moe_weights(mlp)
+            weights.experts_w13, weights.experts_w2t = stack_moe_weights(mlp)
             if mlp.shared_experts is not None:
                 shared = mlp.shared_experts
                 weights.shared_w13 = torch.cat([shared.gate_proj.weight, shared.up_proj.weight]).detach()
@@ -111,23 +118,29 @@ class FastDecoder:
         return weight * x32.to(x.dtype)
 
     def _moe(self, x: torch.Tensor, w: LayerWeights) -> torch.Tensor:
-        # x: [N, D]. Few tokens read only their chosen experts (gathered); many tokens run every expert
-        # once on all of them and weight the results, which reads each expert's weights once.
+        # x: [N, D]. Few tokens read only their chosen experts, copied into one reused buffer (a CUDA graph
+        # then holds no per-layer copies); many tokens run every expert once on all of them and weight the
+        # results, which reads each expert's weights once.
         scores = F.linear(x.float(), w.router).softmax(dim=-1)  # [N, E]
         topk_weight, topk_idx = torch.topk(scores, k=self.top_k, dim=-1, sorted=False)  # [N, K]
         topk_weight = topk_weight * self.config.routed_scaling_factor
-        num_experts = w.experts_w13.shape[0]
-        if x.shape[0] * self.top_k < num_experts:
-            w13 = w.experts_w13[topk_idx]  # [N, K, 2I, D]
-            gate, up = torch.einsum("nd,nkid->nki", x, w13).chunk(2, dim=-1)
-            hidden = F.silu(gate) * up  # [N, K, I]
-            out = torch.einsum("nki,nkdi->nkd", hidden, w.experts_w2[topk_idx])  # [N, K, D]
-            routed = (out.float() * topk_weight.unsqueeze(-1)).sum(dim=1)
+        tokens, num_experts = x.shape[0], w.experts_w13.shape[0]
+        width = w.experts_w2t.shape[1]
+        if tokens * self.top_k < num_experts:
+            rows = tokens * self.top_k
+            chosen = topk_idx.reshape(-1)  # [R]
+            w13 = torch.index_select(w.experts_w13, 0, chosen, out=self._w13_buffer[:rows])  # [R, 2I, D]
+            gate_up = torch.bmm(w13.view(tokens, -1, x.shape[1]), x[:, :, None])  # [N, K·2I, 1]
+            gate, up = gate_up.view(tokens, self.top_k, -1).chunk(2, dim=-1)  # [N, K, I] each
+            hidden = (F.silu(gate) * up * topk_weight.unsqueeze(-1).to(x.dtype)).reshape(tokens, 1, -1)
+            w2t = torch.index_select(w.experts_w2t, 0, chosen, out=self._w2_buffer[:rows])  # [R, I, D]
+            routed = torch.bmm(hidden, w2t.view(tokens, self.top_k * width, -1))[:, 0]  # [N, D]
         else:
             dense_weight = torch.zeros_like(scores).scatter_(1, topk_idx, topk_weight)  # [N, E]
-            gate, up = torch.einsum("nd,eid->eni", x, w.experts_w13).chunk(2, dim=-1)
-            out = torch.einsum("eni,edi->end", F.silu(gate) * up, w.experts_w2)  # [E, N, D]
-            routed = torch.einsum("end,ne->nd", out.float(), dense_weight)
+            gate, up = torch.matmul(x, w.experts_w13.transpose(1, 2)).chunk(2, dim=-1)  # [E, N, I] each
+            hidden = F.silu(gate) * up * dense_weight.t().unsqueeze(-1).to(x.dtype)
+            hidden = hidden.transpose(0, 1).reshape(tokens, -1)  # [N, E·I]
+            routed = hidden @ w.experts_w2t.view(-1, w.experts_w2t.shape[-1])  # [N, D]
         routed = routed.to(x.dtype)
         if w.shared_w13 is not None:
             routed = routed + gated_mlp(x, w.shared_w13, w.shared_w2)
@@ -314,6 +327,7 @@ class BatchGenerator:
             tensor.copy_(value)
         return graph
 
+    @torch.inference_mode()
     def capture_all(self) -> int:
         """Capture the decode step for every batch size and cache span up front (at load time), so that no
         request pays for a capture. Returns how many graphs there are."""
