@@ -1,0 +1,72 @@
+"""The predictor's choices: task types (→ prompt) and resolution presets (→ view sizes and cropping)."""
+
+import re
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+from .errors import InputError
+
+LOCATE_TASK = "Locate Object by Reference"
+PROMPTS = {
+    "Convert to Markdown": "<image>\n<|grounding|>Convert the document to markdown.",
+    "Free OCR": "<image>\nFree OCR.",
+    "Parse Figure": "<image>\nParse the figure.",
+    LOCATE_TASK: "<image>\nLocate <|ref|>{reference_text}<|/ref|> in the image.",
+}
+TASK_TYPES = tuple(PROMPTS)
+DEFAULT_TASK_TYPE = "Convert to Markdown"
+
+
+@dataclass(frozen=True)
+class Resolution:
+    base_size: int  # side of the global view
+    image_size: int  # side of a tile (crop mode) or of the only view
+    crop_mode: bool  # tile large images ("Gundam")
+
+
+RESOLUTION_PRESETS = {
+    "Gundam (Recommended)": Resolution(1024, 640, True),
+    "Tiny": Resolution(512, 512, False),
+    "Small": Resolution(640, 640, False),
+    "Base": Resolution(1024, 1024, False),
+    "Large": Resolution(1280, 1280, False),
+}
+RESOLUTIONS = tuple(RESOLUTION_PRESETS)
+DEFAULT_RESOLUTION = "Gundam (Recommended)"
+
+MAX_REFERENCE_CHARS = 500
+# What the DeepSeek tokenizer would read as control tokens rather than text.
+SPECIAL_TOKEN_PATTERN = re.compile(r"<\|[^<>|]*\|>|<｜[^<>｜]*｜>|<image>|</?td>|</?tr>", re.IGNORECASE)
+
+
+def resolution(name: str) -> Resolution:
+    try:
+        return RESOLUTION_PRESETS[name]
+    except KeyError:
+        raise InputError(f"unknown resolution_size {name!r}; choose one of {', '.join(RESOLUTIONS)}") from None
+
+
+def clean_reference_text(text: Optional[str], extra_forbidden: Iterable[str] = ()) -> str:
+    """The object description for the Locate prompt, on one line, with nothing that reads as a control token."""
+    cleaned = " ".join((text or "").split())  # newlines and tabs would break the prompt's format
+    if not cleaned:
+        raise InputError(f"reference_text is required for '{LOCATE_TASK}': say what to locate")
+    if len(cleaned) > MAX_REFERENCE_CHARS:
+        raise InputError(f"reference_text is {len(cleaned)} characters long; the limit is {MAX_REFERENCE_CHARS}")
+    found = SPECIAL_TOKEN_PATTERN.search(cleaned)
+    if found is None:
+        found_text = next((t for t in extra_forbidden if t and t in cleaned), None)
+    else:
+        found_text = found.group(0)
+    if found_text is not None:
+        raise InputError(f"reference_text must not contain special tokens such as {found_text!r}")
+    return cleaned
+
+
+def build_prompt(task_type: str, reference_text: Optional[str] = None, extra_forbidden: Iterable[str] = ()) -> str:
+    """The model prompt for a task; reference_text is used (and required) only to locate an object."""
+    if task_type not in PROMPTS:
+        raise InputError(f"unknown task_type {task_type!r}; choose one of {', '.join(TASK_TYPES)}")
+    if task_type != LOCATE_TASK:
+        return PROMPTS[task_type]
+    return PROMPTS[task_type].format(reference_text=clean_reference_text(reference_text, extra_forbidden))

@@ -1,0 +1,131 @@
+"""Every kind of upload ends in RGB pages or an InputError that says what is wrong."""
+
+import pytest
+from PIL import Image
+
+import input_corpus as corpus
+from ocr_service.errors import InputError
+from ocr_service.inputs import Limits, limits_from_env, load_pages, parse_page_selection
+
+
+def load(tmp_path, name, data, **options):
+    return load_pages(corpus.write(tmp_path, name, data), **options)
+
+
+def test_png_and_jpeg(tmp_path):
+    for name, data in [("a.png", corpus.png_bytes(corpus.document())), ("b.jpg", corpus.jpeg_bytes(corpus.document()))]:
+        pages = load(tmp_path, name, data)
+        assert len(pages) == 1 and pages[0].number == 1
+        assert pages[0].image.mode == "RGB" and pages[0].image.size == (800, 1000)
+
+
+@pytest.mark.parametrize("name, data, message", [
+    ("empty.png", b"", "empty"),
+    ("notes.png", b"just some text, not an image\n" * 10, "not a supported image"),
+    ("cut.png", corpus.png_bytes(corpus.document())[:2000], "damaged or truncated"),
+    ("cut.jpg", corpus.jpeg_bytes(corpus.document())[:1500], "damaged or truncated"),
+])
+def test_broken_files_are_refused_clearly(tmp_path, name, data, message):
+    with pytest.raises(InputError, match=message):
+        load(tmp_path, name, data)
+
+
+def test_decompression_bomb_refused_before_decoding(tmp_path):
+    bomb = corpus.decompression_bomb_png()
+    assert len(bomb) < 100_000
+    with pytest.raises(InputError, match="too large|limit"):
+        load(tmp_path, "bomb.png", bomb)
+
+
+def test_pixel_limit_is_configurable(tmp_path):
+    data = corpus.png_bytes(corpus.document(1000, 1000))
+    with pytest.raises(InputError, match="1,000,000 pixels"):
+        load(tmp_path, "big.png", data, max_pixels=999_999)
+
+
+def test_modes_become_rgb_as_viewed(tmp_path):
+    cmyk = Image.new("CMYK", (50, 40), (0, 255, 255, 0))  # red in CMYK
+    assert load(tmp_path, "c.jpg", corpus.jpeg_bytes(cmyk))[0].image.getpixel((25, 20))[0] > 200
+    sixteen = Image.new("I;16", (50, 40), 65535)
+    assert load(tmp_path, "16.png", corpus.png_bytes(sixteen))[0].image.getpixel((5, 5)) == (255, 255, 255)
+    mid = Image.new("I;16", (50, 40), 32768)
+    assert load(tmp_path, "16m.png", corpus.png_bytes(mid))[0].image.getpixel((5, 5))[0] in (127, 128)
+    palette = Image.new("P", (50, 40), 0)
+    palette.putpalette([0, 0, 0] * 256)
+    transparent = load(tmp_path, "p.png", corpus.png_bytes(palette, transparency=0))[0].image
+    assert transparent.getpixel((5, 5)) == (255, 255, 255)  # transparent shows as white, not black
+    rgba = Image.new("RGBA", (10, 10), (0, 0, 0, 0))
+    assert load(tmp_path, "a.png", corpus.png_bytes(rgba))[0].image.getpixel((1, 1)) == (255, 255, 255)
+    grey = Image.new("L", (10, 10), 100)
+    assert load(tmp_path, "g.png", corpus.png_bytes(grey))[0].image.getpixel((1, 1)) == (100, 100, 100)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    image = load(tmp_path, "rot.jpg", corpus.exif_rotated_jpeg())[0].image
+    assert image.size == (200, 400)
+    red, green, blue = image.getpixel((190, 10))  # the stored top-left block is now top-right
+    assert red > 200 and green < 60 and blue < 60
+
+
+def test_small_odd_and_extreme_images(tmp_path):
+    assert load(tmp_path, "one.png", corpus.png_bytes(Image.new("RGB", (1, 1))))[0].image.size == (1, 1)
+    assert load(tmp_path, "wide.png", corpus.png_bytes(Image.new("RGB", (20000, 20))))[0].image.size == (20000, 20)
+    assert load(tmp_path, "tall.png", corpus.png_bytes(Image.new("RGB", (20, 20000))))[0].image.size == (20, 20000)
+    assert len(load(tmp_path, "anim.gif", corpus.animated_gif())) == 1  # first frame only
+    assert load(tmp_path, "p.webp", corpus.webp_bytes())[0].image.size == (300, 200)
+
+
+def test_multipage_tiff_gives_pages(tmp_path):
+    pages = load(tmp_path, "doc.tiff", corpus.multipage_tiff(3))
+    assert [p.number for p in pages] == [1, 2, 3]
+    assert [p.number for p in load(tmp_path, "doc2.tiff", corpus.multipage_tiff(3), pages="2-3")] == [2, 3]
+
+
+def test_pdf_pages_selection_and_limits(tmp_path):
+    data = corpus.pdf_bytes([(595, 842), (842, 595), (300, 300)])
+    pages = load(tmp_path, "doc.pdf", data, pdf_dpi=72)
+    assert [p.number for p in pages] == [1, 2, 3]
+    assert pages[0].image.size == (595, 842) and pages[1].image.size == (842, 595)
+    assert load(tmp_path, "doc.pdf", data, pdf_dpi=144)[0].image.size == (1190, 1684)
+    assert [p.number for p in load(tmp_path, "doc.pdf", data, pages="3, 1")] == [3, 1]
+    with pytest.raises(InputError, match="page 4 is out of range: the document has 3"):
+        load(tmp_path, "doc.pdf", data, pages="2-4")
+    with pytest.raises(InputError, match="limit is 2"):
+        load(tmp_path, "doc.pdf", data, max_pages=2)
+    # Named .png, but a PDF: the content decides.
+    assert len(load(tmp_path, "disguised.png", data)) == 3
+
+
+def test_bad_pdfs(tmp_path):
+    with pytest.raises(InputError, match="no pages"):
+        load(tmp_path, "zero.pdf", corpus.pdf_bytes([]))
+    with pytest.raises(InputError, match="password"):
+        load(tmp_path, "locked.pdf", corpus.encrypted_pdf_bytes())
+    with pytest.raises(InputError, match="could not be read"):
+        load(tmp_path, "cut.pdf", corpus.pdf_bytes([(595, 842)])[:200])
+
+
+def test_huge_pdf_page_is_rendered_within_the_pixel_limit(tmp_path):
+    page = load(tmp_path, "huge.pdf", corpus.pdf_bytes([(14400, 14400)]), max_pixels=4_000_000)[0]
+    assert page.image.width * page.image.height <= 4_000_000
+    assert page.image.width > 1900
+
+
+@pytest.mark.parametrize("selection, expected", [(None, [1, 2, 3, 4]), ("", [1, 2, 3, 4]), ("2", [2]),
+                                                 (" 1 - 2 , 4 ", [1, 2, 4]), ("1,1,2", [1, 2])])
+def test_page_selection(selection, expected):
+    assert parse_page_selection(selection, 4) == expected
+
+
+@pytest.mark.parametrize("selection", ["a", "1-", "3-1", "0", "1-2-3", ",", "-1"])
+def test_bad_page_selection(selection):
+    with pytest.raises(InputError):
+        parse_page_selection(selection, 4)
+
+
+def test_limits_from_environment(monkeypatch):
+    assert limits_from_env() == Limits()
+    monkeypatch.setenv("DEEPSEEK_OCR_MAX_PAGES", "3")
+    monkeypatch.setenv("DEEPSEEK_OCR_MAX_PIXELS", "1000")
+    monkeypatch.setenv("DEEPSEEK_OCR_PDF_DPI", "72")
+    assert limits_from_env() == Limits(3, 1000, 72)
