@@ -189,6 +189,8 @@ class PagesJob:
     def cancel(self) -> None:
         for request in self.requests:
             request.cancelled = True
+        if self.requests:
+            self.engine.log(f"cancelled: {len(self.requests)} page(s) left the batch")
 
     def wait(self) -> list:
         # Short waits, so that a cancellation signal delivered to this thread is handled promptly.

@@ -1,0 +1,84 @@
+"""Cog predictor for DeepSeek-OCR: documents, figures and grounded references from an image or a PDF."""
+
+import asyncio
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from cog import BaseModel, BasePredictor, Input, Path as CogPath, concurrent
+
+from ocr_service.document import PageOutput, assemble
+from ocr_service.engine import OCREngine, checkpoint_tensor_shapes
+from ocr_service.inputs import limits_from_env, load_pages
+from ocr_service.presets import (
+    DEFAULT_RESOLUTION, DEFAULT_TASK_TYPE, RESOLUTIONS, TASK_TYPES, build_prompt, resolution,
+)
+from ocr_service.weights import ensure_weights, weights_source_from_env
+
+CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
+MARKDOWN_TASK = "Convert to Markdown"
+MAX_NEW_TOKENS = 8192
+# Concurrent predictions decode together in one batch (the runtime also reads COG_MAX_CONCURRENCY).
+MAX_CONCURRENCY = int(os.environ.get("COG_MAX_CONCURRENCY") or 8)
+
+
+class Output(BaseModel):
+    text: str  # markdown for "Convert to Markdown" (figure links, no grounding tags), else the model's text
+    raw_output: str  # what the model wrote, grounding tags included
+    regions: list[dict]  # grounded regions: label, box [x1, y1, x2, y2] in pixels, box_normalized (0-999), page
+    annotated_images: list[CogPath]  # one per page that has regions, boxes drawn
+    figures: list[CogPath]  # crops of the regions labelled "image", named as the markdown links them
+    pages: list[dict]  # per page: size, image tokens, generated tokens, finished, seconds
+
+
+class Predictor(BasePredictor):
+    def setup(self) -> None:
+        weights_dir = ensure_weights(CHECKPOINTS, expected_tensors=checkpoint_tensor_shapes,
+                                     **weights_source_from_env())
+        self.engine = OCREngine(weights_dir)
+
+    @concurrent(max=MAX_CONCURRENCY)
+    async def predict(
+        self,
+        image: CogPath = Input(description="Image (PNG, JPEG, WebP, TIFF, ...) or PDF document"),
+        task_type: str = Input(description="What to do with the image", choices=list(TASK_TYPES),
+                               default=DEFAULT_TASK_TYPE),
+        reference_text: str = Input(description="What to locate, for 'Locate Object by Reference'", default=""),
+        resolution_size: str = Input(description="Resolution preset: Gundam tiles large pages (recommended)",
+                                     choices=list(RESOLUTIONS), default=DEFAULT_RESOLUTION),
+        pages: str = Input(description="Pages of a PDF or multi-page TIFF to read, e.g. '1-3,5'; empty = all",
+                           default=""),
+        max_new_tokens: int = Input(description="Most tokens to generate per page", ge=1, le=MAX_NEW_TOKENS,
+                                    default=MAX_NEW_TOKENS),
+    ) -> Output:
+        prompt = build_prompt(task_type, reference_text, extra_forbidden=self.engine.special_token_texts)
+        preset = resolution(resolution_size)
+        document = await asyncio.to_thread(load_pages, Path(image), pages=pages or None,
+                                           **limits_from_env().as_kwargs())
+        print(f"{len(document)} page(s), task {task_type!r}, preset {resolution_size!r}")
+        started = time.monotonic()
+        job = await asyncio.to_thread(self.engine.submit_pages, [p.image for p in document], prompt, preset,
+                                      max_new_tokens)
+        try:
+            results = await asyncio.to_thread(job.wait)
+        except BaseException:  # cancelled or failed: free this prediction's rows in the batch
+            job.cancel()
+            raise
+        seconds = (time.monotonic() - started) / len(document)  # pages decode together: the mean share
+        outputs = [
+            PageOutput(page.number, page.image.size, result.text, len(result.token_ids), result.image_tokens,
+                       result.finished, seconds)
+            for page, result in zip(document, results)
+        ]
+        out_dir = Path(tempfile.mkdtemp(prefix="deepseek-ocr-"))
+        merged = await asyncio.to_thread(assemble, outputs, [p.image for p in document],
+                                         task_type == MARKDOWN_TASK, out_dir)
+        return Output(
+            text=merged.text,
+            raw_output=merged.raw_output,
+            regions=merged.regions,
+            annotated_images=[CogPath(p) for p in merged.annotated_images],
+            figures=[CogPath(p) for p in merged.figures],
+            pages=merged.pages,
+        )
