@@ -13,6 +13,7 @@ Limits protect the service and can be changed by environment variables:
 
 import math
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,9 +97,12 @@ def _pdf_pages(path: Path, selection, max_pages: int, max_pixels: int, dpi: int)
     try:
         document = pdfium.PdfDocument(str(path))
     except pdfium.PdfiumError as error:
-        if "password" in str(error).lower():
+        # PDFium's error code can be stale (left over from an earlier document in this process), so the
+        # reason is read from the file itself: an encryption dictionary, or a page tree that counts 0.
+        data = path.read_bytes()
+        if b"/Encrypt" in data:
             raise InputError("the PDF is password-protected; upload an unencrypted copy") from None
-        if getattr(error, "err_code", None) == 0:  # PDFium refuses a document without pages, reporting no error
+        if re.search(rb"/Count\s+0\b", data) and not re.search(rb"/Count\s+[1-9]", data):
             raise InputError("the PDF has no pages") from None
         raise InputError(f"the PDF could not be read ({error}); it may be damaged or truncated") from None
     try:

@@ -39,6 +39,18 @@ def tiny_model(tiny_checkpoint):
     return model.eval()
 
 
+@pytest.fixture(scope="session")
+def server(tiny_checkpoint, tmp_path_factory):
+    """The real Cog HTTP server on 127.0.0.1 around predict.py, loading the tiny checkpoint."""
+    from cog_server import CogServer
+
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    running = CogServer({"DEEPSEEK_OCR_WEIGHTS_DIR": str(tiny_checkpoint), "DEEPSEEK_OCR_OFFLINE": "1",
+                         "COG_TEST_LOG": str(log)}, concurrency=4)
+    yield running
+    running.stop()
+
+
 def reference_tensor_shapes() -> dict:
     """name → shape of every tensor in the official checkpoint."""
     rows = (REFERENCE / "checkpoint-tensors.tsv").read_text().splitlines()[1:]

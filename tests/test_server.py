@@ -7,20 +7,11 @@ import pytest
 import requests
 
 import input_corpus as corpus
-from cog_server import CogServer, WebhookReceiver, data_uri
+from cog_server import WebhookReceiver, data_uri
 from conftest import document_image
 
 TASKS = ["Convert to Markdown", "Free OCR", "Parse Figure", "Locate Object by Reference"]
 PRESETS = {"Gundam (Recommended)": 903, "Tiny": 73, "Small": 111, "Base": 273, "Large": 421}
-
-
-@pytest.fixture(scope="module")
-def server(tiny_checkpoint, tmp_path_factory):
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    running = CogServer({"DEEPSEEK_OCR_WEIGHTS_DIR": str(tiny_checkpoint), "DEEPSEEK_OCR_OFFLINE": "1",
-                         "COG_TEST_LOG": str(log)}, concurrency=4)
-    yield running
-    running.stop()
 
 
 @pytest.fixture(scope="module")

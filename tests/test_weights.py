@@ -226,3 +226,19 @@ def test_env_settings(monkeypatch):
     monkeypatch.setenv("DEEPSEEK_OCR_OFFLINE", "1")
     assert weights.weights_source_from_env() == {"url": "http://127.0.0.1:1/x.tar", "local_dir": "/w",
                                                 "offline": True}
+
+
+def test_only_plain_files_of_the_archive_are_installed(tmp_path):
+    """Whatever a real pget left behind, links and folders are never moved into checkpoints/."""
+    root = checkpoint_files(tmp_path / "extracted")
+    (root / "tokenizer.json").unlink()
+    (root / "tokenizer.json").symlink_to("/etc/passwd")
+    (root / "assets").mkdir()
+    (root / "assets" / "config.json").write_text("{}")
+    target = tmp_path / "checkpoints"
+    target.mkdir()
+    (target / "modeling_deepseekocr.py").write_text(OUR_CODE)
+    moved = weights._install_data_files(root, target)
+    assert not (target / "tokenizer.json").exists() and not (target / "assets").exists()
+    assert (target / "modeling_deepseekocr.py").read_text() == OUR_CODE
+    assert moved == 4  # the shard, its index, config.json, tokenizer_config.json
