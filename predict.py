@@ -67,7 +67,7 @@ class Predictor(BasePredictor):
             raise
         seconds = (time.monotonic() - started) / len(document)  # pages decode together: the mean share
         outputs = [
-            PageOutput(page.number, page.image.size, result.text, len(result.token_ids), result.image_tokens,
+            PageOutput(page.number, result.text, len(result.token_ids), result.image_tokens,
                        result.finished, seconds)
             for page, result in zip(document, results)
         ]

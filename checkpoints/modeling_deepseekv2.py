@@ -74,11 +74,6 @@ class KVCache:
             self.values[layer_idx] = torch.cat([self.values[layer_idx], value], dim=-2)
         return self.keys[layer_idx], self.values[layer_idx]
 
-    def reorder(self, keep: torch.Tensor) -> None:
-        """Keep only the batch rows `keep` (used when finished sequences leave a batch)."""
-        self.keys = [k.index_select(0, keep) for k in self.keys]
-        self.values = [v.index_select(0, keep) for v in self.values]
-
 
 def causal_mask(q_len: int, k_len: int, device) -> torch.Tensor:
     """[q_len, k_len] boolean mask; the queries are the last q_len of k_len positions."""

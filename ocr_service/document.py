@@ -16,7 +16,6 @@ PAGE_SEPARATOR = "\n\n---\n\n"
 @dataclass
 class PageOutput:
     number: int
-    size: tuple
     raw_output: str
     generated_tokens: int
     image_tokens: int

@@ -87,7 +87,6 @@ class FastDecoder:
         emb = torch.cat([freqs, freqs], dim=-1)
         self.cos_table, self.sin_table = emb.cos().to(self.dtype), emb.sin().to(self.dtype)  # [S, Dh]
         self.use_cuda_graphs = self.device.type == "cuda" if use_cuda_graphs is None else use_cuda_graphs
-        self._graphs = {}
 
     def _layer_weights(self, layer) -> LayerWeights:
         attn = layer.self_attn
