@@ -21,6 +21,8 @@ MARKDOWN_TASK = "Convert to Markdown"
 MAX_NEW_TOKENS = 8192
 # Concurrent predictions decode together in one batch (the runtime also reads COG_MAX_CONCURRENCY).
 MAX_CONCURRENCY = int(os.environ.get("COG_MAX_CONCURRENCY") or 8)
+# Longest a prediction may decode before its pages leave the batch with a clear error.
+REQUEST_TIMEOUT_S = float(os.environ.get("DEEPSEEK_OCR_REQUEST_TIMEOUT") or 900)
 
 
 class Output(BaseModel):
@@ -61,7 +63,7 @@ class Predictor(BasePredictor):
         job = await asyncio.to_thread(self.engine.submit_pages, [p.image for p in document], prompt, preset,
                                       max_new_tokens)
         try:
-            results = await asyncio.to_thread(job.wait)
+            results = await asyncio.to_thread(job.wait, REQUEST_TIMEOUT_S)
         except BaseException:  # cancelled or failed: free this prediction's rows in the batch
             job.cancel()
             raise

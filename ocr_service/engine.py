@@ -166,6 +166,10 @@ class JobCancelled(RuntimeError):
     pass
 
 
+class JobTimeout(RuntimeError):
+    pass
+
+
 class PagesJob:
     """The pages of one call on their way through the decode worker."""
 
@@ -192,10 +196,15 @@ class PagesJob:
         if self.requests:
             self.engine.log(f"cancelled: {len(self.requests)} page(s) left the batch")
 
-    def wait(self) -> list:
+    def wait(self, timeout: Optional[float] = None) -> list:
+        """The pages' results; past `timeout` seconds the pages leave the batch and JobTimeout is raised."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         # Short waits, so that a cancellation signal delivered to this thread is handled promptly.
         while not self._finished.wait(0.1):
-            pass
+            if deadline is not None and time.monotonic() > deadline:
+                self.cancel()
+                raise JobTimeout(f"the prediction took longer than its {timeout:.0f} s limit "
+                                 "(DEEPSEEK_OCR_REQUEST_TIMEOUT); try fewer pages or a smaller max_new_tokens")
         errors = [r.error for r in self.requests if r.error is not None]
         if errors:
             raise errors[0]

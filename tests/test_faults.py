@@ -19,6 +19,7 @@ def faulty_server(tiny_checkpoint, tmp_path_factory):
     flag = folder / "oom-flag"
     server = CogServer({"DEEPSEEK_OCR_WEIGHTS_DIR": str(tiny_checkpoint), "DEEPSEEK_OCR_OFFLINE": "1",
                         "PYTHONPATH": str(FAULTS), "DEEPSEEK_OCR_TEST_OOM_FLAG": str(flag),
+                        "DEEPSEEK_OCR_REQUEST_TIMEOUT": "15",
                         "COG_TEST_LOG": str(folder / "server.log")}, concurrency=2)
     yield server, flag
     server.stop()
@@ -37,6 +38,15 @@ def test_out_of_memory_fails_the_prediction_cleanly_and_the_next_works(faulty_se
     assert server.health()["status"] == "READY"
     code, body = server.predict(inputs)
     assert body["status"] == "succeeded" and body["output"]["pages"][0]["generated_tokens"] == 3
+
+
+def test_request_time_limit(faulty_server):
+    server, _ = faulty_server
+    inputs = {"image": data_uri(corpus.png_bytes(corpus.document()), "doc.png"), "resolution_size": "Tiny"}
+    code, body = server.predict({**inputs, "max_new_tokens": 8000})
+    assert body["status"] == "failed" and "longer than its 15 s limit" in body["error"]
+    code, body = server.predict({**inputs, "max_new_tokens": 3})
+    assert body["status"] == "succeeded"
 
 
 def test_disk_full_while_extracting(tmp_path, monkeypatch):
