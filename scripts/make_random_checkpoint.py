@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+# The official checkpoint's config, processor config, added tokens and tensor shapes, kept in the repository
+# (scripts/data/README.md lists them): the one place scripts and tests read them from.
 DATA = Path(__file__).resolve().parent / "data"
 REPO = DATA.parent.parent
 

@@ -8,10 +8,12 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-REFERENCE = REPO.parent / "shared" / "reference"
 sys.path.insert(0, str(REPO))
 
-from scripts.make_random_checkpoint import write_checkpoint  # noqa: E402
+from scripts.make_random_checkpoint import DATA, write_checkpoint  # noqa: E402
+
+# Facts about the official checkpoint (config, added tokens, tensor shapes), kept in the repository.
+REFERENCE = DATA
 
 
 @pytest.fixture(scope="session")
@@ -53,7 +55,7 @@ def server(tiny_checkpoint, tmp_path_factory):
 
 def reference_tensor_shapes() -> dict:
     """name → shape of every tensor in the official checkpoint."""
-    rows = (REFERENCE / "checkpoint-tensors.tsv").read_text().splitlines()[1:]
+    rows = (REFERENCE / "checkpoint-tensors.tsv").read_text(encoding="utf-8").splitlines()[1:]
     return {name: tuple(int(d) for d in shape.split("x")) for name, shape in (r.split("\t") for r in rows)}
 
 
