@@ -1,10 +1,15 @@
 """Turn an uploaded file into page images, or a clear error saying what is wrong with it.
 
-The type comes from the content, not the name: a PDF is rendered page by page with pypdfium2,
-anything else goes through Pillow (a multi-page TIFF gives a page per frame, an animated GIF or
-WebP its first frame). Pages come back in RGB, in the orientation a viewer shows (EXIF applied).
+The type comes from the content, not the name: from the file's leading bytes. A file that starts with
+a known image signature is an image, even if its header later quotes "%PDF-" (a PNG text chunk, a JPEG
+comment); otherwise a "%PDF-" marker in the first KiB (PDF readers allow junk before it) makes it a
+PDF, rendered page by page with pypdfium2; anything else goes through Pillow (a multi-page TIFF gives a
+page per frame, an animated GIF or WebP its first frame). Pages come back in RGB, in the orientation a
+viewer shows (EXIF applied).
 
-Limits protect the service and can be changed by environment variables:
+Numbers are read as ASCII digits only: `str.isdigit()` and `int()` also take '²', '①', '٣' or '1_000'.
+
+Limits protect the service and can be changed by environment variables (positive whole numbers):
   DEEPSEEK_OCR_MAX_PAGES   pages per request (default 50)
   DEEPSEEK_OCR_MAX_PIXELS  pixels of one image or rendered page (default 64,000,000)
   DEEPSEEK_OCR_PDF_DPI     PDF rendering resolution (default 144); pages that would exceed the pixel
@@ -14,6 +19,7 @@ Limits protect the service and can be changed by environment variables:
 import math
 import os
 import re
+import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +30,20 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import InputError
 
 PDF_MAGIC = b"%PDF-"
+HEADER_BYTES = 1024  # where a PDF's marker may be found, as PDF readers look for it
+# Leading bytes of the image formats Pillow reads that people upload: PNG, JPEG, GIF, TIFF and BigTIFF,
+# BMP, JPEG 2000 (file and codestream), ICO, Photoshop. WebP (RIFF....WEBP) is checked apart.
+IMAGE_SIGNATURES = (
+    b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*", b"II+\x00",
+    b"MM\x00+", b"BM", b"\x00\x00\x00\x0cjP  \r\n\x87\n", b"\xffO\xffQ", b"\x00\x00\x01\x00", b"8BPS",
+)
+# What Pillow raises on damaged image data, besides OSError (its plugins use all of these).
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, TypeError, KeyError, IndexError, struct.error,
+                 Image.DecompressionBombError)
+# A page range: ASCII digits, optionally "-" and more digits (spaces allowed around the hyphen).
+PAGE_RANGE = re.compile(r"([0-9]+)(?:\s*-\s*([0-9]+))?")
+POSITIVE_NUMBER = re.compile(r"[0-9]{1,18}")
+SHOWN_CHARS = 40  # how much of a long input an error message quotes
 
 
 @dataclass(frozen=True)
@@ -39,10 +59,26 @@ class Limits:
 def limits_from_env() -> Limits:
     defaults = Limits()
     return Limits(
-        max_pages=int(os.environ.get("DEEPSEEK_OCR_MAX_PAGES") or defaults.max_pages),
-        max_pixels=int(os.environ.get("DEEPSEEK_OCR_MAX_PIXELS") or defaults.max_pixels),
-        pdf_dpi=int(os.environ.get("DEEPSEEK_OCR_PDF_DPI") or defaults.pdf_dpi),
+        max_pages=_positive_setting("DEEPSEEK_OCR_MAX_PAGES", defaults.max_pages),
+        max_pixels=_positive_setting("DEEPSEEK_OCR_MAX_PIXELS", defaults.max_pixels),
+        pdf_dpi=_positive_setting("DEEPSEEK_OCR_PDF_DPI", defaults.pdf_dpi),
     )
+
+
+def _positive_setting(variable: str, default: int) -> int:
+    """An environment variable holding a positive whole number, or `default` when unset or empty."""
+    text = os.environ.get(variable, "").strip()
+    if not text:
+        return default
+    if not POSITIVE_NUMBER.fullmatch(text) or int(text) < 1:
+        raise ValueError(f"{variable}={shorten(text)!r} is not a positive whole number of ASCII digits "
+                         f"(default {default})")
+    return int(text)
+
+
+def shorten(text: str) -> str:
+    """At most SHOWN_CHARS characters of a user's input, for an error message."""
+    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + "…"
 
 
 @dataclass
@@ -55,19 +91,27 @@ def parse_page_selection(selection: Optional[str], count: int) -> list:
     """'1-3,5' → [1, 2, 3, 5] (1-based, in the order given, no repeats); empty → every page."""
     if selection is None or not selection.strip():
         return list(range(1, count + 1))
-    chosen = []
+    chosen = {}  # an ordered set
     for part in selection.split(","):
-        part = part.strip()
-        bounds = [b.strip() for b in part.split("-")]
-        if not part or len(bounds) > 2 or not all(b.isdigit() for b in bounds):
-            raise InputError(f"pages {selection!r} is not a page selection like '1-3,5'")
-        first, last = int(bounds[0]), int(bounds[-1])
+        match = PAGE_RANGE.fullmatch(part.strip())
+        if match is None:
+            raise InputError(f"pages {shorten(selection)!r} is not a page selection like '1-3,5' "
+                             f"(digits 0-9, commas and hyphens)")
+        first = _page_number(match.group(1), count)
+        last = _page_number(match.group(2) or match.group(1), count)
         if first < 1 or last < first:
-            raise InputError(f"pages {part!r} is not a valid range (pages count from 1)")
-        if last > count:
-            raise InputError(f"page {last} is out of range: the document has {count} page(s)")
-        chosen += [n for n in range(first, last + 1) if n not in chosen]
-    return chosen
+            raise InputError(f"pages {shorten(part.strip())!r} is not a valid range (pages count from 1)")
+        chosen.update(dict.fromkeys(range(first, last + 1)))
+    return list(chosen)
+
+
+def _page_number(digits: str, count: int) -> int:
+    """ASCII digits → a page number of a `count`-page document; a longer number is out of range before
+    it is converted (int() refuses more than 4,300 digits)."""
+    significant = digits.lstrip("0") or "0"
+    if len(significant) > len(str(count)) or int(significant) > count:
+        raise InputError(f"page {shorten(significant)} is out of range: the document has {count} page(s)")
+    return int(significant)
 
 
 def load_pages(path: Path, *, pages: Optional[str] = None, max_pages: int = Limits.max_pages,
@@ -75,14 +119,22 @@ def load_pages(path: Path, *, pages: Optional[str] = None, max_pages: int = Limi
     path = Path(path)
     try:
         with open(path, "rb") as handle:
-            head = handle.read(1024)
+            head = handle.read(HEADER_BYTES)
     except OSError as error:
         raise InputError(f"the input file could not be read: {error.strerror or error}") from None
     if not head:
         raise InputError("the input file is empty")
-    if PDF_MAGIC in head:  # the header may follow some junk bytes, as PDF readers allow
+    if is_pdf(head):
         return _pdf_pages(path, pages, max_pages, max_pixels, pdf_dpi)
     return _image_pages(path, pages, max_pages, max_pixels)
+
+
+def is_pdf(head: bytes) -> bool:
+    """Whether a file whose first HEADER_BYTES are `head` is a PDF: a known image signature at the start
+    wins over a "%PDF-" found later in the header."""
+    if head.startswith(IMAGE_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+        return False
+    return PDF_MAGIC in head
 
 
 def _check_page_count(numbers: list, max_pages: int) -> None:
@@ -113,7 +165,11 @@ def _pdf_pages(path: Path, selection, max_pages: int, max_pixels: int, dpi: int)
         _check_page_count(numbers, max_pages)
         result = []
         for number in numbers:
-            page = document[number - 1]
+            try:
+                page = document[number - 1]
+            except pdfium.PdfiumError as error:
+                raise InputError(f"page {number} of the PDF could not be read ({error}); the PDF may be "
+                                 f"damaged") from None
             width_pt, height_pt = page.get_size()
             scale = dpi / 72
             if width_pt * height_pt * scale * scale > max_pixels:  # huge page: render smaller, not bigger
@@ -129,6 +185,10 @@ def _pdf_pages(path: Path, selection, max_pages: int, max_pixels: int, dpi: int)
 
 
 def _image_pages(path: Path, selection, max_pages: int, max_pixels: int) -> list:
+    # Pillow's own decompression-bomb guard must not refuse what the configured limit allows (our check
+    # below reads the size from the header, before any pixel is decoded); it only ever goes up.
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
+        Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -145,7 +205,10 @@ def _image_pages(path: Path, selection, max_pages: int, max_pixels: int) -> list
             raise InputError(f"the image is {width}×{height} = {width * height:,} pixels; "
                              f"the limit is {max_pixels:,}")
         # Multi-page TIFFs are documents; animated GIF/WebP frames are not pages.
-        frames = getattr(image, "n_frames", 1) if image.format == "TIFF" else 1
+        try:
+            frames = getattr(image, "n_frames", 1) if image.format == "TIFF" else 1
+        except DECODE_ERRORS as error:  # counting frames reads every frame's header
+            raise InputError(f"the image is damaged or truncated ({error})") from None
         numbers = parse_page_selection(selection, frames)
         _check_page_count(numbers, max_pages)
         result = []
@@ -156,7 +219,7 @@ def _image_pages(path: Path, selection, max_pages: int, max_pixels: int) -> list
                     raise InputError(f"frame {number} is larger than {max_pixels:,} pixels")
                 image.load()
                 frame = ImageOps.exif_transpose(image.copy())
-            except (OSError, SyntaxError, ValueError, EOFError) as error:
+            except DECODE_ERRORS as error:
                 if isinstance(error, InputError):
                     raise
                 raise InputError(f"the image is damaged or truncated ({error})") from None

@@ -93,6 +93,41 @@ def webp_bytes() -> bytes:
     return buffer.getvalue()
 
 
+def png_quoting_pdf_marker() -> bytes:
+    """A valid PNG whose text chunk, within the first KiB, says "%PDF-1.7": an image, not a PDF."""
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Comment", "converted from %PDF-1.7 by a scanner")
+    return png_bytes(document(300, 200), pnginfo=info)
+
+
+def pdf_with_junk_before_header() -> bytes:
+    """A PDF preceded by a few bytes that are no image signature, as PDF readers allow."""
+    return b"\r\n\x00junk\r\n" + pdf_bytes([(300, 300)])
+
+
+def pdf_with_missing_page() -> bytes:
+    """A two-page PDF whose second page object is missing: it opens, counts 2 pages, page 2 fails to load."""
+    data = pdf_bytes([(200, 200), (300, 300)])
+    kids = b"Kids[ 4 0 R  5 0 R ]"
+    assert kids in data, "pypdfium2 writes its page tree differently: update this fixture"
+    return data.replace(kids, b"Kids[ 4 0 R  9 0 R ]")
+
+
+def tiff_with_broken_second_frame() -> bytes:
+    """A two-page TIFF whose second frame has no width tag: Pillow fails while counting the frames."""
+    data = bytearray(multipage_tiff(2))
+    assert data[:4] == b"II*\x00", "Pillow writes big-endian TIFFs here: update this fixture"
+    first = struct.unpack_from("<I", data, 4)[0]
+    second = struct.unpack_from("<I", data, first + 2 + 12 * struct.unpack_from("<H", data, first)[0])[0]
+    for entry in range(struct.unpack_from("<H", data, second)[0]):
+        at = second + 2 + 12 * entry
+        if struct.unpack_from("<H", data, at)[0] == 256:  # ImageWidth → a private tag nobody reads
+            struct.pack_into("<H", data, at, 0xFFF0)
+    return bytes(data)
+
+
 def write(folder: Path, name: str, data: bytes) -> Path:
     path = Path(folder) / name
     path.write_bytes(data)

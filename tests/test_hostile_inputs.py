@@ -54,6 +54,12 @@ CASES = [
     image_case("three-pages.tiff", corpus.multipage_tiff(3), pages=3, size=(300, 400)),
     image_case("huge-page.pdf", corpus.pdf_bytes([(14400, 14400)]), size=None),
     image_case("pdf-named.png", corpus.pdf_bytes([(595, 842), (595, 842)]), pages=2, size=(1190, 1684)),
+    image_case("pdf-marker-in-png-header.png", corpus.png_quoting_pdf_marker(), size=(300, 200)),
+    image_case("junk-before-pdf-header.pdf", corpus.pdf_with_junk_before_header(), size=(600, 600)),
+    failing("pages-superscript-digit", {"image": data_uri(corpus.pdf_bytes([(300, 300)] * 2), "d.pdf"), "pages": "²"},
+            "pages '²' is not a page selection"),
+    failing("broken-tiff-frame.tiff", {"image": data_uri(corpus.tiff_with_broken_second_frame(), "b.tiff")},
+            "damaged or truncated"),
     {"name": "reference-with-newlines", "input": reference("the\nsecond\ttable\r\n"), "pages": 1, "size": None},
 ]
 

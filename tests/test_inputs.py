@@ -5,7 +5,7 @@ from PIL import Image
 
 import input_corpus as corpus
 from ocr_service.errors import InputError
-from ocr_service.inputs import Limits, limits_from_env, load_pages, parse_page_selection
+from ocr_service.inputs import Limits, is_pdf, limits_from_env, load_pages, parse_page_selection
 
 
 def load(tmp_path, name, data, **options):
@@ -111,21 +111,81 @@ def test_huge_pdf_page_is_rendered_within_the_pixel_limit(tmp_path):
     assert page.image.width > 1900
 
 
+def test_type_comes_from_the_leading_signature(tmp_path):
+    quoting = corpus.png_quoting_pdf_marker()
+    assert b"%PDF-" in quoting[:1024]  # the case: a PDF marker inside an image's header
+    pages = load(tmp_path, "scan.png", quoting)
+    assert len(pages) == 1 and pages[0].image.size == (300, 200)
+    assert [p.number for p in load(tmp_path, "junk.pdf", corpus.pdf_with_junk_before_header())] == [1]
+    jpeg_comment = corpus.jpeg_bytes(corpus.document(300, 200), comment=b"%PDF-1.4 export")
+    assert load(tmp_path, "c.jpg", jpeg_comment)[0].image.size == (300, 200)
+    for signature in [b"GIF89a", b"II*\x00", b"MM\x00*", b"BM", b"RIFF\x00\x00\x00\x00WEBPVP8 "]:
+        assert not is_pdf(signature + b"\x00" * 20 + b"%PDF-1.7"), signature
+    assert is_pdf(b"%PDF-1.7\n") and is_pdf(b"\x00\x00junk %PDF-1.7") and not is_pdf(b"hello")
+
+
 @pytest.mark.parametrize("selection, expected", [(None, [1, 2, 3, 4]), ("", [1, 2, 3, 4]), ("2", [2]),
-                                                 (" 1 - 2 , 4 ", [1, 2, 4]), ("1,1,2", [1, 2])])
+                                                 (" 1 - 2 , 4 ", [1, 2, 4]), ("1,1,2", [1, 2]),
+                                                 ("004", [4]), ("1\u00a0-\u00a02", [1, 2])])
 def test_page_selection(selection, expected):
     assert parse_page_selection(selection, 4) == expected
 
 
-@pytest.mark.parametrize("selection", ["a", "1-", "3-1", "0", "1-2-3", ",", "-1"])
+@pytest.mark.parametrize("selection", ["a", "1-", "3-1", "0", "1-2-3", ",", "-1", "+1", "1.0", "1–3"])
 def test_bad_page_selection(selection):
-    with pytest.raises(InputError):
+    with pytest.raises(InputError, match="pages"):
         parse_page_selection(selection, 4)
+
+
+# str.isdigit() takes all of these and int() some ('٣' → 3, '１' → 1); a page is written in ASCII digits.
+@pytest.mark.parametrize("selection", ["²", "①", "٣", "１", "1-٣", "1_000", "৪"])
+def test_non_ascii_digits_are_an_input_error_naming_pages(selection):
+    with pytest.raises(InputError, match="pages .* is not a page selection like '1-3,5'"):
+        parse_page_selection(selection, 4)
+
+
+def test_huge_page_numbers_are_out_of_range_without_converting_them():
+    with pytest.raises(InputError, match="out of range: the document has 4") as caught:
+        parse_page_selection("1-" + "9" * 5000, 4)  # int() alone refuses more than 4,300 digits
+    assert len(str(caught.value)) < 200  # the message quotes a shortened number
+    with pytest.raises(InputError, match=r"page 5 is out of range"):
+        parse_page_selection("0005", 4)
+    with pytest.raises(InputError, match="not a page selection") as caught:
+        parse_page_selection("x" * 10_000, 4)
+    assert len(str(caught.value)) < 200
+    assert parse_page_selection("1-3000", 3000)[-1] == 3000  # a long range stays cheap (no quadratic repeats)
+
+
+def test_damaged_frames_and_pages_are_input_errors(tmp_path):
+    with pytest.raises(InputError, match="damaged or truncated"):
+        load(tmp_path, "frames.tiff", corpus.tiff_with_broken_second_frame())
+    data = corpus.pdf_with_missing_page()
+    assert [p.number for p in load(tmp_path, "gap.pdf", data, pages="1")] == [1]
+    with pytest.raises(InputError, match="page 2 of the PDF could not be read"):
+        load(tmp_path, "gap.pdf", data)
+
+
+def test_a_pixel_limit_above_pillows_own_is_honoured(tmp_path, monkeypatch):
+    # Pillow's guard (89 M pixels by default) scaled down, so that the image stays small.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)
+    data = corpus.png_bytes(corpus.document(1500, 1000))
+    assert load(tmp_path, "big.png", data, max_pixels=2_000_000)[0].image.size == (1500, 1000)
+    with pytest.raises(InputError, match="1,200,000"):
+        load(tmp_path, "big.png", data, max_pixels=1_200_000)
 
 
 def test_limits_from_environment(monkeypatch):
     assert limits_from_env() == Limits()
     monkeypatch.setenv("DEEPSEEK_OCR_MAX_PAGES", "3")
     monkeypatch.setenv("DEEPSEEK_OCR_MAX_PIXELS", "1000")
-    monkeypatch.setenv("DEEPSEEK_OCR_PDF_DPI", "72")
+    monkeypatch.setenv("DEEPSEEK_OCR_PDF_DPI", " 72 ")
     assert limits_from_env() == Limits(3, 1000, 72)
+    monkeypatch.setenv("DEEPSEEK_OCR_PDF_DPI", "")
+    assert limits_from_env().pdf_dpi == Limits().pdf_dpi
+
+
+@pytest.mark.parametrize("value", ["٥٠", "50 pages", "1_000", "0", "-5", "1e6", "9" * 40])
+def test_bad_limit_settings_name_the_variable(monkeypatch, value):
+    monkeypatch.setenv("DEEPSEEK_OCR_MAX_PAGES", value)
+    with pytest.raises(ValueError, match="DEEPSEEK_OCR_MAX_PAGES=.* is not a positive whole number"):
+        limits_from_env()
