@@ -31,7 +31,8 @@ class Output(BaseModel):
     regions: list[dict]  # grounded regions: label, box [x1, y1, x2, y2] in pixels, box_normalized (0-999), page
     annotated_images: list[CogPath]  # one per page that has regions, boxes drawn
     figures: list[CogPath]  # crops of the regions labelled "image", named as the markdown links them
-    pages: list[dict]  # per page: size, image tokens, generated tokens, finished, seconds
+    pages: list[dict]  # per page: size, image tokens, generated tokens, finished, seconds, text (its share of text)
+    blocks: list[dict]  # layout in reading order: page, type, box, box_normalized, text, figure (images/N.jpg)
 
 
 class Predictor(BasePredictor):
@@ -83,4 +84,5 @@ class Predictor(BasePredictor):
             annotated_images=[CogPath(p) for p in merged.annotated_images],
             figures=[CogPath(p) for p in merged.figures],
             pages=merged.pages,
+            blocks=merged.blocks,
         )

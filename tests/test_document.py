@@ -1,11 +1,15 @@
-"""Pages' outputs assembled into one result: markdown, regions per page, annotated pages, figure files."""
+"""Pages' outputs assembled into one result: markdown, regions and blocks per page, annotated pages, figure
+files."""
+
+import re
 
 from PIL import Image
 
-from ocr_service.document import PageOutput, assemble
+from ocr_service.document import PAGE_SEPARATOR, PageOutput, assemble
 
 PAGE_1 = "<|ref|>image<|/ref|><|det|>[[0, 0, 499, 499]]<|/det|>\nFirst page"
-PAGE_2 = "<|ref|>title<|/ref|><|det|>[[0, 0, 999, 99]]<|/det|>\n# Second\n<|ref|>image<|/ref|><|det|>[[500, 500, 999, 999]]<|/det|>"
+PAGE_2 = ("<|ref|>title<|/ref|><|det|>[[0, 0, 999, 99]]<|/det|>\n# Second\n"
+          "<|ref|>image<|/ref|><|det|>[[500, 500, 999, 999]]<|/det|>")
 
 
 def pages():
@@ -21,13 +25,66 @@ def test_markdown_document_numbers_figures_across_pages(tmp_path):
     assert [r["page"] for r in out.regions] == [1, 2, 2]
     assert [p.name for p in out.annotated_images] == ["page_1_boxes.jpg", "page_2_boxes.jpg"]
     assert out.pages[1] == {"page": 2, "width": 800, "height": 200, "image_tokens": 273, "generated_tokens": 12,
-                            "finished": False, "seconds": 1.0}
+                            "finished": False, "seconds": 1.0, "text": "\n# Second\n![](images/1.jpg)\n"}
     assert "<|ref|>" in out.raw_output
+
+
+def test_blocks_carry_each_regions_text_in_reading_order_across_pages(tmp_path):
+    images = [Image.new("RGB", (400, 600), "white"), Image.new("RGB", (800, 200), "grey")]
+    out = assemble(pages(), images, markdown=True, out_dir=tmp_path)
+    assert out.blocks == [
+        {"page": 1, "type": "image", "box": [0, 0, 199, 299], "box_normalized": [0.0, 0.0, 499.0, 499.0],
+         "text": "First page", "figure": "images/0.jpg"},
+        {"page": 2, "type": "title", "box": [0, 0, 800, 19], "box_normalized": [0.0, 0.0, 999.0, 99.0],
+         "text": "# Second", "figure": None},
+        {"page": 2, "type": "image", "box": [400, 100, 800, 200], "box_normalized": [500.0, 500.0, 999.0, 999.0],
+         "text": "", "figure": "images/1.jpg"},
+    ]
+    # Every block with a box is the region at the same place in `regions`.
+    located = [b for b in out.blocks if b["box"] is not None]
+    assert [(b["type"], b["box"], b["page"]) for b in located] == [(r["label"], r["box"], r["page"])
+                                                                    for r in out.regions]
+    # A block's figure is the markdown's link, and the figure files come in the blocks' order.
+    assert [b["figure"] for b in out.blocks if b["figure"]] == re.findall(r"\]\((images/\d+\.jpg)\)", out.text)
+    assert [f"images/{f.name}" for f in out.figures] == [b["figure"] for b in out.blocks if b["figure"]]
+
+
+def test_pages_carry_their_own_text(tmp_path):
+    images = [Image.new("RGB", (400, 600)), Image.new("RGB", (800, 200))]
+    for markdown in (True, False):
+        out = assemble(pages(), images, markdown=markdown, out_dir=tmp_path / str(markdown))
+        assert PAGE_SEPARATOR.join(p["text"] for p in out.pages) == out.text
+
+
+def test_text_outside_any_region_is_a_block_without_a_box(tmp_path):
+    raw = ("Scanned by ACME\n\n<|ref|>text<|/ref|><|det|>[[0, 0, 999, 999]]<|/det|>\nBody\n\n"
+           "<|ref|>table<|/ref|><|det|>not a box<|/det|>\n<table><tr><td>1</td></tr></table>")
+    out = assemble([PageOutput(3, raw, 9, 73, True, 0.1)], [Image.new("RGB", (100, 100))], markdown=True,
+                   out_dir=tmp_path)
+    assert [(b["type"], b["box"], b["text"]) for b in out.blocks] == [
+        ("text", None, "Scanned by ACME"),
+        ("text", [0, 0, 100, 100], "Body"),
+        ("table", None, "<table><tr><td>1</td></tr></table>"),  # its box was malformed: the text stays
+    ]
+    assert {b["page"] for b in out.blocks} == {3}
+
+
+def test_an_empty_figure_box_keeps_its_number_but_links_no_file(tmp_path):
+    raw = ("<|ref|>image<|/ref|><|det|>[[500, 500, 500, 900]]<|/det|>\n"
+           "<|ref|>image<|/ref|><|det|>[[0, 0, 499, 499]]<|/det|>")
+    out = assemble([PageOutput(1, raw, 9, 73, True, 0.1)], [Image.new("RGB", (100, 100))], markdown=True,
+                   out_dir=tmp_path)
+    assert out.text == "![](images/0.jpg)\n\n![](images/1.jpg)\n"
+    assert [f.name for f in out.figures] == ["1.jpg"]
+    assert [b["figure"] for b in out.blocks] == [None, "images/1.jpg"]
 
 
 def test_other_tasks_keep_the_model_text(tmp_path):
     images = [Image.new("RGB", (400, 600)), Image.new("RGB", (800, 200))]
     out = assemble(pages(), images, markdown=False, out_dir=tmp_path)
     assert out.text == out.raw_output and "<|det|>" in out.text
+    assert [b["text"] for b in out.blocks] == ["First page", "# Second", ""]  # blocks never hold tags
     plain = assemble([PageOutput(1, "just text", 2, 73, True, 0.1)], images[:1], markdown=True, out_dir=tmp_path)
     assert plain.text == "just text" and plain.regions == [] and plain.annotated_images == [] and plain.figures == []
+    assert plain.blocks == [{"page": 1, "type": "text", "box": None, "box_normalized": None, "text": "just text",
+                             "figure": None}]

@@ -3,7 +3,8 @@
 from PIL import Image
 
 from checkpoints.grounding import (
-    EOS_TEXT, crop_figures, draw_regions, parse_boxes, parse_regions, strip_eos, to_markdown,
+    EOS_TEXT, crop_figures, draw_regions, parse_boxes, parse_regions, read_page, split_references, strip_eos,
+    to_markdown,
 )
 
 RAW = ("<|ref|>title<|/ref|><|det|>[[0, 0, 999, 100]]<|/det|>\n# Report\n"
@@ -44,3 +45,29 @@ def test_figures_and_drawing():
     assert first.tobytes() == second.tobytes()  # deterministic colours
     assert first.getpixel((5, 0)) != (255, 255, 255)  # the title's outline
     assert first.size == image.size and image.getpixel((5, 0)) == (255, 255, 255)  # the input is untouched
+
+
+def test_one_walk_splits_references_and_the_text_after_each():
+    before, references = split_references("Header\n" + RAW)
+    assert before == "Header\n"
+    assert [(r.label, len(r.boxes)) for r in references] == [("title", 1), ("image", 2), ("text", 1)]
+    assert references[0].text == "\n# Report\n" and references[1].text == "\n"
+    assert references[2].text.startswith("\nBody") and references[2].boxes == ((10.0, 700.0, 990.0, 800.0),)
+
+
+def test_page_layout_blocks_regions_and_markdown_agree():
+    layout = read_page(RAW, (2000, 1000), page=2, first_figure=4)
+    assert layout.markdown == to_markdown(RAW, first_index=4)
+    assert layout.regions == parse_regions(RAW, (2000, 1000), page=2, first_figure=4)
+    assert [r.figure for r in layout.regions] == [None, 4, 5, None] and layout.figures_used == 2
+    # A reference with two boxes: a block per box, the text (here none) with the first.
+    assert [(b.label, b.region.figure, b.text) for b in layout.blocks] == [
+        ("title", None, "# Report"), ("image", 4, ""), ("image", 5, ""), ("text", None, "Body =: 2")]
+    assert [b.region for b in layout.blocks] == layout.regions
+    assert [c is not None for c in crop_figures(Image.new("RGB", (2000, 1000)), layout.regions)] == [True, True]
+
+
+def test_several_boxes_of_a_text_reference_share_one_text_without_repeating_it():
+    raw = "<|ref|>text<|/ref|><|det|>[[0, 0, 499, 999], [500, 0, 999, 999]]<|/det|>\n  indented code\n\n"
+    blocks = read_page(raw, (100, 100)).blocks
+    assert [(b.region.box, b.text) for b in blocks] == [((0, 0, 49, 100), "  indented code"), ((50, 0, 100, 100), "")]

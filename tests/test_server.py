@@ -41,7 +41,7 @@ def test_schema_shows_the_inputs_choices_and_defaults(server):
     assert properties["image"]["format"] == "uri" and properties["reference_text"]["type"] == "string"
     assert schema["components"]["schemas"]["Input"]["required"] == ["image"]
     output = schema["components"]["schemas"]["Output"]["properties"]
-    assert set(output) == {"text", "raw_output", "regions", "annotated_images", "figures", "pages"}
+    assert set(output) == {"text", "raw_output", "regions", "annotated_images", "figures", "pages", "blocks"}
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -65,6 +65,19 @@ def test_pdf_pages_and_selection(server):
     assert [p["page"] for p in output["pages"]] == [1, 2, 3]
     output = succeed(server, {"image": pdf, "resolution_size": "Tiny", "max_new_tokens": 2, "pages": "2-3"})
     assert [p["page"] for p in output["pages"]] == [2, 3]
+
+
+def test_blocks_and_page_texts_through_the_server(server):
+    pdf = data_uri(corpus.pdf_bytes([(595, 842), (842, 595)]), "doc.pdf")
+    output = succeed(server, {"image": pdf, "task_type": "Free OCR", "resolution_size": "Tiny",
+                              "max_new_tokens": 60})  # enough for random weights to write some text
+    assert "\n\n---\n\n".join(p["text"] for p in output["pages"]) == output["text"]
+    for block in output["blocks"]:  # random weights write no grounding tags: text without boxes, page by page
+        assert set(block) == {"page", "type", "box", "box_normalized", "text", "figure"}
+        assert block["box"] is None and block["figure"] is None and block["page"] in (1, 2)
+        page_text = output["pages"][block["page"] - 1]["text"]
+        assert block["text"] and block["text"] in page_text
+    assert [b["page"] for b in output["blocks"]] == [p["page"] for p in output["pages"] if p["text"].strip()]
 
 
 @pytest.mark.parametrize("inputs, message", [
