@@ -1,28 +1,23 @@
 """Cog predictor for DeepSeek-OCR: documents, figures and grounded references from an image or a PDF."""
 
 import asyncio
-import os
 import tempfile
-import time
 from pathlib import Path
 
 from cog import BaseModel, BasePredictor, Input, Path as CogPath, concurrent
 
 from ocr_service.document import PageOutput, assemble
-from ocr_service.engine import OCREngine, checkpoint_tensor_shapes
-from ocr_service.inputs import limits_from_env, load_pages
+from ocr_service.engine import MAX_NEW_TOKENS, OCREngine, checkpoint_tensor_shapes
+from ocr_service.inputs import load_pages
 from ocr_service.presets import (
     DEFAULT_RESOLUTION, DEFAULT_TASK_TYPE, RESOLUTIONS, TASK_TYPES, build_prompt, resolution,
 )
-from ocr_service.weights import ensure_weights, weights_source_from_env
+from ocr_service.settings import Settings
+from ocr_service.weights import ensure_weights
 
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
 MARKDOWN_TASK = "Convert to Markdown"
-MAX_NEW_TOKENS = 8192
-# Concurrent predictions decode together in one batch (the runtime also reads COG_MAX_CONCURRENCY).
-MAX_CONCURRENCY = int(os.environ.get("COG_MAX_CONCURRENCY") or 8)
-# Longest a prediction may decode before its pages leave the batch with a clear error.
-REQUEST_TIMEOUT_S = float(os.environ.get("DEEPSEEK_OCR_REQUEST_TIMEOUT") or 900)
+SETTINGS = Settings.from_env()
 
 
 class Output(BaseModel):
@@ -31,17 +26,20 @@ class Output(BaseModel):
     regions: list[dict]  # grounded regions: label, box [x1, y1, x2, y2] in pixels, box_normalized (0-999), page
     annotated_images: list[CogPath]  # one per page that has regions, boxes drawn
     figures: list[CogPath]  # crops of the regions labelled "image", named as the markdown links them
-    pages: list[dict]  # per page: size, image tokens, generated tokens, finished, seconds, text (its share of text)
+    pages: list[dict]  # per page: size, image tokens, generated tokens, finished, stop_reason, seconds,
+    #                    first_token_seconds, text (its share of text)
     blocks: list[dict]  # layout in reading order: page, type, box, box_normalized, text, figure (images/N.jpg)
 
 
 class Predictor(BasePredictor):
     def setup(self) -> None:
         weights_dir = ensure_weights(CHECKPOINTS, expected_tensors=checkpoint_tensor_shapes,
-                                     **weights_source_from_env())
-        self.engine = OCREngine(weights_dir)
+                                     **SETTINGS.weights_source)
+        self.engine = OCREngine(weights_dir, SETTINGS)
 
-    @concurrent(max=MAX_CONCURRENCY)
+    # Concurrent predictions share the engine (their pages decode together); outside the image the server
+    # takes its slot count from COG_MAX_CONCURRENCY, which scripts/serve-local.sh sets from this.
+    @concurrent(max=SETTINGS.concurrency)
     async def predict(
         self,
         image: CogPath = Input(description="Image (PNG, JPEG, WebP, TIFF, ...) or PDF document"),
@@ -58,20 +56,18 @@ class Predictor(BasePredictor):
         prompt = build_prompt(task_type, reference_text, extra_forbidden=self.engine.special_token_texts)
         preset = resolution(resolution_size)
         document = await asyncio.to_thread(load_pages, Path(image), pages=pages or None,
-                                           **limits_from_env().as_kwargs())
+                                           **SETTINGS.limits.as_kwargs())
         print(f"{len(document)} page(s), task {task_type!r}, preset {resolution_size!r}")
-        started = time.monotonic()
-        job = await asyncio.to_thread(self.engine.submit_pages, [p.image for p in document], prompt, preset,
+        job = await asyncio.to_thread(self.engine.submit, [p.image for p in document], prompt, preset,
                                       max_new_tokens)
         try:
-            results = await asyncio.to_thread(job.wait, REQUEST_TIMEOUT_S)
-        except BaseException:  # cancelled or failed: free this prediction's rows in the batch
+            results = await asyncio.to_thread(job.wait, SETTINGS.request_timeout_s)
+        except BaseException:  # cancelled or failed: its pages leave the engine, freeing rows and blocks
             job.cancel()
             raise
-        seconds = (time.monotonic() - started) / len(document)  # pages decode together: the mean share
         outputs = [
-            PageOutput(page.number, result.text, len(result.token_ids), result.image_tokens,
-                       result.finished, seconds)
+            PageOutput(page.number, result.text, len(result.token_ids), result.image_tokens, result.finished,
+                       result.seconds, result.stop_reason, result.first_token_s)
             for page, result in zip(document, results)
         ]
         out_dir = Path(tempfile.mkdtemp(prefix="deepseek-ocr-"))

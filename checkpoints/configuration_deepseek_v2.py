@@ -37,6 +37,7 @@ class DeepseekV2Config(PretrainedConfig):
         rope_theta=10000.0,
         attention_bias=False,
         use_mla=False,
+        rope_inv_freq_dtype="float32",
         use_cache=True,
         pad_token_id=None,
         bos_token_id=0,
@@ -67,6 +68,9 @@ class DeepseekV2Config(PretrainedConfig):
         self.rope_theta = float(rope_theta)
         self.attention_bias = attention_bias
         self.use_mla = use_mla
+        # "bfloat16" rounds the rotary inverse frequencies as the original code does under
+        # model.to(torch.bfloat16); only for comparing with it (see RotaryEmbedding).
+        self.rope_inv_freq_dtype = rope_inv_freq_dtype
         self.use_cache = use_cache
         super().__init__(
             pad_token_id=pad_token_id,

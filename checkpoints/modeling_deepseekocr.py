@@ -12,7 +12,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from PIL import Image, ImageOps
@@ -22,8 +22,13 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .configuration_deepseek_v2 import DeepseekV2Config
 from .conversation import format_prompt
 from .deepencoder import ClipVisionModel, LinearProjector, SamEncoder, encode_views, vision_settings
-from .generation import NoRepeatNGramGuard, pick_next_token
+from .generation import (
+    DEFAULT_LOOP_STOP, ORIGINAL_EVAL_NO_REPEAT_RULE, ORIGINAL_NO_REPEAT_RULE, SERVING_NO_REPEAT_RULE, STOP_EOS,
+    STOP_MAX_NEW_TOKENS, STOP_REPETITION, LoopDetector, LoopStopRule, NoRepeatNGramGuard, NoRepeatNGramRule,
+    pick_next_token,
+)
 from .modeling_deepseekv2 import DeepseekV2Model, DeepseekV2PreTrainedModel, KVCache
+from .paged_attention import PagedKVCache
 from .processing_deepseekocr import ImageViews, PromptInputs, build_prompt_inputs
 
 logger = logging.getLogger(__name__)
@@ -57,7 +62,8 @@ class OCRResult:
     token_ids: list  # generated ids, EOS excluded
     prompt_tokens: int
     image_tokens: int
-    finished: bool  # True when the model emitted EOS; False when max_new_tokens cut it off
+    finished: bool  # True when the model emitted EOS
+    stop_reason: str = STOP_EOS  # "eos", "max_new_tokens" or "repetition" (a loop was cut)
 
 
 class DeepseekOCRModel(DeepseekV2Model):
@@ -74,9 +80,19 @@ class DeepseekOCRModel(DeepseekV2Model):
         self.view_seperator = nn.Parameter(torch.zeros(n_embed))  # the checkpoint's spelling
         self.post_init()
 
-    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        pixels = pixels.to(device=self.image_newline.device, dtype=self.image_newline.dtype)
-        return encode_views(self.sam_model, self.vision_model, self.projector, pixels)
+    def encode_views(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Square views of one size [N, 3, S, S] (any number, from any pages) → features [N, (S/64)², D].
+
+        On CUDA in bf16 the towers run under bf16 autocast, as the original runs them: layer norms
+        then return float32, so CLIP's residual stream and SAM's neck stay in float32 until the
+        projector, instead of being rounded to bf16 at every block.
+        """
+        reference = self.image_newline
+        pixels = pixels.to(device=reference.device, dtype=reference.dtype)
+        autocast = reference.is_cuda and reference.dtype == torch.bfloat16
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            features = encode_views(self.sam_model, self.vision_model, self.projector, pixels)
+        return features.to(reference.dtype)
 
     def _with_row_ends(self, grid: torch.Tensor) -> torch.Tensor:
         """[rows, cols, D] feature grid → [rows·(cols + 1), D], each row closed by the newline vector."""
@@ -84,24 +100,29 @@ class DeepseekOCRModel(DeepseekV2Model):
         newline = self.image_newline.view(1, 1, dim).expand(rows, 1, dim)
         return torch.cat([grid, newline], dim=1).reshape(-1, dim)
 
-    def embed_image(self, views: ImageViews) -> torch.Tensor:
-        """The embeddings that fill an image's `<image>` positions: [views.num_tokens, D].
+    def arrange_image(self, views: ImageViews, global_features: torch.Tensor,
+                      tile_features: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """An image's view features → the embeddings that fill its `<image>` positions: [views.num_tokens, D].
 
         Order: the tiles stitched into one grid (row by row), then the global view, then the
-        view separator; without tiles, the global view and the separator.
+        view separator; without tiles, the global view and the separator. Every grid row ends with
+        the newline vector.
         """
         parts = []
         if views.has_tiles:
             cols, rows = views.grid
-            tiles = self._encode(views.tiles)  # [cols·rows, q², D]
-            side = math.isqrt(tiles.shape[1])
-            stitched = tiles.view(rows, cols, side, side, -1).permute(0, 2, 1, 3, 4)
+            side = math.isqrt(tile_features.shape[1])
+            stitched = tile_features.view(rows, cols, side, side, -1).permute(0, 2, 1, 3, 4)
             parts.append(self._with_row_ends(stitched.reshape(rows * side, cols * side, -1)))
-        global_features = self._encode(views.global_view[None])[0]
         side = math.isqrt(global_features.shape[0])
         parts.append(self._with_row_ends(global_features.view(side, side, -1)))
         parts.append(self.view_seperator[None])
         return torch.cat(parts, dim=0)
+
+    def embed_image(self, views: ImageViews) -> torch.Tensor:
+        """One image's `<image>` embeddings [views.num_tokens, D] (its views encoded on their own)."""
+        tiles = self.encode_views(views.tiles) if views.has_tiles else None
+        return self.arrange_image(views, self.encode_views(views.global_view[None])[0], tiles)
 
     def embed_prompt(self, input_ids: torch.Tensor, image_mask: Optional[torch.Tensor] = None,
                      images: Optional[Sequence[Sequence[ImageViews]]] = None) -> torch.Tensor:
@@ -161,6 +182,15 @@ class DeepseekOCRForCausalLM(DeepseekV2PreTrainedModel):
         logits = self.lm_head(hidden).float()
         return CausalLMOutputWithPast(logits=logits, past_key_values=past_key_values)
 
+    def forward_paged(self, inputs_embeds: torch.Tensor, cache: PagedKVCache,
+                      logits_at: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Packed tokens [T, D] through the decoder over a paged cache (`cache.batch` names their positions
+        and slots) → float32 logits at the token indices `logits_at` [B] (every token if None)."""
+        hidden = self.model.decode(inputs_embeds, cache=cache)
+        if logits_at is not None:
+            hidden = hidden[logits_at]
+        return self.lm_head(hidden).float()
+
     # ------------------------------------------------------------------ inference
 
     def prepare_inputs(self, tokenizer, prompt: str, images: Sequence[Image.Image], base_size: int = 1024,
@@ -172,35 +202,42 @@ class DeepseekOCRForCausalLM(DeepseekV2PreTrainedModel):
         self,
         inputs: PromptInputs,
         max_new_tokens: int = 8192,
-        no_repeat_ngram_size: int = 20,
+        repetition: Union[NoRepeatNGramRule, int] = SERVING_NO_REPEAT_RULE,
+        loops: Optional[LoopStopRule] = DEFAULT_LOOP_STOP,
         eos_token_id: int = 1,
         temperature: float = 0.0,
         on_token: Optional[Callable[[int], None]] = None,
-    ) -> tuple[list, bool]:
+    ) -> tuple[list, str]:
         """Greedy (or sampled, with temperature > 0) decoding with a KV cache, for one prompt.
 
-        The no-repeat n-gram guard sees the whole sequence, prompt included, as the original's does.
-        Returns the generated ids (EOS excluded) and whether EOS ended the generation.
+        `repetition`: the no-repeat n-gram rule (DeepSeek's serving rule by default; an int n is the
+        original's whole-sequence rule of n-grams, 0 none). `loops`: stop when the output has become one
+        block repeated (None: never); the tokens are then cut where the loop began, plus one copy.
+        Returns the generated ids (EOS excluded) and why generation stopped: "eos", "max_new_tokens" or
+        "repetition".
         """
         device = self.lm_head.weight.device
         input_ids = inputs.input_ids.to(device)[None]
         embeds = self.model.embed_prompt(input_ids, inputs.image_mask.to(device)[None], [inputs.images])
         cache = KVCache(self.config.num_hidden_layers)
-        guard = NoRepeatNGramGuard(no_repeat_ngram_size, inputs.input_ids.tolist())
+        guard = NoRepeatNGramGuard(repetition, inputs.input_ids.tolist())
+        detector = LoopDetector(loops) if loops is not None and loops.enabled else None
         hidden = self.model.decode(embeds, cache=cache)
         generated = []
         for _ in range(max_new_tokens):
             logits = self.lm_head(hidden[:, -1]).float()[0]
             token = pick_next_token(guard.mask_banned(logits), temperature)
             if token == eos_token_id:
-                return generated, True
+                return generated, STOP_EOS
             generated.append(token)
             guard.append(token)
             if on_token is not None:
                 on_token(token)
+            if detector is not None and detector.append(token):
+                return generated[:detector.keep_length], STOP_REPETITION
             step = torch.tensor([[token]], device=device)
             hidden = self.model.decode(self.model.embed_tokens(step), cache=cache)
-        return generated, False
+        return generated, STOP_MAX_NEW_TOKENS
 
     def decode_text(self, tokenizer, token_ids: Sequence[int]) -> str:
         # Special tokens stay: <|ref|>/<|det|> carry the boxes and <td>/<tr> the tables.
@@ -211,19 +248,21 @@ class DeepseekOCRForCausalLM(DeepseekV2PreTrainedModel):
 
     def ocr(self, tokenizer, image: Image.Image, prompt: str = "<image>\n<|grounding|>Convert the document to markdown.",
             base_size: int = 1024, image_size: int = 640, crop_mode: bool = True, max_new_tokens: int = 8192,
-            no_repeat_ngram_size: int = 20, temperature: float = 0.0,
+            repetition: Union[NoRepeatNGramRule, int] = SERVING_NO_REPEAT_RULE,
+            loops: Optional[LoopStopRule] = DEFAULT_LOOP_STOP, temperature: float = 0.0,
             on_token: Optional[Callable[[int], None]] = None) -> OCRResult:
         """Run one image (already EXIF-transposed, any mode) through the model and return the text."""
         inputs = self.prepare_inputs(tokenizer, prompt, [image], base_size, image_size, crop_mode)
-        ids, finished = self.generate_tokens(inputs, max_new_tokens, no_repeat_ngram_size,
-                                             tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 1,
-                                             temperature, on_token)
+        ids, stop = self.generate_tokens(inputs, max_new_tokens, repetition, loops,
+                                         tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 1,
+                                         temperature, on_token)
         return OCRResult(
             text=self.decode_text(tokenizer, ids),
             token_ids=ids,
             prompt_tokens=int(inputs.input_ids.numel()),
             image_tokens=int(inputs.image_mask.sum()),
-            finished=finished,
+            finished=stop == STOP_EOS,
+            stop_reason=stop,
         )
 
     def infer(self, tokenizer, prompt: str = "", image_file: str = "", output_path: str = "", base_size: int = 1024,
@@ -231,9 +270,11 @@ class DeepseekOCRForCausalLM(DeepseekV2PreTrainedModel):
               eval_mode: bool = False, **generation_kwargs) -> str:
         """The original remote code's entry point, returning the text instead of only printing it.
 
-        eval_mode: no streaming and a 35-gram repeat guard (20 otherwise), as in the original.
+        eval_mode: no streaming and a 35-gram repeat guard (20 otherwise), as in the original: its
+        whole-sequence rule, and no loop stop.
         save_results: writes result.mmd, result_with_boxes.jpg and images/N.jpg under output_path.
-        generation_kwargs: max_new_tokens, no_repeat_ngram_size, temperature, eos_token_id.
+        generation_kwargs: max_new_tokens, repetition (a rule, or an int n-gram size), loops,
+        temperature, eos_token_id.
         """
         if not prompt:
             raise ValueError("prompt is empty")
@@ -242,8 +283,9 @@ class DeepseekOCRForCausalLM(DeepseekV2PreTrainedModel):
         prompt = format_prompt(prompt, "plain")
         images = [load_image(image_file)] if image_file else []
         inputs = self.prepare_inputs(tokenizer, prompt, images, base_size, image_size, crop_mode)
-        options = {"max_new_tokens": 8192, "no_repeat_ngram_size": 35 if eval_mode else 20,
-                   "eos_token_id": tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 1}
+        options = {"max_new_tokens": 8192,
+                   "repetition": ORIGINAL_EVAL_NO_REPEAT_RULE if eval_mode else ORIGINAL_NO_REPEAT_RULE,
+                   "loops": None, "eos_token_id": tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 1}
         options.update(generation_kwargs)
         on_token = None if eval_mode else _stdout_streamer(tokenizer)
         ids, _ = self.generate_tokens(inputs, on_token=on_token, **options)

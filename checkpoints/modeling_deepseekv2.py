@@ -14,6 +14,9 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_deepseek_v2 import DeepseekV2Config
+from .fused_moe import routed_experts
+from .fused_ops import add_rms_norm, apply_rotary, route_top_k, silu_and_mul
+from .paged_attention import PagedKVCache
 
 
 class DeepseekV2RMSNorm(nn.Module):
@@ -23,41 +26,107 @@ class DeepseekV2RMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        # The statistics are taken in float32 whatever the activation dtype, as the original does.
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * hidden_states.to(input_dtype)
+        return self.add_and_norm(hidden_states, None)[0]
+
+    def add_and_norm(self, hidden_states: torch.Tensor, residual: Optional[torch.Tensor]):
+        """(norm(hidden + residual), hidden + residual): the residual add of a pre-norm block fused with
+        the norm that follows it. Statistics in float32 whatever the activation dtype, as the original."""
+        return add_rms_norm(hidden_states, residual, self.weight, self.variance_epsilon)
 
 
-def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos/sin tables [B, T, head_dim] for the given positions (computed in float32, then cast).
+class RotaryEmbedding(nn.Module):
+    """cos/sin of the rotary angles, looked up by position from a table computed once per device.
 
-    Computed on the fly rather than kept as a buffer: it is cheap, and a buffer would have to be
-    re-initialised whenever the model is materialised from the meta device.
+    The table holds no state worth saving (no buffer, nothing in the state dict): it is recomputed
+    when the model moves or needs longer positions. Angles are position × inverse frequency in
+    float32, then cos/sin are rounded to the activation dtype.
+
+    `inv_freq_dtype` "bfloat16" reproduces the original code under `model.to(torch.bfloat16)`, which
+    rounds its inverse-frequency buffer to bf16 (angles off by up to ~1 rad at position 900); the default
+    keeps it in float32, as DeepSeek's vLLM implementation does. Only for comparisons with the original.
     """
-    inv_freq = 1.0 / (
-        theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device).float() / head_dim)
-    )
-    freqs = position_ids.float()[..., None] * inv_freq  # [B, T, head_dim/2]
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def __init__(self, head_dim: int, theta: float, inv_freq_dtype: str = "float32"):
+        super().__init__()
+        self.head_dim, self.theta = head_dim, theta
+        if inv_freq_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"rope_inv_freq_dtype must be 'float32' or 'bfloat16', not {inv_freq_dtype!r}")
+        self.inv_freq_dtype = getattr(torch, inv_freq_dtype)
+        self._tables: dict = {}  # (device, dtype) → (cos [L, Dh], sin [L, Dh])
+
+    def inverse_frequencies(self, device) -> torch.Tensor:
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim
+        return (1.0 / (self.theta ** exponents)).to(self.inv_freq_dtype).float()
+
+    def table(self, length: int, device, dtype: torch.dtype):
+        """(cos, sin) [≥ length, Dh] for positions 0..; grown (never shrunk) when a longer one is asked."""
+        key = (torch.device(device), dtype)
+        cached = self._tables.get(key)
+        if cached is None or cached[0].shape[0] < length:
+            positions = torch.arange(max(length, 1), device=device, dtype=torch.float32)
+            freqs = positions[:, None] * self.inverse_frequencies(device)[None, :]
+            angles = torch.cat((freqs, freqs), dim=-1)
+            cached = (angles.cos().to(dtype), angles.sin().to(dtype))
+            self._tables[key] = cached
+        return cached
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype, length: Optional[int] = None):
+        """cos/sin [..., Dh] at `position_ids` [...]; `length` bounds the positions (else the table in hand)."""
+        if length is None:
+            cached = self._tables.get((position_ids.device, dtype))
+            if cached is None:
+                raise RuntimeError("the rotary table was not prepared: call table(length, device, dtype) first")
+        else:
+            cached = self.table(length, position_ids.device, dtype)
+        return cached[0][position_ids], cached[1][position_ids]
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def _stacked_rows(parts) -> tuple:
+    """The shape of parameters stacked along their first dimension."""
+    return (sum(p.shape[0] for p in parts),) + tuple(parts[0].shape[1:])
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [B, H, T, D]; cos/sin: [B, T, D]
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return x * cos + rotate_half(x) * sin
+class FusedWeights:
+    """Several parameters held as consecutive parts of one tensor, so that one kernel reads them all
+    (q/k/v as one projection, gate and up as one, the experts stacked [E, ...]), while each parameter
+    keeps its own name and shape for loading and saving.
+
+    Loading or moving a model replaces parameters one by one; `get()` notices (the first parameter is
+    no longer the start of the fused tensor) and fuses again, copying each parameter once and making
+    it a view of its part.
+    """
+
+    def __init__(self, owner: nn.Module, names: list, shape_of):
+        self.owner, self.names, self.shape_of = owner, names, shape_of  # shape_of(parts) → fused shape
+        self.tensor: Optional[torch.Tensor] = None
+
+    def _parameter(self, name: str):
+        module_path, _, attr = name.rpartition(".")
+        module = self.owner.get_submodule(module_path) if module_path else self.owner
+        return module, attr, getattr(module, attr)
+
+    def get(self) -> torch.Tensor:
+        first = self._parameter(self.names[0])[2]
+        fused = self.tensor
+        if fused is not None and fused.device == first.device and fused.dtype == first.dtype \
+                and fused.data_ptr() == first.data_ptr():
+            return fused
+        # Built as ordinary tensors even when first asked for under inference_mode, so that the model
+        # still works outside it afterwards.
+        with torch.inference_mode(False), torch.no_grad():
+            parts = [self._parameter(name) for name in self.names]
+            flat = torch.cat([tensor.detach().reshape(-1) for _, _, tensor in parts])
+            offset = 0
+            for module, attr, tensor in parts:
+                view = flat[offset:offset + tensor.numel()].view(tensor.shape)
+                setattr(module, attr, nn.Parameter(view, requires_grad=False))
+                offset += tensor.numel()
+        self.tensor = flat.view(self.shape_of([tensor for _, _, tensor in parts]))
+        return self.tensor
 
 
 class KVCache:
-    """Growing key/value cache, one (key, value) pair of [B, H, T, D] per layer."""
+    """Growing key/value cache, one (key, value) pair of [B, H, T, D] per layer (the reference path)."""
 
     def __init__(self, num_layers: int):
         self.keys: list[Optional[torch.Tensor]] = [None] * num_layers
@@ -117,7 +186,12 @@ ATTENTION_FUNCTIONS = {
 
 
 class DeepseekV2Attention(nn.Module):
-    """Multi-head attention with rotary position embeddings (the `use_mla: false` variant)."""
+    """Multi-head attention with rotary position embeddings (the `use_mla: false` variant).
+
+    The q, k and v projections run as one GEMM over their fused weights. With a `KVCache` (the
+    reference path) the batch is [B, T, ...] and attention is dispatched on `config._attn_implementation`;
+    with a `PagedKVCache` the tokens are packed [T, ...] and the cache does the attention.
+    """
 
     def __init__(self, config: DeepseekV2Config, layer_idx: int):
         super().__init__()
@@ -131,37 +205,55 @@ class DeepseekV2Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        projections = ["q_proj", "k_proj", "v_proj"]
+        self.qkv_weight = FusedWeights(self, [f"{p}.weight" for p in projections], _stacked_rows)
+        self.qkv_bias = FusedWeights(self, [f"{p}.bias" for p in projections], _stacked_rows) if bias else None
 
-    def forward(self, hidden_states, cos, sin, cache: Optional[KVCache], mask: Optional[torch.Tensor]):
-        bsz, q_len, _ = hidden_states.shape
-        q = self.q_proj(hidden_states).view(bsz, q_len, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(hidden_states).view(bsz, q_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(hidden_states).view(bsz, q_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)
-        if self.num_kv_heads != self.num_heads:
-            k = k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
-            v = v.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
-        attend = ATTENTION_FUNCTIONS[self.config._attn_implementation or "sdpa"]
-        out = attend(q, k, v, mask)
-        return self.o_proj(out.transpose(1, 2).reshape(bsz, q_len, -1))
+    def forward(self, hidden_states, cos, sin, cache, mask: Optional[torch.Tensor] = None):
+        bias = self.qkv_bias.get() if self.qkv_bias is not None else None
+        qkv = F.linear(hidden_states, self.qkv_weight.get(), bias)
+        q, k, v = qkv.split([self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
+                             self.num_kv_heads * self.head_dim], dim=-1)
+        q = q.unflatten(-1, (self.num_heads, self.head_dim))  # [..., T, H, Dh]
+        k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))
+        v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
+        q, k = apply_rotary(q, k, cos, sin)
+        if isinstance(cache, PagedKVCache):
+            out = cache.attend(self.layer_idx, q, k, v)  # [T, H, Dh]
+        else:
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, Dh]
+            if cache is not None:
+                k, v = cache.update(self.layer_idx, k, v)
+            if self.num_kv_heads != self.num_heads:
+                k = k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
+                v = v.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
+            attend = ATTENTION_FUNCTIONS[self.config._attn_implementation or "sdpa"]
+            out = attend(q, k, v, mask).transpose(1, 2)  # [B, T, H, Dh]
+        return self.o_proj(out.flatten(-2))
 
 
 class DeepseekV2MLP(nn.Module):
+    """down(silu(gate(x)) · up(x)), the gate and up projections run as one GEMM over fused weights."""
+
     def __init__(self, config: DeepseekV2Config, intermediate_size: Optional[int] = None):
         super().__init__()
         intermediate_size = intermediate_size or config.intermediate_size
         self.gate_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_weight = FusedWeights(self, ["gate_proj.weight", "up_proj.weight"], _stacked_rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu_and_mul(F.linear(x, self.gate_up_weight.get())))
 
 
 class MoEGate(nn.Module):
-    """Router: softmax over expert logits (in float32), greedy top-k, optional renormalisation."""
+    """Router: expert logits in the activation dtype, softmax in float32, greedy top-k, optional
+    renormalisation, scaling.
+
+    The logits are computed in the model's dtype, as the original computes them under its bf16
+    autocast (which overrides its explicit float32 cast) and as DeepSeek's vLLM code does.
+    """
 
     def __init__(self, config: DeepseekV2Config):
         super().__init__()
@@ -175,15 +267,14 @@ class MoEGate(nn.Module):
         self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
 
     def forward(self, hidden_states: torch.Tensor):
-        logits = F.linear(hidden_states.float(), self.weight.float())  # [N, E]
-        scores = logits.softmax(dim=-1)
-        topk_weight, topk_idx = torch.topk(scores, k=self.top_k, dim=-1, sorted=False)
-        if self.top_k > 1 and self.norm_topk_prob:
-            topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20)
-        return topk_idx, topk_weight * self.routed_scaling_factor
+        """[N, D] → (expert ids [N, K], weights [N, K] float32)."""
+        logits = F.linear(hidden_states, self.weight.to(hidden_states.dtype))  # [N, E]
+        return route_top_k(logits, self.top_k, self.norm_topk_prob, self.routed_scaling_factor)
 
 
 class DeepseekV2MoE(nn.Module):
+    """Routed experts (their weights held stacked, read in place) plus always-on shared experts."""
+
     def __init__(self, config: DeepseekV2Config):
         super().__init__()
         self.experts = nn.ModuleList(
@@ -195,29 +286,19 @@ class DeepseekV2MoE(nn.Module):
             if config.n_shared_experts
             else None
         )
+        count = config.n_routed_experts
+        # [E, 2I, D]: each expert's gate rows then its up rows; [E, D, I]: each expert's down projection.
+        self.w13 = FusedWeights(self, [f"experts.{e}.{p}_proj.weight" for e in range(count) for p in ("gate", "up")],
+                                lambda parts: (count, 2 * parts[0].shape[0], parts[0].shape[1]))
+        self.w2 = FusedWeights(self, [f"experts.{e}.down_proj.weight" for e in range(count)],
+                               lambda parts: (count,) + tuple(parts[0].shape))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])  # [N, D]
-        topk_idx, topk_weight = self.gate(x)  # [N, K]
-        # Group the (token, slot) pairs by expert so that each active expert runs once on its tokens.
-        flat_expert = topk_idx.reshape(-1)
-        order = flat_expert.argsort()
-        token_of_slot = order // topk_idx.shape[1]
-        counts = torch.bincount(flat_expert, minlength=len(self.experts)).tolist()
-        expert_out = torch.empty(order.shape[0], shape[-1], dtype=x.dtype, device=x.device)
-        start = 0
-        for expert_id, count in enumerate(counts):
-            if count:
-                rows = slice(start, start + count)
-                expert_out[rows] = self.experts[expert_id](x[token_of_slot[rows]])
-                start += count
-        per_slot = torch.empty_like(expert_out)
-        per_slot[order] = expert_out
-        routed = (per_slot.view(*topk_idx.shape, -1).float() * topk_weight.unsqueeze(-1)).sum(dim=1)
-        out = routed.to(x.dtype)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
+        expert_ids, expert_weights = self.gate(x)  # [N, K] each
+        shared = self.shared_experts(x) if self.shared_experts is not None else None
+        out = routed_experts(x, self.w13.get(), self.w2.get(), expert_ids, expert_weights, add=shared)
         return out.view(shape)
 
 
@@ -231,9 +312,13 @@ class DeepseekV2DecoderLayer(nn.Module):
         self.input_layernorm = DeepseekV2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = DeepseekV2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, hidden_states, cos, sin, cache, mask):
-        hidden_states = hidden_states + self.self_attn(self.input_layernorm(hidden_states), cos, sin, cache, mask)
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+    def forward(self, hidden_states, residual, cos, sin, cache, mask):
+        """Pre-norm block with the residual carried alongside: returns (this block's output, the
+        residual stream before it is added), so that the next norm does the add in the same kernel."""
+        normed, residual = self.input_layernorm.add_and_norm(hidden_states, residual)
+        attended = self.self_attn(normed, cos, sin, cache, mask)
+        normed, residual = self.post_attention_layernorm.add_and_norm(attended, residual)
+        return self.mlp(normed), residual
 
 
 class DeepseekV2PreTrainedModel(PreTrainedModel):
@@ -277,6 +362,7 @@ class DeepseekV2Model(DeepseekV2PreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.layers = nn.ModuleList(DeepseekV2DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = DeepseekV2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_inv_freq_dtype)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -289,26 +375,33 @@ class DeepseekV2Model(DeepseekV2PreTrainedModel):
         self,
         inputs_embeds: torch.Tensor,
         position_ids: Optional[torch.Tensor] = None,
-        cache: Optional[KVCache] = None,
+        cache=None,
         attention_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """Run the decoder layers on embeddings [B, T, D]; returns the final hidden states.
+        """Run the decoder layers; returns the final hidden states, shaped like `inputs_embeds`.
 
-        `attention_mask` [B, past + T] marks real tokens with 1 (left padding with 0).
+        With a `KVCache` or none (the reference path): embeddings [B, T, D]; `attention_mask`
+        [B, past + T] marks real tokens with 1 (left padding with 0).
+        With a `PagedKVCache`: packed tokens [T, D] whose positions and cache slots the cache's
+        `batch` names (the rotary table must cover them: see `RotaryEmbedding.table`).
         """
-        bsz, q_len, _ = inputs_embeds.shape
-        past = cache.get_seq_length() if cache is not None else 0
-        if position_ids is None:
-            if attention_mask is not None:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q_len:]
-            else:
-                position_ids = torch.arange(past, past + q_len, device=inputs_embeds.device).expand(bsz, -1)
-        cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, inputs_embeds.dtype)
-        mask = build_attention_mask(attention_mask, q_len)
-        hidden_states = inputs_embeds
+        if isinstance(cache, PagedKVCache):
+            cos, sin = self.rotary(cache.batch.positions, inputs_embeds.dtype)
+            mask = None
+        else:
+            bsz, q_len, _ = inputs_embeds.shape
+            past = cache.get_seq_length() if cache is not None else 0
+            if position_ids is None:
+                if attention_mask is not None:
+                    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q_len:]
+                else:
+                    position_ids = torch.arange(past, past + q_len, device=inputs_embeds.device).expand(bsz, -1)
+            cos, sin = self.rotary(position_ids, inputs_embeds.dtype, length=past + q_len)
+            mask = build_attention_mask(attention_mask, q_len)
+        hidden_states, residual = inputs_embeds, None
         for layer in self.layers:
-            hidden_states = layer(hidden_states, cos, sin, cache, mask)
-        return self.norm(hidden_states)
+            hidden_states, residual = layer(hidden_states, residual, cos, sin, cache, mask)
+        return self.norm.add_and_norm(hidden_states, residual)[0]
 
     def forward(
         self,

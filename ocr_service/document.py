@@ -28,7 +28,9 @@ class PageOutput:
     generated_tokens: int
     image_tokens: int
     finished: bool
-    seconds: float
+    seconds: float  # from the prediction's start to this page's last token
+    stop_reason: str  # "eos", "max_new_tokens" or "repetition"
+    first_token_seconds: float  # from the prediction's start to this page's first token
 
 
 @dataclass
@@ -74,7 +76,8 @@ def assemble(pages: list, images: list, markdown: bool, out_dir: Path) -> Docume
         page_info.append({
             "page": page.number, "width": image.width, "height": image.height,
             "image_tokens": page.image_tokens, "generated_tokens": page.generated_tokens,
-            "finished": page.finished, "seconds": round(page.seconds, 3), "text": page_text,
+            "finished": page.finished, "stop_reason": page.stop_reason, "seconds": round(page.seconds, 3),
+            "first_token_seconds": round(page.first_token_seconds, 3), "text": page_text,
         })
     return DocumentOutput(
         text=PAGE_SEPARATOR.join(texts),

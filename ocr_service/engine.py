@@ -1,63 +1,71 @@
-"""Loads DeepSeek-OCR once and runs pages through it.
+"""Loads DeepSeek-OCR once and serves pages: one thread owns the GPU and runs every prediction's pages.
 
-Our model code is imported from the repository's `checkpoints` package; the weights and tokenizer
-come from a folder of the official format (checkpoints/ itself once downloaded, or an operator's).
-On CUDA the model runs in bf16 with flash-attention-2 when it is installed (SDPA otherwise); on the
-CPU in float32 with SDPA. DEEPSEEK_OCR_DEVICE, DEEPSEEK_OCR_DTYPE and DEEPSEEK_OCR_ATTENTION override.
+Predictions hand pages to `OCREngine.submit`; the serving thread then, round after round:
+takes new work and cancellations, starts preprocessing on the CPU pool, encodes the views of the
+pages waiting for the vision encoder in batched passes, admits encoded pages into free decode rows
+with one batched prefill, and decodes every row `sync_every` steps at a time (CUDA-graph replays),
+retiring finished pages and handing back their rows and cache blocks. Which page goes next at each
+stage is the policy's decision (`scheduler.py`); the device state is `decode_batch.py`.
+
+A failure in one prediction's preprocessing, encoding or prefill fails that prediction alone (a
+batched pass that fails is retried page by page to find whose it was); its rows and blocks return
+to the pool. A cancelled or timed-out prediction leaves at the next round.
+
+With DEEPSEEK_OCR_ENGINE=reference, pages are decoded one by one in the caller's thread by the
+model's plain `generate_tokens` (the readable reference path).
 """
 
 import contextlib
 import json
-import os
+import math
 import queue
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from PIL import Image
 
-from checkpoints import DeepseekOCRConfig, DeepseekOCRForCausalLM, OCRResult
+from checkpoints import DeepseekOCRConfig, DeepseekOCRForCausalLM
+from checkpoints.generation import (
+    DEFAULT_LOOP_STOP, LOOP_STOP_OFF, ORIGINAL_NO_REPEAT_RULE, SERVING_NO_REPEAT_RULE,
+)
+from checkpoints.paged_attention import PagedBatch, PagedKVCache
+from checkpoints.processing_deepseekocr import IMAGE_TOKEN, TILING_THRESHOLD, choose_tile_grid, image_token_count
 
-from .fast_decoder import BatchGenerator, GenerationRequest
+from .decode_batch import RUNNING, STOP_REASONS, DecodeBatch, Entry
+from .errors import InputError
+from .scheduler import BlockPool, SchedulingPolicy, Stage
+from .settings import Settings
+from .vision import Preprocessor, encode_prompts, limit_cpu_threads
 
-PROGRESS_EVERY_TOKENS = 256
-NO_REPEAT_NGRAM_SIZE = 20  # the original's streaming setting
+BLOCK_SIZE = 64  # cache positions per block
 MAX_NEW_TOKENS = 8192
-# The longest prompt: Gundam with a 3×3 grid takes 1203 image tokens, plus the text of the prompt.
-MAX_PROMPT_TOKENS = 1536
+# Longest sequence a row can hold: the longest prompt (Gundam 3×3 tiles, 1,203 image tokens, plus the
+# text of a Locate prompt with its longest reference) and MAX_NEW_TOKENS.
+MAX_SEQUENCE = MAX_NEW_TOKENS + 2048
+GRAPH_MEMORY_GIB = 1.0  # kept free for the captured graphs' buffers
 
 
-@dataclass(frozen=True)
-class RuntimeChoice:
-    device: torch.device
-    dtype: torch.dtype
-    attention: str
-    fast: bool = True
-    max_batch: int = 4
+@dataclass
+class PageResult:
+    text: str  # decoded output, special tokens kept (grounding tags, table cells), EOS removed
+    token_ids: list  # generated ids, EOS excluded (cut where a loop began, for "repetition")
+    prompt_tokens: int
+    image_tokens: int
+    finished: bool  # the model emitted EOS
+    stop_reason: str  # "eos", "max_new_tokens" or "repetition"
+    first_token_s: float  # from submission to this page's first token
+    seconds: float  # from submission to this page's last token
 
 
-def choose_runtime() -> RuntimeChoice:
-    device = torch.device(os.environ.get("DEEPSEEK_OCR_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
-    default_dtype = "bfloat16" if device.type == "cuda" else "float32"
-    dtype = getattr(torch, os.environ.get("DEEPSEEK_OCR_DTYPE") or default_dtype)
-    attention = os.environ.get("DEEPSEEK_OCR_ATTENTION")
-    if not attention:
-        attention = "flash_attention_2" if device.type == "cuda" and flash_attn_available() else "sdpa"
-    fast = os.environ.get("DEEPSEEK_OCR_ENGINE", "fast") != "reference"
-    max_batch = int(os.environ.get("DEEPSEEK_OCR_MAX_BATCH") or (32 if device.type == "cuda" else 4))
-    return RuntimeChoice(device, dtype, attention, fast, max_batch)
+class JobCancelled(RuntimeError):
+    pass
 
 
-def flash_attn_available() -> bool:
-    try:
-        import flash_attn  # noqa: F401
-    except ImportError:
-        return False
-    return True
+class JobTimeout(RuntimeError):
+    pass
 
 
 def checkpoint_tensor_shapes(folder: Path) -> dict:
@@ -69,209 +77,513 @@ def checkpoint_tensor_shapes(folder: Path) -> dict:
 
 
 class OCREngine:
-    def __init__(self, weights_dir: Path, runtime: Optional[RuntimeChoice] = None,
-                 log: Callable[[str], None] = print):
+    def __init__(self, weights_dir: Path, settings: Optional[Settings] = None,
+                 log: Callable[[str], None] = print, ignore_eos: bool = False):
+        """`ignore_eos`: for benchmarks, every page decodes its max_new_tokens."""
         from transformers import PreTrainedTokenizerFast
 
+        self.settings = settings = settings or Settings.from_env()
         self.log = log
-        self.runtime = runtime or choose_runtime()
+        self.device = torch.device(settings.device)
+        self.dtype = getattr(torch, settings.dtype)
         started = time.monotonic()
         self.tokenizer = PreTrainedTokenizerFast.from_pretrained(str(weights_dir))
+        self.eos = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 1
+        if ignore_eos:
+            self.eos = -1  # no token has it
         self.model = DeepseekOCRForCausalLM.from_pretrained(
-            str(weights_dir), dtype=self.runtime.dtype, attn_implementation=self.runtime.attention,
-        ).to(self.runtime.device).eval()
-        self.worker = None
-        if self.runtime.fast:
-            generator = BatchGenerator(self.model, max_batch=self.runtime.max_batch,
-                                       max_seq_len=MAX_PROMPT_TOKENS + MAX_NEW_TOKENS,
-                                       no_repeat_ngram_size=NO_REPEAT_NGRAM_SIZE,
-                                       eos_token_id=self.tokenizer.eos_token_id)
-            graphs = generator.capture_all()
-            if graphs:
-                log(f"captured {graphs} CUDA graphs of the decode step")
-            self.worker = DecodeWorker(generator, log)
-        log(f"model loaded on {self.runtime.device} ({self.runtime.dtype}, {self.runtime.attention}, "
-            f"{'fast batched' if self.worker else 'reference'} decoding) in {time.monotonic() - started:.1f} s")
+            str(weights_dir), dtype=self.dtype, attn_implementation=settings.attention,
+            rope_inv_freq_dtype="bfloat16" if settings.rotary == "original" else "float32",
+        ).to(self.device).eval()
+        self.repetition = {"serving": SERVING_NO_REPEAT_RULE, "original": ORIGINAL_NO_REPEAT_RULE}[
+            settings.repetition_rule]
+        self.loop_rule = DEFAULT_LOOP_STOP if settings.stop_loops else LOOP_STOP_OFF
+        self.server = None
+        if settings.engine == "batched":
+            self.server = ServingLoop(self, log)
+        log(f"model loaded on {self.device} ({settings.dtype}, {settings.engine} engine) "
+            f"in {time.monotonic() - started:.1f} s")
 
     @property
     def special_token_texts(self) -> list:
         """Strings the tokenizer would read as special tokens (user text must not contain them)."""
         return list(self.tokenizer.get_added_vocab())
 
-    def run_pages(self, images: list, prompt: str, resolution, max_new_tokens: int) -> list:
-        """OCR several images with one prompt; returns one OCRResult per image, in order.
+    # ------------------------------------------------------------------ requests
 
-        Pages of one call, and the calls of concurrent predictions, decode together in one batch.
-        If the caller is interrupted (a cancelled prediction), its pages leave the batch.
-        """
-        job = self.submit_pages(images, prompt, resolution, max_new_tokens)
+    def prompt_tokens(self, prompt: str, image_size: tuple, resolution) -> int:
+        """Tokens a page's prompt takes (BOS, text, image tokens), computed without preprocessing the image."""
+        width, height = image_size
+        grid = (1, 1)
+        if resolution.crop_mode and (width > TILING_THRESHOLD or height > TILING_THRESHOLD):
+            grid = choose_tile_grid(width, height, resolution.image_size)
+        pieces = prompt.strip().split(IMAGE_TOKEN)  # as build_prompt_inputs tokenises it
+        text = sum(len(self.tokenizer.encode(piece, add_special_tokens=False)) for piece in pieces if piece)
+        count = image_token_count(resolution.base_size, resolution.image_size, resolution.crop_mode, grid)
+        return 1 + text + (len(pieces) - 1) * count
+
+    def check_fits(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        """A page that could never be decoded is refused before it joins, naming the input to change."""
+        limit = self.server.capacity if self.server is not None else MAX_SEQUENCE
+        if prompt_tokens + max_new_tokens > limit:
+            room = limit - prompt_tokens
+            if room < 1:
+                raise InputError(f"the prompt takes {prompt_tokens} tokens, more than the {limit} this service can "
+                                 "hold: use a smaller resolution_size or a shorter reference_text")
+            raise InputError(f"max_new_tokens={max_new_tokens} does not fit: this page's prompt takes "
+                             f"{prompt_tokens} of the {limit} tokens a page can hold; use max_new_tokens ≤ {room}")
+
+    def submit(self, images: list, prompt: str, resolution, max_new_tokens: int) -> "Job":
+        sizes = [self.prompt_tokens(prompt, image.size, resolution) for image in images]
+        for size in sizes:
+            self.check_fits(size, max_new_tokens)
+        job = Job(self, images, prompt, resolution, max_new_tokens, sizes)
+        if self.server is None:
+            job.run_here()
+        else:
+            self.server.submit(job)
+        return job
+
+    def run_pages(self, images: list, prompt: str, resolution, max_new_tokens: int,
+                  timeout: Optional[float] = None) -> list:
+        """OCR several images with one prompt; returns one PageResult per image, in order."""
+        job = self.submit(images, prompt, resolution, max_new_tokens)
         try:
-            return job.wait()
+            return job.wait(timeout)
         except BaseException:
             job.cancel()
             raise
 
-    def submit_pages(self, images: list, prompt: str, resolution, max_new_tokens: int) -> "PagesJob":
-        started = time.monotonic()
-        # Preprocessing is CPU work (resizing, tiling): done in threads, off the device's critical path.
-        with ThreadPoolExecutor(max_workers=min(4, len(images))) as pool:
-            inputs = list(pool.map(lambda image: self.model.prepare_inputs(
-                self.tokenizer, prompt, [image], resolution.base_size, resolution.image_size, resolution.crop_mode),
-                images))
-        job = PagesJob(self, inputs, max_new_tokens, started)
-        if self.worker is None:  # reference decoding: one page after another, in this thread
-            job.results = [self._reference_decode(page_inputs, max_new_tokens, index, len(inputs))
-                           for index, page_inputs in enumerate(inputs, 1)]
-            job.finish()
-            return job
-        with torch.inference_mode(), self._translate_oom():
-            for page_inputs in inputs:
-                embeds = self.model.model.embed_prompt(
-                    page_inputs.input_ids.to(self.runtime.device)[None],
-                    page_inputs.image_mask.to(self.runtime.device)[None], [page_inputs.images])[0]
-                job.requests.append(GenerationRequest(page_inputs.input_ids, embeds, max_new_tokens,
-                                                      on_done=job.request_done))
-        self.log(f"encoded the images of {len(inputs)} page(s) in {time.monotonic() - started:.1f} s")
-        self.worker.submit(job.requests)
-        return job
-
-    def _reference_decode(self, page_inputs, max_new_tokens: int, index: int, count: int):
-        with self._translate_oom():
-            ids, finished = self.model.generate_tokens(page_inputs, max_new_tokens, NO_REPEAT_NGRAM_SIZE,
-                                                       self.tokenizer.eos_token_id)
-        self.log(f"page {index}/{count} done: {len(ids)} tokens")
-        return ids, finished
-
-    def result_for(self, page_inputs, ids: list, finished: bool) -> OCRResult:
-        return OCRResult(text=self.model.decode_text(self.tokenizer, ids), token_ids=ids,
-                         prompt_tokens=int(page_inputs.input_ids.numel()),
-                         image_tokens=int(page_inputs.image_mask.sum()), finished=finished)
+    def result(self, token_ids: list, stop: str, prompt_tokens: int, image_tokens: int, first: float,
+               total: float) -> PageResult:
+        return PageResult(text=self.model.decode_text(self.tokenizer, token_ids), token_ids=token_ids,
+                          prompt_tokens=prompt_tokens, image_tokens=image_tokens, finished=stop == "eos",
+                          stop_reason=stop, first_token_s=first, seconds=total)
 
     @contextlib.contextmanager
-    def _translate_oom(self):
+    def translate_oom(self, what: str):
         try:
             yield
         except torch.OutOfMemoryError:
-            self.release_memory()
-            raise RuntimeError(
-                "the GPU ran out of memory on this input; try a smaller resolution_size or fewer pages"
-            ) from None
-
-    def release_memory(self) -> None:
-        if self.runtime.device.type == "cuda":
-            torch.cuda.empty_cache()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise RuntimeError(f"the GPU ran out of memory while {what}; try a smaller resolution_size "
+                               "or fewer pages") from None
 
 
-class JobCancelled(RuntimeError):
-    pass
+class Job:
+    """The pages of one prediction on their way through the engine."""
 
+    def __init__(self, engine: OCREngine, images: list, prompt: str, resolution, max_new_tokens: int,
+                 prompt_sizes: list):
+        self.engine, self.images, self.prompt, self.resolution = engine, images, prompt, resolution
+        self.max_new_tokens, self.prompt_sizes = max_new_tokens, prompt_sizes
+        self.submitted = time.monotonic()
+        self.results: list = [None] * len(images)
+        self.error: Optional[BaseException] = None
+        self.prediction = None  # the policy's record (serving thread only)
+        self._done = threading.Event()
 
-class JobTimeout(RuntimeError):
-    pass
-
-
-class PagesJob:
-    """The pages of one call on their way through the decode worker."""
-
-    def __init__(self, engine: OCREngine, inputs: list, max_new_tokens: int, started: float):
-        self.engine, self.inputs, self.started = engine, inputs, started
-        self.requests: list = []
-        self.results: Optional[list] = None  # (ids, finished) per page, when decoded in the caller's thread
-        self._left = len(inputs)
-        self._lock = threading.Lock()
-        self._finished = threading.Event()
-
-    def request_done(self) -> None:
-        with self._lock:
-            self._left -= 1
-            if self._left == 0:
-                self.finish()
-
-    def finish(self) -> None:
-        self._finished.set()
+    def complete(self, error: Optional[BaseException] = None) -> None:
+        if not self._done.is_set():
+            self.error = error
+            self._done.set()
 
     def cancel(self) -> None:
-        for request in self.requests:
-            request.cancelled = True
-        if self.requests:
-            self.engine.log(f"cancelled: {len(self.requests)} page(s) left the batch")
+        if not self._done.is_set() and self.engine.server is not None:
+            self.engine.server.cancel(self)
 
     def wait(self, timeout: Optional[float] = None) -> list:
-        """The pages' results; past `timeout` seconds the pages leave the batch and JobTimeout is raised."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        # Short waits, so that a cancellation signal delivered to this thread is handled promptly.
-        while not self._finished.wait(0.1):
+        """The pages' results; past `timeout` seconds the job leaves the engine and JobTimeout is raised."""
+        deadline = None if timeout is None else self.submitted + timeout
+        # Short waits, so that a cancellation delivered to this thread is handled promptly.
+        while not self._done.wait(0.1):
             if deadline is not None and time.monotonic() > deadline:
                 self.cancel()
                 raise JobTimeout(f"the prediction took longer than its {timeout:.0f} s limit "
                                  "(DEEPSEEK_OCR_REQUEST_TIMEOUT); try fewer pages or a smaller max_new_tokens")
-        errors = [r.error for r in self.requests if r.error is not None]
-        if errors:
-            raise errors[0]
-        if any(r.cancelled for r in self.requests):
-            raise JobCancelled("the prediction was cancelled")
-        pairs = self.results or [(r.tokens, r.finished) for r in self.requests]
-        results = [self.engine.result_for(i, ids, finished) for i, (ids, finished) in zip(self.inputs, pairs)]
-        total = sum(len(r.token_ids) for r in results)
-        elapsed = time.monotonic() - self.started
-        self.engine.log(f"{len(results)} page(s): {total} tokens in {elapsed:.1f} s "
+        if self.error is not None:
+            raise self.error
+        total = sum(len(r.token_ids) for r in self.results)
+        elapsed = time.monotonic() - self.submitted
+        self.engine.log(f"{len(self.results)} page(s): {total} tokens in {elapsed:.1f} s "
                         f"({total / max(elapsed, 1e-9):.1f} tokens/s)")
-        return results
+        return self.results
+
+    def run_here(self) -> None:
+        """The reference path: each page through the model's plain generate_tokens, in this thread."""
+        engine = self.engine
+        model, settings = engine.model, engine.settings
+        for index, image in enumerate(self.images):
+            inputs = model.prepare_inputs(engine.tokenizer, self.prompt, [image], self.resolution.base_size,
+                                          self.resolution.image_size, self.resolution.crop_mode)
+            first = []
+            with engine.translate_oom("decoding"):
+                ids, stop = model.generate_tokens(
+                    inputs, self.max_new_tokens, repetition=engine.repetition, loops=engine.loop_rule,
+                    eos_token_id=engine.eos, on_token=lambda _: first or first.append(time.monotonic()))
+            now = time.monotonic()
+            self.results[index] = engine.result(
+                ids, stop, int(inputs.input_ids.numel()), int(inputs.image_mask.sum()),
+                (first[0] if first else now) - self.submitted, now - self.submitted)
+            engine.log(f"page {index + 1}/{len(self.images)} done: {len(ids)} tokens ({stop})")
+        self.complete()
 
 
-class DecodeWorker:
-    """One thread that owns the decode batch: submitted requests join it at the next sync point."""
+@dataclass
+class PagePayload:
+    """What the serving loop keeps for a page between stages."""
 
-    def __init__(self, generator: BatchGenerator, log: Callable[[str], None]):
-        self.generator, self.log = generator, log
-        self.queue: "queue.Queue" = queue.Queue()
-        self.thread = threading.Thread(target=self._run, name="deepseek-ocr-decode", daemon=True)
+    job: Job
+    index: int
+    future: object = None  # preprocessing in the CPU pool
+    inputs: object = None  # PromptInputs
+    embeds: Optional[torch.Tensor] = None  # [P, D] on the device
+    first_token_at: Optional[float] = None
+
+
+class ServingLoop:
+    """The thread that owns the GPU: policy decisions applied to the device, round after round."""
+
+    def __init__(self, engine: OCREngine, log: Callable[[str], None]):
+        self.engine, self.log = engine, log
+        settings = engine.settings
+        self.sync_every = settings.sync_every
+        workers = settings.preprocess_workers
+        if engine.device.type == "cuda":
+            limit_cpu_threads(workers)
+        self.preprocessor = Preprocessor(engine.tokenizer, workers)
+        model = engine.model
+        config = model.config
+        block_bytes = PagedKVCache.bytes_per_block(config.num_hidden_layers, config.num_key_value_heads,
+                                                   config.head_dim, BLOCK_SIZE, engine.dtype)
+        blocks = self._cache_blocks(block_bytes)
+        self.max_rows = settings.max_rows
+        self.batch = DecodeBatch(model, blocks, BLOCK_SIZE, self.max_rows, MAX_SEQUENCE, engine.repetition,
+                                 engine.loop_rule, engine.eos)
+        self.policy = SchedulingPolicy(BlockPool(blocks, BLOCK_SIZE), self.max_rows, max_waiting=2 * self.max_rows,
+                                       prefill_tokens=settings.prefill_tokens, growth_tokens=self.sync_every + 1)
+        # The longest sequence a page may ask for: a row's block table, and the whole pool.
+        self.capacity = min(MAX_SEQUENCE, blocks * BLOCK_SIZE - self.sync_every - 1)
+        started = time.monotonic()
+        graphs = self.batch.capture_all()
+        if graphs:
+            log(f"captured {graphs} CUDA graphs of the decode step in {time.monotonic() - started:.1f} s")
+        log(f"KV cache: {blocks} blocks of {BLOCK_SIZE} positions ({blocks * block_bytes / 2**30:.1f} GiB), "
+            f"up to {self.max_rows} sequences at once")
+        self.inbox: "queue.Queue" = queue.Queue()
+        self.positions: dict = {}  # row → cache length, as of the last look at the device
+        self._last_progress = time.monotonic()
+        self.thread = threading.Thread(target=self._run, name="deepseek-ocr-serving", daemon=True)
         self.thread.start()
 
-    def submit(self, requests: list) -> None:
-        for request in requests:
-            self.queue.put(request)
+    # ------------------------------------------------------------------ memory
 
-    def _drain(self) -> list:
-        arrived = []
-        while True:
-            try:
-                arrived.append(self.queue.get_nowait())
-            except queue.Empty:
-                return arrived
+    def _cache_blocks(self, block_bytes: int) -> int:
+        """Blocks of KV cache the memory budget leaves after the weights, the largest vision pass and
+        the largest prefill (measured by running them once), and the graphs' buffers."""
+        engine, settings = self.engine, self.engine.settings
+        useful = settings.max_rows * math.ceil(MAX_SEQUENCE / BLOCK_SIZE)  # every row at its longest
+        if engine.device.type != "cuda":
+            blocks = min(useful, int(settings.cpu_cache_gib * 2**30 // block_bytes))
+            if blocks * BLOCK_SIZE <= 2 * (self.sync_every + 1):
+                raise RuntimeError(f"DEEPSEEK_OCR_CPU_CACHE_GIB={settings.cpu_cache_gib:g} holds {blocks} cache "
+                                   f"block(s) of {BLOCK_SIZE} positions: too few for any page; raise it")
+            return blocks
+        total = torch.cuda.get_device_properties(engine.device).total_memory
+        budget = min(settings.gpu_memory_gib * 2**30, 0.92 * total)
+        peak = self._profile_peak(block_bytes)
+        free_for_cache = budget - peak - GRAPH_MEMORY_GIB * 2**30
+        blocks = min(useful, int(free_for_cache // block_bytes))
+        if blocks * BLOCK_SIZE < MAX_SEQUENCE + self.sync_every + 1:
+            raise RuntimeError(f"DEEPSEEK_OCR_GPU_MEMORY_GIB={settings.gpu_memory_gib:g} leaves no room for the KV "
+                               f"cache (the model and its work need {peak / 2**30:.1f} GiB): raise it")
+        return blocks
+
+    @torch.inference_mode()
+    def _profile_peak(self, block_bytes: int) -> int:
+        """Peak memory of the weights plus one vision pass and one full prefill, run on dummy inputs."""
+        engine = self.engine
+        model, settings = engine.model, engine.settings
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        pixels = torch.zeros(4, 3, 1024, 1024, device=engine.device)
+        model.model.encode_views(pixels)
+        tokens = settings.prefill_tokens
+        blocks = math.ceil(tokens / BLOCK_SIZE) + 1
+        config = model.config
+        cache = PagedKVCache(config.num_hidden_layers, blocks, config.num_key_value_heads, config.head_dim,
+                             BLOCK_SIZE, engine.dtype, engine.device)
+        model.model.rotary.table(MAX_SEQUENCE, engine.device, engine.dtype)
+        lengths = [1300] * (tokens // 1300) + [tokens % 1300]
+        positions = torch.cat([torch.arange(n) for n in lengths if n]).to(engine.device)
+        cache.batch = PagedBatch(positions=positions, slots=torch.arange(tokens, device=engine.device) + BLOCK_SIZE,
+                                 prompt_lengths=tuple(n for n in lengths if n))
+        embeds = torch.zeros(tokens, config.hidden_size, device=engine.device, dtype=engine.dtype)
+        model.forward_paged(embeds, cache, torch.tensor([tokens - 1], device=engine.device))
+        del cache, embeds, pixels
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        torch.cuda.empty_cache()
+        return peak
+
+    # ------------------------------------------------------------------ requests from other threads
+
+    def submit(self, job: Job) -> None:
+        self.inbox.put(("submit", job))
+
+    def cancel(self, job: Job) -> None:
+        self.inbox.put(("cancel", job))
+
+    # ------------------------------------------------------------------ the loop
 
     def _run(self) -> None:
         while True:
-            batch = [self.queue.get()] + self._drain()
-            seen = list(batch)
-
-            def incoming() -> list:
-                arrived = self._drain()
-                seen.extend(arrived)
-                return arrived
-
             try:
-                self.generator.generate(batch, on_progress=self._progress(), incoming=incoming)
-            except BaseException as error:  # the batch is lost: fail every request in it
-                if isinstance(error, torch.OutOfMemoryError):
-                    torch.cuda.empty_cache()
-                    error = RuntimeError("the GPU ran out of memory while decoding; try fewer pages at once")
-                self.log(f"decoding failed: {error}")
-                for request in seen:
-                    if request.tokens is None and request.on_done is not None:
-                        request.tokens, request.error = [], error
-                        request.on_done()
+                self._round()
+            except Exception as error:  # the engine's own failure: every job in flight fails with it
+                self.log(f"serving failed: {error!r}")
+                self._fail_everything(error)
 
-    def _progress(self):
-        """Log tokens generated across the batch every few seconds of long work."""
-        counts, last, started = {}, [time.monotonic()], time.monotonic()
+    def _busy(self) -> bool:
+        return any(p is not None for p in self.policy.rows) or any(
+            not p.closed and not p.finished for p in self.policy.predictions)
 
-        def on_progress(request, count) -> None:
-            counts[id(request)] = count
-            now = time.monotonic()
-            if now - last[0] >= 5:
-                last[0] = now
-                self.log(f"decoding: {sum(counts.values())} tokens for {len(counts)} page(s) "
-                         f"in {now - started:.0f} s")
+    def _round(self) -> None:
+        self._take_messages(wait=not self._busy())
+        self._expire()
+        self._preprocess()
+        self._encode()
+        self._admit()
+        if any(p is not None for p in self.policy.rows):
+            self._decode()
+        elif self._busy():
+            time.sleep(0.002)  # only CPU work in flight: let it progress
+        self.policy.forget_finished()
 
-        return on_progress
+    def _take_messages(self, wait: bool) -> None:
+        try:
+            message = self.inbox.get(timeout=0.5) if wait else self.inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            kind, job = message
+            if kind == "submit":
+                pages = [(size, job.max_new_tokens) for size in job.prompt_sizes]
+                job.prediction = self.policy.add(id(job), pages)
+                for page in job.prediction.pages:
+                    page.payload = PagePayload(job, page.index)
+            elif kind == "cancel" and job.prediction is not None:
+                self._close(job, JobCancelled("the prediction was cancelled"))
+                self.log(f"cancelled: {len(job.images)} page(s) left the engine")
+            try:
+                message = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _close(self, job: Job, error: Optional[BaseException]) -> None:
+        """A prediction leaves: its rows are cleared, its blocks return to the pool, the caller is told."""
+        if job.prediction is None or job.prediction.closed:
+            job.complete(error)
+            return
+        for row in self.policy.close(job.prediction):
+            self.batch.clear(row)
+            self.positions.pop(row, None)
+        for page in job.prediction.pages:
+            page.payload.embeds = None
+        job.complete(error)
+
+    def _expire(self) -> None:
+        limit = self.engine.settings.request_timeout_s
+        now = time.monotonic()
+        for prediction in list(self.policy.predictions):
+            job = prediction.pages[0].payload.job if prediction.pages else None
+            if job is not None and not prediction.closed and now - job.submitted > limit:
+                self._close(job, JobTimeout(f"the prediction took longer than its {limit:.0f} s limit "
+                                            "(DEEPSEEK_OCR_REQUEST_TIMEOUT); try fewer pages or a smaller "
+                                            "max_new_tokens"))
+
+    def _preprocess(self) -> None:
+        running = [p for pred in self.policy.predictions for p in pred.pages_in(Stage.PREPROCESSING)]
+        for page in running:
+            future = page.payload.future
+            if not future.done():
+                continue
+            try:
+                page.payload.inputs = future.result()
+            except Exception as error:  # this page's input could not be prepared: its prediction fails
+                self._close(page.payload.job, _user_error(error, "preparing the page"))
+                continue
+            page.payload.future = None
+            page.prompt_tokens = int(page.payload.inputs.input_ids.numel())  # the estimate's check
+            self.policy.preprocessed(page)
+        free = self.preprocessor.workers * 2 - sum(
+            1 for pred in self.policy.predictions for p in pred.pages_in(Stage.PREPROCESSING))
+        for page in self.policy.to_preprocess(max(free, 0)):
+            job = page.payload.job
+            page.payload.future = self.preprocessor.submit(job.images[page.index], job.prompt, job.resolution)
+
+    def _encode(self) -> None:
+        pages = self.policy.to_encode(limit=16)
+        if not pages:
+            return
+        try:
+            with self.engine.translate_oom("encoding the images"):
+                embeds = encode_prompts(self.engine.model, [p.payload.inputs for p in pages])
+        except Exception as error:
+            if len(pages) == 1:
+                self._close(pages[0].payload.job, _user_error(error, "encoding the page"))
+                return
+            embeds = None
+        if embeds is None:  # find whose page failed: encode one by one
+            embeds = []
+            for page in pages:
+                try:
+                    with self.engine.translate_oom("encoding the images"):
+                        embeds.append(encode_prompts(self.engine.model, [page.payload.inputs])[0])
+                except Exception as error:
+                    embeds.append(None)
+                    self._close(page.payload.job, _user_error(error, "encoding the page"))
+        for page, page_embeds in zip(pages, embeds):
+            if page_embeds is None or page.prediction.closed:
+                continue
+            page.payload.embeds = page_embeds
+            self.policy.encoded(page)
+
+    def _admit(self) -> None:
+        admissions = self.policy.to_admit()
+        if not admissions:
+            return
+        entries = [self._entry(a.page, a.row) for a in admissions]
+        try:
+            with self.engine.translate_oom("reading the prompts"):
+                self.batch.admit(entries)
+        except Exception as error:
+            if len(entries) == 1:
+                self._admission_failed(admissions[0].page, entries[0], error)
+                return
+            for admission, entry in zip(admissions, entries):  # find whose prompt failed: one by one
+                try:
+                    with self.engine.translate_oom("reading the prompt"):
+                        self.batch.admit([entry])
+                except Exception as error:
+                    self._admission_failed(admission.page, entry, error)
+        now = time.monotonic()
+        states = self.batch.read(max(a.row for a in admissions) + 1)
+        for admission in admissions:
+            page = admission.page
+            if page.stage is not Stage.RUNNING:
+                continue
+            self.positions[admission.row] = states[admission.row].cache_length
+            if page.payload.first_token_at is None:
+                page.payload.first_token_at = now
+
+    def _entry(self, page, row: int) -> Entry:
+        inputs = page.payload.inputs
+        return Entry(row=row, embeds=page.payload.embeds, prompt_ids=inputs.input_ids, blocks=list(page.blocks),
+                     max_new_tokens=page.max_new_tokens, resume=list(page.generated))
+
+    def _admission_failed(self, page, entry: Entry, error: BaseException) -> None:
+        self.batch.clear(entry.row)
+        self.policy.admission_failed(page)
+        self._close(page.payload.job, _user_error(error, "reading the prompt"))
+
+    def _live_rows(self) -> int:
+        occupied = [i for i, page in enumerate(self.policy.rows) if page is not None]
+        return occupied[-1] + 1 if occupied else 0
+
+    def _decode(self) -> None:
+        grown, preempted = self.policy.grow({row: self.positions[row] for row, page in
+                                            enumerate(self.policy.rows) if page is not None})
+        for page, row in preempted:
+            page.generated = self.batch.generated_tokens(row)
+            self.batch.clear(row)
+            self.positions.pop(row, None)
+            self.log(f"cache full: a page with {len(page.generated)} tokens waits for room (preempted)")
+        for row in grown:
+            self.batch.set_blocks(row, self.policy.rows[row].blocks)
+        live = self._live_rows()
+        if live == 0:
+            return
+        self.batch.run(live, self.sync_every)
+        states = self.batch.read(live)
+        now = time.monotonic()
+        for row, state in enumerate(states):
+            page = self.policy.rows[row]
+            if page is None:
+                continue
+            self.positions[row] = state.cache_length
+            if state.stop != RUNNING:
+                self._retire(page, row, state.stop, now)
+        self._compact()
+        self._report_progress(states)
+
+    def _retire(self, page, row: int, stop: int, now: float) -> None:
+        payload = page.payload
+        job = payload.job
+        ids = self.batch.generated_tokens(row)
+        reason = STOP_REASONS[stop]
+        if reason == "eos":
+            ids = ids[:-1]
+        elif reason == "repetition":
+            ids = ids[:self.batch.loop_cut(row)]
+        ids = ids[:page.max_new_tokens]
+        inputs = payload.inputs
+        job.results[page.index] = self.engine.result(
+            ids, reason, int(inputs.input_ids.numel()), int(inputs.image_mask.sum()),
+            payload.first_token_at - job.submitted, now - job.submitted)
+        self.policy.finish(page)
+        self.batch.clear(row)
+        self.positions.pop(row, None)
+        payload.embeds = payload.inputs = None
+        if job.prediction.finished and not job.prediction.closed:
+            job.prediction.closed = True
+            job.complete()
+
+    def _compact(self) -> None:
+        """Keep the live rows at the front when nothing waits to fill the holes, so steps run a smaller batch."""
+        waiting = any(p.pages_in(Stage.ENCODED) for p in self.policy.predictions if not p.closed)
+        if waiting:
+            return
+        rows = self.policy.rows
+        while True:
+            live = self._live_rows()
+            hole = next((i for i in range(live) if rows[i] is None), None)
+            if hole is None:
+                return
+            source = live - 1
+            page = rows[source]
+            self.batch.move(source, hole)
+            rows[hole], rows[source] = page, None
+            page.row = hole
+            self.positions[hole] = self.positions.pop(source)
+
+    def _report_progress(self, states) -> None:
+        now = time.monotonic()
+        if now - self._last_progress >= 5:
+            self._last_progress = now
+            held = self.policy.holdings()
+            self.log(f"decoding {held['rows']} page(s), {held['waiting']} waiting, "
+                     f"{held['blocks']}/{self.policy.blocks.capacity} cache blocks in use")
+
+    def _fail_everything(self, error: Exception) -> None:
+        if isinstance(error, torch.OutOfMemoryError):
+            torch.cuda.empty_cache()
+            error = RuntimeError("the GPU ran out of memory while decoding; try fewer pages at once")
+        for prediction in list(self.policy.predictions):
+            if prediction.pages and not prediction.closed:
+                self._close(prediction.pages[0].payload.job, error)
+        for row in range(self.max_rows):
+            self.batch.clear(row)
+        self.positions.clear()
+        self.policy.forget_finished()
+
+    def holdings(self) -> dict:
+        """What the engine holds now (rows, blocks, pages waiting, predictions): all zero when idle."""
+        return self.policy.holdings()
+
+
+def _user_error(error: BaseException, what: str) -> BaseException:
+    if isinstance(error, (InputError, RuntimeError)):
+        return error
+    return RuntimeError(f"{what} failed: {error}")

@@ -9,15 +9,12 @@ viewer shows (EXIF applied).
 
 Numbers are read as ASCII digits only: `str.isdigit()` and `int()` also take '²', '①', '٣' or '1_000'.
 
-Limits protect the service and can be changed by environment variables (positive whole numbers):
-  DEEPSEEK_OCR_MAX_PAGES   pages per request (default 50)
-  DEEPSEEK_OCR_MAX_PIXELS  pixels of one image or rendered page (default 64,000,000)
-  DEEPSEEK_OCR_PDF_DPI     PDF rendering resolution (default 144); pages that would exceed the pixel
-                           limit are rendered at a lower resolution instead
+Limits protect the service (settings.py reads them from the environment): pages per request, pixels
+of one image or rendered page, and the PDF rendering resolution (pages that would exceed the pixel
+limit are rendered at a lower resolution instead).
 """
 
 import math
-import os
 import re
 import struct
 import warnings
@@ -42,7 +39,6 @@ DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, TypeError, KeyError
                  Image.DecompressionBombError)
 # A page range: ASCII digits, optionally "-" and more digits (spaces allowed around the hyphen).
 PAGE_RANGE = re.compile(r"([0-9]+)(?:\s*-\s*([0-9]+))?")
-POSITIVE_NUMBER = re.compile(r"[0-9]{1,18}")
 SHOWN_CHARS = 40  # how much of a long input an error message quotes
 
 
@@ -54,26 +50,6 @@ class Limits:
 
     def as_kwargs(self) -> dict:
         return {"max_pages": self.max_pages, "max_pixels": self.max_pixels, "pdf_dpi": self.pdf_dpi}
-
-
-def limits_from_env() -> Limits:
-    defaults = Limits()
-    return Limits(
-        max_pages=_positive_setting("DEEPSEEK_OCR_MAX_PAGES", defaults.max_pages),
-        max_pixels=_positive_setting("DEEPSEEK_OCR_MAX_PIXELS", defaults.max_pixels),
-        pdf_dpi=_positive_setting("DEEPSEEK_OCR_PDF_DPI", defaults.pdf_dpi),
-    )
-
-
-def _positive_setting(variable: str, default: int) -> int:
-    """An environment variable holding a positive whole number, or `default` when unset or empty."""
-    text = os.environ.get(variable, "").strip()
-    if not text:
-        return default
-    if not POSITIVE_NUMBER.fullmatch(text) or int(text) < 1:
-        raise ValueError(f"{variable}={shorten(text)!r} is not a positive whole number of ASCII digits "
-                         f"(default {default})")
-    return int(text)
 
 
 def shorten(text: str) -> str:

@@ -6,11 +6,9 @@ code in the target (`*.py`) is never overwritten, and nothing is trusted without
 every required file must be there and parse, and each safetensors file must be exactly as long as
 its header says (a truncated download fails that), holding the tensors the model expects.
 
-Operators can steer it with environment variables:
-  DEEPSEEK_OCR_WEIGHTS_URL   another URL for the tar (same layout)
-  DEEPSEEK_OCR_WEIGHTS_DIR   a folder that already holds the weights (may be read-only): verified, used
-                             in place, never downloaded to
-  DEEPSEEK_OCR_OFFLINE=1     never download; fail clearly if the weights are not already there
+Operators can steer it (settings.py reads these from the environment): another URL for the tar
+(same layout); a folder that already holds the weights (may be read-only: verified, used in place,
+never downloaded to); offline (never download; fail clearly if the weights are not already there).
 """
 
 import json
@@ -35,14 +33,6 @@ ExpectedTensors = Callable[[Path], Mapping[str, tuple]]
 
 class WeightsError(RuntimeError):
     """The weights could not be made available; the message says what failed and what to do."""
-
-
-def weights_source_from_env() -> dict:
-    return {
-        "url": os.environ.get("DEEPSEEK_OCR_WEIGHTS_URL") or DEFAULT_URL,
-        "local_dir": os.environ.get("DEEPSEEK_OCR_WEIGHTS_DIR") or None,
-        "offline": os.environ.get("DEEPSEEK_OCR_OFFLINE", "").lower() in ("1", "true", "yes"),
-    }
 
 
 # ---------------------------------------------------------------- verification

@@ -13,7 +13,8 @@ PAGE_2 = ("<|ref|>title<|/ref|><|det|>[[0, 0, 999, 99]]<|/det|>\n# Second\n"
 
 
 def pages():
-    return [PageOutput(1, PAGE_1, 10, 273, True, 1.0), PageOutput(2, PAGE_2, 12, 273, False, 1.0)]
+    return [PageOutput(1, PAGE_1, 10, 273, True, 1.0, "eos", 0.25),
+            PageOutput(2, PAGE_2, 12, 273, False, 1.5, "max_new_tokens", 0.5)]
 
 
 def test_markdown_document_numbers_figures_across_pages(tmp_path):
@@ -25,7 +26,8 @@ def test_markdown_document_numbers_figures_across_pages(tmp_path):
     assert [r["page"] for r in out.regions] == [1, 2, 2]
     assert [p.name for p in out.annotated_images] == ["page_1_boxes.jpg", "page_2_boxes.jpg"]
     assert out.pages[1] == {"page": 2, "width": 800, "height": 200, "image_tokens": 273, "generated_tokens": 12,
-                            "finished": False, "seconds": 1.0, "text": "\n# Second\n![](images/1.jpg)\n"}
+                            "finished": False, "stop_reason": "max_new_tokens", "seconds": 1.5,
+                            "first_token_seconds": 0.5, "text": "\n# Second\n![](images/1.jpg)\n"}
     assert "<|ref|>" in out.raw_output
 
 
@@ -59,7 +61,7 @@ def test_pages_carry_their_own_text(tmp_path):
 def test_text_outside_any_region_is_a_block_without_a_box(tmp_path):
     raw = ("Scanned by ACME\n\n<|ref|>text<|/ref|><|det|>[[0, 0, 999, 999]]<|/det|>\nBody\n\n"
            "<|ref|>table<|/ref|><|det|>not a box<|/det|>\n<table><tr><td>1</td></tr></table>")
-    out = assemble([PageOutput(3, raw, 9, 73, True, 0.1)], [Image.new("RGB", (100, 100))], markdown=True,
+    out = assemble([PageOutput(3, raw, 9, 73, True, 0.1, "eos", 0.05)], [Image.new("RGB", (100, 100))], markdown=True,
                    out_dir=tmp_path)
     assert [(b["type"], b["box"], b["text"]) for b in out.blocks] == [
         ("text", None, "Scanned by ACME"),
@@ -72,7 +74,7 @@ def test_text_outside_any_region_is_a_block_without_a_box(tmp_path):
 def test_an_empty_figure_box_keeps_its_number_but_links_no_file(tmp_path):
     raw = ("<|ref|>image<|/ref|><|det|>[[500, 500, 500, 900]]<|/det|>\n"
            "<|ref|>image<|/ref|><|det|>[[0, 0, 499, 499]]<|/det|>")
-    out = assemble([PageOutput(1, raw, 9, 73, True, 0.1)], [Image.new("RGB", (100, 100))], markdown=True,
+    out = assemble([PageOutput(1, raw, 9, 73, True, 0.1, "eos", 0.05)], [Image.new("RGB", (100, 100))], markdown=True,
                    out_dir=tmp_path)
     assert out.text == "![](images/0.jpg)\n\n![](images/1.jpg)\n"
     assert [f.name for f in out.figures] == ["1.jpg"]
@@ -84,7 +86,8 @@ def test_other_tasks_keep_the_model_text(tmp_path):
     out = assemble(pages(), images, markdown=False, out_dir=tmp_path)
     assert out.text == out.raw_output and "<|det|>" in out.text
     assert [b["text"] for b in out.blocks] == ["First page", "# Second", ""]  # blocks never hold tags
-    plain = assemble([PageOutput(1, "just text", 2, 73, True, 0.1)], images[:1], markdown=True, out_dir=tmp_path)
+    plain = assemble([PageOutput(1, "just text", 2, 73, True, 0.1, "eos", 0.05)], images[:1], markdown=True,
+                     out_dir=tmp_path)
     assert plain.text == "just text" and plain.regions == [] and plain.annotated_images == [] and plain.figures == []
     assert plain.blocks == [{"page": 1, "type": "text", "box": None, "box_normalized": None, "text": "just text",
                              "figure": None}]

@@ -1,42 +1,170 @@
-"""The engine decodes pages the same way through the fast batched path and the reference path."""
+"""The engine on the CPU (float32, tiny checkpoint): the batched paged path gives the reference path's greedy
+tokens while sequences join and leave, blocks are reused and the cache runs out; one bad request fails alone."""
+
+import time
 
 import pytest
-import torch
 
 from conftest import document_image
-from ocr_service.engine import OCREngine, RuntimeChoice, checkpoint_tensor_shapes
+from ocr_service.engine import MAX_SEQUENCE, JobCancelled, OCREngine
+from ocr_service.errors import InputError
 from ocr_service.presets import resolution
+from ocr_service.settings import Settings
+
+PROMPT = "<image>\nFree OCR."
+CPU = Settings.from_env({"DEEPSEEK_OCR_DEVICE": "cpu"})
+
+
+def engine(checkpoint, logs=None, **settings) -> OCREngine:
+    return OCREngine(checkpoint, CPU.replace(**settings), (logs.append if logs is not None else lambda _: None))
 
 
 @pytest.fixture(scope="module")
-def engines(tiny_checkpoint):
-    cpu = torch.device("cpu")
+def reference(tiny_checkpoint):
+    return engine(tiny_checkpoint, engine="reference")
+
+
+def pages(count: int, start: int = 0) -> list:
+    return [document_image(500 + 170 * i, 900 - 60 * (i % 3), seed=i) for i in range(start, start + count)]
+
+
+def tokens_alone(reference_engine, images, preset, max_new_tokens) -> list:
+    return [r.token_ids for r in reference_engine.run_pages(images, PROMPT, resolution(preset), max_new_tokens)]
+
+
+def wait_idle(serving, timeout=10.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        held = serving.holdings()
+        if held == {"rows": 0, "blocks": 0, "waiting": 0, "predictions": 0}:
+            return held
+        time.sleep(0.05)
+    return serving.holdings()
+
+
+@pytest.mark.parametrize("rule", ["serving", "original"])
+def test_batched_paged_path_matches_the_reference_as_sequences_join_and_leave(tiny_checkpoint, reference, rule):
+    batched = engine(tiny_checkpoint, max_rows=2, repetition_rule=rule, sync_every=5)
+    reference_rule = engine(tiny_checkpoint, engine="reference", repetition_rule=rule)
+    jobs = [(pages(3), "Gundam (Recommended)", 9), (pages(2, 3), "Small", 23), (pages(1, 5), "Tiny", 4)]
+    submitted = [batched.submit(images, PROMPT, resolution(preset), n) for images, preset, n in jobs]
+    for job, (images, preset, n) in zip(submitted, jobs):  # 6 pages through 2 rows: rows and blocks reused
+        got = job.wait(120)
+        assert [r.token_ids for r in got] == tokens_alone(reference_rule, images, preset, n)
+        assert all(r.stop_reason in ("eos", "max_new_tokens", "repetition") for r in got)
+    assert wait_idle(batched.server) == {"rows": 0, "blocks": 0, "waiting": 0, "predictions": 0}
+
+
+def test_sequences_that_loop_stop_at_the_same_token_as_the_reference(tiny_checkpoint, reference):
+    batched = engine(tiny_checkpoint, max_rows=3, sync_every=7)
+    images = pages(3, 10)
+    got = batched.run_pages(images, PROMPT, resolution("Tiny"), 400, timeout=300)
+    plain = reference.run_pages(images, PROMPT, resolution("Tiny"), 400)
+    assert [(r.token_ids, r.stop_reason) for r in got] == [(r.token_ids, r.stop_reason) for r in plain]
+
+
+def test_a_full_cache_makes_sequences_wait_and_resume_without_corruption(tiny_checkpoint):
     logs = []
-    fast = OCREngine(tiny_checkpoint, RuntimeChoice(cpu, torch.float32, "sdpa", fast=True, max_batch=2), logs.append)
-    reference = OCREngine(tiny_checkpoint, RuntimeChoice(cpu, torch.float32, "sdpa", fast=False), logs.append)
-    return fast, reference, logs
+    # 5 blocks of 64 positions: two Tiny prompts (~80 tokens, 2 blocks each) are admitted together, then
+    # cannot both grow past 128 positions: one is preempted, waits, and resumes from its tokens (its cache
+    # recomputed) once the other has finished; the third waits for room from the start.
+    block = 2 * 3 * 2 * 64 * 32 * 4  # bytes of one block of the tiny model (float32)
+    small = engine(tiny_checkpoint, logs, max_rows=3, cpu_cache_gib=5 * block / 2**30, sync_every=4,
+                   stop_loops=False)
+    assert small.server.policy.blocks.capacity == 5
+    plain = engine(tiny_checkpoint, engine="reference", stop_loops=False)
+    images = pages(3, 20)
+    got = small.run_pages(images, PROMPT, resolution("Tiny"), 100, timeout=300)
+    assert [r.token_ids for r in got] == tokens_alone(plain, images, "Tiny", 100)
+    assert any("preempted" in line for line in logs)
+    assert wait_idle(small.server)["blocks"] == 0
 
 
-def test_fast_and_reference_engines_agree_on_several_pages(engines):
-    fast, reference, logs = engines
-    pages = [document_image(700, 900, seed=i) for i in range(3)]  # more pages than batch rows
-    for preset in ("Gundam (Recommended)", "Small"):
-        prompt = "<image>\n<|grounding|>Convert the document to markdown."
-        ours = fast.run_pages(pages, prompt, resolution(preset), 12)
-        plain = reference.run_pages(pages, prompt, resolution(preset), 12)
-        assert [r.token_ids for r in ours] == [r.token_ids for r in plain]
-        assert [r.text for r in ours] == [r.text for r in plain]
-        assert all(len(r.token_ids) == 12 and not r.finished for r in ours)
-    assert any("3 page(s): 36 tokens" in line for line in logs)
+def test_prompt_sizes_are_known_before_preprocessing(tiny_checkpoint, reference):
+    for preset in ("Gundam (Recommended)", "Tiny", "Small", "Base", "Large"):
+        for size in ((400, 300), (1240, 1754), (2000, 600), (641, 641), (3000, 500)):
+            image = document_image(*size)
+            inputs = reference.model.prepare_inputs(reference.tokenizer, PROMPT, [image], *_preset(preset))
+            assert reference.prompt_tokens(PROMPT, image.size, resolution(preset)) == inputs.input_ids.numel()
 
 
-def test_special_token_texts_come_from_the_tokenizer(engines):
-    texts = engines[0].special_token_texts
+def _preset(name):
+    r = resolution(name)
+    return r.base_size, r.image_size, r.crop_mode
+
+
+def test_a_request_that_cannot_fit_is_refused_naming_the_input(tiny_checkpoint):
+    small = engine(tiny_checkpoint, cpu_cache_gib=40 * 2 * 3 * 2 * 64 * 32 * 4 / 2**30)
+    capacity = small.server.capacity
+    assert capacity < MAX_SEQUENCE
+    with pytest.raises(InputError, match=r"max_new_tokens=8192 does not fit.*max_new_tokens ≤ \d+"):
+        small.submit(pages(1), PROMPT, resolution("Tiny"), 8192)
+    fits = capacity - small.prompt_tokens(PROMPT, (500, 900), resolution("Tiny"))
+    assert len(small.run_pages(pages(1), PROMPT, resolution("Tiny"), 3)[0].token_ids) == 3
+    with pytest.raises(InputError):
+        small.submit(pages(1), PROMPT, resolution("Tiny"), fits + 1)
+
+
+def test_cancelling_frees_rows_blocks_and_waiting_pages(tiny_checkpoint):
+    batched = engine(tiny_checkpoint, max_rows=2, stop_loops=False)
+    job = batched.submit(pages(4), PROMPT, resolution("Tiny"), 5000)
+    time.sleep(1.5)
+    assert batched.server.holdings()["rows"] > 0
+    job.cancel()
+    with pytest.raises(JobCancelled):
+        job.wait(30)
+    assert wait_idle(batched.server) == {"rows": 0, "blocks": 0, "waiting": 0, "predictions": 0}
+    assert len(batched.run_pages(pages(1), PROMPT, resolution("Tiny"), 3)[0].token_ids) == 3
+
+
+def test_a_failing_page_fails_its_prediction_alone(tiny_checkpoint, monkeypatch):
+    batched = engine(tiny_checkpoint, max_rows=4)
+    model = batched.model.model
+    real_encode = model.encode_views
+    failed = []
+
+    def encode_views(pixels):  # the poisoned page is the only one with 512-pixel views
+        if pixels.shape[-1] == 512:
+            failed.append(pixels.shape[0])
+            raise RuntimeError("injected failure in this page's vision pass")
+        return real_encode(pixels)
+
+    monkeypatch.setattr(model, "encode_views", encode_views)
+    good = batched.submit(pages(2), PROMPT, resolution("Small"), 6)
+    bad = batched.submit(pages(1), PROMPT, resolution("Tiny"), 6)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        bad.wait(60)
+    assert [len(r.token_ids) for r in good.wait(60)] == [6, 6]
+    assert failed  # the fault fired
+    assert wait_idle(batched.server)["predictions"] == 0
+
+
+def test_per_page_timing_is_each_pages_own(tiny_checkpoint):
+    batched = engine(tiny_checkpoint, max_rows=1, stop_loops=False)
+    results = batched.run_pages(pages(3), PROMPT, resolution("Tiny"), 20, timeout=120)
+    firsts = [r.first_token_s for r in results]
+    totals = [r.seconds for r in results]
+    assert all(0 < f < t for f, t in zip(firsts, totals))
+    assert firsts == sorted(firsts) and totals == sorted(totals) and len(set(totals)) == 3  # one row: in turn
+    assert firsts[1] >= totals[0] - 0.5
+
+
+def test_the_reference_engine_reports_stop_reasons(reference):
+    result = reference.run_pages(pages(1), PROMPT, resolution("Tiny"), 3)[0]
+    assert result.stop_reason in ("max_new_tokens", "eos", "repetition")
+    assert result.finished == (result.stop_reason == "eos")
+    assert 0 < result.first_token_s <= result.seconds
+
+
+def test_special_token_texts_come_from_the_tokenizer(reference):
+    texts = reference.special_token_texts
     assert "<|ref|>" in texts and "<image>" in texts and len(texts) == 830
 
 
 def test_checkpoint_tensor_shapes_match_the_file(tiny_checkpoint):
     from safetensors import safe_open
+
+    from ocr_service.engine import checkpoint_tensor_shapes
 
     with safe_open(str(tiny_checkpoint / "model-00001-of-000001.safetensors"), "pt") as handle:
         in_file = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}

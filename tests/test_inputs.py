@@ -5,7 +5,7 @@ from PIL import Image
 
 import input_corpus as corpus
 from ocr_service.errors import InputError
-from ocr_service.inputs import Limits, is_pdf, limits_from_env, load_pages, parse_page_selection
+from ocr_service.inputs import Limits, is_pdf, load_pages, parse_page_selection
 
 
 def load(tmp_path, name, data, **options):
@@ -172,20 +172,3 @@ def test_a_pixel_limit_above_pillows_own_is_honoured(tmp_path, monkeypatch):
     assert load(tmp_path, "big.png", data, max_pixels=2_000_000)[0].image.size == (1500, 1000)
     with pytest.raises(InputError, match="1,200,000"):
         load(tmp_path, "big.png", data, max_pixels=1_200_000)
-
-
-def test_limits_from_environment(monkeypatch):
-    assert limits_from_env() == Limits()
-    monkeypatch.setenv("DEEPSEEK_OCR_MAX_PAGES", "3")
-    monkeypatch.setenv("DEEPSEEK_OCR_MAX_PIXELS", "1000")
-    monkeypatch.setenv("DEEPSEEK_OCR_PDF_DPI", " 72 ")
-    assert limits_from_env() == Limits(3, 1000, 72)
-    monkeypatch.setenv("DEEPSEEK_OCR_PDF_DPI", "")
-    assert limits_from_env().pdf_dpi == Limits().pdf_dpi
-
-
-@pytest.mark.parametrize("value", ["٥٠", "50 pages", "1_000", "0", "-5", "1e6", "9" * 40])
-def test_bad_limit_settings_name_the_variable(monkeypatch, value):
-    monkeypatch.setenv("DEEPSEEK_OCR_MAX_PAGES", value)
-    with pytest.raises(ValueError, match="DEEPSEEK_OCR_MAX_PAGES=.* is not a positive whole number"):
-        limits_from_env()

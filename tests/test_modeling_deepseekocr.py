@@ -53,7 +53,7 @@ def test_image_features_fill_the_image_positions_in_layout_order(tiny_model, gun
 
 
 def test_cached_decoding_matches_full_forward(tiny_model, tiny_tokenizer, gundam_inputs):
-    tokens, _ = tiny_model.generate_tokens(gundam_inputs, max_new_tokens=6, no_repeat_ngram_size=0)
+    tokens, _ = tiny_model.generate_tokens(gundam_inputs, max_new_tokens=6, repetition=0, loops=None)
     extended = copy.copy(gundam_inputs)
     extended.input_ids = torch.cat([gundam_inputs.input_ids, torch.tensor(tokens[:-1])])
     extended.image_mask = torch.cat([gundam_inputs.image_mask, torch.zeros(len(tokens) - 1, dtype=torch.bool)])

@@ -125,4 +125,4 @@ def test_cancelled_prediction_frees_its_slot(server, page_png):
     started = time.monotonic()
     succeed(server, {"image": data_uri(page_png, "page.png"), "resolution_size": "Tiny", "max_new_tokens": 4})
     assert time.monotonic() - started < 30  # not queued behind the cancelled 8000-token decode
-    assert "left the batch" in server.log_path.read_text()
+    assert "left the engine" in server.log_path.read_text()

@@ -216,18 +216,6 @@ def test_archive_that_escapes_its_folder_writes_nothing_outside(tmp_path, target
     assert not (target / "tokenizer_link.json").exists()
 
 
-def test_env_settings(monkeypatch):
-    monkeypatch.delenv("DEEPSEEK_OCR_WEIGHTS_URL", raising=False)
-    monkeypatch.delenv("DEEPSEEK_OCR_WEIGHTS_DIR", raising=False)
-    monkeypatch.delenv("DEEPSEEK_OCR_OFFLINE", raising=False)
-    assert weights.weights_source_from_env() == {"url": weights.DEFAULT_URL, "local_dir": None, "offline": False}
-    monkeypatch.setenv("DEEPSEEK_OCR_WEIGHTS_URL", "http://127.0.0.1:1/x.tar")
-    monkeypatch.setenv("DEEPSEEK_OCR_WEIGHTS_DIR", "/w")
-    monkeypatch.setenv("DEEPSEEK_OCR_OFFLINE", "1")
-    assert weights.weights_source_from_env() == {"url": "http://127.0.0.1:1/x.tar", "local_dir": "/w",
-                                                "offline": True}
-
-
 def test_only_plain_files_of_the_archive_are_installed(tmp_path):
     """Whatever a real pget left behind, links and folders are never moved into checkpoints/."""
     root = checkpoint_files(tmp_path / "extracted")

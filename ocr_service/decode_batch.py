@@ -1,0 +1,281 @@
+"""The device side of batched decoding: the paged KV cache, the state of each decode row, the batched
+prefill that admits sequences, and the decode step captured as CUDA graphs.
+
+A decode step runs the model's own modules (`DeepseekOCRForCausalLM.forward_paged`) on one token per
+row, then the repetition guard, the greedy choice, the loop detector and the stop checks, all on the
+device from fixed buffers: on CUDA it is captured once per batch size and replayed, so a token costs
+one graph replay and the host only looks at the rows every `sync_every` steps. Which page is in which
+row, and which blocks it owns, is decided by the scheduling policy; this object only holds tensors.
+
+Rows past the live ones in a step's batch size, and rows whose sequence has stopped, must never touch
+another sequence's blocks: an empty row's block table is all block 0 (the scratch block, owned by
+nobody), and a stopped row stays at its last position, rewriting its own last slot.
+
+Shapes in comments: R rows, S positions per sequence, V vocabulary, D hidden.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from checkpoints.generation import (
+    BatchedLoopDetector, LoopDetector, LoopStopRule, NoRepeatNGramRule, mask_repeated_ngrams,
+)
+from checkpoints.paged_attention import PagedBatch, PagedKVCache
+
+# stop codes kept per row on the device
+RUNNING, STOP_EOS, STOP_MAX_NEW_TOKENS, STOP_REPETITION = 0, 1, 2, 3
+STOP_REASONS = {STOP_EOS: "eos", STOP_MAX_NEW_TOKENS: "max_new_tokens", STOP_REPETITION: "repetition"}
+
+# Batch sizes a decode step is captured for: a step runs the smallest one that holds every live row.
+BATCH_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256)
+
+
+@dataclass
+class Entry:
+    """A sequence to admit into `row`: its prompt embeddings and ids, and the tokens it resumes from."""
+
+    row: int
+    embeds: torch.Tensor  # [P, D] prompt embeddings (images included), on the device
+    prompt_ids: torch.Tensor  # [P] long
+    blocks: list  # cache blocks it owns, in order
+    max_new_tokens: int
+    resume: list  # generated tokens it already has (after a preemption), else empty
+
+
+@dataclass
+class RowState:
+    """What the host reads of a row at a synchronisation point."""
+
+    cache_length: int  # positions held in the cache
+    generated: int  # tokens generated so far (EOS included once emitted)
+    stop: int  # RUNNING or a STOP_* code
+
+
+class DecodeBatch:
+    def __init__(self, model, num_blocks: int, block_size: int, max_rows: int, max_seq_len: int,
+                 repetition: NoRepeatNGramRule, loop_rule: LoopStopRule, eos_token_id: int,
+                 use_cuda_graphs: Optional[bool] = None):
+        config = model.config
+        self.model = model
+        self.device = model.lm_head.weight.device
+        self.dtype = model.lm_head.weight.dtype
+        self.max_rows, self.max_seq_len, self.block_size = max_rows, max_seq_len, block_size
+        self.cache = PagedKVCache(config.num_hidden_layers, num_blocks + 1, config.num_key_value_heads,
+                                  config.head_dim, block_size, self.dtype, self.device)
+        self.eos = eos_token_id
+        self.repetition, self.loop_rule = repetition, loop_rule
+        self.loops = BatchedLoopDetector(loop_rule, max_rows, self.device) if loop_rule.enabled else None
+        model.model.rotary.table(max_seq_len, self.device, self.dtype)  # graphs index a table that exists
+        rows = dict(dtype=torch.long, device=self.device)
+        self.tokens = torch.zeros(max_rows, **rows)  # the next input token of each row
+        self.positions = torch.zeros(max_rows, **rows)  # where that token goes (= cache length)
+        self.lengths = torch.zeros(max_rows, **rows)  # tokens in history (prompt + generated)
+        self.prompt_lengths = torch.zeros(max_rows, **rows)
+        self.limits = torch.ones(max_rows, **rows)  # max_new_tokens
+        self.stop = torch.full((max_rows,), STOP_MAX_NEW_TOKENS, **rows)
+        # prompt + generated ids; the last column is a sink that stopped rows write into
+        self.history = torch.full((max_rows, max_seq_len + 1), -1, **rows)  # [R, S + 1]
+        self.block_tables = torch.zeros(max_rows, math.ceil(max_seq_len / block_size), dtype=torch.int32,
+                                        device=self.device)
+        self.use_cuda_graphs = self.device.type == "cuda" if use_cuda_graphs is None else use_cuda_graphs
+        self._graphs: dict = {}
+        self._pool = None
+
+    # ------------------------------------------------------------------ the decode step
+
+    def batch_size_for(self, live_rows: int) -> int:
+        return next(b for b in BATCH_SIZES + (self.max_rows,) if b >= min(live_rows, self.max_rows))
+
+    def _step(self, batch: int) -> None:
+        """One token for rows 0..batch-1, entirely on the device."""
+        rows = slice(0, batch)
+        positions = self.positions[rows]
+        block = self.block_tables[rows].gather(1, (positions // self.block_size)[:, None])[:, 0].long()
+        slots = block * self.block_size + positions % self.block_size
+        self.cache.batch = PagedBatch(positions=positions, slots=slots, block_tables=self.block_tables[rows],
+                                      seq_lens=(positions + 1).int())
+        embeds = self.model.model.embed_tokens(self.tokens[rows])
+        logits = self.model.forward_paged(embeds, self.cache)  # [B, V] float32
+        history, lengths = self.history[rows, :-1], self.lengths[rows]
+        logits = mask_repeated_ngrams(logits, history, lengths, self.prompt_lengths[rows], self.repetition)
+        chosen = logits.argmax(dim=-1)  # [B]
+        live = self.stop[rows] == RUNNING
+        sink = self.history.shape[1] - 1
+        self.history[rows].scatter_(1, torch.where(live, lengths, sink)[:, None], chosen[:, None])
+        self.tokens[rows] = torch.where(live, chosen, self.tokens[rows])
+        step = live.long()
+        self.positions[rows] += step
+        self.lengths[rows] += step
+        generated = self.lengths[rows] - self.prompt_lengths[rows]
+        stop = torch.where(chosen == self.eos, STOP_EOS, RUNNING)
+        stop = torch.where((stop == RUNNING) & (generated >= self.limits[rows]), STOP_MAX_NEW_TOKENS, stop)
+        if self.loops is not None:
+            looping = self.loops.update(chosen, live)
+            stop = torch.where((stop == RUNNING) & looping, STOP_REPETITION, stop)
+        self.stop[rows] = torch.where(live, stop, self.stop[rows])
+
+    def run(self, live_rows: int, steps: int) -> None:
+        """`steps` decode steps for rows 0..live_rows-1 (a captured graph's replays on CUDA)."""
+        batch = self.batch_size_for(live_rows)
+        if not self.use_cuda_graphs:
+            for _ in range(steps):
+                self._step(batch)
+            return
+        graph = self._graphs.get(batch)
+        if graph is None:
+            graph = self._graphs[batch] = self._capture(batch)
+        for _ in range(steps):
+            graph.replay()
+
+    def _state(self) -> list:
+        tensors = [self.tokens, self.positions, self.lengths, self.stop, self.history]
+        return tensors + (self.loops.tensors() if self.loops is not None else [])
+
+    def _capture(self, batch: int):
+        # Warm-up and capture run the step for real: save and restore what it changes. The cache is
+        # untouched: rows past the live ones write only to the scratch block.
+        saved = [t.clone() for t in self._state()]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._step(batch)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            self._step(batch)
+        self._pool = graph.pool()
+        for tensor, value in zip(self._state(), saved):
+            tensor.copy_(value)
+        return graph
+
+    @torch.inference_mode()
+    def capture_all(self) -> int:
+        """Capture the step for every batch size up front (at load time), so that no request pays for it.
+        Every row is empty meanwhile (all blocks scratch)."""
+        if self.use_cuda_graphs:
+            for batch in sorted({self.batch_size_for(b) for b in BATCH_SIZES if b <= self.max_rows}):
+                if batch not in self._graphs:
+                    self._graphs[batch] = self._capture(batch)
+        return len(self._graphs)
+
+    # ------------------------------------------------------------------ admission (batched prefill)
+
+    @torch.inference_mode()
+    def admit(self, entries: list) -> None:
+        """Prefill several sequences in one pass (their prompts packed, each attending to itself) and
+        set up their rows; a fresh sequence gets its first token here."""
+        device = self.device
+        packed, positions, slots, lengths, last = [], [], [], [], []
+        for entry in entries:
+            self._set_blocks(entry.row, entry.blocks)
+            context = entry.embeds
+            if entry.resume:  # recompute the cache of the tokens it had generated, but the last
+                resumed = torch.tensor(entry.resume[:-1], dtype=torch.long, device=device)
+                context = torch.cat([context, self.model.model.embed_tokens(resumed).to(context.dtype)])
+            length = context.shape[0]
+            table = torch.tensor(entry.blocks, dtype=torch.long)
+            span = torch.arange(length)
+            slots.append(table[span // self.block_size] * self.block_size + span % self.block_size)
+            packed.append(context)
+            positions.append(span)
+            lengths.append(length)
+            last.append(sum(lengths) - 1)
+        self.cache.batch = PagedBatch(positions=torch.cat(positions).to(device), slots=torch.cat(slots).to(device),
+                                      prompt_lengths=tuple(lengths))
+        logits = self.model.forward_paged(torch.cat(packed).to(self.dtype), self.cache,
+                                          torch.tensor(last, device=device))  # [n, V]
+        for index, entry in enumerate(entries):
+            self._start_row(entry, logits[index:index + 1], lengths[index])
+
+    def _start_row(self, entry: Entry, logits: torch.Tensor, cache_length: int) -> None:
+        row, prompt = entry.row, entry.prompt_ids.to(self.device)
+        ids = torch.cat([prompt, torch.tensor(entry.resume, dtype=torch.long, device=self.device)])
+        self.history[row].fill_(-1)
+        self.history[row, :ids.shape[0]] = ids
+        self.prompt_lengths[row] = prompt.shape[0]
+        self.limits[row] = entry.max_new_tokens
+        self.positions[row] = cache_length
+        if entry.resume:  # its next input is the last token it had chosen
+            self.lengths[row] = ids.shape[0]
+            self.tokens[row] = entry.resume[-1]
+            self.stop[row] = RUNNING
+            self._restore_loop_state(row, entry.resume)
+            return
+        self.lengths[row] = prompt.shape[0]
+        rows = slice(row, row + 1)
+        logits = mask_repeated_ngrams(logits, self.history[rows, :-1], self.lengths[rows], self.prompt_lengths[rows],
+                                      self.repetition)
+        first = logits.argmax(dim=-1)  # [1]
+        self.history[row, prompt.shape[0]] = first[0]
+        self.lengths[row] = prompt.shape[0] + 1
+        self.tokens[row] = first[0]
+        if self.loops is not None:
+            self.loops.reset(row)
+            self.loops.update(first, first_row=row)  # one token is never a loop
+        limit_reached = torch.tensor(entry.max_new_tokens <= 1, device=self.device)
+        self.stop[row] = torch.where(first[0] == self.eos, STOP_EOS,
+                                     torch.where(limit_reached, STOP_MAX_NEW_TOKENS, RUNNING))
+
+    def _restore_loop_state(self, row: int, tokens: list) -> None:
+        """A resumed row's loop detector, as it was: the host detector replays the tokens and its counters
+        are copied into the row (the two keep the same counters, by construction and by test)."""
+        if self.loops is None:
+            return
+        detector = LoopDetector(self.loop_rule)
+        for token in tokens:
+            detector.append(token)
+        device = self.device
+        self.loops.recent[row] = torch.tensor(detector.recent, device=device)
+        self.loops.runs[row] = torch.tensor(detector.runs[1:], device=device)
+        self.loops.credits[row] = torch.tensor(detector.credits[1:], device=device)
+        self.loops.generated[row] = detector.generated
+        self.loops.looping[row] = detector.looping
+        self.loops.keep_lengths[row] = detector.keep_length or 0
+
+    def _set_blocks(self, row: int, blocks: list) -> None:
+        table = torch.zeros(self.block_tables.shape[1], dtype=torch.int32)
+        table[:len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        self.block_tables[row] = table.to(self.device)
+
+    def set_blocks(self, row: int, blocks: list) -> None:
+        """A running row's block list grew."""
+        self._set_blocks(row, blocks)
+
+    # ------------------------------------------------------------------ synchronisation points
+
+    def read(self, live_rows: int) -> list:
+        """The state of rows 0..live_rows-1, in one transfer from the device."""
+        if live_rows == 0:
+            return []
+        rows = slice(0, live_rows)
+        state = torch.stack([self.positions[rows], self.lengths[rows] - self.prompt_lengths[rows],
+                             self.stop[rows]]).tolist()
+        return [RowState(*values) for values in zip(*state)]
+
+    def generated_tokens(self, row: int) -> list:
+        """The tokens a row has generated (EOS included if it emitted one)."""
+        start, end = int(self.prompt_lengths[row]), int(self.lengths[row])
+        return self.history[row, start:end].tolist()
+
+    def loop_cut(self, row: int) -> int:
+        """For a row stopped for repetition: how many generated tokens to keep."""
+        return int(self.loops.keep_lengths[row])
+
+    def clear(self, row: int) -> None:
+        """The row holds no sequence any more: point it at the scratch block and mark it stopped."""
+        self.block_tables[row] = 0
+        self.positions[row] = 0
+        self.tokens[row] = 0
+        self.stop[row] = STOP_MAX_NEW_TOKENS
+        self.lengths[row] = 0
+        self.prompt_lengths[row] = 0
+
+    def move(self, source: int, target: int) -> None:
+        """Move a sequence's row state (not its cache: blocks stay where they are) and clear the source."""
+        for tensor in self._state() + [self.prompt_lengths, self.limits, self.block_tables]:
+            tensor[target] = tensor[source]
+        self.clear(source)

@@ -1,0 +1,291 @@
+"""Who runs next: the serving policy, as plain bookkeeping (no torch, no device), so that it can be
+tested on its own.
+
+Predictions hand in pages. A page goes through stages — preprocessing (CPU), vision encoding (GPU,
+batched across pages), admission to a decode row with its prompt's cache blocks (prefill, batched),
+decoding — and ends done. At every stage the policy picks pages round robin across predictions: the
+prediction picked least recently goes first, and one never picked at that stage goes before all that
+were (oldest arrival first). So the page of a one-page prediction arriving behind a 100-page job is
+the next page picked at every stage (its first token comes promptly), after which the predictions
+alternate: a long PDF cannot take every row.
+
+Memory is bounded here too: pages in flight between preprocessing and admission are capped
+(their images, pixels and embeddings wait in memory), and cache blocks are handed out from a fixed
+pool (`BlockPool`). A running sequence grows block by block; when the pool runs dry, the sequence
+admitted last among those of the prediction holding the most rows is preempted: its blocks return to
+the pool and it waits to be admitted again, resuming from the tokens it had (its cache is recomputed).
+Nothing is ever written to a block another sequence owns.
+
+The engine (`engine.py`) owns the device and asks this object what to do; this object never waits.
+"""
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Optional
+
+
+class Stage(Enum):
+    QUEUED = "queued"  # waiting for preprocessing
+    PREPROCESSING = "preprocessing"
+    PREPROCESSED = "preprocessed"  # views ready, waiting for the vision encoder
+    ENCODED = "encoded"  # prompt embeddings ready, waiting for a row and blocks
+    RUNNING = "running"  # holds a row and blocks
+    DONE = "done"  # finished, failed or cancelled: holds nothing
+
+
+@dataclass(eq=False)
+class Page:
+    prediction: "Prediction"
+    index: int  # position in its prediction (0-based)
+    prompt_tokens: int  # known before preprocessing: it sizes the blocks the prompt needs
+    max_new_tokens: int
+    stage: Stage = Stage.QUEUED
+    row: Optional[int] = None
+    blocks: list = field(default_factory=list)
+    generated: list = field(default_factory=list)  # tokens kept across a preemption (resumed from)
+    preemptions: int = 0
+    admitted: int = 0  # the policy's clock at its (latest) admission
+    payload: Any = None  # the engine's data for this page (inputs, embeddings, results)
+
+    @property
+    def context_tokens(self) -> int:
+        """Positions the sequence holds in the cache when (re)admitted: its prompt and the tokens it resumes from."""
+        return self.prompt_tokens + max(len(self.generated) - 1, 0)
+
+
+@dataclass(eq=False)
+class Prediction:
+    id: Any
+    pages: list = field(default_factory=list)
+    order: int = 0  # when it arrived, on the policy's clock
+    last_pick: dict = field(default_factory=dict)  # stage → the policy's clock when it last had a page picked
+    closed: bool = False  # cancelled, failed or timed out: its remaining pages are dropped
+
+    def pages_in(self, stage: Stage) -> list:
+        return [p for p in self.pages if p.stage is stage]
+
+    @property
+    def finished(self) -> bool:
+        return all(p.stage is Stage.DONE for p in self.pages)
+
+
+class BlockPool:
+    """Fixed pool of cache blocks numbered 1..count (block 0 is the shared scratch block of rows that
+    hold no sequence, never handed out)."""
+
+    def __init__(self, count: int, block_size: int):
+        if count < 1:
+            raise ValueError("the cache needs at least one block")
+        self.block_size = block_size
+        self.capacity = count
+        self._free = list(range(count, 0, -1))  # pop() hands out low numbers first
+
+    @property
+    def free(self) -> int:
+        return len(self._free)
+
+    def blocks_for(self, positions: int) -> int:
+        return math.ceil(positions / self.block_size)
+
+    def take(self, count: int) -> list:
+        if count > len(self._free):
+            raise RuntimeError(f"{count} blocks asked, {len(self._free)} free")
+        return [self._free.pop() for _ in range(count)]
+
+    def give_back(self, blocks: list) -> None:
+        self._free.extend(reversed(blocks))
+
+
+@dataclass(frozen=True)
+class Admission:
+    page: Page
+    row: int
+
+
+class SchedulingPolicy:
+    """The state of every prediction and page, and the decisions of what to do next.
+
+    Limits: `max_rows` sequences decode at once; `max_waiting` pages may be between preprocessing and
+    admission at once; `prefill_tokens` bounds the tokens of one batched prefill (whole prompts only);
+    `growth_tokens` positions a running sequence must have room for at each synchronisation (the steps
+    between two looks at the batch).
+    """
+
+    def __init__(self, blocks: BlockPool, max_rows: int, max_waiting: int, prefill_tokens: int,
+                 growth_tokens: int):
+        self.blocks = blocks
+        self.max_rows, self.max_waiting = max_rows, max_waiting
+        self.prefill_tokens, self.growth_tokens = prefill_tokens, growth_tokens
+        self.predictions: list = []
+        self.rows: list = [None] * max_rows  # rows[i] = the Page decoding in row i
+        self._clock = itertools.count(1)
+
+    # ------------------------------------------------------------------ intake and exits
+
+    def add(self, prediction_id, pages: list) -> Prediction:
+        """`pages`: (prompt_tokens, max_new_tokens) per page, in order."""
+        prediction = Prediction(prediction_id, order=next(self._clock))
+        prediction.pages = [Page(prediction, i, prompt, new) for i, (prompt, new) in enumerate(pages)]
+        self.predictions.append(prediction)
+        return prediction
+
+    def close(self, prediction: Prediction) -> list:
+        """Cancel, fail or time out a prediction: every page it has leaves its stage and frees what it holds.
+        Returns the rows that were freed (the engine must stop decoding them)."""
+        prediction.closed = True
+        freed = []
+        for page in prediction.pages:
+            if page.stage is Stage.RUNNING:
+                freed.append(page.row)
+            self.finish(page)
+        return freed
+
+    def finish(self, page: Page) -> None:
+        """A page is done (finished, failed or cancelled): free its row and blocks."""
+        if page.row is not None:
+            self.rows[page.row] = None
+            page.row = None
+        if page.blocks:
+            self.blocks.give_back(page.blocks)
+            page.blocks = []
+        page.stage = Stage.DONE
+
+    def forget_finished(self) -> list:
+        """Drop finished predictions from the books; returns them."""
+        done = [p for p in self.predictions if p.finished]
+        self.predictions = [p for p in self.predictions if not p.finished]
+        return done
+
+    # ------------------------------------------------------------------ round robin
+
+    def _pick(self, stage: Stage, from_stage: Stage, limit: int, fits=lambda page: True) -> list:
+        """Up to `limit` pages in `from_stage`, one per prediction per round, least recently picked first;
+        a page that does not `fit` ends the picking (later pages would overtake it)."""
+        picked = []
+        while len(picked) < limit:
+            candidates = [p for p in self.predictions if not p.closed and p.pages_in(from_stage)]
+            if not candidates:
+                break
+            prediction = min(candidates, key=lambda p: (p.last_pick.get(stage, 0), p.order))
+            page = prediction.pages_in(from_stage)[0]
+            if not fits(page):
+                break
+            prediction.last_pick[stage] = next(self._clock)
+            picked.append(page)
+            page.stage = stage  # so the next round sees the prediction's following page
+        for page in picked:
+            page.stage = from_stage  # the caller moves them on with the stage methods below
+        return picked
+
+    def _waiting(self) -> int:
+        return sum(len(p.pages_in(s)) for p in self.predictions
+                   for s in (Stage.PREPROCESSING, Stage.PREPROCESSED, Stage.ENCODED))
+
+    # ------------------------------------------------------------------ stages
+
+    def to_preprocess(self, free_workers: int) -> list:
+        """Pages to start preprocessing now (bounded by the workers and by pages waiting downstream)."""
+        room = min(free_workers, self.max_waiting - self._waiting())
+        pages = self._pick(Stage.PREPROCESSING, Stage.QUEUED, max(room, 0))
+        for page in pages:
+            page.stage = Stage.PREPROCESSING
+        return pages
+
+    def preprocessed(self, page: Page) -> None:
+        if page.stage is Stage.PREPROCESSING:
+            page.stage = Stage.PREPROCESSED
+
+    def to_encode(self, limit: int) -> list:
+        """Pages whose views to encode in the next vision pass."""
+        return self._pick(Stage.ENCODED, Stage.PREPROCESSED, limit)
+
+    def encoded(self, page: Page) -> None:
+        if page.stage is Stage.PREPROCESSED:
+            page.stage = Stage.ENCODED
+
+    def to_admit(self) -> list:
+        """Admissions for the next batched prefill: free rows, blocks for each prompt plus a growth margin
+        (a sequence that cannot grow at once would be preempted), whole prompts up to the prefill budget."""
+        free_rows = [i for i, page in enumerate(self.rows) if page is None]
+        budget = {"tokens": self.prefill_tokens, "blocks": self.blocks.free}
+
+        def fits(page: Page) -> bool:
+            need = self.blocks.blocks_for(page.context_tokens + self.growth_tokens)
+            tokens = page.context_tokens
+            admitted_any = budget["tokens"] < self.prefill_tokens
+            if need > budget["blocks"] or (admitted_any and tokens > budget["tokens"]):
+                return False
+            budget["blocks"] -= need
+            budget["tokens"] -= tokens
+            return True
+
+        pages = self._pick(Stage.RUNNING, Stage.ENCODED, len(free_rows), fits)
+        admissions = []
+        for page, row in zip(pages, free_rows):
+            page.blocks = self.blocks.take(self.blocks.blocks_for(page.context_tokens + self.growth_tokens))
+            page.row, page.stage, page.admitted = row, Stage.RUNNING, next(self._clock)
+            self.rows[row] = page
+            admissions.append(Admission(page, row))
+        return admissions
+
+    def admission_failed(self, page: Page) -> None:
+        """Its prefill failed: it holds nothing any more (the engine fails its prediction)."""
+        self.finish(page)
+
+    # ------------------------------------------------------------------ growth and preemption
+
+    def grow(self, positions: dict) -> tuple:
+        """Make room for the next synchronisation interval. `positions[row]` is the cache length of the
+        sequence in that row now. Returns (rows whose block list grew, [(preempted page, its row)]).
+
+        Sequences are served oldest admission first; when the pool runs dry the victim is the newest
+        sequence of the prediction holding the most rows (it gives its blocks back and waits, ENCODED,
+        to be admitted again with the tokens it has).
+        """
+        grown, preempted = [], []
+        order = sorted((row for row in positions if self.rows[row] is not None),
+                       key=lambda row: self.rows[row].admitted)
+        for row in order:
+            page = self.rows[row]
+            if page is None or page.stage is not Stage.RUNNING:
+                continue  # preempted meanwhile
+            need = self.blocks.blocks_for(positions[row] + self.growth_tokens) - len(page.blocks)
+            while need > self.blocks.free:
+                victim = self._victim()
+                preempted.append((victim, self._preempt(victim)))
+                if victim is page:
+                    break
+            if page.stage is not Stage.RUNNING:
+                continue
+            if need > 0:
+                page.blocks += self.blocks.take(need)
+                grown.append(row)
+        return grown, preempted
+
+    def _victim(self) -> Page:
+        running = [p for p in self.rows if p is not None]
+        held: dict = {}
+        for page in running:
+            held[page.prediction] = held.get(page.prediction, 0) + 1
+        return max(running, key=lambda p: (held[p.prediction], p.admitted))
+
+    def _preempt(self, page: Page) -> int:
+        row = page.row
+        self.rows[row] = None
+        page.row = None
+        self.blocks.give_back(page.blocks)
+        page.blocks = []
+        page.preemptions += 1
+        page.stage = Stage.ENCODED
+        return row
+
+    # ------------------------------------------------------------------ state, for tests and logs
+
+    def holdings(self) -> dict:
+        """What the policy holds: rows in use, blocks handed out, pages between preprocessing and admission."""
+        return {"rows": sum(p is not None for p in self.rows),
+                "blocks": self.blocks.capacity - self.blocks.free,
+                "waiting": self._waiting(),
+                "predictions": len(self.predictions)}

@@ -1,0 +1,146 @@
+"""Every setting of the service, read once from the environment into one object.
+
+The README's "Settings" table documents each variable (a test checks that every variable here is in
+it). A value that does not parse fails the start with a message naming the variable.
+"""
+
+import os
+import re
+from dataclasses import dataclass, fields
+from typing import Mapping, Optional
+
+from .inputs import Limits
+from .weights import DEFAULT_URL as DEFAULT_WEIGHTS_URL
+
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value the service cannot use."""
+
+
+def _text(env: Mapping, name: str, default: Optional[str], choices: Optional[tuple] = None) -> Optional[str]:
+    value = (env.get(name) or "").strip() or default
+    if choices is not None and value not in choices:
+        raise SettingsError(f"{name}={value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def _number(env: Mapping, name: str, default, kind=int, minimum=1):
+    """A plain decimal number (ASCII digits, a point for decimals: no '1_000', 'nan' or '²') ≥ minimum."""
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return default
+    pattern = r"[0-9]{1,12}" if kind is int else r"[0-9]{1,12}(\.[0-9]{1,15})?"
+    value = kind(raw) if re.fullmatch(pattern, raw) else None
+    if value is None or value < minimum:
+        kind_name = "whole number" if kind is int else "number"
+        raise SettingsError(f"{name}={raw!r} must be a {kind_name} ≥ {minimum:g}")
+    return value
+
+
+def _flag(env: Mapping, name: str, default: bool) -> bool:
+    raw = (env.get(name) or "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{name}={raw!r} must be 1 or 0")
+
+
+@dataclass(frozen=True)
+class Settings:
+    # weights
+    weights_url: str = DEFAULT_WEIGHTS_URL  # DEEPSEEK_OCR_WEIGHTS_URL
+    weights_dir: Optional[str] = None  # DEEPSEEK_OCR_WEIGHTS_DIR
+    offline: bool = False  # DEEPSEEK_OCR_OFFLINE
+    # runtime
+    device: str = "cpu"  # DEEPSEEK_OCR_DEVICE
+    dtype: str = "float32"  # DEEPSEEK_OCR_DTYPE
+    engine: str = "batched"  # DEEPSEEK_OCR_ENGINE
+    attention: str = "sdpa"  # DEEPSEEK_OCR_ATTENTION (the reference path's attention)
+    gpu_memory_gib: float = 40.0  # DEEPSEEK_OCR_GPU_MEMORY_GIB
+    cpu_cache_gib: float = 2.0  # DEEPSEEK_OCR_CPU_CACHE_GIB
+    max_rows: int = 128  # DEEPSEEK_OCR_MAX_ROWS
+    sync_every: int = 16  # DEEPSEEK_OCR_SYNC_EVERY
+    prefill_tokens: int = 16384  # DEEPSEEK_OCR_PREFILL_TOKENS
+    preprocess_workers: int = 1  # DEEPSEEK_OCR_PREPROCESS_WORKERS
+    # generation
+    repetition_rule: str = "serving"  # DEEPSEEK_OCR_REPETITION_RULE
+    stop_loops: bool = True  # DEEPSEEK_OCR_STOP_LOOPS
+    rotary: str = "float32"  # DEEPSEEK_OCR_ROTARY
+    # requests
+    max_pages: int = 50  # DEEPSEEK_OCR_MAX_PAGES
+    max_pixels: int = 64_000_000  # DEEPSEEK_OCR_MAX_PIXELS
+    pdf_dpi: int = 144  # DEEPSEEK_OCR_PDF_DPI
+    request_timeout_s: float = 900.0  # DEEPSEEK_OCR_REQUEST_TIMEOUT
+    concurrency: int = 64  # COG_MAX_CONCURRENCY
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.startswith("cuda")
+
+    @classmethod
+    def from_env(cls, env: Optional[Mapping] = None) -> "Settings":
+        env = os.environ if env is None else env
+        device = _text(env, "DEEPSEEK_OCR_DEVICE", None) or _default_device()
+        on_gpu = device.startswith("cuda")
+        cores = os.cpu_count() or 1
+        return cls(
+            weights_url=_text(env, "DEEPSEEK_OCR_WEIGHTS_URL", DEFAULT_WEIGHTS_URL),
+            weights_dir=_text(env, "DEEPSEEK_OCR_WEIGHTS_DIR", None),
+            offline=_flag(env, "DEEPSEEK_OCR_OFFLINE", False),
+            device=device,
+            dtype=_text(env, "DEEPSEEK_OCR_DTYPE", "bfloat16" if on_gpu else "float32",
+                        ("bfloat16", "float16", "float32")),
+            engine=_text(env, "DEEPSEEK_OCR_ENGINE", "batched", ("batched", "reference")),
+            attention=_text(env, "DEEPSEEK_OCR_ATTENTION", "sdpa", ("sdpa", "eager", "flash_attention_2")),
+            gpu_memory_gib=_number(env, "DEEPSEEK_OCR_GPU_MEMORY_GIB", 40.0, float),
+            cpu_cache_gib=_number(env, "DEEPSEEK_OCR_CPU_CACHE_GIB", 2.0, float, minimum=1e-6),
+            max_rows=_number(env, "DEEPSEEK_OCR_MAX_ROWS", 128 if on_gpu else 8),
+            sync_every=_number(env, "DEEPSEEK_OCR_SYNC_EVERY", 16),
+            prefill_tokens=_number(env, "DEEPSEEK_OCR_PREFILL_TOKENS", 16384, minimum=2048),
+            preprocess_workers=_number(env, "DEEPSEEK_OCR_PREPROCESS_WORKERS",
+                                       max(1, min(8, cores - 2)) if on_gpu else 1),
+            repetition_rule=_text(env, "DEEPSEEK_OCR_REPETITION_RULE", "serving", ("serving", "original")),
+            stop_loops=_flag(env, "DEEPSEEK_OCR_STOP_LOOPS", True),
+            rotary=_text(env, "DEEPSEEK_OCR_ROTARY", "float32", ("float32", "original")),
+            max_pages=_number(env, "DEEPSEEK_OCR_MAX_PAGES", 50),
+            max_pixels=_number(env, "DEEPSEEK_OCR_MAX_PIXELS", 64_000_000),
+            pdf_dpi=_number(env, "DEEPSEEK_OCR_PDF_DPI", 144),
+            request_timeout_s=_number(env, "DEEPSEEK_OCR_REQUEST_TIMEOUT", 900.0, float),
+            concurrency=_number(env, "COG_MAX_CONCURRENCY", 64),
+        )
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(self.max_pages, self.max_pixels, self.pdf_dpi)
+
+    @property
+    def weights_source(self) -> dict:
+        """The keyword arguments of weights.ensure_weights that say where the weights come from."""
+        return {"url": self.weights_url, "local_dir": self.weights_dir, "offline": self.offline}
+
+    def replace(self, **changes) -> "Settings":
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values.update(changes)
+        return Settings(**values)
+
+
+def _default_device() -> str:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+ENVIRONMENT_VARIABLES = (
+    "DEEPSEEK_OCR_WEIGHTS_URL", "DEEPSEEK_OCR_WEIGHTS_DIR", "DEEPSEEK_OCR_OFFLINE", "DEEPSEEK_OCR_DEVICE",
+    "DEEPSEEK_OCR_DTYPE", "DEEPSEEK_OCR_ENGINE", "DEEPSEEK_OCR_ATTENTION", "DEEPSEEK_OCR_GPU_MEMORY_GIB",
+    "DEEPSEEK_OCR_CPU_CACHE_GIB", "DEEPSEEK_OCR_MAX_ROWS", "DEEPSEEK_OCR_SYNC_EVERY", "DEEPSEEK_OCR_PREFILL_TOKENS",
+    "DEEPSEEK_OCR_PREPROCESS_WORKERS", "DEEPSEEK_OCR_REPETITION_RULE", "DEEPSEEK_OCR_STOP_LOOPS",
+    "DEEPSEEK_OCR_ROTARY", "DEEPSEEK_OCR_MAX_PAGES", "DEEPSEEK_OCR_MAX_PIXELS", "DEEPSEEK_OCR_PDF_DPI",
+    "DEEPSEEK_OCR_REQUEST_TIMEOUT", "COG_MAX_CONCURRENCY", "DEEPSEEK_OCR_TRITON",
+)

@@ -1,0 +1,148 @@
+"""The serving policy on its own (no model, no device): fairness, budgets, growth, preemption, cancellation."""
+
+import pytest
+
+from ocr_service.scheduler import BlockPool, SchedulingPolicy, Stage
+
+
+def policy(blocks=1000, rows=4, waiting=8, prefill=100_000, growth=17, block_size=64):
+    return SchedulingPolicy(BlockPool(blocks, block_size), max_rows=rows, max_waiting=waiting,
+                            prefill_tokens=prefill, growth_tokens=growth)
+
+
+def advance_to_encoded(p, workers=100):
+    """Run preprocessing and encoding for whatever the policy picks (as the engine would)."""
+    for page in p.to_preprocess(workers):
+        p.preprocessed(page)
+    for page in p.to_encode(100):
+        p.encoded(page)
+
+
+def test_a_one_page_prediction_behind_a_100_page_job_is_admitted_within_one_round():
+    p = policy(rows=4, waiting=8)
+    big = p.add("pdf", [(903, 1024)] * 100)
+    advance_to_encoded(p)
+    first = p.to_admit()
+    assert [a.page.prediction for a in first] == [big] * 4  # alone, the job takes every row
+    small = p.add("one page", [(903, 1024)])
+    advance_to_encoded(p)
+    p.finish(first[0].page)  # one row frees up
+    admitted = p.to_admit()
+    assert [a.page.prediction for a in admitted] == [small]
+
+
+def test_every_stage_goes_round_robin_across_predictions():
+    p = policy(rows=6, waiting=100)
+    a, b, c = (p.add(name, [(100, 10)] * 5) for name in "abc")
+    picked = p.to_preprocess(6)
+    assert [page.prediction for page in picked] == [a, b, c, a, b, c]
+    for page in picked:
+        p.preprocessed(page)
+    assert [page.prediction for page in p.to_encode(4)] == [a, b, c, a]
+
+
+def test_a_newcomer_waits_at_most_one_pick_per_active_prediction():
+    p = policy(rows=1, waiting=100)
+    a = p.add("a", [(100, 10)] * 10)
+    advance_to_encoded(p)
+    p.finish(p.to_admit()[0].page)
+    b = p.add("b", [(100, 10)])
+    advance_to_encoded(p)
+    assert p.to_admit()[0].page.prediction is b  # a was picked more recently than b arrived
+    assert a.pages_in(Stage.ENCODED)
+
+
+def test_pages_waiting_between_stages_are_bounded():
+    p = policy(rows=2, waiting=5)
+    p.add("a", [(100, 10)] * 50)
+    assert len(p.to_preprocess(100)) == 5
+    assert p.to_preprocess(100) == []
+    assert p.holdings()["waiting"] == 5
+
+
+def test_admission_needs_blocks_for_the_prompt_and_one_growth_interval():
+    p = policy(blocks=30, rows=8, block_size=64, growth=17)
+    p.add("a", [(903, 1024)] * 3)  # ceil((903 + 17) / 64) = 15 blocks each
+    advance_to_encoded(p)
+    admitted = p.to_admit()
+    assert len(admitted) == 2 and p.blocks.free == 0
+    assert all(len(a.page.blocks) == 15 for a in admitted)
+    assert len({b for a in admitted for b in a.page.blocks}) == 30  # nobody shares a block
+    assert 0 not in {b for a in admitted for b in a.page.blocks}  # block 0 is the scratch block
+
+
+def test_one_prefill_takes_whole_prompts_up_to_its_token_budget():
+    p = policy(rows=8, prefill=2000)
+    p.add("a", [(903, 10)] * 4)
+    advance_to_encoded(p)
+    assert len(p.to_admit()) == 2  # 1806 tokens; a third would exceed 2000
+    assert len(p.to_admit()) == 2
+    big = policy(rows=8, prefill=2048)
+    big.add("b", [(3000, 10)])
+    advance_to_encoded(big)
+    assert len(big.to_admit()) == 1  # a prompt over the budget still runs, alone
+
+
+def test_growth_hands_out_blocks_and_preempts_the_newest_of_the_largest_holder_when_dry():
+    p = policy(blocks=10, rows=4, block_size=64, growth=17)
+    a = p.add("a", [(100, 1000)])
+    b = p.add("b", [(100, 1000)] * 2)
+    advance_to_encoded(p)
+    admitted = p.to_admit()  # 2 blocks each: 6 of 10
+    assert len(admitted) == 3
+    rows = {adm.page: adm.row for adm in admitted}
+    positions = {row: 100 for row in rows.values()}
+    grown, preempted = p.grow(positions)
+    assert grown == [] and preempted == []  # 100 + 17 fits in 2 blocks
+    positions = {row: 200 for row in rows.values()}  # each needs ceil(217 / 64) = 4 blocks: 12 > 10
+    grown, preempted = p.grow(positions)
+    victim = b.pages[1]
+    assert [page for page, _ in preempted] == [victim]
+    assert victim.stage is Stage.ENCODED and victim.blocks == [] and victim.row is None
+    assert victim.preemptions == 1
+    assert sorted(len(page.blocks) for page in (a.pages[0], b.pages[0])) == [4, 4]
+    assert p.blocks.free == 2
+    held = [blk for page in (a.pages[0], b.pages[0]) for blk in page.blocks]
+    assert len(set(held)) == len(held)
+
+
+def test_a_preempted_page_resumes_with_its_tokens_when_room_comes_back():
+    p = policy(blocks=4, rows=2, block_size=64, growth=17)
+    a = p.add("a", [(100, 1000)] * 2)
+    advance_to_encoded(p)
+    first, second = p.to_admit()
+    _, preempted = p.grow({first.row: 200, second.row: 200})
+    (page, row), = preempted
+    page.generated = list(range(50))
+    assert page.context_tokens == 100 + 49
+    p.finish(first.page if page is second.page else second.page)
+    again = p.to_admit()
+    assert [adm.page for adm in again] == [page]
+    assert len(page.blocks) == p.blocks.blocks_for(149 + 17)
+    assert a.pages[0].stage is not Stage.QUEUED
+
+
+def test_closing_a_prediction_frees_its_rows_blocks_and_waiting_pages():
+    p = policy(blocks=100, rows=2, waiting=10)
+    a = p.add("a", [(100, 10)] * 6)
+    b = p.add("b", [(100, 10)])
+    advance_to_encoded(p)
+    admitted = p.to_admit()
+    assert {adm.page.prediction for adm in admitted} == {a, b}
+    freed = p.close(a)
+    assert freed == [adm.row for adm in admitted if adm.page.prediction is a]
+    assert all(page.stage is Stage.DONE for page in a.pages)
+    assert p.to_preprocess(10) == [] and p.to_encode(10) == []
+    p.finish(b.pages[0])
+    assert p.forget_finished() == [a, b]
+    assert p.holdings() == {"rows": 0, "blocks": 0, "waiting": 0, "predictions": 0}
+
+
+def test_block_pool_refuses_to_overdraw():
+    pool = BlockPool(3, 64)
+    taken = pool.take(3)
+    assert sorted(taken) == [1, 2, 3]
+    with pytest.raises(RuntimeError):
+        pool.take(1)
+    pool.give_back(taken)
+    assert pool.free == 3

@@ -1,0 +1,61 @@
+"""Settings: one object read from the environment, every variable documented, bad values named."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+from ocr_service.inputs import Limits
+from ocr_service.settings import ENVIRONMENT_VARIABLES, Settings, SettingsError
+from ocr_service.weights import DEFAULT_URL
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_defaults_on_the_cpu():
+    settings = Settings.from_env({"DEEPSEEK_OCR_DEVICE": "cpu"})
+    assert settings.device == "cpu" and settings.dtype == "float32" and settings.engine == "batched"
+    assert settings.max_rows == 8 and settings.preprocess_workers == 1
+    assert settings.repetition_rule == "serving" and settings.stop_loops and settings.rotary == "float32"
+    assert settings.limits == Limits()
+    assert settings.weights_source == {"url": DEFAULT_URL, "local_dir": None, "offline": False}
+    assert settings.concurrency == 64 and settings.request_timeout_s == 900
+
+
+def test_defaults_on_a_gpu():
+    settings = Settings.from_env({"DEEPSEEK_OCR_DEVICE": "cuda"})
+    assert settings.dtype == "bfloat16" and settings.max_rows == 128 and settings.gpu_memory_gib == 40
+
+
+def test_values_from_the_environment():
+    settings = Settings.from_env({
+        "DEEPSEEK_OCR_DEVICE": "cpu", "DEEPSEEK_OCR_MAX_PAGES": "3", "DEEPSEEK_OCR_MAX_PIXELS": "1000",
+        "DEEPSEEK_OCR_PDF_DPI": " 72 ", "DEEPSEEK_OCR_WEIGHTS_URL": "http://127.0.0.1:1/x.tar",
+        "DEEPSEEK_OCR_WEIGHTS_DIR": "/w", "DEEPSEEK_OCR_OFFLINE": "1", "DEEPSEEK_OCR_GPU_MEMORY_GIB": "30.5",
+        "DEEPSEEK_OCR_REPETITION_RULE": "original", "DEEPSEEK_OCR_STOP_LOOPS": "0", "COG_MAX_CONCURRENCY": "12",
+        "DEEPSEEK_OCR_ROTARY": "original", "DEEPSEEK_OCR_ENGINE": "reference",
+    })
+    assert settings.limits == Limits(3, 1000, 72)
+    assert settings.weights_source == {"url": "http://127.0.0.1:1/x.tar", "local_dir": "/w", "offline": True}
+    assert settings.gpu_memory_gib == 30.5 and settings.concurrency == 12
+    assert settings.repetition_rule == "original" and not settings.stop_loops and settings.rotary == "original"
+    assert settings.engine == "reference"
+    assert Settings.from_env({"DEEPSEEK_OCR_PDF_DPI": ""}).pdf_dpi == Limits().pdf_dpi
+
+
+@pytest.mark.parametrize("variable, value", [
+    ("DEEPSEEK_OCR_MAX_PAGES", "٥٠"), ("DEEPSEEK_OCR_MAX_PAGES", "50 pages"), ("DEEPSEEK_OCR_MAX_PAGES", "1_000"),
+    ("DEEPSEEK_OCR_MAX_PAGES", "0"), ("DEEPSEEK_OCR_MAX_PAGES", "-5"), ("DEEPSEEK_OCR_MAX_PIXELS", "1e6"),
+    ("DEEPSEEK_OCR_MAX_PAGES", "9" * 40), ("DEEPSEEK_OCR_REQUEST_TIMEOUT", "nan"),
+    ("DEEPSEEK_OCR_REQUEST_TIMEOUT", "inf"), ("COG_MAX_CONCURRENCY", "²"), ("DEEPSEEK_OCR_GPU_MEMORY_GIB", "0"),
+    ("DEEPSEEK_OCR_STOP_LOOPS", "maybe"), ("DEEPSEEK_OCR_ENGINE", "turbo"), ("DEEPSEEK_OCR_DTYPE", "int8"),
+])
+def test_a_bad_value_names_its_variable(variable, value):
+    with pytest.raises(SettingsError, match=re.escape(variable)):
+        Settings.from_env({variable: value})
+
+
+def test_every_variable_is_in_the_readme_settings_table():
+    table = README.read_text(encoding="utf-8").split("## Settings", 1)[1].split("\n## ", 1)[0]
+    missing = [name for name in ENVIRONMENT_VARIABLES if f"`{name}`" not in table]
+    assert not missing, f"README's Settings table lacks {missing}"
