@@ -1,0 +1,402 @@
+"""The Triton kernels (checkpoints/triton_kernels.py) against the PyTorch definitions they replace.
+
+Triton's interpreter runs the kernels on CPU tensors, but only when TRITON_INTERPRET=1 is set before
+Triton is first imported, and other test modules import the model (hence Triton) first. So the checks
+run in one child process started with that variable (this file, run as a script), and each check is
+reported here as its own test. The reference is each dispatching function called on CPU tensors,
+which takes its PyTorch branch.
+
+The same checks run on a GPU with `python tests/test_triton_kernels.py --device cuda` (no interpreter).
+"""
+
+import argparse
+import importlib.machinery
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+CHECKS = {}  # name → function(device) raising AssertionError on a mismatch
+
+
+def check(function):
+    CHECKS[function.__name__.removeprefix("check_")] = function
+    return function
+
+
+def load_kernel_modules():
+    """Import fused_ops, fused_moe, paged_attention and triton_kernels from checkpoints/ without running
+    checkpoints/__init__.py, which imports the whole model and transformers (seconds, and nothing here
+    needs them)."""
+    if "checkpoints" not in sys.modules:
+        spec = importlib.machinery.ModuleSpec("checkpoints", None, is_package=True)
+        package = importlib.util.module_from_spec(spec)
+        package.__path__ = [str(REPO / "checkpoints")]
+        sys.modules["checkpoints"] = package
+    import checkpoints.fused_moe as fused_moe
+    import checkpoints.fused_ops as fused_ops
+    import checkpoints.paged_attention as paged_attention
+    import checkpoints.triton_kernels as triton_kernels
+
+    return fused_ops, fused_moe, paged_attention, triton_kernels
+
+
+# ---------------------------------------------------------------- comparison helpers
+
+
+def assert_close(actual, expected, dtype, what, bf16_atol=1.6e-2):
+    """float32 to float32 precision; bfloat16 within about two units in the last place, since the
+    kernels round once where the PyTorch definitions round after every operation."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    tolerance = dict(rtol=2e-5, atol=2e-5) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=bf16_atol)
+    torch.testing.assert_close(actual.cpu().float(), expected.cpu().float(), msg=lambda m: f"{what}: {m}", **tolerance)
+
+
+def float_types():
+    return (torch.float32, torch.bfloat16)
+
+
+# ---------------------------------------------------------------- fused_ops.py
+
+
+@check
+def check_add_rms_norm(device):
+    fused_ops, _, _, kernels = load_kernel_modules()
+    generator = torch.Generator().manual_seed(0)
+    for dtype in float_types():
+        for shape in ((5, 40), (2, 3, 64)):  # a width that is not a power of two; leading dims
+            x = torch.randn(shape, generator=generator).to(dtype)
+            residual = torch.randn(shape, generator=generator).to(dtype)
+            weight = (1 + 0.1 * torch.randn(shape[-1], generator=generator)).to(dtype)
+            for res in (residual, None):
+                expected_out, expected_sum = fused_ops.add_rms_norm(x, res, weight, 1e-6)
+                out, summed = kernels.add_rms_norm(x.to(device), None if res is None else res.to(device),
+                                                   weight.to(device), 1e-6)
+                what = f"add_rms_norm {dtype} {shape} residual={'yes' if res is not None else 'None'}"
+                assert torch.equal(summed.cpu(), expected_sum), f"{what}: the rounded sum differs"
+                assert_close(out, expected_out, dtype, what)
+    # Strided views (columns of a wider buffer) read the right elements.
+    wide = torch.randn(6, 96, generator=generator).to(torch.bfloat16)
+    x, residual = wide[:, :40], wide[:, 48:88]
+    weight = torch.ones(40, dtype=torch.bfloat16)
+    expected_out, expected_sum = fused_ops.add_rms_norm(x, residual, weight, 1e-6)
+    out, summed = kernels.add_rms_norm(x.to(device), residual.to(device), weight.to(device), 1e-6)
+    assert torch.equal(summed.cpu(), expected_sum), "add_rms_norm on strided views: the sum differs"
+    assert_close(out, expected_out, torch.bfloat16, "add_rms_norm on strided views")
+
+
+@check
+def check_silu_and_mul(device):
+    fused_ops, _, _, kernels = load_kernel_modules()
+    generator = torch.Generator().manual_seed(1)
+    for dtype in float_types():
+        for shape in ((7, 2 * 48), (2, 3, 2 * 1500)):  # the second spans two tiles of 1024
+            gate_up = (3 * torch.randn(shape, generator=generator)).to(dtype)
+            assert_close(kernels.silu_and_mul(gate_up.to(device)), fused_ops.silu_and_mul(gate_up), dtype,
+                         f"silu_and_mul {dtype} {shape}")
+
+
+@check
+def check_apply_rotary(device):
+    fused_ops, _, _, kernels = load_kernel_modules()
+    generator = torch.Generator().manual_seed(2)
+    heads, kv_heads, head_dim, tokens = 4, 2, 16, 6
+    angles = torch.rand(2, tokens, head_dim // 2, generator=generator) * 6
+    angles = torch.cat((angles, angles), dim=-1)
+    for dtype in float_types():
+        cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+        # Packed tokens: q and k are views of one fused projection (row stride (H + 2·Hkv)·Dh).
+        qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=generator).to(dtype)
+        q = qkv[:, :heads * head_dim].view(tokens, heads, head_dim)
+        k = qkv[:, heads * head_dim:(heads + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
+        expected_q, expected_k = fused_ops.apply_rotary(q, k, cos[0], sin[0])
+        dq = qkv.to(device)
+        got_q, got_k = kernels.apply_rotary(dq[:, :heads * head_dim].view(tokens, heads, head_dim),
+                                            dq[:, heads * head_dim:(heads + kv_heads) * head_dim].view(
+                                                tokens, kv_heads, head_dim),
+                                            cos[0].to(device), sin[0].to(device))
+        assert_close(got_q, expected_q, dtype, f"apply_rotary q, packed strided views, {dtype}")
+        assert_close(got_k, expected_k, dtype, f"apply_rotary k, packed strided views, {dtype}")
+        # Batched [B, T, H, Dh] with per-sequence angles, and with one set of angles broadcast over B.
+        qb = torch.randn(2, tokens, heads, head_dim, generator=generator).to(dtype)
+        kb = torch.randn(2, tokens, heads, head_dim, generator=generator).to(dtype)
+        for c, s, label in ((cos, sin, "per sequence"), (cos[:1], sin[:1], "broadcast")):
+            expected_q, expected_k = fused_ops.apply_rotary(qb, kb, c, s)
+            got_q, got_k = kernels.apply_rotary(qb.to(device), kb.to(device), c.to(device), s.to(device))
+            assert_close(got_q, expected_q, dtype, f"apply_rotary batched q, angles {label}, {dtype}")
+            assert_close(got_k, expected_k, dtype, f"apply_rotary batched k, angles {label}, {dtype}")
+
+
+@check
+def check_route_top_k(device):
+    fused_ops, _, _, kernels = load_kernel_modules()
+    generator = torch.Generator().manual_seed(3)
+    for dtype in float_types():
+        for experts, top_k in ((16, 3), (12, 4), (64, 6), (8, 1)):
+            # Distinct logits, exactly representable in bfloat16: no ties, so the top-k is one set.
+            logits = torch.stack([(torch.randperm(experts, generator=generator) - experts / 2) * 0.125
+                                  for _ in range(9)]).to(dtype)
+            for renormalize in (True, False):
+                expected_ids, expected_weights = fused_ops.route_top_k(logits, top_k, renormalize, 2.5)
+                ids, weights = kernels.route_top_k(logits.to(device), top_k, renormalize, 2.5)
+                what = f"route_top_k E={experts} K={top_k} renormalize={renormalize} {dtype}"
+                assert ids.dtype == torch.int64 and weights.dtype == torch.float32, f"{what}: result dtypes"
+                # The order within a row is unspecified: compare rows sorted by expert id.
+                ids, order = ids.cpu().sort(dim=-1)
+                expected_ids, expected_order = expected_ids.sort(dim=-1)
+                assert torch.equal(ids, expected_ids), f"{what}: chosen experts differ"
+                assert_close(weights.cpu().gather(1, order), expected_weights.gather(1, expected_order),
+                             torch.float32, what)
+
+
+# ---------------------------------------------------------------- fused_moe.py
+
+
+def moe_case(tokens, experts=8, top_k=3, hidden=48, inter=40, dtype=None, only_experts=None, seed=4):
+    dtype = dtype or torch.bfloat16
+    generator = torch.Generator().manual_seed(seed + tokens)
+    x = torch.randn(tokens, hidden, generator=generator).to(dtype)
+    w13 = (torch.randn(experts, 2 * inter, hidden, generator=generator) / hidden ** 0.5).to(dtype)
+    w2 = (torch.randn(experts, hidden, inter, generator=generator) / inter ** 0.5).to(dtype)
+    pool = torch.tensor(only_experts) if only_experts is not None else torch.arange(experts)
+    ids = torch.stack([pool[torch.randperm(len(pool), generator=generator)[:top_k]] for _ in range(tokens)])
+    weights = torch.rand(tokens, top_k, generator=generator)
+    add = torch.randn(tokens, hidden, generator=generator).to(dtype)
+    return x, w13, w2, ids.reshape(tokens, top_k), weights, add
+
+
+def compare_moe(device, case, what, path=None, with_add=True):
+    _, fused_moe, _, kernels = load_kernel_modules()
+    x, w13, w2, ids, weights, add = case
+    add = add if with_add else None
+    expected = fused_moe.routed_experts(x, w13, w2, ids, weights, add)
+    got = kernels.routed_experts(x.to(device), w13.to(device), w2.to(device), ids.to(device), weights.to(device),
+                                 None if add is None else add.to(device), path=path)
+    # Near-zero outputs (the routed sum cancelling `add`) carry the rounding of their larger terms.
+    assert_close(got, expected, x.dtype, f"{what}, add={'yes' if add is not None else 'None'}",
+                 bf16_atol=1.6e-2 * max(1.0, expected.abs().max().item()))
+
+
+@check
+def check_routed_experts_paths(device):
+    """Both paths on the same inputs, in both precisions, with experts no token chose."""
+    for dtype in float_types():
+        for tokens in (1, 7):
+            case = moe_case(tokens, dtype=dtype, only_experts=[1, 4, 5, 6])  # experts 0, 2, 3, 7 stay empty
+            for path in ("gemv", "grouped"):
+                compare_moe(device, case, f"routed_experts {path} N={tokens} {dtype}", path=path)
+    for path in ("gemv", "grouped"):
+        compare_moe(device, moe_case(3), f"routed_experts {path} N=3", path=path, with_add=False)
+
+
+@check
+def check_routed_experts_boundary(device):
+    """The automatic choice on either side of GEMV_MAX_PAIRS (K = 3: its third in tokens, and one more)."""
+    _, _, _, kernels = load_kernel_modules()
+    limit = kernels.GEMV_MAX_PAIRS // 3
+    for tokens in (limit, limit + 1):
+        compare_moe(device, moe_case(tokens), f"routed_experts N={tokens} (automatic path)")
+
+
+@check
+def check_routed_experts_grouped_tiles(device):
+    """Blocks of 32 and 128 rows (by pairs per expert; 16 is the paths check's), the parallel grouping
+    (counting launch plus atomics) beside the one-program one, and sizes that are not multiples of
+    any tile, in float32."""
+    _, _, _, kernels = load_kernel_modules()
+    for tokens in (60, 200):  # 22 and 75 pairs per expert
+        compare_moe(device, moe_case(tokens), f"routed_experts grouped N={tokens}")
+    saved = kernels.ALIGN_ONE_PROGRAM_MAX_ROWS
+    kernels.ALIGN_ONE_PROGRAM_MAX_ROWS = 0
+    try:
+        compare_moe(device, moe_case(40, only_experts=[0, 2, 3, 7]), "routed_experts grouped N=40, parallel grouping")
+    finally:
+        kernels.ALIGN_ONE_PROGRAM_MAX_ROWS = saved
+    compare_moe(device, moe_case(50, experts=6, top_k=2, hidden=72, inter=100, dtype=torch.float32),
+                "routed_experts grouped, odd sizes, float32")
+
+
+# ---------------------------------------------------------------- paged_attention.py
+
+
+def paged_case(dtype, heads=4, kv_heads=2, head_dim=16, block_size=4, num_blocks=32, seed=5):
+    """Five sequences: empty, one position, ending mid-block, exactly filling blocks, ending mid-block
+    in the table's last block; the tables' unused entries point at random (real) blocks."""
+    generator = torch.Generator().manual_seed(seed)
+    keys = torch.randn(num_blocks, kv_heads, block_size, head_dim, generator=generator).to(dtype)
+    values = torch.randn(num_blocks, kv_heads, block_size, head_dim, generator=generator).to(dtype)
+    width = 6
+    seq_lens = torch.tensor([0, 1, 7, 12, 23], dtype=torch.int32)
+    tables = torch.randperm(num_blocks - 1, generator=generator)[:5 * width].add(1).view(5, width).to(torch.int32)
+    q = torch.randn(5, heads, head_dim, generator=generator).to(dtype)
+    return q, keys, values, tables, seq_lens
+
+
+@check
+def check_paged_decode_attention(device):
+    _, _, paged_attention, kernels = load_kernel_modules()
+    for dtype in float_types():
+        fewer = dtype != torch.float32  # bfloat16 checks the rounding; float32 every split count
+        for heads, kv_heads, split_counts in ((4, 2, (None,) if fewer else (None, 1, 3)),
+                                              (3, 3, (7,) if fewer else (2, 7))):
+            q, keys, values, tables, seq_lens = paged_case(dtype, heads, kv_heads)
+            expected = paged_attention.paged_decode_attention(q, keys, values, tables, seq_lens)
+            # None: the automatic choice (6 here: one per block); 7: more splits than blocks.
+            for splits in split_counts:
+                got = kernels.paged_decode_attention(q.to(device), keys.to(device), values.to(device),
+                                                     tables.to(device), seq_lens.to(device), num_splits=splits)
+                assert_close(got, expected, dtype, f"paged_decode_attention H={heads} Hkv={kv_heads} "
+                             f"splits={splits} {dtype}")
+    # Whatever lies past a sequence's end (here NaN) is never read, and q may be a strided view.
+    q, keys, values, tables, seq_lens = paged_case(torch.float32)
+    expected = paged_attention.paged_decode_attention(q, keys, values, tables, seq_lens)
+    poisoned_k, poisoned_v = keys.clone(), values.clone()
+    for row, length in enumerate(seq_lens.tolist()):
+        for index, block in enumerate(tables[row].tolist()):
+            start = max(length - index * keys.shape[2], 0)
+            poisoned_k[block, :, start:] = float("nan")
+            poisoned_v[block, :, start:] = float("nan")
+    wide_q = torch.cat([q, torch.zeros_like(q)], dim=-1)[..., :q.shape[-1]]
+    got = kernels.paged_decode_attention(wide_q.to(device), poisoned_k.to(device), poisoned_v.to(device),
+                                         tables.to(device), seq_lens.to(device), num_splits=3)
+    assert_close(got, expected, torch.float32, "paged_decode_attention with NaN past each sequence's end")
+
+
+@check
+def check_paged_decode_large_blocks(device):
+    """A block of 64 positions walked in chunks of DECODE_CHUNK, Dh = 128, one and several splits."""
+    _, _, paged_attention, kernels = load_kernel_modules()
+    q, keys, values, tables, _ = paged_case(torch.bfloat16, heads=2, kv_heads=1, head_dim=128, block_size=64,
+                                            num_blocks=31)
+    seq_lens = torch.tensor([0, 1, 100, 128, 383], dtype=torch.int32)
+    expected = paged_attention.paged_decode_attention(q, keys, values, tables, seq_lens)
+    for splits in (1, 4):
+        got = kernels.paged_decode_attention(q.to(device), keys.to(device), values.to(device), tables.to(device),
+                                             seq_lens.to(device), num_splits=splits)
+        assert_close(got, expected, torch.bfloat16, f"paged_decode_attention block 64, splits={splits}")
+
+
+@check
+def check_store_kv(device):
+    _, _, paged_attention, kernels = load_kernel_modules()
+    generator = torch.Generator().manual_seed(6)
+    for dtype in float_types():
+        tokens, heads, kv_heads, head_dim, block_size = 5, 4, 2, 16, 4
+        keys = torch.randn(8, kv_heads, block_size, head_dim, generator=generator).to(dtype)
+        values = torch.randn(8, kv_heads, block_size, head_dim, generator=generator).to(dtype)
+        qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=generator).to(dtype)
+        k = qkv[:, heads * head_dim:(heads + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
+        v = qkv[:, (heads + kv_heads) * head_dim:].view(tokens, kv_heads, head_dim)
+        slots = torch.tensor([4, 5, 31, 9, 16])  # within a block, a block's last slot, a block's first
+        expected_keys, expected_values = keys.clone(), values.clone()
+        paged_attention.store_kv(expected_keys, expected_values, k, v, slots)
+        got_keys, got_values = keys.to(device), values.to(device)
+        dqkv = qkv.to(device)
+        kernels.store_kv(got_keys, got_values,
+                         dqkv[:, heads * head_dim:(heads + kv_heads) * head_dim].view(tokens, kv_heads, head_dim),
+                         dqkv[:, (heads + kv_heads) * head_dim:].view(tokens, kv_heads, head_dim), slots.to(device))
+        assert torch.equal(got_keys.cpu(), expected_keys), f"store_kv keys {dtype}"
+        assert torch.equal(got_values.cpu(), expected_values), f"store_kv values {dtype}"
+
+
+# ---------------------------------------------------------------- running the checks
+
+
+def make_interpreter_faithful():
+    """Two fixes to Triton 3.6's interpreter, so that it computes what the GPU computes:
+
+    - it turns its scalars (one-element arrays) into loop bounds with int(), which NumPy 2.4 refuses
+      (triton-lang/triton#9171, fixed upstream by #9172, after 3.6.0), so a kernel's
+      `range(first, last)` over loaded values fails: take the element explicitly;
+    - it truncates float32 → bfloat16 where the GPU rounds to nearest even, which would put the
+      kernels one unit in the last place away from PyTorch wherever they round: round as the GPU does.
+    """
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    if getattr(interpreter, "made_faithful_by_our_tests", False):
+        return
+    patch_tensor, convert_float = interpreter._patch_lang_tensor, interpreter._convert_float
+
+    def patch_lang_tensor(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    def round_float(values, input_dtype, output_dtype, rounding_mode):
+        if input_dtype == tl.float32 and output_dtype == tl.bfloat16:
+            floats = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
+            return floats.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+        return convert_float(values, input_dtype, output_dtype, rounding_mode)
+
+    interpreter._patch_lang_tensor, interpreter._convert_float = patch_lang_tensor, round_float
+    interpreter.made_faithful_by_our_tests = True
+
+
+def run_checks(device: str, names) -> dict:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        make_interpreter_faithful()
+    torch.manual_seed(0)
+    _, _, _, kernels = load_kernel_modules()
+    assert kernels.available(), "Triton did not import"
+    results = {}
+    for name in names:
+        try:
+            started = time.perf_counter()
+            CHECKS[name](device)
+            results[name] = "ok"
+            print(f"{name}: {time.perf_counter() - started:.1f} s", file=sys.stderr)
+        except Exception:  # reported per check: one failure must not hide the others
+            results[name] = traceback.format_exc(limit=4)
+    return results
+
+
+def interpreted_results():
+    """Every check, once, in a child process where Triton's interpreter runs the kernels on the CPU."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, __file__, "--json"], env=env, capture_output=True, text=True, timeout=600,
+                          cwd=REPO)
+    for line in done.stdout.splitlines():
+        if line.startswith("RESULTS "):
+            return json.loads(line[len("RESULTS "):])
+    raise AssertionError(f"the interpreted checks did not report (exit {done.returncode}):\n{done.stderr[-4000:]}")
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("Triton is not installed (requirements-test.txt lists it)")
+    return interpreted_results()
+
+
+@pytest.mark.parametrize("name", list(CHECKS))
+def test_kernel_matches_pytorch(interpreted, name):
+    assert interpreted[name] == "ok", interpreted[name]
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Run the Triton kernel checks in this process.")
+    parser.add_argument("--device", default="cpu", help="cpu (needs TRITON_INTERPRET=1) or cuda")
+    parser.add_argument("--json", action="store_true", help="print one line of results as JSON")
+    parser.add_argument("names", nargs="*", default=list(CHECKS), help="checks to run (default: all)")
+    arguments = parser.parse_args()
+    outcome = run_checks(arguments.device, arguments.names)
+    if arguments.json:
+        print("RESULTS " + json.dumps(outcome))
+    else:
+        for check_name, result in outcome.items():
+            print(f"{check_name}: {result}")
+    sys.exit(0 if all(result == "ok" for result in outcome.values()) else 1)
+
+
+if __name__ == "__main__":
+    main()
