@@ -1,0 +1,314 @@
+"""Speed of the decode engine beside the original code and beside the memory-bandwidth floor.
+
+One run prints one table: batch-1 tokens/s; the time of one decode step with 32, 64 and 128 sequences
+at ~2,000 positions (each beside its floor: the bytes of weights and KV cache the step must read ÷
+3.0 TB/s); a 128-page job of A4 pages (Gundam, 1,024 new tokens each, EOS ignored) through `OCREngine`
+end to end (preprocessing, vision, prefill, decode) with its peak GPU memory; and how many greedy
+tokens the batched engine shares with the model's plain `generate_tokens` in bf16.
+
+On the device machine (see README "Performance"):
+    python benchmarks/bench_engine.py --original .bench/orig --original-site /tmp/origsite
+
+`--original` holds the original remote-code .py files (fetched, never committed) and `--original-site`
+a site-packages folder with transformers 4.46.3 for them; the original runs in a subprocess.
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from benchmarks.pages import PRESETS, PROMPT, a4_page  # noqa: E402
+from checkpoints.generation import SERVING_NO_REPEAT_RULE  # noqa: E402
+from ocr_service.decode_batch import Entry  # noqa: E402
+from ocr_service.engine import OCREngine  # noqa: E402
+from ocr_service.presets import RESOLUTION_PRESETS  # noqa: E402
+from ocr_service.settings import Settings  # noqa: E402
+from scripts.make_random_checkpoint import write_checkpoint  # noqa: E402
+
+BANDWIDTH = 3.0e12  # bytes/s: what a device-to-device copy reaches on the H100 (HBM3)
+GUNDAM = RESOLUTION_PRESETS["Gundam (Recommended)"]
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def reset_peak() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib(kind: str) -> float:
+    if not torch.cuda.is_available():
+        return float("nan")
+    return (torch.cuda.max_memory_allocated() if kind == "allocated" else torch.cuda.max_memory_reserved()) / 2**30
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+
+ORIGINAL_DRIVER = r'''
+import json, sys, time, torch
+sys.path.insert(0, sys.argv[1])
+from transformers import AutoModel, AutoTokenizer
+checkpoint, tokens, image_path = sys.argv[2], int(sys.argv[3]), sys.argv[4]
+tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=True)
+model = AutoModel.from_pretrained(checkpoint, trust_remote_code=True, use_safetensors=True,
+                                  torch_dtype=torch.bfloat16).eval().cuda().to(torch.bfloat16)
+original_generate = model.generate
+marks = {}
+
+class Clock:
+    def __init__(self): self.calls = 0
+    def put(self, value):
+        self.calls += 1
+        if self.calls == 2: sync(); marks["first"] = time.perf_counter()
+    def end(self): pass
+
+def timed_generate(*args, **kwargs):
+    kwargs.update(max_new_tokens=marks["n"], min_new_tokens=marks["n"], streamer=Clock())
+    return original_generate(*args, **kwargs)
+
+model.generate = timed_generate
+for n in (2, tokens):  # the first run warms up
+    marks["n"] = n
+    sync(); reset_peak()
+    start = time.perf_counter()
+    model.infer(tokenizer, prompt="<image>\n<|grounding|>Convert the document to markdown.", image_file=image_path,
+                output_path="/tmp/orig-out", base_size=1024, image_size=640, crop_mode=True, save_results=False,
+                eval_mode=False)
+    sync(); end = time.perf_counter()
+print("RESULT " + json.dumps({"ttft_s": marks["first"] - start, "tok_s_b1": (tokens - 1) / (end - marks["first"]),
+                              "peak_gib": peak_gib("allocated")}))
+'''
+
+
+def run_original(args, checkpoint: Path) -> dict:
+    folder = Path("/tmp/original-checkpoint")
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    for item in checkpoint.iterdir():
+        if item.suffix != ".py":
+            (folder / item.name).symlink_to(item)
+    for source in Path(args.original).glob("*.py"):
+        shutil.copy(source, folder / source.name)
+    image_path = "/tmp/bench-page.png"
+    a4_page().save(image_path)
+    env = dict(os.environ, PYTHONPATH=args.original_site)
+    command = [sys.executable, "-c", ORIGINAL_DRIVER, args.original_site, str(folder), str(args.original_tokens),
+               image_path]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.original_timeout)
+    print(done.stdout[-1500:], done.stderr[-3000:], flush=True)
+    for line in done.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    return {}
+
+
+def step_floor_bytes(config, batch: int, positions: int) -> dict:
+    """Bytes one decode step must read at least: KV of every sequence, the experts the batch routes to
+    (expected distinct count under uniform routing), and every dense weight (attention, dense and shared
+    MLPs, lm_head), in bf16."""
+    d, layers, heads, head_dim = config.hidden_size, config.num_hidden_layers, config.num_attention_heads, \
+        config.head_dim
+    moe_layers = sum(config.is_moe_layer(i) for i in range(layers))
+    experts, top_k, width = config.n_routed_experts, config.num_experts_per_tok, config.moe_intermediate_size
+    distinct = experts * (1 - (1 - top_k / experts) ** batch)
+    kv = batch * positions * layers * 2 * config.num_key_value_heads * head_dim * 2
+    expert_bytes = moe_layers * distinct * 3 * width * d * 2
+    dense = layers * (2 * heads * head_dim * d + 2 * config.num_key_value_heads * head_dim * d) * 2
+    dense += moe_layers * 3 * width * config.n_shared_experts * d * 2
+    dense += (layers - moe_layers) * 3 * config.intermediate_size * d * 2
+    dense += config.vocab_size * d * 2
+    return {"kv": kv, "experts": expert_bytes, "dense": dense, "total": kv + expert_bytes + dense}
+
+
+@torch.inference_mode()
+def decode_steps(engine: OCREngine, batch: int, positions: int, steps: int) -> dict:
+    """Fill `batch` rows with sequences of `positions` random-embedding positions, then time decode steps."""
+    serving = engine.server
+    decode, policy = serving.batch, serving.policy
+    model = engine.model
+    hidden = model.config.hidden_size
+    per_prefill = max(1, engine.settings.prefill_tokens // positions)
+    pages = []
+    for start in range(0, batch, per_prefill):
+        entries = []
+        for row in range(start, min(batch, start + per_prefill)):
+            blocks = policy.blocks.take(policy.blocks.blocks_for(positions + steps + 2))
+            pages.append(blocks)
+            embeds = torch.randn(positions, hidden, device=engine.device, dtype=engine.dtype) * 0.02
+            entries.append(Entry(row, embeds, torch.zeros(positions, dtype=torch.long), blocks, 10**6, []))
+        decode.admit(entries)
+    decode.run(batch, 2)  # warm (and capture, if this size was not captured)
+    sync()
+    started = time.perf_counter()
+    decode.run(batch, steps)
+    sync()
+    step_s = (time.perf_counter() - started) / steps
+    for row, blocks in enumerate(pages):
+        decode.clear(row)
+        policy.blocks.give_back(blocks)
+    floor = step_floor_bytes(model.config, batch, positions + steps // 2)
+    return {"step_ms": step_s * 1e3, "tok_s": batch / step_s, "floor_ms": floor["total"] / BANDWIDTH * 1e3,
+            "floor_bytes": floor}
+
+
+@torch.inference_mode()
+def profile_step(engine: OCREngine, batch: int, positions: int, out: Path) -> None:
+    """One step of `batch` rows run eagerly under the profiler: where the time goes, kernel by kernel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    decode = engine.server.batch
+    policy = engine.server.policy
+    hidden = engine.model.config.hidden_size
+    held = []
+    per_prefill = max(1, engine.settings.prefill_tokens // positions)
+    for start in range(0, batch, per_prefill):
+        entries = []
+        for row in range(start, min(batch, start + per_prefill)):
+            blocks = policy.blocks.take(policy.blocks.blocks_for(positions + 8))
+            held.append(blocks)
+            embeds = torch.randn(positions, hidden, device=engine.device, dtype=engine.dtype) * 0.02
+            entries.append(Entry(row, embeds, torch.zeros(positions, dtype=torch.long), blocks, 10**6, []))
+        decode.admit(entries)
+    graphs, decode.use_cuda_graphs = decode.use_cuda_graphs, False
+    decode.run(batch, 1)
+    sync()
+    activities = [ProfilerActivity.CUDA] if torch.cuda.is_available() else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        decode.run(batch, 2)
+        sync()
+    decode.use_cuda_graphs = graphs
+    table = prof.key_averages().table(sort_by="cuda_time_total" if torch.cuda.is_available() else "cpu_time_total",
+                                      row_limit=25)
+    out.write_text(table)
+    print(f"profile of one eager step, {batch} rows at {positions} positions (2 steps):\n{table[:6000]}", flush=True)
+    for row, blocks in enumerate(held):
+        decode.clear(row)
+        policy.blocks.give_back(blocks)
+
+
+def page_job(engine: OCREngine, pages: int, tokens: int) -> dict:
+    images = [a4_page(seed=i % 8) for i in range(pages)]
+    engine.run_pages(images[:2], PROMPT, GUNDAM, 4)  # warm-up
+    sync()
+    reset_peak()
+    started = time.perf_counter()
+    results = engine.run_pages(images, PROMPT, GUNDAM, tokens)
+    elapsed = time.perf_counter() - started
+    produced = sum(len(r.token_ids) for r in results)
+    return {"pages_s": pages / elapsed, "seconds": elapsed, "tokens": produced, "tok_s": produced / elapsed,
+            "peak_allocated_gib": peak_gib("allocated"),
+            "peak_reserved_gib": peak_gib("reserved"),
+            "first_token_p50_s": sorted(r.first_token_s for r in results)[len(results) // 2]}
+
+
+def agreement(engine: OCREngine, pages: int, tokens: int) -> dict:
+    """Greedy tokens of the batched engine against the model's plain generate_tokens, same rules."""
+    images = [a4_page(seed=i) for i in range(pages)]
+    batched = engine.run_pages(images, PROMPT, GUNDAM, tokens)
+    same, compared = 0, 0
+    model, tokenizer = engine.model, engine.tokenizer
+    for image, result in zip(images, batched):
+        inputs = model.prepare_inputs(tokenizer, PROMPT, [image], GUNDAM.base_size, GUNDAM.image_size,
+                                      GUNDAM.crop_mode)
+        plain, _ = model.generate_tokens(inputs, tokens, repetition=SERVING_NO_REPEAT_RULE, loops=None,
+                                         eos_token_id=-1)
+        prefix = next((i for i, (a, b) in enumerate(zip(plain, result.token_ids)) if a != b), min(len(plain),
+                                                                                                     len(result.token_ids)))
+        same += prefix
+        compared += tokens
+    return {"same": same, "compared": compared}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, default=Path("/tmp/bench-checkpoint"))
+    parser.add_argument("--positions", type=int, default=2000)
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--batches", type=int, nargs="+", default=[32, 64, 128])
+    parser.add_argument("--job-pages", type=int, default=128)
+    parser.add_argument("--job-tokens", type=int, default=1024)
+    parser.add_argument("--agreement-pages", type=int, default=4)
+    parser.add_argument("--original", help="folder with the original remote-code .py files")
+    parser.add_argument("--original-site", help="site-packages folder with transformers 4.46.3 for the original")
+    parser.add_argument("--original-tokens", type=int, default=128)
+    parser.add_argument("--original-timeout", type=int, default=300)
+    parser.add_argument("--profile", type=Path, help="folder for kernel profiles of one step (batch 1 and 128)")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["job", "agreement", "steps"])
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    if not (args.checkpoint / "config.json").exists():
+        started = time.perf_counter()
+        write_checkpoint(args.checkpoint, size="full", seed=0)
+        print(f"wrote a full random checkpoint in {time.perf_counter() - started:.0f} s", flush=True)
+    theirs = run_original(args, args.checkpoint) if args.original else {}
+
+    settings = Settings.from_env().replace(stop_loops=False, max_rows=max(args.batches + [128]))
+    started = time.perf_counter()
+    engine = OCREngine(args.checkpoint, settings, ignore_eos=True)
+    load_s = time.perf_counter() - started
+    ours = {"load_s": load_s}
+    if "steps" not in args.skip:
+        ours["b1"] = decode_steps(engine, 1, 1000, 256)
+        for batch in args.batches:
+            ours[f"b{batch}"] = decode_steps(engine, batch, args.positions, args.steps)
+            print(batch, json.dumps({k: v for k, v in ours[f"b{batch}"].items() if k != "floor_bytes"}), flush=True)
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
+        profile_step(engine, 1, 1000, args.profile / "profile_b1.txt")
+        profile_step(engine, 128, args.positions, args.profile / "profile_b128.txt")
+    if "job" not in args.skip:
+        ours["job"] = page_job(engine, args.job_pages, args.job_tokens)
+        print("job", json.dumps(ours["job"]), flush=True)
+    if "agreement" not in args.skip:
+        ours["agreement"] = agreement(engine, args.agreement_pages, 64)
+    report = {"ours": ours, "original": theirs, "device": device_name(), "torch": torch.__version__}
+    print(json.dumps(report, indent=1, default=str))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1, default=str))
+
+    print(f"\n{report['device']}, torch {torch.__version__}, CUDA {torch.version.cuda}, bf16, full-size random "
+          f"weights; KV cache paged ({engine.server.batch.block_size}-position blocks), decode attention: "
+          f"Triton paged kernel; prefill attention: SDPA\n")
+    print("| measure | ours | original | floor (bytes ÷ 3.0 TB/s) | target |\n|---|---|---|---|---|")
+    if "b1" in ours:
+        b1 = ours["b1"]
+        print(f"| batch 1, tokens/s (~1,000 positions) | {b1['tok_s']:.0f} ({b1['step_ms']:.2f} ms) | "
+              f"{theirs.get('tok_s_b1', float('nan')):.1f} | {1e3 / b1['floor_ms']:.0f} ({b1['floor_ms']:.2f} ms) "
+              f"| ≥ 800 |")
+    targets = {32: "≤ 4 ms", 128: "≤ 10 ms"}
+    for batch in args.batches:
+        row = ours.get(f"b{batch}")
+        if row:
+            print(f"| step, {batch} sequences at ~{args.positions} positions | {row['step_ms']:.2f} ms "
+                  f"({row['tok_s']:.0f} tokens/s) | one at a time | {row['floor_ms']:.2f} ms | "
+                  f"{targets.get(batch, '')} |")
+    if "job" in ours:
+        job = ours["job"]
+        original_pages = (1 / (theirs["ttft_s"] + args.job_tokens / theirs["tok_s_b1"])) if theirs else float("nan")
+        print(f"| {args.job_pages}-page job, Gundam A4, {args.job_tokens} tokens/page: pages/s | "
+              f"{job['pages_s']:.2f} | {original_pages:.3f} (one page at a time) | – | ≥ 8 |")
+        print(f"| peak GPU memory of the job, GiB (allocated / reserved) | {job['peak_allocated_gib']:.1f} / "
+              f"{job['peak_reserved_gib']:.1f} | {theirs.get('peak_gib', float('nan')):.1f} (batch 1) | – | ≤ 40 |")
+    if "agreement" in ours:
+        agree = ours["agreement"]
+        print(f"| bf16 greedy tokens, batched engine = plain generate_tokens | {agree['same']}/{agree['compared']} "
+              f"| – | – | |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""How close our model's GPU numerics are to the original code's, on the same full-size random weights.
+
+For every preset, one A4 page through both models in bf16 on CUDA: the first step's logits (relative
+error, overlap of the top 10) and greedy agreement over the first tokens (the original's whole-sequence
+20-gram rule on both sides, no loop stop), for our model with its float32 rotary frequencies and with
+the original's bf16 rounding of them (`rope_inv_freq_dtype="bfloat16"`); beside it, for scale, how far
+our own bf16 logits are from our float32 ones.
+
+On the device machine (see README "Parity with the original"):
+    python benchmarks/bench_numerics.py --original .bench/orig --original-site /tmp/origsite
+
+`--original` holds the original remote-code .py files (fetched, never committed); `--original-site`
+a site-packages folder with transformers 4.46.3 for them. The original runs in a subprocess.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from benchmarks.pages import PRESETS, PROMPT, a4_page  # noqa: E402
+from checkpoints import DeepseekOCRForCausalLM  # noqa: E402
+from checkpoints.generation import ORIGINAL_NO_REPEAT_RULE  # noqa: E402
+from checkpoints.modeling_deepseekv2 import RotaryEmbedding  # noqa: E402
+from scripts.make_random_checkpoint import write_checkpoint  # noqa: E402
+
+ORIGINAL_DRIVER = r'''
+import json, sys, torch
+sys.path.insert(0, sys.argv[1])
+from transformers import AutoModel, AutoTokenizer
+checkpoint, tokens, image_path, out_path = sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
+presets = json.loads(sys.argv[6])
+tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=True)
+model = AutoModel.from_pretrained(checkpoint, trust_remote_code=True, use_safetensors=True,
+                                  torch_dtype=torch.bfloat16).eval().cuda().to(torch.bfloat16)
+original_generate = model.generate
+captured = {}
+
+def recording_generate(*args, **kwargs):
+    kwargs.update(max_new_tokens=tokens, no_repeat_ngram_size=20, output_logits=True, return_dict_in_generate=True,
+                  do_sample=False)
+    kwargs.pop("streamer", None)
+    out = original_generate(*args, **kwargs)
+    prompt_length = args[0].shape[1]
+    captured["logits"] = out.logits[0][0].float().cpu()
+    captured["tokens"] = out.sequences[0, prompt_length:].tolist()
+    return out.sequences
+
+model.generate = recording_generate
+results = {}
+for name, (base, size, crop) in presets.items():
+    model.infer(tokenizer, prompt="<image>\n<|grounding|>Convert the document to markdown.", image_file=image_path,
+                output_path="/tmp/original-numerics-out", base_size=base, image_size=size, crop_mode=crop,
+                save_results=False, eval_mode=True)
+    results[name] = dict(captured)
+    print(name, "done", flush=True)
+torch.save(results, out_path)
+'''
+
+
+def run_original(args, checkpoint: Path, image_path: str) -> dict:
+    folder = Path("/tmp/original-checkpoint")
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    for item in checkpoint.iterdir():
+        if item.suffix != ".py":
+            (folder / item.name).symlink_to(item)
+    for source in Path(args.original).glob("*.py"):
+        shutil.copy(source, folder / source.name)
+    out_path = "/tmp/original-numerics.pt"
+    env = dict(os.environ, PYTHONPATH=args.original_site)
+    command = [sys.executable, "-c", ORIGINAL_DRIVER, args.original_site, str(folder), str(args.tokens), image_path,
+               out_path, json.dumps(PRESETS)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.original_timeout)
+    print(done.stdout[-2000:], done.stderr[-3000:], flush=True)
+    return torch.load(out_path) if done.returncode == 0 else {}
+
+
+def set_rotary(model, mode: str) -> None:
+    config = model.config
+    model.model.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, mode)
+
+
+@torch.inference_mode()
+def ours(model, tokenizer, image, tokens: int) -> dict:
+    results = {}
+    for name, (base, size, crop) in PRESETS.items():
+        inputs = model.prepare_inputs(tokenizer, PROMPT, [image], base, size, crop)
+        device = model.lm_head.weight.device
+        out = model(input_ids=inputs.input_ids[None].to(device), image_mask=inputs.image_mask[None].to(device),
+                    images=[inputs.images])
+        generated, _ = model.generate_tokens(inputs, tokens, repetition=ORIGINAL_NO_REPEAT_RULE, loops=None,
+                                             eos_token_id=tokenizer.eos_token_id)
+        results[name] = {"logits": out.logits[0, -1].float().cpu(), "tokens": generated}
+    return results
+
+
+def compare(a: dict, b: dict) -> dict:
+    """a against b: relative error of the logits, overlap of the top 10, greedy tokens in common."""
+    error = float((a["logits"] - b["logits"]).norm() / b["logits"].norm())
+    top_a, top_b = set(a["logits"].topk(10).indices.tolist()), set(b["logits"].topk(10).indices.tolist())
+    same_prefix = next((i for i, (x, y) in enumerate(zip(a["tokens"], b["tokens"])) if x != y),
+                       min(len(a["tokens"]), len(b["tokens"])))
+    return {"rel_error": error, "top10": len(top_a & top_b), "same_prefix": same_prefix,
+            "compared": min(len(a["tokens"]), len(b["tokens"]))}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, default=Path("/tmp/bench-checkpoint"))
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--original", help="folder with the original remote-code .py files")
+    parser.add_argument("--original-site", help="site-packages folder with transformers 4.46.3 for the original")
+    parser.add_argument("--original-timeout", type=int, default=400)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    if not (args.checkpoint / "config.json").exists():
+        started = time.perf_counter()
+        write_checkpoint(args.checkpoint, size="full", seed=0)
+        print(f"wrote a full random checkpoint in {time.perf_counter() - started:.0f} s", flush=True)
+    image = a4_page()
+    image_path = "/tmp/numerics-page.png"
+    image.save(image_path)
+    theirs = run_original(args, args.checkpoint, image_path) if args.original else {}
+
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(args.checkpoint))
+    rows = {}
+    model = DeepseekOCRForCausalLM.from_pretrained(str(args.checkpoint), dtype=torch.bfloat16).cuda().eval()
+    ours_f32_rotary = ours(model, tokenizer, image, args.tokens)
+    set_rotary(model, "bfloat16")
+    ours_bf16_rotary = ours(model, tokenizer, image, args.tokens)
+    del model
+    torch.cuda.empty_cache()
+    reference = DeepseekOCRForCausalLM.from_pretrained(str(args.checkpoint), dtype=torch.float32).cuda().eval()
+    ours_fp32 = ours(reference, tokenizer, image, 0)
+    del reference
+    for name in PRESETS:
+        row = {"bf16_vs_fp32": compare(ours_f32_rotary[name], ours_fp32[name])["rel_error"]}
+        if name in theirs:
+            row["rotary_float32"] = compare(ours_f32_rotary[name], theirs[name])
+            row["rotary_original"] = compare(ours_bf16_rotary[name], theirs[name])
+        rows[name] = row
+    print(json.dumps(rows, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, A4 page 1240x1754, "
+          f"{args.tokens} greedy tokens (original's 20-gram rule)\n")
+    head = ["preset", "ours bf16 vs ours fp32", "rotary f32: logits rel err", "top-10", "greedy same",
+            "rotary as original: logits rel err", "top-10", "greedy same"]
+    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    for name, row in rows.items():
+        cells = [name, f"{row['bf16_vs_fp32']:.2%}"]
+        for mode in ("rotary_float32", "rotary_original"):
+            c = row.get(mode)
+            cells += ([f"{c['rel_error']:.2%}", f"{c['top10']}/10", f"{c['same_prefix']}/{c['compared']}"]
+                      if c else ["-", "-", "-"])
+        print("| " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()

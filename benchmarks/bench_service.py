@@ -1,0 +1,125 @@
+"""The service as users drive it, through `OCREngine` (the predictor's path): A4 pages, Gundam, a fixed
+number of new tokens per page (EOS ignored, loop stop off, so that every run decodes the same work).
+
+Prints: pages/s of one 64-page job; pages/s of 64 concurrent one-page predictions; time to first token
+(p50, p95) of one-page predictions arriving while a 100-page job runs; peak GPU memory.
+
+On the device machine (see README "Performance"):
+    python benchmarks/bench_service.py
+"""
+
+import argparse
+import json
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from benchmarks.pages import PROMPT, a4_page  # noqa: E402
+from ocr_service.engine import OCREngine  # noqa: E402
+from ocr_service.presets import RESOLUTION_PRESETS  # noqa: E402
+from ocr_service.settings import Settings  # noqa: E402
+from scripts.make_random_checkpoint import write_checkpoint  # noqa: E402
+
+GUNDAM = RESOLUTION_PRESETS["Gundam (Recommended)"]
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def reset_peak() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib(kind: str) -> float:
+    if not torch.cuda.is_available():
+        return float("nan")
+    return (torch.cuda.max_memory_allocated() if kind == "allocated" else torch.cuda.max_memory_reserved()) / 2**30
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+
+
+def percentile(values: list, q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, default=Path("/tmp/bench-checkpoint"))
+    parser.add_argument("--tokens", type=int, default=1024)
+    parser.add_argument("--pages", type=int, default=64)
+    parser.add_argument("--background-pages", type=int, default=100)
+    parser.add_argument("--arrivals", type=int, default=16)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    if not (args.checkpoint / "config.json").exists():
+        write_checkpoint(args.checkpoint, size="full", seed=0)
+    settings = Settings.from_env().replace(stop_loops=False)
+    engine = OCREngine(args.checkpoint, settings, ignore_eos=True)
+    images = [a4_page(seed=i % 8) for i in range(max(args.pages, args.background_pages))]
+    engine.run_pages(images[:2], PROMPT, GUNDAM, 4)  # warm-up
+    reset_peak()
+    report = {"budget_gib": settings.gpu_memory_gib}
+
+    started = time.perf_counter()
+    engine.run_pages(images[:args.pages], PROMPT, GUNDAM, args.tokens)
+    report["job_pages_s"] = args.pages / (time.perf_counter() - started)
+    print("job", report["job_pages_s"], flush=True)
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(args.pages) as pool:
+        singles = list(pool.map(lambda image: engine.run_pages([image], PROMPT, GUNDAM, args.tokens)[0],
+                                images[:args.pages]))
+    report["concurrent_pages_s"] = args.pages / (time.perf_counter() - started)
+    report["concurrent_first_token_p50_s"] = percentile([r.first_token_s for r in singles], 0.5)
+    print("concurrent", report["concurrent_pages_s"], flush=True)
+
+    background = threading.Thread(target=engine.run_pages,
+                                  args=(images[:args.background_pages], PROMPT, GUNDAM, args.tokens))
+    background.start()
+    time.sleep(3)  # the job holds every row by now
+    arrivals = []
+
+    def arrive(index: int):
+        time.sleep(index * 0.25)
+        arrivals.append(engine.run_pages([images[index]], PROMPT, GUNDAM, args.tokens)[0])
+
+    with ThreadPoolExecutor(args.arrivals) as pool:
+        list(pool.map(arrive, range(args.arrivals)))
+    background.join()
+    firsts = [r.first_token_s for r in arrivals]
+    report["arrival_first_token_p50_s"] = percentile(firsts, 0.5)
+    report["arrival_first_token_p95_s"] = percentile(firsts, 0.95)
+    report["peak_allocated_gib"] = peak_gib("allocated")
+    report["peak_reserved_gib"] = peak_gib("reserved")
+    report["holdings_after"] = engine.server.holdings()
+    print(json.dumps(report, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+    ratio = report["concurrent_pages_s"] / report["job_pages_s"]
+    print(f"\n{device_name()}, torch {torch.__version__}, A4 pages, Gundam, {args.tokens} tokens/page\n")
+    print("| measure | value | target |\n|---|---|---|")
+    print(f"| one {args.pages}-page job, pages/s | {report['job_pages_s']:.2f} | ≥ 8 |")
+    print(f"| {args.pages} concurrent one-page predictions, pages/s | {report['concurrent_pages_s']:.2f} "
+          f"({ratio:.0%} of the job) | ≥ 90% of the job |")
+    print(f"| time to first token, one-page predictions arriving during a {args.background_pages}-page job, "
+          f"p50 / p95 | {report['arrival_first_token_p50_s']:.2f} s / {report['arrival_first_token_p95_s']:.2f} s "
+          f"| p50 < 1.5 s |")
+    print(f"| peak GPU memory, GiB (allocated / reserved) | {report['peak_allocated_gib']:.1f} / "
+          f"{report['peak_reserved_gib']:.1f} | ≤ {settings.gpu_memory_gib:g} (the budget) |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Run benchmarks on the GPU machine in one go: install the carried wheels (none can be downloaded
+# there), then each named step, its log and JSON under $OUT (or /tmp/bench-out).
+#   .whl/ours  transformers 5.23.0 (what requirements.txt pins; the machine has another)
+#   .whl/orig  transformers 4.46.3, tokenizers 0.20.3, huggingface_hub 0.26.5, addict, easydict, einops:
+#              the original code's stack, used in a subprocess only
+#   .bench/orig  the original remote-code .py files (fetched outside the repository, never committed)
+# Steps: kernels, engine, engine-steps, service, numerics, tests.
+#   bash benchmarks/device.sh kernels engine-steps
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/bench-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if [ -d .whl/ours ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/oursite .whl/ours/*.whl && export PYTHONPATH=/tmp/oursite
+fi
+if [ -d .whl/orig ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/origsite .whl/orig/*.whl
+fi
+ORIGINAL=(--original .bench/orig --original-site /tmp/origsite)
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
+for step in "$@"; do
+  echo "=== $step ($(date +%T))"
+  case "$step" in
+    kernels) python3 benchmarks/bench_kernels.py --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" ;;
+    engine) python3 benchmarks/bench_engine.py "${ORIGINAL[@]}" --profile "$OUT" --json "$OUT/engine.json" 2>&1 | tee "$OUT/engine.log" ;;
+    engine-steps) python3 benchmarks/bench_engine.py --skip job agreement --profile "$OUT" --json "$OUT/engine-steps.json" 2>&1 | tee "$OUT/engine-steps.log" ;;
+    service) python3 benchmarks/bench_service.py --json "$OUT/service.json" 2>&1 | tee "$OUT/service.log" ;;
+    numerics) python3 benchmarks/bench_numerics.py "${ORIGINAL[@]}" --json "$OUT/numerics.json" 2>&1 | tee "$OUT/numerics.log" ;;
+    tests) python3 -m pytest -q -x tests/test_triton_kernels.py tests/test_generation.py tests/test_loop_stop.py 2>&1 | tee "$OUT/tests.log" ;;
+    *) echo "unknown step $step" ;;
+  esac
+done

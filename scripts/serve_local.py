@@ -1,0 +1,100 @@
+"""Start the real Cog HTTP server around predict.py on 127.0.0.1, without Docker or the Cog CLI.
+
+Run it through scripts/serve-local.sh, which sets up .venv first. Steps:
+  1. weights: --weights DIR (verified first), or a tiny random checkpoint built once into
+     .cog/tiny-checkpoint (git-ignored) and built again when the model's tensors no longer match it;
+  2. the input schema .cog/openapi_schema.json, which `cog build` would write inside the image;
+  3. the server, in the foreground: this process becomes it, so Ctrl-C stops it.
+
+The tiny checkpoint has random weights: the server answers with the real output format, but the
+text is noise. Pass --weights with a folder of the official weights to read documents.
+"""
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_CHECKPOINT = REPO / ".cog" / "tiny-checkpoint"
+HOST = "127.0.0.1"
+
+
+def tiny_checkpoint() -> Path:
+    """Built on first use, and again when the model's tensors no longer match it (the model code changed)."""
+    from ocr_service.engine import checkpoint_tensor_shapes
+    from ocr_service.weights import verify_weights
+    from scripts.make_random_checkpoint import write_checkpoint
+
+    if not verify_weights(TINY_CHECKPOINT, checkpoint_tensor_shapes):
+        return TINY_CHECKPOINT
+    print(f"building a tiny random checkpoint in {TINY_CHECKPOINT.relative_to(REPO)}", flush=True)
+    shutil.rmtree(TINY_CHECKPOINT, ignore_errors=True)
+    return write_checkpoint(TINY_CHECKPOINT, size="tiny", seed=0)
+
+
+def checked_weights(folder: Path) -> Path:
+    from ocr_service.engine import checkpoint_tensor_shapes
+    from ocr_service.weights import verify_weights
+
+    problems = verify_weights(folder, checkpoint_tensor_shapes)
+    if problems:
+        sys.exit(f"serve-local: --weights {folder} is not a complete set of DeepSeek-OCR weights: "
+                 + "; ".join(problems))
+    return folder.resolve()
+
+
+def declared_concurrency() -> int:
+    """The concurrency predict.py declares with @cog.concurrent: what the image gets from `cog build`."""
+    from predict import Predictor
+
+    return getattr(Predictor.predict, "__cog_concurrent_max__", 1)
+
+
+def curl_example(url: str) -> str:
+    # The page goes in the JSON body as a data URI, piped into curl: a page is often larger than the
+    # longest single argument Linux allows (128 KiB). `base64 | tr -d '\n'` works on Linux and macOS.
+    return ("( printf '{\"input\": {\"image\": \"data:image/png;base64,'; base64 < page.png | tr -d '\\n';\n"
+            "  printf '\", \"task_type\": \"Free OCR\", \"max_new_tokens\": 64}}' ) |\n"
+            f"  curl -s {url}/predictions -H 'Content-Type: application/json' -d @-")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default 5000)")
+    parser.add_argument("--weights", type=Path,
+                        help="a folder holding the DeepSeek-OCR weights (default: a tiny random checkpoint)")
+    parser.add_argument("--concurrency", type=int,
+                        help="predictions served at once (default: what predict.py declares)")
+    args = parser.parse_args()
+    if not 0 < args.port < 65536:
+        parser.error(f"--port {args.port} is not a TCP port (1-65535)")
+    if args.concurrency is not None and args.concurrency < 1:
+        parser.error(f"--concurrency {args.concurrency} must be at least 1")
+
+    sys.path.insert(0, str(REPO))
+    weights = checked_weights(args.weights) if args.weights else tiny_checkpoint()
+    concurrency = args.concurrency or declared_concurrency()
+    subprocess.run([sys.executable, str(REPO / "scripts" / "write_openapi_schema.py")], cwd=REPO, check=True)
+
+    url = f"http://{HOST}:{args.port}"
+    random_note = "" if args.weights else " (random weights: the text is noise, the format is real)"
+    print(f"\nDeepSeek-OCR on {url}, weights {weights}{random_note}, {concurrency} prediction(s) at once.\n"
+          f"Wait for READY:  curl -s {url}/health-check\n"
+          f"Read a page (page.png in this folder):\n{curl_example(url)}\n"
+          f"Ctrl-C stops the server.\n", flush=True)
+
+    venv_bin = str(Path(sys.executable).parent)
+    env = dict(os.environ, DEEPSEEK_OCR_WEIGHTS_DIR=str(weights), DEEPSEEK_OCR_OFFLINE="1", PORT=str(args.port),
+               COG_PREDICT_TYPE_STUB="predict.py:Predictor", COG_MAX_CONCURRENCY=str(concurrency),
+               PYTHONUNBUFFERED="1",
+               # The server starts its worker as a plain `python`: it must be this environment's.
+               PATH=f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}")
+    os.chdir(REPO)
+    os.execvpe(sys.executable, [sys.executable, "-m", "cog.server.http", "--host", HOST], env)
+
+
+if __name__ == "__main__":
+    main()
