@@ -7,17 +7,20 @@ from pathlib import Path
 from cog import BaseModel, BasePredictor, Input, Path as CogPath, concurrent
 
 from ocr_service.document import PageOutput, assemble
-from ocr_service.engine import MAX_NEW_TOKENS, OCREngine, checkpoint_tensor_shapes
+from ocr_service.engine import OCREngine, checkpoint_tensor_shapes
 from ocr_service.inputs import load_pages
-from ocr_service.presets import (
-    DEFAULT_RESOLUTION, DEFAULT_TASK_TYPE, RESOLUTIONS, TASK_TYPES, build_prompt, resolution,
-)
+from ocr_service.presets import build_prompt, resolution
 from ocr_service.settings import Settings
 from ocr_service.weights import ensure_weights
 
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
 MARKDOWN_TASK = "Convert to Markdown"
 SETTINGS = Settings.from_env()
+# `cog build` reads the inputs' choices, defaults and bounds, and the concurrency, from this file's source
+# without running it: they must be literals here (tests/test_predict.py checks them against presets.py,
+# engine.py and settings.py).
+TASK_TYPES = ["Convert to Markdown", "Free OCR", "Parse Figure", "Locate Object by Reference"]
+RESOLUTIONS = ["Gundam (Recommended)", "Tiny", "Small", "Base", "Large"]
 
 
 class Output(BaseModel):
@@ -37,21 +40,22 @@ class Predictor(BasePredictor):
                                      **SETTINGS.weights_source)
         self.engine = OCREngine(weights_dir, SETTINGS)
 
-    # Concurrent predictions share the engine (their pages decode together); outside the image the server
-    # takes its slot count from COG_MAX_CONCURRENCY, which scripts/serve-local.sh sets from this.
-    @concurrent(max=SETTINGS.concurrency)
+    # Concurrent predictions share the engine (their pages decode together). The image's server gets its
+    # slot count from this; outside the image COG_MAX_CONCURRENCY sets it (scripts/serve-local.sh reads
+    # it from here).
+    @concurrent(max=64)
     async def predict(
         self,
         image: CogPath = Input(description="Image (PNG, JPEG, WebP, TIFF, ...) or PDF document"),
-        task_type: str = Input(description="What to do with the image", choices=list(TASK_TYPES),
-                               default=DEFAULT_TASK_TYPE),
+        task_type: str = Input(description="What to do with the image", choices=TASK_TYPES,
+                               default="Convert to Markdown"),
         reference_text: str = Input(description="What to locate, for 'Locate Object by Reference'", default=""),
         resolution_size: str = Input(description="Resolution preset: Gundam tiles large pages (recommended)",
-                                     choices=list(RESOLUTIONS), default=DEFAULT_RESOLUTION),
+                                     choices=RESOLUTIONS, default="Gundam (Recommended)"),
         pages: str = Input(description="Pages of a PDF or multi-page TIFF to read, e.g. '1-3,5'; empty = all",
                            default=""),
-        max_new_tokens: int = Input(description="Most tokens to generate per page", ge=1, le=MAX_NEW_TOKENS,
-                                    default=MAX_NEW_TOKENS),
+        max_new_tokens: int = Input(description="Most tokens to generate per page", ge=1, le=8192,
+                                    default=8192),
     ) -> Output:
         prompt = build_prompt(task_type, reference_text, extra_forbidden=self.engine.special_token_texts)
         preset = resolution(resolution_size)
