@@ -26,7 +26,7 @@ for step in "$@"; do
   case "$step" in
     kernels) python3 benchmarks/bench_kernels.py --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" ;;
     engine) python3 benchmarks/bench_engine.py "${ORIGINAL[@]}" --profile "$OUT" --json "$OUT/engine.json" 2>&1 | tee "$OUT/engine.log" ;;
-    engine-steps) python3 benchmarks/bench_engine.py --skip job agreement --profile "$OUT" --json "$OUT/engine-steps.json" 2>&1 | tee "$OUT/engine-steps.log" ;;
+    engine-steps) python3 benchmarks/bench_engine.py --skip job --profile "$OUT" --json "$OUT/engine-steps.json" 2>&1 | tee "$OUT/engine-steps.log" ;;
     service) python3 benchmarks/bench_service.py --json "$OUT/service.json" 2>&1 | tee "$OUT/service.log" ;;
     numerics) python3 benchmarks/bench_numerics.py "${ORIGINAL[@]}" --json "$OUT/numerics.json" 2>&1 | tee "$OUT/numerics.log" ;;
     tests) python3 -m pytest -q -x tests/test_triton_kernels.py tests/test_generation.py tests/test_loop_stop.py 2>&1 | tee "$OUT/tests.log" ;;
