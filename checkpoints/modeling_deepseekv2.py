@@ -60,10 +60,10 @@ class RotaryEmbedding(nn.Module):
 
     def table(self, length: int, device, dtype: torch.dtype):
         """(cos, sin) [≥ length, Dh] for positions 0..; grown (never shrunk) when a longer one is asked."""
-        key = (torch.device(device), dtype)
+        positions = torch.arange(max(length, 1), device=device, dtype=torch.float32)
+        key = (positions.device, dtype)  # the device with its index ("cuda:0"), as tensors report it
         cached = self._tables.get(key)
         if cached is None or cached[0].shape[0] < length:
-            positions = torch.arange(max(length, 1), device=device, dtype=torch.float32)
             freqs = positions[:, None] * self.inverse_frequencies(device)[None, :]
             angles = torch.cat((freqs, freqs), dim=-1)
             cached = (angles.cos().to(dtype), angles.sin().to(dtype))
