@@ -45,7 +45,7 @@ MAX_NEW_TOKENS = 8192
 # Longest sequence a row can hold: the longest prompt (Gundam 3×3 tiles, 1,203 image tokens, plus the
 # text of a Locate prompt with its longest reference) and MAX_NEW_TOKENS.
 MAX_SEQUENCE = MAX_NEW_TOKENS + 2048
-GRAPH_MEMORY_GIB = 1.0  # kept free for the captured graphs' buffers
+X
 
 
 @dataclass
@@ -273,6 +273,8 @@ class ServingLoop:
             f"up to {self.max_rows} sequences at once")
         self.inbox: "queue.Queue" = queue.Queue()
         self.positions: dict = {}  # row → cache length, as of the last look at the device
+        # seconds the serving thread spent on each kind of device work (logged with the progress)
+        self.busy = {"encode": 0.0, "prefill": 0.0, "decode": 0.0}
         self._last_progress = time.monotonic()
         self.thread = threading.Thread(target=self._run, name="deepseek-ocr-serving", daemon=True)
         self.thread.start()
@@ -293,7 +295,7 @@ class ServingLoop:
         total = torch.cuda.get_device_properties(engine.device).total_memory
         budget = min(settings.gpu_memory_gib * 2**30, 0.92 * total)
         peak = self._profile_peak(block_bytes)
-        free_for_cache = budget - peak - GRAPH_MEMORY_GIB * 2**30
+        free_for_cache = budget - peak - HEADROOM_GIB * 2**30
         blocks = min(useful, int(free_for_cache // block_bytes))
         if blocks * BLOCK_SIZE < MAX_SEQUENCE + self.sync_every + 1:
             raise RuntimeError(f"DEEPSEEK_OCR_GPU_MEMORY_GIB={settings.gpu_memory_gib:g} leaves no room for the KV "
@@ -427,6 +429,13 @@ class ServingLoop:
         pages = self.policy.to_encode(limit=16)
         if not pages:
             return
+        started = time.monotonic()
+        try:
+            self._encode_pages(pages)
+        finally:
+            self.busy["encode"] += time.monotonic() - started
+
+    def _encode_pages(self, pages: list) -> None:
         try:
             with self.engine.translate_oom("encoding the images"):
                 embeds = encode_prompts(self.engine.model, [p.payload.inputs for p in pages])
@@ -454,6 +463,13 @@ class ServingLoop:
         admissions = self.policy.to_admit()
         if not admissions:
             return
+        started = time.monotonic()
+        try:
+            self._prefill(admissions)
+        finally:
+            self.busy["prefill"] += time.monotonic() - started
+
+    def _prefill(self, admissions: list) -> None:
         entries = [self._entry(a.page, a.row) for a in admissions]
         try:
             with self.engine.translate_oom("reading the prompts"):
@@ -505,9 +521,11 @@ class ServingLoop:
         live = self._live_rows()
         if live == 0:
             return
+        started = time.monotonic()
         self.batch.run(live, self.sync_every)
         states = self.batch.read(live)
         now = time.monotonic()
+        self.busy["decode"] += now - started
         for row, state in enumerate(states):
             page = self.policy.rows[row]
             if page is None:
@@ -563,8 +581,9 @@ class ServingLoop:
         if now - self._last_progress >= 5:
             self._last_progress = now
             held = self.policy.holdings()
+            busy = ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in self.busy.items())
             self.log(f"decoding {held['rows']} page(s), {held['waiting']} waiting, "
-                     f"{held['blocks']}/{self.policy.blocks.capacity} cache blocks in use")
+                     f"{held['blocks']}/{self.policy.blocks.capacity} cache blocks in use; busy so far: {busy}")
 
     def _fail_everything(self, error: Exception) -> None:
         if isinstance(error, torch.OutOfMemoryError):
