@@ -117,6 +117,8 @@ def paged_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Te
         return triton_kernels.paged_decode_attention(q, keys, values, block_tables, seq_lens)
     batch, heads, head_dim = q.shape
     _, kv_heads, block_size, _ = keys.shape
+    if not q.is_cuda:  # gather only the blocks in use (reading the lengths is free on the CPU, no graph here)
+        block_tables = block_tables[:, :max(1, -(-int(seq_lens.max()) // block_size))]
     span = block_tables.shape[1] * block_size
     # Gather every sequence's blocks into [B, Hkv, span, Dh] and mask what lies past its length.
     gathered_k = keys[block_tables.long()].transpose(1, 2).reshape(batch, kv_heads, span, head_dim)

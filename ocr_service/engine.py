@@ -38,7 +38,7 @@ from .decode_batch import RUNNING, STOP_REASONS, DecodeBatch, Entry
 from .errors import InputError
 from .scheduler import BlockPool, SchedulingPolicy, Stage
 from .settings import Settings
-from .vision import Preprocessor, encode_prompts, limit_cpu_threads
+from .vision import Preprocessor, VisionWorker, limit_cpu_threads
 
 BLOCK_SIZE = 64  # cache positions per block
 MAX_NEW_TOKENS = 8192
@@ -245,7 +245,10 @@ class PagePayload:
 
 
 class ServingLoop:
-    """The thread that owns the GPU: policy decisions applied to the device, round after round."""
+    """The thread that owns the decode batch: policy decisions applied to the device, round after round.
+    The vision encoder runs beside it (`VisionWorker`)."""
+
+    ENCODING_PAGES = 32  # pages handed to the vision worker at once (two of its passes)
 
     def __init__(self, engine: OCREngine, log: Callable[[str], None]):
         self.engine, self.log = engine, log
@@ -276,7 +279,8 @@ class ServingLoop:
         self.inbox: "queue.Queue" = queue.Queue()
         self.positions: dict = {}  # row → cache length, as of the last look at the device
         # seconds the serving thread spent on each kind of device work (logged with the progress)
-        self.busy = {"encode": 0.0, "prefill": 0.0, "decode": 0.0}
+        self.busy = {"prefill": 0.0, "decode": 0.0}
+        self.vision = VisionWorker(model, engine.translate_oom)
         self._last_progress = time.monotonic()
         self.thread = threading.Thread(target=self._run, name="deepseek-ocr-serving", daemon=True)
         self.thread.start()
@@ -428,38 +432,18 @@ class ServingLoop:
             page.payload.future = self.preprocessor.submit(job.images[page.index], job.prompt, job.resolution)
 
     def _encode(self) -> None:
-        pages = self.policy.to_encode(limit=16)
-        if not pages:
-            return
-        started = time.monotonic()
-        try:
-            self._encode_pages(pages)
-        finally:
-            self.busy["encode"] += time.monotonic() - started
-
-    def _encode_pages(self, pages: list) -> None:
-        try:
-            with self.engine.translate_oom("encoding the images"):
-                embeds = encode_prompts(self.engine.model, [p.payload.inputs for p in pages])
-        except Exception as error:
-            if len(pages) == 1:
-                self._close(pages[0].payload.job, _user_error(error, "encoding the page"))
-                return
-            embeds = None
-        if embeds is None:  # find whose page failed: encode one by one
-            embeds = []
-            for page in pages:
-                try:
-                    with self.engine.translate_oom("encoding the images"):
-                        embeds.append(encode_prompts(self.engine.model, [page.payload.inputs])[0])
-                except Exception as error:
-                    embeds.append(None)
-                    self._close(page.payload.job, _user_error(error, "encoding the page"))
-        for page, page_embeds in zip(pages, embeds):
-            if page_embeds is None or page.prediction.closed:
+        """Take the pages the vision worker has finished, and hand it the next ones (round robin, bounded)."""
+        for page, embeds, error in self.vision.finished():
+            if page.prediction.closed or page.stage is not Stage.ENCODING:
                 continue
-            page.payload.embeds = page_embeds
+            if error is not None:
+                self._close(page.payload.job, _user_error(error, "encoding the page"))
+                continue
+            page.payload.embeds = embeds
             self.policy.encoded(page)
+        in_flight = sum(len(p.pages_in(Stage.ENCODING)) for p in self.policy.predictions)
+        pages = self.policy.to_encode(limit=max(0, self.ENCODING_PAGES - in_flight))
+        self.vision.submit([(page, page.payload.inputs) for page in pages])
 
     def _admit(self) -> None:
         admissions = self.policy.to_admit()
@@ -583,7 +567,7 @@ class ServingLoop:
         if now - self._last_progress >= 5:
             self._last_progress = now
             held = self.policy.holdings()
-            busy = ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in self.busy.items())
+            busy = ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in self.busy_seconds().items())
             self.log(f"decoding {held['rows']} page(s), {held['waiting']} waiting, "
                      f"{held['blocks']}/{self.policy.blocks.capacity} cache blocks in use; busy so far: {busy}")
 
@@ -598,6 +582,10 @@ class ServingLoop:
             self.batch.clear(row)
         self.positions.clear()
         self.policy.forget_finished()
+
+    def busy_seconds(self) -> dict:
+        """Seconds of device work so far: vision encoding (beside the rest), prefill, decode."""
+        return {"encode": self.vision.busy_s, **self.busy}
 
     def holdings(self) -> dict:
         """What the engine holds now (rows, blocks, pages waiting, predictions): all zero when idle."""

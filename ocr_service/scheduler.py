@@ -30,6 +30,7 @@ class Stage(Enum):
     QUEUED = "queued"  # waiting for preprocessing
     PREPROCESSING = "preprocessing"
     PREPROCESSED = "preprocessed"  # views ready, waiting for the vision encoder
+    ENCODING = "encoding"
     ENCODED = "encoded"  # prompt embeddings ready, waiting for a row and blocks
     RUNNING = "running"  # holds a row and blocks
     DONE = "done"  # finished, failed or cancelled: holds nothing
@@ -181,7 +182,7 @@ class SchedulingPolicy:
 
     def _waiting(self) -> int:
         return sum(len(p.pages_in(s)) for p in self.predictions
-                   for s in (Stage.PREPROCESSING, Stage.PREPROCESSED, Stage.ENCODED))
+                   for s in (Stage.PREPROCESSING, Stage.PREPROCESSED, Stage.ENCODING, Stage.ENCODED))
 
     # ------------------------------------------------------------------ stages
 
@@ -198,11 +199,14 @@ class SchedulingPolicy:
             page.stage = Stage.PREPROCESSED
 
     def to_encode(self, limit: int) -> list:
-        """Pages whose views to encode in the next vision pass."""
-        return self._pick(Stage.ENCODED, Stage.PREPROCESSED, limit)
+        """Pages whose views to encode next (they move to ENCODING)."""
+        pages = self._pick(Stage.ENCODING, Stage.PREPROCESSED, limit)
+        for page in pages:
+            page.stage = Stage.ENCODING
+        return pages
 
     def encoded(self, page: Page) -> None:
-        if page.stage is Stage.PREPROCESSED:
+        if page.stage is Stage.ENCODING:
             page.stage = Stage.ENCODED
 
     def to_admit(self) -> list:

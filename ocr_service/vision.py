@@ -1,19 +1,24 @@
 """From page images to prompt embeddings: preprocessing on a bounded CPU pool, and the vision encoder
-run on the views of many pages (of many predictions) at once.
+run on the views of many pages (of many predictions) at once, on its own thread and CUDA stream.
 
 Preprocessing (resizing, padding, tiling, tokenising) is CPU work done in worker threads. Its torch
 operations would each spread over every core by default, so N workers would run N × cores threads:
 on a GPU host the pool's workers get one intra-op thread each (`limit_cpu_threads`), and the pool's
 size is what bounds the CPU work.
 
-Encoding groups the views by size (the global views of one preset, the tiles) and runs each group
+Encoding runs beside decoding (`VisionWorker`): decoding is bound by memory bandwidth and encoding by
+compute and kernel launches, so on one GPU the two overlap, and a page that arrives while the batch
+decodes is encoded without waiting for it. Encoding groups the views by size (the global views of one preset, the tiles) and runs each group
 through SAM/CLIP/projector in passes bounded by pixels (SAM's global attention holds a bias of
 (side/16)⁴ values per head and view, so a pass of four 1024-pixel views is already large).
 """
 
 import os
+import queue
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -56,7 +61,11 @@ def encode_prompts(model, prompts: Sequence[PromptInputs], pass_pixels: int = PA
                 groups.setdefault(views.tiles.shape[-1], []).append(((p, i, "tiles"), views.tiles))
     features = {}
     for size, members in groups.items():
-        pixels = torch.cat([v for _, v in members])
+        # in the model's dtype before the copy (the original rounds its pixels to bf16 too): half the bytes,
+        # from pinned memory so that the copy does not hold up this thread
+        pixels = torch.cat([v for _, v in members]).to(dtype)
+        if device.type == "cuda":
+            pixels = pixels.pin_memory().to(device, non_blocking=True)
         per_pass = max(1, pass_pixels // (size * size))
         encoded = torch.cat([inner.encode_views(pixels[start:start + per_pass])
                              for start in range(0, pixels.shape[0], per_pass)])
@@ -73,3 +82,77 @@ def encode_prompts(model, prompts: Sequence[PromptInputs], pass_pixels: int = PA
             embeds[prompt.image_mask.to(device)] = torch.cat(arranged).to(dtype)
         embeddings.append(embeds)
     return embeddings
+
+
+class VisionWorker:
+    """Encodes pages on a thread (and, on CUDA, a stream) of its own.
+
+    `submit(items)` queues (key, PromptInputs) pairs; `finished()` returns (key, embeddings or None, error
+    or None) for every page done since the last call. Pages queued together are encoded in one batched
+    pass; if it fails, they are encoded one by one so that the error lands on the page that caused it.
+    The embeddings are complete when handed over, and marked as used by the caller's stream, so that their
+    memory is not reused before the caller's work on them is done.
+    """
+
+    def __init__(self, model, translate_oom: Callable, max_pages_per_pass: int = 16):
+        self.model, self.translate_oom = model, translate_oom
+        self.max_pages_per_pass = max_pages_per_pass
+        device = model.model.image_newline.device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.requests: "queue.Queue" = queue.Queue()
+        self.results: "queue.Queue" = queue.Queue()
+        self.busy_s = 0.0  # seconds spent encoding
+        self.thread = threading.Thread(target=self._run, name="deepseek-ocr-vision", daemon=True)
+        self.thread.start()
+
+    def submit(self, items: list) -> None:
+        for item in items:
+            self.requests.put(item)
+
+    def finished(self) -> list:
+        done = []
+        while True:
+            try:
+                key, embeds, error = self.results.get_nowait()
+            except queue.Empty:
+                return done
+            if embeds is not None and embeds.is_cuda:
+                embeds.record_stream(torch.cuda.current_stream(embeds.device))
+            done.append((key, embeds, error))
+
+    def _run(self) -> None:
+        while True:
+            items = [self.requests.get()]
+            while len(items) < self.max_pages_per_pass:
+                try:
+                    items.append(self.requests.get_nowait())
+                except queue.Empty:
+                    break
+            started = time.monotonic()
+            for result in self._encode(items):
+                self.results.put(result)
+            self.busy_s += time.monotonic() - started
+
+    def _encode(self, items: list) -> list:
+        try:
+            embeddings = self._encode_on_stream([inputs for _, inputs in items])
+            return [(key, embeds, None) for (key, _), embeds in zip(items, embeddings)]
+        except Exception as error:
+            if len(items) == 1:
+                return [(items[0][0], None, error)]
+        results = []
+        for key, inputs in items:  # find whose page failed: one by one
+            try:
+                results.append((key, self._encode_on_stream([inputs])[0], None))
+            except Exception as error:
+                results.append((key, None, error))
+        return results
+
+    def _encode_on_stream(self, prompts: list) -> list:
+        with self.translate_oom("encoding the images"):
+            if self.stream is None:
+                return encode_prompts(self.model, prompts)
+            with torch.cuda.stream(self.stream):
+                embeddings = encode_prompts(self.model, prompts)
+            self.stream.synchronize()  # complete before another stream reads them
+            return embeddings
