@@ -251,6 +251,10 @@ class DecodeBatch:
         """The state of rows 0..live_rows-1, in one transfer from the device."""
         if live_rows == 0:
             return []
+        if self.device.type == "cuda":
+            # Wait for the queued steps with the GIL released (a blocking copy would hold it), so that the
+            # vision worker's thread keeps launching meanwhile.
+            torch.cuda.current_stream(self.device).synchronize()
         rows = slice(0, live_rows)
         state = torch.stack([self.positions[rows], self.lengths[rows] - self.prompt_lengths[rows],
                              self.stop[rows]]).tolist()

@@ -17,6 +17,7 @@ model's plain `generate_tokens` (the readable reference path).
 
 import contextlib
 import json
+import os
 import math
 import queue
 import threading
@@ -25,9 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-import torch
+# Two streams (vision, decoding) allocate beside each other: segments that grow in place keep what the
+# caching allocator reserves close to what is allocated. Set before CUDA starts; an operator's value wins.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
-from checkpoints import DeepseekOCRConfig, DeepseekOCRForCausalLM
+import torch  # noqa: E402
+
+from checkpoints import DeepseekOCRConfig, DeepseekOCRForCausalLM  # noqa: E402
 from checkpoints.generation import (
     DEFAULT_LOOP_STOP, LOOP_STOP_OFF, ORIGINAL_NO_REPEAT_RULE, SERVING_NO_REPEAT_RULE,
 )
@@ -310,18 +315,25 @@ class ServingLoop:
 
     @torch.inference_mode()
     def _profile_peak(self, block_bytes: int) -> int:
-        """Peak memory of the weights plus one vision pass and one full prefill, run on dummy inputs."""
+        """Peak memory with the weights, one vision pass and one full prefill at once (they run on two
+        streams side by side), measured by running each on dummy inputs."""
         engine = self.engine
         model, settings = engine.model, engine.settings
         torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         pixels = torch.zeros(4, 3, 1024, 1024, device=engine.device)
         model.model.encode_views(pixels)
+        del pixels
+        torch.cuda.synchronize()
+        vision = torch.cuda.max_memory_allocated() - base
+        torch.cuda.reset_peak_memory_stats()
         tokens = settings.prefill_tokens
         blocks = math.ceil(tokens / BLOCK_SIZE) + 1
         config = model.config
         cache = PagedKVCache(config.num_hidden_layers, blocks, config.num_key_value_heads, config.head_dim,
                              BLOCK_SIZE, engine.dtype, engine.device)
+        cache_bytes = cache.keys.numel() * cache.keys.element_size() * 2
         model.model.rotary.table(MAX_SEQUENCE, engine.device, engine.dtype)
         lengths = [1300] * (tokens // 1300) + [tokens % 1300]
         positions = torch.cat([torch.arange(n) for n in lengths if n]).to(engine.device)
@@ -329,11 +341,11 @@ class ServingLoop:
                                  prompt_lengths=tuple(n for n in lengths if n))
         embeds = torch.zeros(tokens, config.hidden_size, device=engine.device, dtype=engine.dtype)
         model.forward_paged(embeds, cache, torch.tensor([tokens - 1], device=engine.device))
-        del cache, embeds, pixels
         torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
+        prefill = torch.cuda.max_memory_allocated() - base - cache_bytes
+        del cache, embeds
         torch.cuda.empty_cache()
-        return peak
+        return base + vision + prefill
 
     # ------------------------------------------------------------------ requests from other threads
 
