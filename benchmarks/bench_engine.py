@@ -209,9 +209,9 @@ def vision_pass(engine: OCREngine, pages: int, out: Path = None) -> dict:
 
     model, tokenizer = engine.model, engine.tokenizer
     images = [a4_page(seed=i % 8) for i in range(pages)]
+    preprocessor = engine.server.preprocessor  # one of its workers' work, in this thread
     started = time.perf_counter()
-    prompts = [model.prepare_inputs(tokenizer, PROMPT, [image], GUNDAM.base_size, GUNDAM.image_size,
-                                    GUNDAM.crop_mode) for image in images]
+    prompts = [preprocessor._prepare(image, PROMPT, GUNDAM) for image in images]
     preprocess_s = time.perf_counter() - started
     encode_prompts(model, prompts[:2])  # warm-up
     sync()

@@ -35,16 +35,30 @@ def limit_cpu_threads(workers: int) -> None:
 
 
 class Preprocessor:
-    """A bounded pool that turns (image, prompt, preset) into PromptInputs (views and token ids)."""
+    """A bounded pool that turns (image, prompt, preset) into PromptInputs (views and token ids), the views
+    already in the model's dtype (the original rounds its pixels to bf16 too) and, for a GPU, in pinned
+    memory: the pixel work is done here, in parallel, and the vision pass only copies them to the device."""
 
-    def __init__(self, tokenizer, workers: int):
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer, workers: int, dtype: torch.dtype = torch.float32, pin: bool = False):
+        self.tokenizer, self.dtype, self.pin = tokenizer, dtype, pin
         self.workers = max(1, workers)
         self.pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="deepseek-ocr-preprocess")
 
     def submit(self, image, prompt: str, resolution):
-        return self.pool.submit(build_prompt_inputs, self.tokenizer, prompt, [image], resolution.base_size,
-                                resolution.image_size, resolution.crop_mode)
+        return self.pool.submit(self._prepare, image, prompt, resolution)
+
+    def _prepare(self, image, prompt: str, resolution) -> PromptInputs:
+        inputs = build_prompt_inputs(self.tokenizer, prompt, [image], resolution.base_size, resolution.image_size,
+                                     resolution.crop_mode)
+        for views in inputs.images:
+            views.global_view = self._ready(views.global_view)
+            if views.has_tiles:
+                views.tiles = self._ready(views.tiles)
+        return inputs
+
+    def _ready(self, pixels: torch.Tensor) -> torch.Tensor:
+        pixels = pixels.to(self.dtype)
+        return pixels.pin_memory() if self.pin else pixels
 
 
 @torch.inference_mode()
@@ -61,11 +75,8 @@ def encode_prompts(model, prompts: Sequence[PromptInputs], pass_pixels: int = PA
                 groups.setdefault(views.tiles.shape[-1], []).append(((p, i, "tiles"), views.tiles))
     features = {}
     for size, members in groups.items():
-        # in the model's dtype before the copy (the original rounds its pixels to bf16 too): half the bytes,
-        # from pinned memory so that the copy does not hold up this thread
-        pixels = torch.cat([v for _, v in members]).to(dtype)
-        if device.type == "cuda":
-            pixels = pixels.pin_memory().to(device, non_blocking=True)
+        # each view copied as it is (the Preprocessor leaves them pinned, in the model's dtype), joined there
+        pixels = torch.cat([v.to(device, dtype, non_blocking=True) for _, v in members])
         per_pass = max(1, pass_pixels // (size * size))
         encoded = torch.cat([inner.encode_views(pixels[start:start + per_pass])
                              for start in range(0, pixels.shape[0], per_pass)])
