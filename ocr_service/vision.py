@@ -13,6 +13,7 @@ through SAM/CLIP/projector in passes bounded by pixels (SAM's global attention h
 (side/16)⁴ values per head and view, so a pass of four 1024-pixel views is already large).
 """
 
+import itertools
 import os
 import queue
 import threading
@@ -98,9 +99,12 @@ def encode_prompts(model, prompts: Sequence[PromptInputs], pass_pixels: int = PA
 class VisionWorker:
     """Encodes pages on a thread (and, on CUDA, a stream) of its own.
 
-    `submit(items)` queues (key, PromptInputs) pairs; `finished()` returns (key, embeddings or None, error
-    or None) for every page done since the last call. Pages queued together are encoded in one batched
-    pass; if it fails, they are encoded one by one so that the error lands on the page that caused it.
+    `submit(items)` queues (priority, key, PromptInputs); `finished()` returns (key, embeddings or None,
+    error or None) for every page done since the last call. Each pass takes the queued pages of lowest
+    priority value first (the engine gives a page's position in its prediction, so the first page of a
+    prediction that just arrived goes ahead of a long job's queued pages), up to `max_pages_per_pass`, in
+    one batched pass; if it fails, they are encoded one by one so that the error lands on the page that
+    caused it.
     The embeddings are complete when handed over, and marked as used by the caller's stream, so that their
     memory is not reused before the caller's work on them is done.
     """
@@ -110,15 +114,16 @@ class VisionWorker:
         self.max_pages_per_pass = max_pages_per_pass
         device = model.model.image_newline.device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.requests: "queue.Queue" = queue.Queue()
+        self.requests: "queue.PriorityQueue" = queue.PriorityQueue()
+        self._order = itertools.count()  # ties in priority: first come, first served
         self.results: "queue.Queue" = queue.Queue()
         self.busy_s = 0.0  # seconds spent encoding
         self.thread = threading.Thread(target=self._run, name="deepseek-ocr-vision", daemon=True)
         self.thread.start()
 
     def submit(self, items: list) -> None:
-        for item in items:
-            self.requests.put(item)
+        for priority, key, inputs in items:
+            self.requests.put((priority, next(self._order), key, inputs))
 
     def finished(self) -> list:
         done = []
@@ -133,10 +138,10 @@ class VisionWorker:
 
     def _run(self) -> None:
         while True:
-            items = [self.requests.get()]
+            items = [self.requests.get()[2:]]
             while len(items) < self.max_pages_per_pass:
                 try:
-                    items.append(self.requests.get_nowait())
+                    items.append(self.requests.get_nowait()[2:])
                 except queue.Empty:
                     break
             started = time.monotonic()
