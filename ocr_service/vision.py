@@ -100,11 +100,12 @@ class VisionWorker:
     """Encodes pages on a thread (and, on CUDA, a stream) of its own.
 
     `submit(items)` queues (priority, key, PromptInputs); `finished()` returns (key, embeddings or None,
-    error or None) for every page done since the last call. Each pass takes the queued pages of lowest
-    priority value first (the engine gives a page's position in its prediction, so the first page of a
-    prediction that just arrived goes ahead of a long job's queued pages), up to `max_pages_per_pass`, in
-    one batched pass; if it fails, they are encoded one by one so that the error lands on the page that
-    caused it.
+    error or None) for every page done since the last call. Each pass takes queued pages of the lowest
+    priority value there is, and only of that value, up to `max_pages_per_pass`, in one batched pass (the
+    engine gives a prediction's first page priority 0 and its others 1: a page that just arrived goes
+    ahead of a long job's queued pages, in a pass of its own kind, so it waits for at most the pass under
+    way and its own pass is not a long job's). If a pass fails, its pages are encoded one by one so that
+    the error lands on the page that caused it.
     The embeddings are complete when handed over, and marked as used by the caller's stream, so that their
     memory is not reused before the caller's work on them is done.
     """
@@ -138,12 +139,17 @@ class VisionWorker:
 
     def _run(self) -> None:
         while True:
-            items = [self.requests.get()[2:]]
-            while len(items) < self.max_pages_per_pass:
+            first = self.requests.get()
+            items = [first[2:]]
+            while len(items) < self.max_pages_per_pass:  # a pass holds pages of one priority only
                 try:
-                    items.append(self.requests.get_nowait()[2:])
+                    queued = self.requests.get_nowait()
                 except queue.Empty:
                     break
+                if queued[0] != first[0]:
+                    self.requests.put(queued)
+                    break
+                items.append(queued[2:])
             started = time.monotonic()
             for result in self._encode(items):
                 self.results.put(result)
