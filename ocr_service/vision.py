@@ -119,12 +119,19 @@ class VisionWorker:
         self._order = itertools.count()  # ties in priority: first come, first served
         self.results: "queue.Queue" = queue.Queue()
         self.busy_s = 0.0  # seconds spent encoding
-        self.thread = threading.Thread(target=self._run, name="deepseek-ocr-vision", daemon=True)
-        self.thread.start()
+        # On the CPU there is nothing to overlap (the same cores decode), and a second thread allocating
+        # the towers' large temporaries gets its own malloc arena: the process's memory only grows. There
+        # the caller's thread encodes, at submit.
+        self.thread = None
+        if self.stream is not None:
+            self.thread = threading.Thread(target=self._run, name="deepseek-ocr-vision", daemon=True)
+            self.thread.start()
 
     def submit(self, items: list) -> None:
         for priority, key, inputs in items:
             self.requests.put((priority, next(self._order), key, inputs))
+        while self.thread is None and not self.requests.empty():
+            self._encode_next_pass()
 
     def finished(self) -> list:
         done = []
@@ -139,21 +146,24 @@ class VisionWorker:
 
     def _run(self) -> None:
         while True:
-            first = self.requests.get()
-            items = [first[2:]]
-            while len(items) < self.max_pages_per_pass:  # a pass holds pages of one priority only
-                try:
-                    queued = self.requests.get_nowait()
-                except queue.Empty:
-                    break
-                if queued[0] != first[0]:
-                    self.requests.put(queued)
-                    break
-                items.append(queued[2:])
-            started = time.monotonic()
-            for result in self._encode(items):
-                self.results.put(result)
-            self.busy_s += time.monotonic() - started
+            self._encode_next_pass()
+
+    def _encode_next_pass(self) -> None:
+        first = self.requests.get()
+        items = [first[2:]]
+        while len(items) < self.max_pages_per_pass:  # a pass holds pages of one priority only
+            try:
+                queued = self.requests.get_nowait()
+            except queue.Empty:
+                break
+            if queued[0] != first[0]:
+                self.requests.put(queued)
+                break
+            items.append(queued[2:])
+        started = time.monotonic()
+        for result in self._encode(items):
+            self.results.put(result)
+        self.busy_s += time.monotonic() - started
 
     def _encode(self, items: list) -> list:
         try:
