@@ -30,7 +30,7 @@ from transformers.utils import logging as transformers_logging
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.pages import a4_page  # noqa: E402
+from benchmarks.common import a4_page  # noqa: E402
 from ocr_service.engine import OCREngine, checkpoint_tensor_shapes  # noqa: E402
 from ocr_service.presets import build_prompt, resolution  # noqa: E402
 from ocr_service.weights import safetensors_header, verify_weights  # noqa: E402

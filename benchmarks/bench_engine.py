@@ -15,9 +15,7 @@ a site-packages folder with transformers 4.46.3 for them; the original runs in a
 
 import argparse
 import json
-import math
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -28,7 +26,9 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.pages import PRESETS, PROMPT, a4_page  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    PROMPT, a4_page, device_name, original_checkpoint, peak_gib, reset_peak, sync,
+)
 from checkpoints.generation import SERVING_NO_REPEAT_RULE  # noqa: E402
 from ocr_service.decode_batch import Entry  # noqa: E402
 from ocr_service.engine import OCREngine  # noqa: E402
@@ -39,25 +39,6 @@ from scripts.make_random_checkpoint import write_checkpoint  # noqa: E402
 BANDWIDTH = 3.0e12  # bytes/s: what a device-to-device copy reaches on the H100 (HBM3)
 GUNDAM = RESOLUTION_PRESETS["Gundam (Recommended)"]
 
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def reset_peak() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-
-
-def peak_gib(kind: str) -> float:
-    if not torch.cuda.is_available():
-        return float("nan")
-    return (torch.cuda.max_memory_allocated() if kind == "allocated" else torch.cuda.max_memory_reserved()) / 2**30
-
-
-def device_name() -> str:
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
 
 ORIGINAL_DRIVER = r'''
 import json, sys, time, torch
@@ -96,14 +77,7 @@ print("RESULT " + json.dumps({"ttft_s": marks["first"] - start, "tok_s_b1": (tok
 
 
 def run_original(args, checkpoint: Path) -> dict:
-    folder = Path("/tmp/original-checkpoint")
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir()
-    for item in checkpoint.iterdir():
-        if item.suffix != ".py":
-            (folder / item.name).symlink_to(item)
-    for source in Path(args.original).glob("*.py"):
-        shutil.copy(source, folder / source.name)
+    folder = original_checkpoint(checkpoint, args.original, Path("/tmp/original-checkpoint"))
     image_path = "/tmp/bench-page.png"
     a4_page().save(image_path)
     env = dict(os.environ, PYTHONPATH=args.original_site)
@@ -207,7 +181,7 @@ def vision_pass(engine: OCREngine, pages: int, out: Path = None) -> dict:
     kernel profile of the encoding."""
     from ocr_service.vision import encode_prompts
 
-    model, tokenizer = engine.model, engine.tokenizer
+    model = engine.model
     images = [a4_page(seed=i % 8) for i in range(pages)]
     preprocessor = engine.server.preprocessor  # one of its workers' work, in this thread
     started = time.perf_counter()

@@ -16,7 +16,6 @@ a site-packages folder with transformers 4.46.3 for them. The original runs in a
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.pages import PRESETS, PROMPT, a4_page  # noqa: E402
+from benchmarks.common import PRESETS, PROMPT, a4_page, original_checkpoint  # noqa: E402
 from checkpoints import DeepseekOCRForCausalLM  # noqa: E402
 from checkpoints.generation import ORIGINAL_NO_REPEAT_RULE  # noqa: E402
 from checkpoints.modeling_deepseekv2 import RotaryEmbedding  # noqa: E402
@@ -68,14 +67,7 @@ torch.save(results, out_path)
 
 
 def run_original(args, checkpoint: Path, image_path: str) -> dict:
-    folder = Path("/tmp/original-checkpoint")
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir()
-    for item in checkpoint.iterdir():
-        if item.suffix != ".py":
-            (folder / item.name).symlink_to(item)
-    for source in Path(args.original).glob("*.py"):
-        shutil.copy(source, folder / source.name)
+    folder = original_checkpoint(checkpoint, args.original, Path("/tmp/original-checkpoint"))
     out_path = "/tmp/original-numerics.pt"
     env = dict(os.environ, PYTHONPATH=args.original_site)
     command = [sys.executable, "-c", ORIGINAL_DRIVER, args.original_site, str(folder), str(args.tokens), image_path,

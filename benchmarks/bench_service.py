@@ -21,7 +21,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.pages import PROMPT, a4_page  # noqa: E402
+from benchmarks.common import PROMPT, a4_page, device_name, peak_gib, reset_peak  # noqa: E402
 from ocr_service.engine import OCREngine  # noqa: E402
 from ocr_service.presets import RESOLUTION_PRESETS  # noqa: E402
 from ocr_service.settings import Settings  # noqa: E402
@@ -29,25 +29,6 @@ from scripts.make_random_checkpoint import write_checkpoint  # noqa: E402
 
 GUNDAM = RESOLUTION_PRESETS["Gundam (Recommended)"]
 
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def reset_peak() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-
-
-def peak_gib(kind: str) -> float:
-    if not torch.cuda.is_available():
-        return float("nan")
-    return (torch.cuda.max_memory_allocated() if kind == "allocated" else torch.cuda.max_memory_reserved()) / 2**30
-
-
-def device_name() -> str:
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
 
 
 def percentile(values: list, q: float) -> float:

@@ -14,7 +14,6 @@ service's batched engine, both with the original's rule (`DEEPSEEK_OCR_REPETITIO
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
+from benchmarks.common import original_checkpoint  # noqa: E402
 from checkpoints import DeepseekOCRForCausalLM  # noqa: E402
 from checkpoints.generation import ORIGINAL_NO_REPEAT_RULE  # noqa: E402
 from conftest import document_image  # noqa: E402
@@ -89,14 +89,7 @@ torch.save(results, out_path)
 
 
 def run_original(args, checkpoint: Path, cases: list) -> dict:
-    folder = Path("/tmp/parity-original-checkpoint")
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir()
-    for item in checkpoint.iterdir():
-        if item.suffix != ".py":
-            (folder / item.name).symlink_to(item)
-    for source in Path(args.original).glob("*.py"):
-        shutil.copy(source, folder / source.name)
+    folder = original_checkpoint(checkpoint, args.original, Path("/tmp/parity-original-checkpoint"))
     out_path = "/tmp/parity-original.pt"
     done = subprocess.run([args.python, "-c", ORIGINAL_DRIVER, str(folder), str(args.tokens), json.dumps(cases),
                            out_path], capture_output=True, text=True, timeout=args.timeout)

@@ -221,7 +221,7 @@ class Job:
     def run_here(self) -> None:
         """The reference path: each page through the model's plain generate_tokens, in this thread."""
         engine = self.engine
-        model, settings = engine.model, engine.settings
+        model = engine.model
         for index, image in enumerate(self.images):
             inputs = model.prepare_inputs(engine.tokenizer, self.prompt, [image], self.resolution.base_size,
                                           self.resolution.image_size, self.resolution.crop_mode)

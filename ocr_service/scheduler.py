@@ -162,8 +162,8 @@ class SchedulingPolicy:
     # ------------------------------------------------------------------ round robin
 
     def _pick(self, stage: Stage, from_stage: Stage, limit: int, fits=lambda page: True) -> list:
-        """Up to `limit` pages in `from_stage`, one per prediction per round, least recently picked first;
-        a page that does not `fit` ends the picking (later pages would overtake it)."""
+        """Move up to `limit` pages from `from_stage` to `stage`, one per prediction per round, least
+        recently picked first; a page that does not `fit` ends the picking (later pages would overtake it)."""
         picked = []
         while len(picked) < limit:
             candidates = [p for p in self.predictions if not p.closed and p.pages_in(from_stage)]
@@ -175,9 +175,7 @@ class SchedulingPolicy:
                 break
             prediction.last_pick[stage] = next(self._clock)
             picked.append(page)
-            page.stage = stage  # so the next round sees the prediction's following page
-        for page in picked:
-            page.stage = from_stage  # the caller moves them on with the stage methods below
+            page.stage = stage
         return picked
 
     def _waiting(self) -> int:
@@ -189,10 +187,7 @@ class SchedulingPolicy:
     def to_preprocess(self, free_workers: int) -> list:
         """Pages to start preprocessing now (bounded by the workers and by pages waiting downstream)."""
         room = min(free_workers, self.max_waiting - self._waiting())
-        pages = self._pick(Stage.PREPROCESSING, Stage.QUEUED, max(room, 0))
-        for page in pages:
-            page.stage = Stage.PREPROCESSING
-        return pages
+        return self._pick(Stage.PREPROCESSING, Stage.QUEUED, max(room, 0))
 
     def preprocessed(self, page: Page) -> None:
         if page.stage is Stage.PREPROCESSING:
@@ -200,10 +195,7 @@ class SchedulingPolicy:
 
     def to_encode(self, limit: int) -> list:
         """Pages whose views to encode next (they move to ENCODING)."""
-        pages = self._pick(Stage.ENCODING, Stage.PREPROCESSED, limit)
-        for page in pages:
-            page.stage = Stage.ENCODING
-        return pages
+        return self._pick(Stage.ENCODING, Stage.PREPROCESSED, limit)
 
     def encoded(self, page: Page) -> None:
         if page.stage is Stage.ENCODING:
@@ -229,7 +221,7 @@ class SchedulingPolicy:
         admissions = []
         for page, row in zip(pages, free_rows):
             page.blocks = self.blocks.take(self.blocks.blocks_for(page.context_tokens + self.growth_tokens))
-            page.row, page.stage, page.admitted = row, Stage.RUNNING, next(self._clock)
+            page.row, page.admitted = row, next(self._clock)
             self.rows[row] = page
             admissions.append(Admission(page, row))
         return admissions

@@ -4,7 +4,6 @@ format loads through Hugging Face's remote-code path."""
 import json
 
 import torch
-from PIL import Image
 from transformers import AutoConfig, AutoModel
 
 from checkpoints import DeepseekOCRConfig, DeepseekOCRForCausalLM

@@ -5,7 +5,7 @@ from PIL import Image
 
 import input_corpus as corpus
 from ocr_service.errors import InputError
-from ocr_service.inputs import Limits, is_pdf, load_pages, parse_page_selection
+from ocr_service.inputs import is_pdf, load_pages, parse_page_selection
 
 
 def load(tmp_path, name, data, **options):

@@ -1,0 +1,65 @@
+"""What the benchmarks share: the presets, an A4 page that looks like a document, GPU timing and memory
+helpers that are no-ops on the CPU, and the folder the original code is loaded from."""
+
+import random
+import shutil
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+# (base_size, image_size, crop_mode), as ocr_service/presets.py maps the predictor's choices
+PRESETS = {
+    "Gundam": (1024, 640, True),
+    "Tiny": (512, 512, False),
+    "Small": (640, 640, False),
+    "Base": (1024, 1024, False),
+    "Large": (1280, 1280, False),
+}
+PROMPT = "<image>\n<|grounding|>Convert the document to markdown."
+
+
+def a4_page(width: int = 1240, height: int = 1754, seed: int = 0) -> Image.Image:
+    """An A4 page at 150 dpi with text-like lines, a figure block and noise (Gundam tiles it 2 × 3)."""
+    rng = random.Random(seed)
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    for y in range(60, height - 60, 36):
+        draw.rectangle([80, y, int(width * rng.uniform(0.4, 0.92)), y + 14], fill=(rng.randint(0, 60),) * 3)
+    draw.rectangle([width // 4, height // 3, width // 2, height // 2], fill=(120, 140, 160))
+    for _ in range(2000):
+        draw.point((rng.randrange(width), rng.randrange(height)), fill=(rng.randrange(256),) * 3)
+    return image
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def reset_peak() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib(kind: str) -> float:
+    if not torch.cuda.is_available():
+        return float("nan")
+    return (torch.cuda.max_memory_allocated() if kind == "allocated" else torch.cuda.max_memory_reserved()) / 2**30
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+
+
+def original_checkpoint(checkpoint: Path, original_code: str, folder: Path) -> Path:
+    """A folder the original code loads from: the checkpoint's data files linked, its remote-code files
+    copied (from outside the repository; never committed)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for item in checkpoint.iterdir():
+        if item.suffix != ".py":
+            (folder / item.name).symlink_to(item)
+    for source in Path(original_code).glob("*.py"):
+        shutil.copy(source, folder / source.name)
+    return folder
