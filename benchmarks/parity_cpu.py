@@ -111,6 +111,8 @@ def main():
     parser.add_argument("--checkpoint", type=Path, default=Path("/tmp/parity-checkpoint"))
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--timeout", type=int, default=3000)
+    parser.add_argument("--reuse-original", action="store_true",
+                        help="use the original's results of the last run (/tmp/parity-original.pt)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if not (args.checkpoint / "config.json").exists():
@@ -120,7 +122,8 @@ def main():
         path = f"/tmp/parity-case-{seed}.png"
         document_image(width, height, seed=seed).save(path)
         cases.append((name, path, base, size, crop))
-    theirs = run_original(args, args.checkpoint, cases)
+    reuse = args.reuse_original and Path("/tmp/parity-original.pt").exists()
+    theirs = torch.load("/tmp/parity-original.pt") if reuse else run_original(args, args.checkpoint, cases)
 
     from PIL import Image
     from transformers import PreTrainedTokenizerFast

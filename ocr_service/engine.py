@@ -363,6 +363,7 @@ class ServingLoop:
 
     # ------------------------------------------------------------------ the loop
 
+    @torch.inference_mode()  # inference mode is per thread: this one needs it too
     def _run(self) -> None:
         while True:
             try:

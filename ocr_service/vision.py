@@ -144,6 +144,7 @@ class VisionWorker:
                 embeds.record_stream(torch.cuda.current_stream(embeds.device))
             done.append((key, embeds, error))
 
+    @torch.inference_mode()
     def _run(self) -> None:
         while True:
             self._encode_next_pass()

@@ -169,3 +169,12 @@ def test_checkpoint_tensor_shapes_match_the_file(tiny_checkpoint):
     with safe_open(str(tiny_checkpoint / "model-00001-of-000001.safetensors"), "pt") as handle:
         in_file = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
     assert checkpoint_tensor_shapes(tiny_checkpoint) == in_file
+
+
+def test_an_engine_built_under_inference_mode_serves(tiny_checkpoint):
+    """Inference mode is per thread: the serving thread must not trip over tensors made under it."""
+    import torch
+
+    with torch.inference_mode():
+        built_inside = engine(tiny_checkpoint, max_rows=2)
+    assert len(built_inside.run_pages(pages(1), PROMPT, resolution("Tiny"), 4, timeout=60)[0].token_ids) == 4
