@@ -595,11 +595,19 @@ class ServingLoop:
         if isinstance(error, torch.OutOfMemoryError):
             torch.cuda.empty_cache()
             error = RuntimeError("the GPU ran out of memory while decoding; try fewer pages at once")
-        for prediction in list(self.policy.predictions):
-            if prediction.pages and not prediction.closed:
-                self._close(prediction.pages[0].payload.job, error)
-        for row in range(self.max_rows):
-            self.batch.clear(row)
+        jobs = [p.pages[0].payload.job for p in self.policy.predictions if p.pages and not p.closed]
+        try:
+            for job in jobs:
+                self._close(job, error)
+            for row in range(self.max_rows):
+                self.batch.clear(row)
+        except Exception as cleanup_error:  # the device itself is failing: at least no caller waits forever
+            self.log(f"clearing the batch failed too: {cleanup_error!r}")
+            for job in jobs:
+                job.complete(error)
+            self.policy = SchedulingPolicy(BlockPool(self.policy.blocks.capacity, BLOCK_SIZE), self.max_rows,
+                                           self.policy.max_waiting, self.policy.prefill_tokens,
+                                           self.policy.growth_tokens)
         self.positions.clear()
         self.policy.forget_finished()
 

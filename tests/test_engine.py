@@ -178,3 +178,18 @@ def test_an_engine_built_under_inference_mode_serves(tiny_checkpoint):
     with torch.inference_mode():
         built_inside = engine(tiny_checkpoint, max_rows=2)
     assert len(built_inside.run_pages(pages(1), PROMPT, resolution("Tiny"), 4, timeout=60)[0].token_ids) == 4
+
+
+def test_a_failing_device_fails_the_predictions_instead_of_leaving_them_waiting(tiny_checkpoint, monkeypatch):
+    batched = engine(tiny_checkpoint, max_rows=2)
+    decode = batched.server.batch
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected: the device stopped answering")
+
+    monkeypatch.setattr(decode, "run", broken)
+    monkeypatch.setattr(decode, "clear", broken)  # even cleaning up fails
+    job = batched.submit(pages(2), PROMPT, resolution("Tiny"), 5)
+    with pytest.raises(RuntimeError, match="device stopped answering"):
+        job.wait(30)
+    assert batched.server.holdings()["predictions"] == 0
