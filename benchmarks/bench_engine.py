@@ -27,14 +27,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.common import (  # noqa: E402
-    PROMPT, a4_page, device_name, original_checkpoint, peak_gib, reset_peak, sync,
+    PROMPT, a4_page, device_name, original_checkpoint, peak_gib, random_checkpoint, reset_peak, sync,
 )
 from checkpoints.generation import SERVING_NO_REPEAT_RULE  # noqa: E402
 from ocr_service.decode_batch import Entry  # noqa: E402
 from ocr_service.engine import OCREngine  # noqa: E402
 from ocr_service.presets import RESOLUTION_PRESETS  # noqa: E402
 from ocr_service.settings import Settings  # noqa: E402
-from scripts.make_random_checkpoint import write_checkpoint  # noqa: E402
 
 BANDWIDTH = 3.0e12  # bytes/s: what a device-to-device copy reaches on the H100 (HBM3)
 GUNDAM = RESOLUTION_PRESETS["Gundam (Recommended)"]
@@ -256,10 +255,7 @@ def main():
     parser.add_argument("--skip", nargs="*", default=[], choices=["job", "agreement", "steps"])
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    if not (args.checkpoint / "config.json").exists():
-        started = time.perf_counter()
-        write_checkpoint(args.checkpoint, size="full", seed=0)
-        print(f"wrote a full random checkpoint in {time.perf_counter() - started:.0f} s", flush=True)
+    random_checkpoint(args.checkpoint)
     theirs = run_original(args, args.checkpoint) if args.original else {}
 
     settings = Settings.from_env().replace(stop_loops=False, max_rows=max(args.batches + [128]))

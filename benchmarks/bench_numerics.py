@@ -18,7 +18,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -26,11 +25,10 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import PRESETS, PROMPT, a4_page, original_checkpoint  # noqa: E402
+from benchmarks.common import PRESETS, PROMPT, a4_page, original_checkpoint, random_checkpoint  # noqa: E402
 from checkpoints import DeepseekOCRForCausalLM  # noqa: E402
 from checkpoints.generation import ORIGINAL_NO_REPEAT_RULE  # noqa: E402
 from checkpoints.modeling_deepseekv2 import RotaryEmbedding  # noqa: E402
-from scripts.make_random_checkpoint import write_checkpoint  # noqa: E402
 
 ORIGINAL_DRIVER = r'''
 import json, sys, torch
@@ -115,10 +113,7 @@ def main():
     parser.add_argument("--original-timeout", type=int, default=400)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    if not (args.checkpoint / "config.json").exists():
-        started = time.perf_counter()
-        write_checkpoint(args.checkpoint, size="full", seed=0)
-        print(f"wrote a full random checkpoint in {time.perf_counter() - started:.0f} s", flush=True)
+    random_checkpoint(args.checkpoint)
     image = a4_page()
     image_path = "/tmp/numerics-page.png"
     image.save(image_path)

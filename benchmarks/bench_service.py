@@ -21,11 +21,10 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import PROMPT, a4_page, device_name, peak_gib, reset_peak  # noqa: E402
+from benchmarks.common import PROMPT, a4_page, device_name, peak_gib, random_checkpoint, reset_peak  # noqa: E402
 from ocr_service.engine import OCREngine  # noqa: E402
 from ocr_service.presets import RESOLUTION_PRESETS  # noqa: E402
 from ocr_service.settings import Settings  # noqa: E402
-from scripts.make_random_checkpoint import write_checkpoint  # noqa: E402
 
 GUNDAM = RESOLUTION_PRESETS["Gundam (Recommended)"]
 
@@ -45,8 +44,7 @@ def main():
     parser.add_argument("--arrivals", type=int, default=16)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    if not (args.checkpoint / "config.json").exists():
-        write_checkpoint(args.checkpoint, size="full", seed=0)
+    random_checkpoint(args.checkpoint)
     settings = Settings.from_env().replace(stop_loops=False)
     engine = OCREngine(args.checkpoint, settings, ignore_eos=True)
     images = [a4_page(seed=i % 8) for i in range(max(args.pages, args.background_pages))]

@@ -3,6 +3,8 @@ helpers that are no-ops on the CPU, and the folder the original code is loaded f
 
 import random
 import shutil
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -62,4 +64,17 @@ def original_checkpoint(checkpoint: Path, original_code: str, folder: Path) -> P
             (folder / item.name).symlink_to(item)
     for source in Path(original_code).glob("*.py"):
         shutil.copy(source, folder / source.name)
+    return folder
+
+
+def random_checkpoint(folder: Path, size: str = "full") -> Path:
+    """A random checkpoint of the official format in `folder`, written on first use (the full size takes
+    about half a minute and 6.7 GB)."""
+    if not (folder / "config.json").exists():
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from scripts.make_random_checkpoint import write_checkpoint
+
+        started = time.perf_counter()
+        write_checkpoint(folder, size=size, seed=0)
+        print(f"wrote a {size} random checkpoint in {time.perf_counter() - started:.0f} s", flush=True)
     return folder

@@ -24,14 +24,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from benchmarks.common import original_checkpoint  # noqa: E402
+from benchmarks.common import original_checkpoint, random_checkpoint  # noqa: E402
 from checkpoints import DeepseekOCRForCausalLM  # noqa: E402
 from checkpoints.generation import ORIGINAL_NO_REPEAT_RULE  # noqa: E402
 from conftest import document_image  # noqa: E402
 from ocr_service.engine import OCREngine  # noqa: E402
 from ocr_service.presets import Resolution  # noqa: E402
 from ocr_service.settings import Settings  # noqa: E402
-from scripts.make_random_checkpoint import write_checkpoint  # noqa: E402
 
 PROMPT = "<image>\n<|grounding|>Convert the document to markdown."
 CASES = [  # (name, width, height, base_size, image_size, crop_mode)
@@ -115,8 +114,7 @@ def main():
                         help="use the original's results of the last run (/tmp/parity-original.pt)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    if not (args.checkpoint / "config.json").exists():
-        write_checkpoint(args.checkpoint, size="parity", seed=0)
+    random_checkpoint(args.checkpoint, size="parity")
     cases = []
     for seed, (name, width, height, base, size, crop) in enumerate(CASES):
         path = f"/tmp/parity-case-{seed}.png"
