@@ -18,8 +18,6 @@ On the GPU machine (README "Performance"):
 
 import argparse
 import contextlib
-import importlib.machinery
-import importlib.util
 import json
 import math
 import os
@@ -42,23 +40,10 @@ BLOCK_SIZE = 64
 DTYPE = torch.bfloat16
 
 
-def load_kernel_modules():
-    """fused_ops, fused_moe, paged_attention, triton_kernels from checkpoints/, without running
-    checkpoints/__init__.py (which imports the whole model and transformers; nothing here needs them)."""
-    if "checkpoints" not in sys.modules:
-        spec = importlib.machinery.ModuleSpec("checkpoints", None, is_package=True)
-        package = importlib.util.module_from_spec(spec)
-        package.__path__ = [str(REPO / "checkpoints")]
-        sys.modules["checkpoints"] = package
-    import checkpoints.fused_moe as fused_moe
-    import checkpoints.fused_ops as fused_ops
-    import checkpoints.paged_attention as paged_attention
-    import checkpoints.triton_kernels as triton_kernels
+sys.path.insert(0, str(REPO))
 
-    return fused_ops, fused_moe, paged_attention, triton_kernels
-
-
-fused_ops, fused_moe, paged_attention, kernels = load_kernel_modules()
+from checkpoints import fused_moe, fused_ops, paged_attention  # noqa: E402
+from checkpoints import triton_kernels as kernels  # noqa: E402
 
 
 @contextlib.contextmanager

@@ -171,7 +171,7 @@ class DecodeBatch:
         device = self.device
         packed, positions, slots, lengths, last = [], [], [], [], []
         for entry in entries:
-            self._set_blocks(entry.row, entry.blocks)
+            self.set_blocks(entry.row, entry.blocks)
             context = entry.embeds
             if entry.resume:  # recompute the cache of the tokens it had generated, but the last
                 resumed = torch.tensor(entry.resume[:-1], dtype=torch.long, device=device)
@@ -236,14 +236,11 @@ class DecodeBatch:
         self.loops.looping[row] = detector.looping
         self.loops.keep_lengths[row] = detector.keep_length or 0
 
-    def _set_blocks(self, row: int, blocks: list) -> None:
+    def set_blocks(self, row: int, blocks: list) -> None:
+        """A row's block table: its blocks in order, the rest the scratch block."""
         table = torch.zeros(self.block_tables.shape[1], dtype=torch.int32)
         table[:len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
         self.block_tables[row] = table.to(self.device)
-
-    def set_blocks(self, row: int, blocks: list) -> None:
-        """A running row's block list grew."""
-        self._set_blocks(row, blocks)
 
     # ------------------------------------------------------------------ synchronisation points
 

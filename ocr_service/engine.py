@@ -243,7 +243,6 @@ class PagePayload:
     """What the serving loop keeps for a page between stages."""
 
     job: Job
-    index: int
     future: object = None  # preprocessing in the CPU pool
     inputs: object = None  # PromptInputs
     embeds: Optional[torch.Tensor] = None  # [P, D] on the device
@@ -311,7 +310,7 @@ class ServingLoop:
             return blocks
         total = torch.cuda.get_device_properties(engine.device).total_memory
         budget = min(settings.gpu_memory_gib * 2**30, 0.92 * total)
-        peak = self._profile_peak(block_bytes)
+        peak = self._profile_peak()
         free_for_cache = budget - peak - HEADROOM_GIB * 2**30
         blocks = min(useful, int(free_for_cache // block_bytes))
         if blocks * BLOCK_SIZE < MAX_SEQUENCE + self.sync_every + 1:
@@ -320,7 +319,7 @@ class ServingLoop:
         return blocks
 
     @torch.inference_mode()
-    def _profile_peak(self, block_bytes: int) -> int:
+    def _profile_peak(self) -> int:
         """Peak memory with the weights, one vision pass and one full prefill at once (they run on two
         streams side by side), measured by running each on dummy inputs."""
         engine = self.engine
@@ -399,7 +398,7 @@ class ServingLoop:
                 pages = [(size, job.max_new_tokens) for size in job.prompt_sizes]
                 job.prediction = self.policy.add(id(job), pages)
                 for page in job.prediction.pages:
-                    page.payload = PagePayload(job, page.index)
+                    page.payload = PagePayload(job)
             elif kind == "cancel" and job.prediction is not None:
                 self._close(job, JobCancelled("the prediction was cancelled"))
                 self.log(f"cancelled: {len(job.images)} page(s) left the engine")

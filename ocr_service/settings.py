@@ -77,10 +77,6 @@ class Settings:
     request_timeout_s: float = 900.0  # DEEPSEEK_OCR_REQUEST_TIMEOUT
     concurrency: int = 64  # COG_MAX_CONCURRENCY
 
-    @property
-    def on_gpu(self) -> bool:
-        return self.device.startswith("cuda")
-
     @classmethod
     def from_env(cls, env: Optional[Mapping] = None) -> "Settings":
         env = os.environ if env is None else env
