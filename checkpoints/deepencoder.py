@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fused_ops import quick_gelu
+
 
 @dataclass
 class SamSettings:
@@ -264,8 +266,7 @@ class ClipMLP(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.fc1(x)
-        return self.fc2(h * torch.sigmoid(1.702 * h))  # quick GELU, as CLIP was trained
+        return self.fc2(quick_gelu(self.fc1(x)))
 
 
 class ClipLayer(nn.Module):

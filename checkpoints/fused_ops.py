@@ -1,5 +1,5 @@
-"""The decoder's small element-wise steps, each as one operation: residual add + RMSNorm, SiLU-gated
-product, rotary embedding of queries and keys, and the router's softmax + top-k.
+"""The model's small element-wise steps, each as one operation: residual add + RMSNorm, SiLU-gated
+product, CLIP's quick GELU, rotary embedding of queries and keys, and the router's softmax + top-k.
 
 Every operation has a plain PyTorch version, which is the definition (it runs on the CPU and in the
 tests), and on CUDA a Triton kernel that computes the same thing in one launch: a decode step is
@@ -56,6 +56,25 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
         return triton_kernels.silu_and_mul(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+# ---------------------------------------------------------------- CLIP's activation
+
+
+def quick_gelu(h: torch.Tensor) -> torch.Tensor:
+    """x · sigmoid(1.702 · x), the GELU approximation CLIP was trained with, computed in float32 and
+    rounded once to the input's dtype.
+
+    That is what the original computes on the GPU: it compiles this activation with TorchScript, and
+    under its bf16 autocast the compiled function returns float32 (measured on an H100: bit-identical
+    to this definition), which CLIP's next projection rounds once. Three bf16 operations would round
+    about half of the values differently, and CLIP's output would differ from the original's by 0.4%.
+    In float32 this is the formula itself.
+    """
+    if use_triton(h):
+        return triton_kernels.quick_gelu(h)
+    wide = h.float()
+    return (wide * torch.sigmoid(1.702 * wide)).to(h.dtype)
 
 
 # ---------------------------------------------------------------- rotary embedding

@@ -126,6 +126,15 @@ if triton is not None:
         tl.store(out_ptr + row * width + cols, (gate * tl.sigmoid(gate) * up).to(out_ptr.dtype.element_ty),
                  mask=inside)
 
+    # ------------------------------------------------------------ CLIP's quick GELU
+
+    @triton.jit
+    def _quick_gelu_kernel(x_ptr, out_ptr, count, BLOCK: tl.constexpr):
+        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        inside = offsets < count
+        x = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offsets, (x * tl.sigmoid(1.702 * x)).to(out_ptr.dtype.element_ty), mask=inside)
+
     # ------------------------------------------------------------ rotary embedding
 
     @triton.jit
@@ -582,6 +591,16 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
         block = min(_next_power_of_2(width), 1024)
         _silu_and_mul_kernel[(rows.shape[0], _cdiv(width, block))](
             rows, out, rows.stride(0), width, BLOCK=block, num_warps=min(max(block // 256, 1), 4))
+    return out
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """x · sigmoid(1.702 · x) in float32, rounded once: one read and one write of x."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    if x.numel():
+        block = 1024
+        _quick_gelu_kernel[(_cdiv(x.numel(), block),)](x, out, x.numel(), BLOCK=block, num_warps=4)
     return out
 
 

@@ -106,6 +106,16 @@ def check_silu_and_mul(device):
 
 
 @check
+def check_quick_gelu(device):
+    fused_ops, _, _, kernels = load_kernel_modules()
+    generator = torch.Generator().manual_seed(7)
+    for dtype in float_types():
+        for shape in ((5, 40), (3, 7, 1500)):  # the second spans several blocks of 1024, the last partial
+            h = (3 * torch.randn(shape, generator=generator)).to(dtype)
+            assert_close(kernels.quick_gelu(h.to(device)), fused_ops.quick_gelu(h), dtype, f"quick_gelu {dtype} {shape}")
+
+
+@check
 def check_apply_rotary(device):
     fused_ops, _, _, kernels = load_kernel_modules()
     generator = torch.Generator().manual_seed(2)
