@@ -15,8 +15,6 @@ a site-packages folder with transformers 4.46.3 for them; the original runs in a
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.common import (  # noqa: E402
-    PROMPT, a4_page, device_name, original_checkpoint, peak_gib, random_checkpoint, reset_peak, sync,
+    PROMPT, a4_page, device_name, peak_gib, random_checkpoint, reset_peak, run_original_driver, sync,
 )
 from checkpoints.generation import SERVING_NO_REPEAT_RULE  # noqa: E402
 from ocr_service.decode_batch import Entry  # noqa: E402
@@ -76,14 +74,10 @@ print("RESULT " + json.dumps({"ttft_s": marks["first"] - start, "tok_s_b1": (tok
 
 
 def run_original(args, checkpoint: Path) -> dict:
-    folder = original_checkpoint(checkpoint, args.original, Path("/tmp/original-checkpoint"))
     image_path = "/tmp/bench-page.png"
     a4_page().save(image_path)
-    env = dict(os.environ, PYTHONPATH=args.original_site)
-    command = [sys.executable, "-c", ORIGINAL_DRIVER, args.original_site, str(folder), str(args.original_tokens),
-               image_path]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.original_timeout)
-    print(done.stdout[-1500:], done.stderr[-3000:], flush=True)
+    done = run_original_driver(ORIGINAL_DRIVER, args.original, args.original_site, checkpoint, args.original_tokens,
+                               image_path, timeout=args.original_timeout)
     for line in done.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])

@@ -2,9 +2,11 @@
 
 For every preset, one A4 page through both models in bf16 on CUDA: the first step's logits (relative
 error, overlap of the top 10) and greedy agreement over the first tokens (the original's whole-sequence
-20-gram rule on both sides, no loop stop), for our model with its float32 rotary frequencies and with
-the original's bf16 rounding of them (`rope_inv_freq_dtype="bfloat16"`); beside it, for scale, how far
-our own bf16 logits are from our float32 ones.
+20-gram rule on both sides, no loop stop), for our model as served (float32 rotary frequencies, Triton
+kernels, SDPA), as served with the original's bf16 rounding of the frequencies
+(`rope_inv_freq_dtype="bfloat16"`), and computed in the original's order (that rounding, eager
+attention, PyTorch's operations); beside it, for scale, how far our bf16 logits and the original's are
+from our float32 ones.
 
 On the device machine (see README "Parity with the original"):
     python benchmarks/bench_numerics.py --original .bench/orig --original-site /tmp/origsite
@@ -16,7 +18,6 @@ a site-packages folder with transformers 4.46.3 for them. The original runs in a
 import argparse
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import PRESETS, PROMPT, a4_page, original_checkpoint, random_checkpoint  # noqa: E402
+from benchmarks.common import PRESETS, PROMPT, a4_page, random_checkpoint, run_original_driver  # noqa: E402
 from checkpoints import DeepseekOCRForCausalLM  # noqa: E402
 from checkpoints.generation import ORIGINAL_NO_REPEAT_RULE  # noqa: E402
 from checkpoints.modeling_deepseekv2 import RotaryEmbedding  # noqa: E402
@@ -65,13 +66,9 @@ torch.save(results, out_path)
 
 
 def run_original(args, checkpoint: Path, image_path: str) -> dict:
-    folder = original_checkpoint(checkpoint, args.original, Path("/tmp/original-checkpoint"))
     out_path = "/tmp/original-numerics.pt"
-    env = dict(os.environ, PYTHONPATH=args.original_site)
-    command = [sys.executable, "-c", ORIGINAL_DRIVER, args.original_site, str(folder), str(args.tokens), image_path,
-               out_path, json.dumps(PRESETS)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.original_timeout)
-    print(done.stdout[-2000:], done.stderr[-3000:], flush=True)
+    done = run_original_driver(ORIGINAL_DRIVER, args.original, args.original_site, checkpoint, args.tokens,
+                               image_path, out_path, json.dumps(PRESETS), timeout=args.original_timeout)
     return torch.load(out_path) if done.returncode == 0 else {}
 
 
@@ -128,7 +125,8 @@ def main():
     set_rotary(model, "bfloat16")
     ours_bf16_rotary = ours(model, tokenizer, image, args.tokens)
     # The same, computed in the original's order of roundings: eager attention (scores and probabilities
-    # rounded to bf16) and the PyTorch definitions of the fused operations instead of the Triton kernels.
+    # rounded to bf16) and the PyTorch definitions of the fused operations instead of the Triton kernels
+    # (numerics_stages.py finds it bit-identical to the original, layer by layer).
     os.environ["DEEPSEEK_OCR_TRITON"] = "0"
     model.config._attn_implementation = "eager"
     ours_eager = ours(model, tokenizer, image, args.tokens)
@@ -142,6 +140,7 @@ def main():
     for name in PRESETS:
         row = {"bf16_vs_fp32": compare(ours_f32_rotary[name], ours_fp32[name])["rel_error"]}
         if name in theirs:
+            row["original_vs_fp32"] = compare(theirs[name], ours_fp32[name])["rel_error"]
             row["rotary_float32"] = compare(ours_f32_rotary[name], theirs[name])
             row["rotary_original"] = compare(ours_bf16_rotary[name], theirs[name])
             row["rotary_original_eager"] = compare(ours_eager[name], theirs[name])
@@ -151,12 +150,13 @@ def main():
         args.json.write_text(json.dumps(rows, indent=1))
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, A4 page 1240x1754, "
           f"{args.tokens} greedy tokens (original's 20-gram rule)\n")
-    head = ["preset", "ours bf16 vs ours fp32", "rotary f32: logits rel err", "top-10", "greedy same",
-            "rotary as original: logits rel err", "top-10", "greedy same",
-            "rotary as original, eager + PyTorch ops: logits rel err", "top-10", "greedy same"]
+    head = ["preset", "ours bf16 vs fp32", "original vs fp32", "served: logits rel err", "top-10", "greedy same",
+            "served, original rotary: logits rel err", "top-10", "greedy same",
+            "original's order: logits rel err", "top-10", "greedy same"]
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for name, row in rows.items():
-        cells = [name, f"{row['bf16_vs_fp32']:.2%}"]
+        original = row.get("original_vs_fp32")
+        cells = [name, f"{row['bf16_vs_fp32']:.2%}", "-" if original is None else f"{original:.2%}"]
         for mode in ("rotary_float32", "rotary_original", "rotary_original_eager"):
             c = row.get(mode)
             cells += ([f"{c['rel_error']:.2%}", f"{c['top10']}/10", f"{c['same_prefix']}/{c['compared']}"]

@@ -1,8 +1,10 @@
 """What the benchmarks share: the presets, an A4 page that looks like a document, GPU timing and memory
 helpers that are no-ops on the CPU, and the folder the original code is loaded from."""
 
+import os
 import random
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -65,6 +67,19 @@ def original_checkpoint(checkpoint: Path, original_code: str, folder: Path) -> P
     for source in Path(original_code).glob("*.py"):
         shutil.copy(source, folder / source.name)
     return folder
+
+
+def run_original_driver(driver: str, original_code: str, original_site: str, checkpoint: Path, *arguments,
+                        timeout: int) -> subprocess.CompletedProcess:
+    """Run `driver` (a Python program) in a subprocess on the original's stack (`original_site` first on
+    its path) with argv [site, folder the original loads `checkpoint` from, *arguments]; prints the tails
+    of its output."""
+    folder = original_checkpoint(checkpoint, original_code, Path("/tmp/original-checkpoint"))
+    command = [sys.executable, "-c", driver, original_site, str(folder), *map(str, arguments)]
+    done = subprocess.run(command, env=dict(os.environ, PYTHONPATH=original_site), capture_output=True, text=True,
+                          timeout=timeout)
+    print(done.stdout[-2000:], done.stderr[-3000:], flush=True)
+    return done
 
 
 def random_checkpoint(folder: Path, size: str = "full") -> Path:

@@ -5,7 +5,7 @@
 #   .whl/orig  transformers 4.46.3, tokenizers 0.20.3, huggingface_hub 0.26.5, addict, easydict, einops:
 #              the original code's stack, used in a subprocess only
 #   .bench/orig  the original remote-code .py files (fetched outside the repository, never committed)
-# Steps: kernels, engine, engine-steps, service, numerics, tests.
+# Steps: kernels, engine, engine-steps, service, numerics, stages, tests.
 #   bash benchmarks/device.sh kernels engine-steps
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +29,7 @@ for step in "$@"; do
     engine-steps) python3 benchmarks/bench_engine.py --skip job --profile "$OUT" --json "$OUT/engine-steps.json" 2>&1 | tee "$OUT/engine-steps.log" ;;
     service) python3 benchmarks/bench_service.py --json "$OUT/service.json" 2>&1 | tee "$OUT/service.log" ;;
     numerics) python3 benchmarks/bench_numerics.py "${ORIGINAL[@]}" --json "$OUT/numerics.json" 2>&1 | tee "$OUT/numerics.log" ;;
+    stages) python3 benchmarks/numerics_stages.py "${ORIGINAL[@]}" --json "$OUT/stages.json" 2>&1 | tee "$OUT/stages.log" ;;
     tests) python3 -m pytest -q -x tests/test_triton_kernels.py tests/test_generation.py tests/test_loop_stop.py 2>&1 | tee "$OUT/tests.log" ;;
     *) echo "unknown step $step" ;;
   esac
