@@ -38,13 +38,7 @@ GUNDAM = RESOLUTION_PRESETS["Gundam (Recommended)"]
 
 
 ORIGINAL_DRIVER = r'''
-import json, sys, time, torch
-sys.path.insert(0, sys.argv[1])
-from transformers import AutoModel, AutoTokenizer
-checkpoint, tokens, image_path = sys.argv[2], int(sys.argv[3]), sys.argv[4]
-tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=True)
-model = AutoModel.from_pretrained(checkpoint, trust_remote_code=True, use_safetensors=True,
-                                  torch_dtype=torch.bfloat16).eval().cuda().to(torch.bfloat16)
+tokens, image_path = int(sys.argv[3]), sys.argv[4]
 original_generate = model.generate
 marks = {}
 

@@ -32,14 +32,8 @@ from checkpoints.generation import ORIGINAL_NO_REPEAT_RULE  # noqa: E402
 from checkpoints.modeling_deepseekv2 import RotaryEmbedding  # noqa: E402
 
 ORIGINAL_DRIVER = r'''
-import json, sys, torch
-sys.path.insert(0, sys.argv[1])
-from transformers import AutoModel, AutoTokenizer
-checkpoint, tokens, image_path, out_path = sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
+tokens, image_path, out_path = int(sys.argv[3]), sys.argv[4], sys.argv[5]
 presets = json.loads(sys.argv[6])
-tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=True)
-model = AutoModel.from_pretrained(checkpoint, trust_remote_code=True, use_safetensors=True,
-                                  torch_dtype=torch.bfloat16).eval().cuda().to(torch.bfloat16)
 original_generate = model.generate
 captured = {}
 

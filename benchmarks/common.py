@@ -69,13 +69,26 @@ def original_checkpoint(checkpoint: Path, original_code: str, folder: Path) -> P
     return folder
 
 
+# What every program driving the original on the GPU starts with: its stack first on the path, then its
+# tokenizer and its model in bf16 on CUDA, loaded as its usage loads them (argv: site, checkpoint folder).
+ORIGINAL_GPU_PROLOGUE = r'''
+import json, sys, time, torch
+sys.path.insert(0, sys.argv[1])
+from transformers import AutoModel, AutoTokenizer
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[2], trust_remote_code=True)
+model = AutoModel.from_pretrained(sys.argv[2], trust_remote_code=True, use_safetensors=True,
+                                  torch_dtype=torch.bfloat16).eval().cuda().to(torch.bfloat16)
+'''
+
+
 def run_original_driver(driver: str, original_code: str, original_site: str, checkpoint: Path, *arguments,
                         timeout: int) -> subprocess.CompletedProcess:
-    """Run `driver` (a Python program) in a subprocess on the original's stack (`original_site` first on
-    its path) with argv [site, folder the original loads `checkpoint` from, *arguments]; prints the tails
-    of its output."""
+    """Run `driver` (Python code that finds `tokenizer` and `model` loaded by ORIGINAL_GPU_PROLOGUE) in a
+    subprocess on the original's stack, its own arguments from sys.argv[3] on; prints the tails of its
+    output."""
     folder = original_checkpoint(checkpoint, original_code, Path("/tmp/original-checkpoint"))
-    command = [sys.executable, "-c", driver, original_site, str(folder), *map(str, arguments)]
+    command = [sys.executable, "-c", ORIGINAL_GPU_PROLOGUE + driver, original_site, str(folder),
+               *map(str, arguments)]
     done = subprocess.run(command, env=dict(os.environ, PYTHONPATH=original_site), capture_output=True, text=True,
                           timeout=timeout)
     print(done.stdout[-2000:], done.stderr[-3000:], flush=True)

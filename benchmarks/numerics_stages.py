@@ -27,14 +27,8 @@ from checkpoints import DeepseekOCRForCausalLM  # noqa: E402
 from checkpoints.modeling_deepseekv2 import RotaryEmbedding  # noqa: E402
 
 ORIGINAL_DRIVER = r'''
-import json, sys, torch
-sys.path.insert(0, sys.argv[1])
-from transformers import AutoModel, AutoTokenizer
-checkpoint, image_path, out_path = sys.argv[2], sys.argv[3], sys.argv[4]
+image_path, out_path = sys.argv[3], sys.argv[4]
 presets = json.loads(sys.argv[5])
-tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=True)
-model = AutoModel.from_pretrained(checkpoint, trust_remote_code=True, use_safetensors=True,
-                                  torch_dtype=torch.bfloat16).eval().cuda().to(torch.bfloat16)
 inner = model.model
 stages = {}
 
