@@ -255,8 +255,9 @@ class ServingLoop:
 
     # Vision passes of up to 16 pages, 32 pages handed to the worker at once so that it never waits for the
     # next round between passes (passes of 8 slowed a 128-page job from 8.4 to 7.2-7.6 pages/s). A
-    # prediction's first page goes ahead of queued pages of long jobs (see VisionWorker), so a newcomer
-    # waits for at most the pass under way (FIFO behind 32 pages gave first tokens of 1.5 s under load).
+    # prediction's first page is handed over beyond that bound and goes ahead of queued pages of long jobs
+    # (see SchedulingPolicy.to_encode and VisionWorker), so a newcomer waits for at most the pass under way
+    # (FIFO behind 32 pages gave first tokens of 1.5 s under load).
     PAGES_PER_VISION_PASS = 16
     ENCODING_PAGES = 32
 

@@ -194,8 +194,19 @@ class SchedulingPolicy:
             page.stage = Stage.PREPROCESSED
 
     def to_encode(self, limit: int) -> list:
-        """Pages whose views to encode next (they move to ENCODING)."""
-        return self._pick(Stage.ENCODING, Stage.PREPROCESSED, limit)
+        """Pages whose views to encode next (they move to ENCODING): every prediction's first page that is
+        ready, then others round robin up to `limit` in all.
+
+        The limit keeps the encoder's queue short, so that pages of different predictions interleave here
+        rather than queue there. A first page is what a newly arrived prediction waits on and the encoder
+        takes it ahead of its queue; held back by the limit, it would wait for the passes of other
+        predictions' pages queued before it."""
+        firsts = [page for prediction in self.predictions if not prediction.closed
+                  for page in prediction.pages_in(Stage.PREPROCESSED) if page.index == 0]
+        for page in firsts:
+            page.stage = Stage.ENCODING
+            page.prediction.last_pick[Stage.ENCODING] = next(self._clock)
+        return firsts + self._pick(Stage.ENCODING, Stage.PREPROCESSED, max(limit - len(firsts), 0))
 
     def encoded(self, page: Page) -> None:
         if page.stage is Stage.ENCODING:

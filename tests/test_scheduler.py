@@ -52,6 +52,29 @@ def test_a_newcomer_waits_at_most_one_pick_per_active_prediction():
     assert a.pages_in(Stage.ENCODED)
 
 
+def test_a_first_page_goes_to_the_encoder_even_when_its_queue_is_full():
+    p = policy(rows=4, waiting=100)
+    job = p.add("job", [(903, 1024)] * 40)
+    for page in p.to_preprocess(100):
+        p.preprocessed(page)
+    assert len(p.to_encode(32)) == 32  # the encoder's queue is full: 32 in flight
+    assert p.to_encode(0) == []  # the job's other pages wait for room
+    newcomer = p.add("one page", [(903, 1024)])
+    for page in p.to_preprocess(100):
+        p.preprocessed(page)
+    assert [page.prediction for page in p.to_encode(0)] == [newcomer]
+    assert len(job.pages_in(Stage.PREPROCESSED)) == 8
+
+
+def test_first_pages_count_against_the_round_robin_limit():
+    p = policy(rows=4, waiting=100)
+    a, b = p.add("a", [(100, 10)] * 5), p.add("b", [(100, 10)] * 5)
+    for page in p.to_preprocess(100):
+        p.preprocessed(page)
+    picked = p.to_encode(4)
+    assert [(page.prediction, page.index) for page in picked] == [(a, 0), (b, 0), (a, 1), (b, 1)]
+
+
 def test_pages_waiting_between_stages_are_bounded():
     p = policy(rows=2, waiting=5)
     p.add("a", [(100, 10)] * 50)
