@@ -107,7 +107,8 @@ VISION_STAGES = {
 
 
 class StageRecorder:
-    """Forward hooks on our model that keep the same stages as the original driver (first pass only)."""
+    """Forward hooks on our model that keep the same stages as the original driver: every call of a vision
+    module (a Gundam page encodes its tiles, then its global view), the decoder's first pass only."""
 
     def __init__(self, model):
         inner = model.model
