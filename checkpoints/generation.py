@@ -247,11 +247,6 @@ class LoopStopRule:
         return max(self.min_span, min(self.min_repeats * period, self.long_span))
 
     @property
-    def worst_case_tokens(self) -> int:
-        """The most tokens a loop (of period ≤ max_period) runs before it is stopped."""
-        return max(self.required_span(p) for p in range(1, self.max_period + 1))
-
-    @property
     def credit_cap(self) -> int:
         return 2 * self.matches_per_difference
 
@@ -351,10 +346,6 @@ class BatchedLoopDetector:
         for tensor in (self.runs, self.credits, self.generated, self.keep_lengths):
             tensor[rows] = 0
         self.looping[rows] = False
-
-    def move_row(self, source: int, target: int) -> None:
-        for tensor in self.tensors():
-            tensor[target] = tensor[source]
 
     def update(self, next_tokens: torch.Tensor, active: Optional[torch.Tensor] = None,
                first_row: int = 0) -> torch.Tensor:

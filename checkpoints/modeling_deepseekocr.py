@@ -1,17 +1,19 @@
 """DeepSeek-OCR: DeepEncoder features placed into a DeepSeek-V2 MoE decoder's prompt.
 
 Entry points:
-- `DeepseekOCRForCausalLM.ocr(tokenizer, image, prompt, ...)`: one PIL image in, raw text and token
-  counts out. This is what the service calls.
 - `DeepseekOCRForCausalLM.infer(tokenizer, prompt, image_file, output_path, ...)`: the call users of
   the original remote code know, with the same arguments; it returns the text.
+- `prepare_inputs` then `generate_tokens`: one prompt decoded with a growing cache, the readable
+  reference path (the service's `DEEPSEEK_OCR_ENGINE=reference`).
+- `DeepseekOCRModel.encode_views` and `arrange_image`, then `DeepseekOCRForCausalLM.forward_paged`: what
+  the service's batched engine calls (vision passes across pages, then packed prefill and decode steps
+  over a paged cache).
 """
 
 import logging
 import math
 import os
 import sys
-from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -54,16 +56,6 @@ class DeepseekOCRConfig(DeepseekV2Config):
         self.projector_config = projector_config or {
             "projector_type": "linear", "input_dim": 2048, "n_embed": self.hidden_size,
         }
-
-
-@dataclass
-class OCRResult:
-    text: str  # decoded output, special tokens kept (grounding tags, table cells), EOS removed
-    token_ids: list  # generated ids, EOS excluded
-    prompt_tokens: int
-    image_tokens: int
-    finished: bool  # True when the model emitted EOS
-    stop_reason: str = STOP_EOS  # "eos", "max_new_tokens" or "repetition" (a loop was cut)
 
 
 class DeepseekOCRModel(DeepseekV2Model):
@@ -245,25 +237,6 @@ class DeepseekOCRForCausalLM(DeepseekV2PreTrainedModel):
         if text.endswith(EOS_TEXT):
             text = text[: -len(EOS_TEXT)]
         return text.strip()
-
-    def ocr(self, tokenizer, image: Image.Image, prompt: str = "<image>\n<|grounding|>Convert the document to markdown.",
-            base_size: int = 1024, image_size: int = 640, crop_mode: bool = True, max_new_tokens: int = 8192,
-            repetition: Union[NoRepeatNGramRule, int] = SERVING_NO_REPEAT_RULE,
-            loops: Optional[LoopStopRule] = DEFAULT_LOOP_STOP, temperature: float = 0.0,
-            on_token: Optional[Callable[[int], None]] = None) -> OCRResult:
-        """Run one image (already EXIF-transposed, any mode) through the model and return the text."""
-        inputs = self.prepare_inputs(tokenizer, prompt, [image], base_size, image_size, crop_mode)
-        ids, stop = self.generate_tokens(inputs, max_new_tokens, repetition, loops,
-                                         tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 1,
-                                         temperature, on_token)
-        return OCRResult(
-            text=self.decode_text(tokenizer, ids),
-            token_ids=ids,
-            prompt_tokens=int(inputs.input_ids.numel()),
-            image_tokens=int(inputs.image_mask.sum()),
-            finished=stop == STOP_EOS,
-            stop_reason=stop,
-        )
 
     def infer(self, tokenizer, prompt: str = "", image_file: str = "", output_path: str = "", base_size: int = 1024,
               image_size: int = 640, crop_mode: bool = True, test_compress: bool = False, save_results: bool = False,

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from .configuration_deepseek_v2 import DeepseekV2Config
 from .fused_moe import routed_experts
@@ -419,21 +419,3 @@ class DeepseekV2Model(DeepseekV2PreTrainedModel):
             past_key_values = KVCache(self.config.num_hidden_layers)
         hidden = self.decode(inputs_embeds, position_ids, past_key_values, attention_mask)
         return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=past_key_values)
-
-
-class DeepseekV2ForCausalLM(DeepseekV2PreTrainedModel):
-    def __init__(self, config: DeepseekV2Config):
-        super().__init__(config)
-        self.model = DeepseekV2Model(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
-
-    def get_input_embeddings(self):
-        return self.model.embed_tokens
-
-    def forward(self, input_ids=None, inputs_embeds=None, position_ids=None, past_key_values=None,
-                attention_mask=None, use_cache=False, **kwargs) -> CausalLMOutputWithPast:
-        out = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, position_ids=position_ids,
-                         past_key_values=past_key_values, attention_mask=attention_mask, use_cache=use_cache)
-        logits = self.lm_head(out.last_hidden_state).float()
-        return CausalLMOutputWithPast(logits=logits, past_key_values=out.past_key_values)

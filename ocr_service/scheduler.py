@@ -46,7 +46,6 @@ class Page:
     row: Optional[int] = None
     blocks: list = field(default_factory=list)
     generated: list = field(default_factory=list)  # tokens kept across a preemption (resumed from)
-    preemptions: int = 0
     admitted: int = 0  # the policy's clock at its (latest) admission
     payload: Any = None  # the engine's data for this page (inputs, embeddings, results)
 
@@ -284,7 +283,6 @@ class SchedulingPolicy:
         page.row = None
         self.blocks.give_back(page.blocks)
         page.blocks = []
-        page.preemptions += 1
         page.stage = Stage.ENCODED
         return row
 

@@ -7,7 +7,10 @@ import torch
 from transformers import AutoConfig, AutoModel
 
 from checkpoints import DeepseekOCRConfig, DeepseekOCRForCausalLM
+from checkpoints.generation import STOP_EOS, STOP_MAX_NEW_TOKENS
 from conftest import REFERENCE, document_image, reference_tensor_shapes
+
+PROMPT = "<image>\n<|grounding|>Convert the document to markdown."
 
 
 def test_official_config_builds_every_official_tensor_and_nothing_else():
@@ -22,18 +25,30 @@ def test_official_config_builds_every_official_tensor_and_nothing_else():
     assert sum(t.numel() for t in model.state_dict().values()) == 3_336_106_240
 
 
-def test_tiny_checkpoint_loads_through_automodel_with_remote_code(tiny_checkpoint, tiny_tokenizer):
+def test_tiny_checkpoint_loads_through_automodel_with_remote_code(tiny_checkpoint, tiny_tokenizer, tiny_model):
     config = AutoConfig.from_pretrained(tiny_checkpoint, trust_remote_code=True)
     assert type(config).__name__ == "DeepseekOCRConfig"
     model, info = AutoModel.from_pretrained(tiny_checkpoint, trust_remote_code=True, dtype=torch.float32,
                                             output_loading_info=True)
     assert type(model).__name__ == "DeepseekOCRForCausalLM"
-    assert info["missing_keys"] == set() or not info["missing_keys"]
+    assert type(model) is not DeepseekOCRForCausalLM  # the folder's copy of the code, not this import
+    assert not info["missing_keys"]
     assert not info["unexpected_keys"]
     assert not info.get("mismatched_keys")
-    result = model.eval().ocr(tiny_tokenizer, document_image(800, 1000), max_new_tokens=8)
-    assert len(result.token_ids) == 8 or result.finished
-    assert result.image_tokens == 273 + (10 * 2 + 1) * 10 * 3  # Gundam, 2 columns × 3 rows of tiles
+    # The remote-code model is the same model: it reads the same prompt into the same logits and writes
+    # the same tokens as our code imported directly, loading the same folder.
+    model.eval()
+    inputs = model.prepare_inputs(tiny_tokenizer, PROMPT, [document_image(800, 1000)])
+    assert int(inputs.image_mask.sum()) == 273 + (10 * 2 + 1) * 10 * 3  # Gundam, 2 columns × 3 rows of tiles
+    with torch.inference_mode():
+        logits = [m(input_ids=inputs.input_ids[None], image_mask=inputs.image_mask[None],
+                    images=[inputs.images]).logits for m in (model, tiny_model)]
+    assert torch.isfinite(logits[0]).all()
+    assert torch.equal(logits[0], logits[1])
+    remote, remote_stop = model.generate_tokens(inputs, max_new_tokens=8)
+    direct, direct_stop = tiny_model.generate_tokens(inputs, max_new_tokens=8)
+    assert (remote, remote_stop) == (direct, direct_stop)
+    assert (len(remote), remote_stop) == (8, STOP_MAX_NEW_TOKENS) or (len(remote) < 8 and remote_stop == STOP_EOS)
 
 
 def test_tokenizer_carries_official_special_token_ids(tiny_tokenizer):

@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from checkpoints.generation import STOP_EOS, STOP_MAX_NEW_TOKENS
 from checkpoints.modeling_deepseekocr import save_ocr_results
 from checkpoints.modeling_deepseekv2 import KVCache
 from conftest import document_image
@@ -93,14 +94,15 @@ def test_left_padded_batch_matches_single_rows(tiny_model, tiny_tokenizer):
 
 
 def test_generation_stops_at_eos_and_at_max_new_tokens(tiny_model, tiny_tokenizer):
-    image = document_image(600, 600)
-    capped = tiny_model.ocr(tiny_tokenizer, image, "<image>\nFree OCR.", 512, 512, False, max_new_tokens=5)
-    assert len(capped.token_ids) == 5 and not capped.finished
+    inputs = tiny_model.prepare_inputs(tiny_tokenizer, "<image>\nFree OCR.", [document_image(600, 600)], 512, 512,
+                                       False)
+    capped, stop = tiny_model.generate_tokens(inputs, max_new_tokens=5)
+    assert len(capped) == 5 and stop == STOP_MAX_NEW_TOKENS
     eager_to_stop = copy.deepcopy(tiny_model)
     with torch.no_grad():
         eager_to_stop.lm_head.weight[1] = eager_to_stop.model.norm.weight * 50  # EOS wins every step
-    stopped = eager_to_stop.ocr(tiny_tokenizer, image, "<image>\nFree OCR.", 512, 512, False, max_new_tokens=5)
-    assert stopped.finished and stopped.token_ids == [] and stopped.text == ""
+    stopped, stop = eager_to_stop.generate_tokens(inputs, max_new_tokens=5)
+    assert stop == STOP_EOS and stopped == [] and eager_to_stop.decode_text(tiny_tokenizer, stopped) == ""
 
 
 def test_infer_returns_text_and_writes_results(tiny_model, tiny_tokenizer, tmp_path, capsys):
