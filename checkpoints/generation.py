@@ -19,10 +19,11 @@ import torch
 TD_TOKEN_ID = 128821  # <td>
 TD_CLOSE_TOKEN_ID = 128822  # </td>
 
-# Why a page stopped: `pages[].stop_reason`.
-STOP_EOS = "eos"
-STOP_MAX_NEW_TOKENS = "max_new_tokens"
-STOP_REPETITION = "repetition"
+# Why a page stopped: `pages[].stop_reason`. The one definition; the service reads these too.
+STOP_EOS = "eos"  # the model wrote its end-of-sequence token
+STOP_MAX_NEW_TOKENS = "max_new_tokens"  # cut at the limit
+STOP_REPETITION = "repetition"  # the output had become a loop (`LoopStopRule`)
+STOP_REASONS = (STOP_EOS, STOP_MAX_NEW_TOKENS, STOP_REPETITION)
 
 
 # ---------------------------------------------------------------------------------------------- n-gram rule
@@ -136,11 +137,11 @@ def mask_repeated_ngrams(logits: torch.Tensor, history: torch.Tensor, lengths: t
     device = history.device
     if rule.window is not None:
         window = rule.window
-        positions = lengths[:, None] - window + torch.arange(window, device=device)  # [B, W]
-        tokens = history.gather(1, positions.clamp(0, history.shape[1] - 1))  # [B, W]
+        window_indices = lengths[:, None] - window + torch.arange(window, device=device)  # [B, W] into history
+        tokens = history.gather(1, window_indices.clamp(0, history.shape[1] - 1))  # [B, W]
         # An n-gram counts when its first token is a generated one (its last is then the row's latest or
         # earlier by construction); the serving rule never looks at the prompt.
-        start_ok = (positions >= prompt_lengths[:, None])[:, : window - n + 1]  # [B, W-n+1]
+        start_ok = (window_indices >= prompt_lengths[:, None])[:, : window - n + 1]  # [B, W-n+1]
         prefix = tokens[:, window - n + 1:]  # [B, n-1] the row's last n-1 tokens
     else:
         size = history.shape[1]

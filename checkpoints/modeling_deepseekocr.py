@@ -29,13 +29,12 @@ from .generation import (
     STOP_MAX_NEW_TOKENS, STOP_REPETITION, LoopDetector, LoopStopRule, NoRepeatNGramGuard, NoRepeatNGramRule,
     pick_next_token,
 )
+from .grounding import EOS_TEXT, crop_figures, draw_regions, parse_regions, to_markdown
 from .modeling_deepseekv2 import DeepseekV2Model, DeepseekV2PreTrainedModel, KVCache
 from .paged_attention import PagedKVCache
 from .processing_deepseekocr import ImageViews, PromptInputs, build_prompt_inputs
 
 logger = logging.getLogger(__name__)
-
-EOS_TEXT = "<｜end▁of▁sentence｜>"
 
 DEFAULT_VISION_CONFIG = {
     "image_size": 1024,
@@ -215,21 +214,21 @@ class DeepseekOCRForCausalLM(DeepseekV2PreTrainedModel):
         guard = NoRepeatNGramGuard(repetition, inputs.input_ids.tolist())
         detector = LoopDetector(loops) if loops is not None and loops.enabled else None
         hidden = self.model.decode(embeds, cache=cache)
-        generated = []
+        generated_tokens = []
         for _ in range(max_new_tokens):
             logits = self.lm_head(hidden[:, -1]).float()[0]
             token = pick_next_token(guard.mask_banned(logits), temperature)
             if token == eos_token_id:
-                return generated, STOP_EOS
-            generated.append(token)
+                return generated_tokens, STOP_EOS
+            generated_tokens.append(token)
             guard.append(token)
             if on_token is not None:
                 on_token(token)
             if detector is not None and detector.append(token):
-                return generated[:detector.keep_length], STOP_REPETITION
+                return generated_tokens[:detector.keep_length], STOP_REPETITION
             step = torch.tensor([[token]], device=device)
             hidden = self.model.decode(self.model.embed_tokens(step), cache=cache)
-        return generated, STOP_MAX_NEW_TOKENS
+        return generated_tokens, STOP_MAX_NEW_TOKENS
 
     def decode_text(self, tokenizer, token_ids: Sequence[int]) -> str:
         # Special tokens stay: <|ref|>/<|det|> carry the boxes and <td>/<tr> the tables.
@@ -300,8 +299,6 @@ def _stdout_streamer(tokenizer) -> Callable[[int], None]:
 
 def save_ocr_results(text: str, image: Image.Image, output_path: str) -> None:
     """Write what the original writes: result.mmd, result_with_boxes.jpg and the cropped figures."""
-    from .grounding import crop_figures, draw_regions, parse_regions, to_markdown
-
     regions = parse_regions(text, image.size)
     for index, figure in enumerate(crop_figures(image, regions)):
         if figure is not None:

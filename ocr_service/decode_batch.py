@@ -21,13 +21,16 @@ from typing import Optional
 import torch
 
 from checkpoints.generation import (
-    BatchedLoopDetector, LoopDetector, LoopStopRule, NoRepeatNGramRule, mask_repeated_ngrams,
+    STOP_EOS, STOP_MAX_NEW_TOKENS, STOP_REPETITION, BatchedLoopDetector, LoopDetector, LoopStopRule, NoRepeatNGramRule,
+    mask_repeated_ngrams,
 )
 from checkpoints.paged_attention import PagedBatch, PagedKVCache
 
-# stop codes kept per row on the device
-RUNNING, STOP_EOS, STOP_MAX_NEW_TOKENS, STOP_REPETITION = 0, 1, 2, 3
-STOP_REASONS = {STOP_EOS: "eos", STOP_MAX_NEW_TOKENS: "max_new_tokens", STOP_REPETITION: "repetition"}
+# Each row's stop state on the device is an int: RUNNING, or the code of the reason it stopped. The host
+# only ever sees the reasons (`RowState.stop_reason`).
+RUNNING = 0
+STOP_CODES = {STOP_EOS: 1, STOP_MAX_NEW_TOKENS: 2, STOP_REPETITION: 3}
+REASON_OF_CODE = {code: reason for reason, code in STOP_CODES.items()}
 
 # Batch sizes a decode step is captured for: a step runs the smallest one that holds every live row.
 BATCH_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256)
@@ -42,7 +45,7 @@ class Entry:
     prompt_ids: torch.Tensor  # [P] long
     blocks: list  # cache blocks it owns, in order
     max_new_tokens: int
-    resume: list  # generated tokens it already has (after a preemption), else empty
+    generated_tokens: list  # the tokens it already has (resuming after a preemption), else empty
 
 
 @dataclass
@@ -50,8 +53,7 @@ class RowState:
     """What the host reads of a row at a synchronisation point."""
 
     cache_length: int  # positions held in the cache
-    generated: int  # tokens generated so far (EOS included once emitted)
-    stop: int  # RUNNING or a STOP_* code
+    stop_reason: Optional[str]  # None while running, else why it stopped (checkpoints.generation's STOP_*)
 
 
 class DecodeBatch:
@@ -71,11 +73,11 @@ class DecodeBatch:
         model.model.rotary.table(max_seq_len, self.device, self.dtype)  # graphs index a table that exists
         rows = dict(dtype=torch.long, device=self.device)
         self.tokens = torch.zeros(max_rows, **rows)  # the next input token of each row
-        self.positions = torch.zeros(max_rows, **rows)  # where that token goes (= cache length)
+        self.positions = torch.zeros(max_rows, **rows)  # that token's position in its sequence (= cache length)
         self.lengths = torch.zeros(max_rows, **rows)  # tokens in history (prompt + generated)
         self.prompt_lengths = torch.zeros(max_rows, **rows)
         self.limits = torch.ones(max_rows, **rows)  # max_new_tokens
-        self.stop = torch.full((max_rows,), STOP_MAX_NEW_TOKENS, **rows)
+        self.stop_codes = torch.full((max_rows,), STOP_CODES[STOP_MAX_NEW_TOKENS], **rows)
         # prompt + generated ids; the last column is a sink that stopped rows write into
         self.history = torch.full((max_rows, max_seq_len + 1), -1, **rows)  # [R, S + 1]
         self.block_tables = torch.zeros(max_rows, math.ceil(max_seq_len / block_size), dtype=torch.int32,
@@ -102,7 +104,7 @@ class DecodeBatch:
         history, lengths = self.history[rows, :-1], self.lengths[rows]
         logits = mask_repeated_ngrams(logits, history, lengths, self.prompt_lengths[rows], self.repetition)
         chosen = logits.argmax(dim=-1)  # [B]
-        live = self.stop[rows] == RUNNING
+        live = self.stop_codes[rows] == RUNNING
         sink = self.history.shape[1] - 1
         self.history[rows].scatter_(1, torch.where(live, lengths, sink)[:, None], chosen[:, None])
         self.tokens[rows] = torch.where(live, chosen, self.tokens[rows])
@@ -110,12 +112,12 @@ class DecodeBatch:
         self.positions[rows] += step
         self.lengths[rows] += step
         generated = self.lengths[rows] - self.prompt_lengths[rows]
-        stop = torch.where(chosen == self.eos, STOP_EOS, RUNNING)
-        stop = torch.where((stop == RUNNING) & (generated >= self.limits[rows]), STOP_MAX_NEW_TOKENS, stop)
+        stop = torch.where(chosen == self.eos, STOP_CODES[STOP_EOS], RUNNING)
+        stop = torch.where((stop == RUNNING) & (generated >= self.limits[rows]), STOP_CODES[STOP_MAX_NEW_TOKENS], stop)
         if self.loops is not None:
             looping = self.loops.update(chosen, live)
-            stop = torch.where((stop == RUNNING) & looping, STOP_REPETITION, stop)
-        self.stop[rows] = torch.where(live, stop, self.stop[rows])
+            stop = torch.where((stop == RUNNING) & looping, STOP_CODES[STOP_REPETITION], stop)
+        self.stop_codes[rows] = torch.where(live, stop, self.stop_codes[rows])
 
     def run(self, live_rows: int, steps: int) -> None:
         """`steps` decode steps for rows 0..live_rows-1 (a captured graph's replays on CUDA)."""
@@ -131,7 +133,7 @@ class DecodeBatch:
             graph.replay()
 
     def _state(self) -> list:
-        tensors = [self.tokens, self.positions, self.lengths, self.stop, self.history]
+        tensors = [self.tokens, self.positions, self.lengths, self.stop_codes, self.history]
         return tensors + (self.loops.tensors() if self.loops is not None else [])
 
     def _capture(self, batch: int):
@@ -173,8 +175,8 @@ class DecodeBatch:
         for entry in entries:
             self.set_blocks(entry.row, entry.blocks)
             context = entry.embeds
-            if entry.resume:  # recompute the cache of the tokens it had generated, but the last
-                resumed = torch.tensor(entry.resume[:-1], dtype=torch.long, device=device)
+            if entry.generated_tokens:  # resuming: recompute the cache of the tokens it had, but the last
+                resumed = torch.tensor(entry.generated_tokens[:-1], dtype=torch.long, device=device)
                 context = torch.cat([context, self.model.model.embed_tokens(resumed).to(context.dtype)])
             length = context.shape[0]
             table = torch.tensor(entry.blocks, dtype=torch.long)
@@ -193,17 +195,17 @@ class DecodeBatch:
 
     def _start_row(self, entry: Entry, logits: torch.Tensor, cache_length: int) -> None:
         row, prompt = entry.row, entry.prompt_ids.to(self.device)
-        ids = torch.cat([prompt, torch.tensor(entry.resume, dtype=torch.long, device=self.device)])
+        ids = torch.cat([prompt, torch.tensor(entry.generated_tokens, dtype=torch.long, device=self.device)])
         self.history[row].fill_(-1)
         self.history[row, :ids.shape[0]] = ids
         self.prompt_lengths[row] = prompt.shape[0]
         self.limits[row] = entry.max_new_tokens
         self.positions[row] = cache_length
-        if entry.resume:  # its next input is the last token it had chosen
+        if entry.generated_tokens:  # resuming: its next input is the last token it had chosen
             self.lengths[row] = ids.shape[0]
-            self.tokens[row] = entry.resume[-1]
-            self.stop[row] = RUNNING
-            self._restore_loop_state(row, entry.resume)
+            self.tokens[row] = entry.generated_tokens[-1]
+            self.stop_codes[row] = RUNNING
+            self._restore_loop_state(row, entry.generated_tokens)
             return
         self.lengths[row] = prompt.shape[0]
         rows = slice(row, row + 1)
@@ -217,8 +219,8 @@ class DecodeBatch:
             self.loops.reset(row)
             self.loops.update(first, first_row=row)  # one token is never a loop
         limit_reached = torch.tensor(entry.max_new_tokens <= 1, device=self.device)
-        self.stop[row] = torch.where(first[0] == self.eos, STOP_EOS,
-                                     torch.where(limit_reached, STOP_MAX_NEW_TOKENS, RUNNING))
+        self.stop_codes[row] = torch.where(first[0] == self.eos, STOP_CODES[STOP_EOS],
+                                           torch.where(limit_reached, STOP_CODES[STOP_MAX_NEW_TOKENS], RUNNING))
 
     def _restore_loop_state(self, row: int, tokens: list) -> None:
         """A resumed row's loop detector, as it was: the host detector replays the tokens and its counters
@@ -253,9 +255,8 @@ class DecodeBatch:
             # vision worker's thread keeps launching meanwhile.
             torch.cuda.current_stream(self.device).synchronize()
         rows = slice(0, live_rows)
-        state = torch.stack([self.positions[rows], self.lengths[rows] - self.prompt_lengths[rows],
-                             self.stop[rows]]).tolist()
-        return [RowState(*values) for values in zip(*state)]
+        cache_lengths, stop_codes = torch.stack([self.positions[rows], self.stop_codes[rows]]).tolist()
+        return [RowState(length, REASON_OF_CODE.get(code)) for length, code in zip(cache_lengths, stop_codes)]
 
     def generated_tokens(self, row: int) -> list:
         """The tokens a row has generated (EOS included if it emitted one)."""
@@ -271,7 +272,7 @@ class DecodeBatch:
         self.block_tables[row] = 0
         self.positions[row] = 0
         self.tokens[row] = 0
-        self.stop[row] = STOP_MAX_NEW_TOKENS
+        self.stop_codes[row] = STOP_CODES[STOP_MAX_NEW_TOKENS]
         self.lengths[row] = 0
         self.prompt_lengths[row] = 0
 

@@ -34,12 +34,12 @@ import torch  # noqa: E402
 
 from checkpoints import DeepseekOCRConfig, DeepseekOCRForCausalLM  # noqa: E402
 from checkpoints.generation import (
-    DEFAULT_LOOP_STOP, LOOP_STOP_OFF, ORIGINAL_NO_REPEAT_RULE, SERVING_NO_REPEAT_RULE,
+    DEFAULT_LOOP_STOP, LOOP_STOP_OFF, ORIGINAL_NO_REPEAT_RULE, SERVING_NO_REPEAT_RULE, STOP_EOS, STOP_REPETITION,
 )
 from checkpoints.paged_attention import PagedBatch, PagedKVCache
 from checkpoints.processing_deepseekocr import IMAGE_TOKEN, TILING_THRESHOLD, choose_tile_grid, image_token_count
 
-from .decode_batch import RUNNING, STOP_REASONS, DecodeBatch, Entry
+from .decode_batch import DecodeBatch, Entry
 from .errors import InputError
 from .scheduler import BlockPool, SchedulingPolicy, Stage
 from .settings import Settings
@@ -63,7 +63,7 @@ class PageResult:
     prompt_tokens: int
     image_tokens: int
     finished: bool  # the model emitted EOS
-    stop_reason: str  # "eos", "max_new_tokens" or "repetition"
+    stop_reason: str  # checkpoints.generation's STOP_*: "eos", "max_new_tokens" or "repetition"
     first_token_s: float  # from submission to this page's first token
     seconds: float  # from submission to this page's last token
 
@@ -162,11 +162,11 @@ class OCREngine:
             job.cancel()
             raise
 
-    def result(self, token_ids: list, stop: str, prompt_tokens: int, image_tokens: int, first: float,
+    def result(self, token_ids: list, stop_reason: str, prompt_tokens: int, image_tokens: int, first: float,
                total: float) -> PageResult:
         return PageResult(text=self.model.decode_text(self.tokenizer, token_ids), token_ids=token_ids,
-                          prompt_tokens=prompt_tokens, image_tokens=image_tokens, finished=stop == "eos",
-                          stop_reason=stop, first_token_s=first, seconds=total)
+                          prompt_tokens=prompt_tokens, image_tokens=image_tokens, finished=stop_reason == STOP_EOS,
+                          stop_reason=stop_reason, first_token_s=first, seconds=total)
 
     @contextlib.contextmanager
     def translate_oom(self, what: str):
@@ -227,14 +227,14 @@ class Job:
                                           self.resolution.image_size, self.resolution.crop_mode)
             first = []
             with engine.translate_oom("decoding"):
-                ids, stop = model.generate_tokens(
+                ids, stop_reason = model.generate_tokens(
                     inputs, self.max_new_tokens, repetition=engine.repetition, loops=engine.loop_rule,
                     eos_token_id=engine.eos, on_token=lambda _: first or first.append(time.monotonic()))
             now = time.monotonic()
             self.results[index] = engine.result(
-                ids, stop, int(inputs.input_ids.numel()), int(inputs.image_mask.sum()),
+                ids, stop_reason, int(inputs.input_ids.numel()), int(inputs.image_mask.sum()),
                 (first[0] if first else now) - self.submitted, now - self.submitted)
-            engine.log(f"page {index + 1}/{len(self.images)} done: {len(ids)} tokens ({stop})")
+            engine.log(f"page {index + 1}/{len(self.images)} done: {len(ids)} tokens ({stop_reason})")
         self.complete()
 
 
@@ -288,9 +288,9 @@ class ServingLoop:
         log(f"KV cache: {blocks} blocks of {BLOCK_SIZE} positions ({blocks * block_bytes / 2**30:.1f} GiB), "
             f"up to {self.max_rows} sequences at once")
         self.inbox: "queue.Queue" = queue.Queue()
-        self.positions: dict = {}  # row → cache length, as of the last look at the device
+        self.cache_lengths: dict = {}  # row → positions its sequence holds in the cache, as of the last look
         # seconds the serving thread spent on each kind of device work (logged with the progress)
-        self.busy = {"prefill": 0.0, "decode": 0.0}
+        self.busy_s = {"prefill": 0.0, "decode": 0.0}
         self.vision = VisionWorker(model, engine.translate_oom, max_pages_per_pass=self.PAGES_PER_VISION_PASS)
         self._last_progress = time.monotonic()
         self.thread = threading.Thread(target=self._run, name="deepseek-ocr-serving", daemon=True)
@@ -372,19 +372,19 @@ class ServingLoop:
                 self.log(f"serving failed: {error!r}")
                 self._fail_everything(error)
 
-    def _busy(self) -> bool:
+    def _has_work(self) -> bool:
         return any(p is not None for p in self.policy.rows) or any(
             not p.closed and not p.finished for p in self.policy.predictions)
 
     def _round(self) -> None:
-        self._take_messages(wait=not self._busy())
+        self._take_messages(wait=not self._has_work())
         self._expire()
         self._preprocess()
         self._encode()
         self._admit()
         if any(p is not None for p in self.policy.rows):
             self._decode()
-        elif self._busy():
+        elif self._has_work():
             time.sleep(0.002)  # only CPU work in flight: let it progress
         self.policy.forget_finished()
 
@@ -415,7 +415,7 @@ class ServingLoop:
             return
         for row in self.policy.close(job.prediction):
             self.batch.clear(row)
-            self.positions.pop(row, None)
+            self.cache_lengths.pop(row, None)
         for page in job.prediction.pages:
             page.payload.embeds = None
         job.complete(error)
@@ -473,7 +473,7 @@ class ServingLoop:
         try:
             self._prefill(admissions)
         finally:
-            self.busy["prefill"] += time.monotonic() - started
+            self.busy_s["prefill"] += time.monotonic() - started
 
     def _prefill(self, admissions: list) -> None:
         entries = [self._entry(a.page, a.row) for a in admissions]
@@ -496,14 +496,14 @@ class ServingLoop:
             page = admission.page
             if page.stage is not Stage.RUNNING:
                 continue
-            self.positions[admission.row] = states[admission.row].cache_length
+            self.cache_lengths[admission.row] = states[admission.row].cache_length
             if page.payload.first_token_at is None:
                 page.payload.first_token_at = now
 
     def _entry(self, page, row: int) -> Entry:
         inputs = page.payload.inputs
         return Entry(row=row, embeds=page.payload.embeds, prompt_ids=inputs.input_ids, blocks=list(page.blocks),
-                     max_new_tokens=page.max_new_tokens, resume=list(page.generated))
+                     max_new_tokens=page.max_new_tokens, generated_tokens=list(page.generated_tokens))
 
     def _admission_failed(self, page, entry: Entry, error: BaseException) -> None:
         self.batch.clear(entry.row)
@@ -515,13 +515,13 @@ class ServingLoop:
         return occupied[-1] + 1 if occupied else 0
 
     def _decode(self) -> None:
-        grown, preempted = self.policy.grow({row: self.positions[row] for row, page in
-                                            enumerate(self.policy.rows) if page is not None})
+        grown, preempted = self.policy.grow({row: self.cache_lengths[row] for row, page in
+                                             enumerate(self.policy.rows) if page is not None})
         for page, row in preempted:
-            page.generated = self.batch.generated_tokens(row)
+            page.generated_tokens = self.batch.generated_tokens(row)
             self.batch.clear(row)
-            self.positions.pop(row, None)
-            self.log(f"cache full: a page with {len(page.generated)} tokens waits for room (preempted)")
+            self.cache_lengths.pop(row, None)
+            self.log(f"cache full: a page with {len(page.generated_tokens)} tokens waits for room (preempted)")
         for row in grown:
             self.batch.set_blocks(row, self.policy.rows[row].blocks)
         live = self._live_rows()
@@ -531,34 +531,33 @@ class ServingLoop:
         self.batch.run(live, self.sync_every)
         states = self.batch.read(live)
         now = time.monotonic()
-        self.busy["decode"] += now - started
+        self.busy_s["decode"] += now - started
         for row, state in enumerate(states):
             page = self.policy.rows[row]
             if page is None:
                 continue
-            self.positions[row] = state.cache_length
-            if state.stop != RUNNING:
-                self._retire(page, row, state.stop, now)
+            self.cache_lengths[row] = state.cache_length
+            if state.stop_reason is not None:
+                self._retire(page, row, state.stop_reason, now)
         self._compact()
         self._report_progress(states)
 
-    def _retire(self, page, row: int, stop: int, now: float) -> None:
+    def _retire(self, page, row: int, stop_reason: str, now: float) -> None:
         payload = page.payload
         job = payload.job
         ids = self.batch.generated_tokens(row)
-        reason = STOP_REASONS[stop]
-        if reason == "eos":
+        if stop_reason == STOP_EOS:
             ids = ids[:-1]
-        elif reason == "repetition":
+        elif stop_reason == STOP_REPETITION:
             ids = ids[:self.batch.loop_cut(row)]
         ids = ids[:page.max_new_tokens]
         inputs = payload.inputs
         job.results[page.index] = self.engine.result(
-            ids, reason, int(inputs.input_ids.numel()), int(inputs.image_mask.sum()),
+            ids, stop_reason, int(inputs.input_ids.numel()), int(inputs.image_mask.sum()),
             payload.first_token_at - job.submitted, now - job.submitted)
         self.policy.finish(page)
         self.batch.clear(row)
-        self.positions.pop(row, None)
+        self.cache_lengths.pop(row, None)
         payload.embeds = payload.inputs = None
         if job.prediction.finished and not job.prediction.closed:
             job.prediction.closed = True
@@ -580,7 +579,7 @@ class ServingLoop:
             self.batch.move(source, hole)
             rows[hole], rows[source] = page, None
             page.row = hole
-            self.positions[hole] = self.positions.pop(source)
+            self.cache_lengths[hole] = self.cache_lengths.pop(source)
 
     def _report_progress(self, states) -> None:
         now = time.monotonic()
@@ -608,12 +607,12 @@ class ServingLoop:
             self.policy = SchedulingPolicy(BlockPool(self.policy.blocks.capacity, BLOCK_SIZE), self.max_rows,
                                            self.policy.max_waiting, self.policy.prefill_tokens,
                                            self.policy.growth_tokens)
-        self.positions.clear()
+        self.cache_lengths.clear()
         self.policy.forget_finished()
 
     def busy_seconds(self) -> dict:
         """Seconds of device work so far: vision encoding (beside the rest), prefill, decode."""
-        return {"encode": self.vision.busy_s, **self.busy}
+        return {"encode": self.vision.busy_s, **self.busy_s}
 
     def holdings(self) -> dict:
         """What the engine holds now (rows, blocks, pages waiting, predictions): all zero when idle."""

@@ -45,14 +45,14 @@ class Page:
     stage: Stage = Stage.QUEUED
     row: Optional[int] = None
     blocks: list = field(default_factory=list)
-    generated: list = field(default_factory=list)  # tokens kept across a preemption (resumed from)
+    generated_tokens: list = field(default_factory=list)  # kept across a preemption (resumed from)
     admitted: int = 0  # the policy's clock at its (latest) admission
     payload: Any = None  # the engine's data for this page (inputs, embeddings, results)
 
     @property
     def context_tokens(self) -> int:
         """Positions the sequence holds in the cache when (re)admitted: its prompt and the tokens it resumes from."""
-        return self.prompt_tokens + max(len(self.generated) - 1, 0)
+        return self.prompt_tokens + max(len(self.generated_tokens) - 1, 0)
 
 
 @dataclass(eq=False)
@@ -86,8 +86,9 @@ class BlockPool:
     def free(self) -> int:
         return len(self._free)
 
-    def blocks_for(self, positions: int) -> int:
-        return math.ceil(positions / self.block_size)
+    def blocks_for(self, cache_length: int) -> int:
+        """Blocks that hold `cache_length` positions."""
+        return math.ceil(cache_length / self.block_size)
 
     def take(self, count: int) -> list:
         if count > len(self._free):
@@ -242,22 +243,22 @@ class SchedulingPolicy:
 
     # ------------------------------------------------------------------ growth and preemption
 
-    def grow(self, positions: dict) -> tuple:
-        """Make room for the next synchronisation interval. `positions[row]` is the cache length of the
-        sequence in that row now. Returns (rows whose block list grew, [(preempted page, its row)]).
+    def grow(self, cache_lengths: dict) -> tuple:
+        """Make room for the next synchronisation interval. `cache_lengths[row]`: the positions the sequence
+        in that row holds in the cache now. Returns (rows whose block list grew, [(preempted page, its row)]).
 
         Sequences are served oldest admission first; when the pool runs dry the victim is the newest
         sequence of the prediction holding the most rows (it gives its blocks back and waits, ENCODED,
         to be admitted again with the tokens it has).
         """
         grown, preempted = [], []
-        order = sorted((row for row in positions if self.rows[row] is not None),
+        order = sorted((row for row in cache_lengths if self.rows[row] is not None),
                        key=lambda row: self.rows[row].admitted)
         for row in order:
             page = self.rows[row]
             if page is None or page.stage is not Stage.RUNNING:
                 continue  # preempted meanwhile
-            need = self.blocks.blocks_for(positions[row] + self.growth_tokens) - len(page.blocks)
+            need = self.blocks.blocks_for(cache_lengths[row] + self.growth_tokens) - len(page.blocks)
             while need > self.blocks.free:
                 victim = self._victim()
                 preempted.append((victim, self._preempt(victim)))

@@ -5,7 +5,9 @@ import time
 
 import pytest
 
+from checkpoints.generation import STOP_EOS, STOP_REASONS
 from conftest import document_image
+from ocr_service.decode_batch import RUNNING, STOP_CODES
 from ocr_service.engine import MAX_SEQUENCE, JobCancelled, OCREngine
 from ocr_service.errors import InputError
 from ocr_service.presets import resolution
@@ -51,7 +53,7 @@ def test_batched_paged_path_matches_the_reference_as_sequences_join_and_leave(ti
     for job, (images, preset, n) in zip(submitted, jobs):  # 6 pages through 2 rows: rows and blocks reused
         got = job.wait(120)
         assert [r.token_ids for r in got] == tokens_alone(reference_rule, images, preset, n)
-        assert all(r.stop_reason in ("eos", "max_new_tokens", "repetition") for r in got)
+        assert all(r.stop_reason in STOP_REASONS for r in got)
     assert wait_idle(batched.server) == {"rows": 0, "blocks": 0, "waiting": 0, "predictions": 0}
 
 
@@ -151,8 +153,8 @@ def test_per_page_timing_is_each_pages_own(tiny_checkpoint):
 
 def test_the_reference_engine_reports_stop_reasons(reference):
     result = reference.run_pages(pages(1), PROMPT, resolution("Tiny"), 3)[0]
-    assert result.stop_reason in ("max_new_tokens", "eos", "repetition")
-    assert result.finished == (result.stop_reason == "eos")
+    assert result.stop_reason in STOP_REASONS
+    assert result.finished == (result.stop_reason == STOP_EOS)
     assert 0 < result.first_token_s <= result.seconds
 
 
@@ -193,3 +195,8 @@ def test_a_failing_device_fails_the_predictions_instead_of_leaving_them_waiting(
     with pytest.raises(RuntimeError, match="device stopped answering"):
         job.wait(30)
     assert batched.server.holdings()["predictions"] == 0
+
+
+def test_every_stop_reason_has_its_own_device_code():
+    assert sorted(STOP_CODES) == sorted(STOP_REASONS)
+    assert len(set(STOP_CODES.values()) | {RUNNING}) == len(STOP_REASONS) + 1

@@ -114,11 +114,11 @@ def test_growth_hands_out_blocks_and_preempts_the_newest_of_the_largest_holder_w
     admitted = p.to_admit()  # 2 blocks each: 6 of 10
     assert len(admitted) == 3
     rows = {adm.page: adm.row for adm in admitted}
-    positions = {row: 100 for row in rows.values()}
-    grown, preempted = p.grow(positions)
+    cache_lengths = {row: 100 for row in rows.values()}
+    grown, preempted = p.grow(cache_lengths)
     assert grown == [] and preempted == []  # 100 + 17 fits in 2 blocks
-    positions = {row: 200 for row in rows.values()}  # each needs ceil(217 / 64) = 4 blocks: 12 > 10
-    grown, preempted = p.grow(positions)
+    cache_lengths = {row: 200 for row in rows.values()}  # each needs ceil(217 / 64) = 4 blocks: 12 > 10
+    grown, preempted = p.grow(cache_lengths)
     victim = b.pages[1]
     assert [page for page, _ in preempted] == [victim]
     assert victim.stage is Stage.ENCODED and victim.blocks == [] and victim.row is None
@@ -135,7 +135,7 @@ def test_a_preempted_page_resumes_with_its_tokens_when_room_comes_back():
     first, second = p.to_admit()
     _, preempted = p.grow({first.row: 200, second.row: 200})
     (page, row), = preempted
-    page.generated = list(range(50))
+    page.generated_tokens = list(range(50))
     assert page.context_tokens == 100 + 49
     p.finish(first.page if page is second.page else second.page)
     again = p.to_admit()
