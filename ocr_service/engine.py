@@ -51,8 +51,8 @@ MAX_NEW_TOKENS = 8192
 # text of a Locate prompt with its longest reference) and MAX_NEW_TOKENS.
 MAX_SEQUENCE = MAX_NEW_TOKENS + 2048
 # Kept free beyond the measured peak: the captured graphs' buffers, and what the caching allocator holds
-# beyond what is allocated, with two streams allocating (measured on an H100: reserved ran up to 4.4 GiB
-# above allocated in a 128-page job).
+# beyond what is allocated, which grows with two streams allocating side by side (sized from what a long
+# many-page job reserved beyond its allocations).
 HEADROOM_GIB = 5.0
 
 
@@ -254,10 +254,10 @@ class ServingLoop:
     The vision encoder runs beside it (`VisionWorker`)."""
 
     # Vision passes of up to 16 pages, 32 pages handed to the worker at once so that it never waits for the
-    # next round between passes (passes of 8 slowed a 128-page job from 8.4 to 7.2-7.6 pages/s). A
+    # next round between passes (smaller passes cost long jobs throughput: the README has the figures). A
     # prediction's first page is handed over beyond that bound and goes ahead of queued pages of long jobs
-    # (see SchedulingPolicy.to_encode and VisionWorker), so a newcomer waits for at most the pass under way
-    # (FIFO behind 32 pages gave first tokens of 1.5 s under load).
+    # (see SchedulingPolicy.to_encode and VisionWorker), so a newcomer waits for at most the pass under way,
+    # not for every page queued before it.
     PAGES_PER_VISION_PASS = 16
     ENCODING_PAGES = 32
 
