@@ -66,10 +66,10 @@ def quick_gelu(h: torch.Tensor) -> torch.Tensor:
     rounded once to the input's dtype.
 
     That is what the original computes on the GPU: it compiles this activation with TorchScript, and
-    under its bf16 autocast the compiled function returns float32 (measured on an H100: bit-identical
-    to this definition), which CLIP's next projection rounds once. Three bf16 operations would round
-    about half of the values differently, and CLIP's output would differ from the original's by 0.4%.
-    In float32 this is the formula itself.
+    under its bf16 autocast the compiled function returns float32 (bit-identical to this definition,
+    checked on the GPU), which CLIP's next projection rounds once. Three bf16 operations would round
+    many values differently and move CLIP's output away from the original's (the README has the
+    figures). In float32 this is the formula itself.
     """
     if use_triton(h):
         return triton_kernels.quick_gelu(h)

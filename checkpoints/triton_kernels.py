@@ -44,8 +44,8 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Mixture of experts: up to this many (token, expert) pairs each pair reads its expert's rows
 # directly (GEMV, no sorting); above it the pairs are grouped by expert and each expert's weights are
-# read once per block of pairs (grouped GEMM). 96 pairs = 16 tokens at K = 6, where the two paths
-# met on an H100 (144 vs 151 µs at 16 tokens, 195 vs 177 at 24).
+# read once per block of pairs (grouped GEMM). 96 pairs = 16 tokens at K = 6, about where the two
+# paths cost the same (benchmarks/bench_kernels.py compares them).
 GEMV_MAX_PAIRS = 96
 # Grouping the pairs by expert runs in one program (one launch) while the padded pair array is at
 # most this long (decode batches); longer arrays (prefill) use a counting launch and a parallel one.
@@ -650,8 +650,8 @@ def route_top_k(logits: torch.Tensor, top_k: int, renormalize: bool, scaling: fl
 def _grouped_block_m(pairs: int, experts: int) -> int:
     """Height of the grouped GEMMs' blocks (rows of one expert). While the weights dominate (few pairs
     per expert) about an expert's share, so that few rows are padding: 16 (the matrix unit's minimum)
-    or 32; beyond that 128, the most efficient tile (on an H100, 128 beat 64 from 48 to 2,700 pairs
-    per expert, e.g. 244 vs 442 µs at 512 tokens and 1.10 vs 1.37 ms at 8,192)."""
+    or 32; beyond that 128, the most efficient tile (measured faster than 64 from a few dozen pairs per
+    expert up to the largest prefills)."""
     per_expert = pairs / max(experts, 1)
     return 16 if per_expert <= 16 else 32 if per_expert <= 32 else 128
 
