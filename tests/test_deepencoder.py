@@ -1,10 +1,338 @@
-"""The vision towers' own numerics (their wiring is covered through the whole model elsewhere)."""
+"""The vision towers against their definitions, on tiny sizes in float32: SAM's windowed attention with
+decomposed relative positions, CLIP's layers, the shapes of every view size, and quick GELU's rounding.
 
+The references below are written plainly from the definitions (SAM ViT-B, CLIP-L as DeepEncoder wires
+them) and read only the modules' parameters, whose names are the checkpoint's; the modules are compared
+by their outputs, so any implementation of the same maths passes.
+"""
+
+import math
+
+import pytest
 import torch
+import torch.nn.functional as F
 
-from checkpoints.deepencoder import ClipMLP
+from checkpoints.deepencoder import (
+    ClipAttention, ClipLayer, ClipMLP, ClipSettings, ClipVisionModel, LinearProjector, SamAttention, SamBlock,
+    SamEncoder, SamSettings, encode_views, merge_windows, partition_windows, relative_positions,
+)
 from checkpoints.fused_ops import quick_gelu
 
+# float32 on the CPU: the references differ from the modules only in the order of their sums.
+EXACT = dict(rtol=1e-5, atol=1e-5)
+
+TINY_SAM = SamSettings(width=32, layers=4, heads=2, global_attn_indexes=[1, 3], downsample_channels=[24, 48],
+                       out_chans=16, window_size=3, patch_size=16, mlp_ratio=2.0, image_size=128)
+TINY_CLIP = ClipSettings(width=48, layers=2, heads=4, image_size=224, patch_size=14)
+TINY_PROJECTOR = {"projector_type": "linear", "input_dim": 48 + 48, "n_embed": 40}
+
+
+def randomized(module: torch.nn.Module, seed: int, scale: float = 0.3) -> torch.nn.Module:
+    """Every parameter drawn at random (norm weights and biases, relative-position tables included), so
+    that no term of the maths is hidden behind a zero or a one."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
+    return module.eval()
+
+
+def randn(*shape, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------------------------------------- references
+
+def resampled_table(table: torch.Tensor, length: int) -> torch.Tensor:
+    """table [L, C] → [length, C] by linear interpolation with half-pixel centres, entry by entry: entry t
+    sits at (t + ½)·L/length − ½ of the old table (clamped at its first entry)."""
+    old = table.shape[0]
+    if old == length:
+        return table
+    rows = []
+    for t in range(length):
+        x = max((t + 0.5) * old / length - 0.5, 0.0)
+        low = min(int(math.floor(x)), old - 1)
+        high = min(low + 1, old - 1)
+        weight = x - low
+        rows.append((1 - weight) * table[low] + weight * table[high])
+    return torch.stack(rows)
+
+
+def plain_relative_positions(size: int, table: torch.Tensor) -> torch.Tensor:
+    """[size, size, C]: entry (i, j) is the embedding of the offset i − j, the table holding offsets
+    −(size − 1) .. size − 1 (resampled to 2·size − 1 entries when it was trained for another size)."""
+    table = resampled_table(table, 2 * size - 1)
+    return torch.stack([torch.stack([table[i - j + size - 1] for j in range(size)]) for i in range(size)])
+
+
+def plain_sam_attention(attn: SamAttention, x: torch.Tensor, heads: int) -> torch.Tensor:
+    """softmax(q·kᵀ·scale + bias_h + bias_w)·v over a [B, H, W, C] grid, then the output projection.
+    For a query at (i, j) and a key at (i', j'): bias_h = q·Rh(i − i'), bias_w = q·Rw(j − j'), with the
+    query unscaled."""
+    batch, height, width, dim = x.shape
+    head_dim = dim // heads
+    qkv = F.linear(x, attn.qkv.weight, attn.qkv.bias).reshape(batch, height * width, 3, heads, head_dim)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, HW, n, d]
+    rows = torch.arange(height * width) // width
+    cols = torch.arange(height * width) % width
+    rel_h = plain_relative_positions(height, attn.rel_pos_h)[rows[:, None], rows[None, :]]  # [HW, HW, d]
+    rel_w = plain_relative_positions(width, attn.rel_pos_w)[cols[:, None], cols[None, :]]  # [HW, HW, d]
+    logits = torch.einsum("bpnd,brnd->bnpr", q, k) / math.sqrt(head_dim)
+    bias = torch.einsum("bpnd,prd->bnpr", q, rel_h + rel_w)
+    weights = torch.softmax(logits + bias, dim=-1)
+    out = torch.einsum("bnpr,brnd->bpnd", weights, v).reshape(batch, height, width, dim)
+    return F.linear(out, attn.proj.weight, attn.proj.bias)
+
+
+def plain_sam_block(block: SamBlock, x: torch.Tensor, heads: int, window: int) -> torch.Tensor:
+    """Pre-norm block: attention (within zero-padded windows of `window`², or global for 0), then the MLP."""
+    batch, height, width, dim = x.shape
+    normed = F.layer_norm(x, (dim,), block.norm1.weight, block.norm1.bias, 1e-6)
+    if window:
+        padded_h, padded_w = math.ceil(height / window) * window, math.ceil(width / window) * window
+        padded = torch.zeros(batch, padded_h, padded_w, dim)
+        padded[:, :height, :width] = normed
+        attended = torch.zeros_like(padded)
+        for top in range(0, padded_h, window):
+            for left in range(0, padded_w, window):
+                tile = padded[:, top:top + window, left:left + window]
+                attended[:, top:top + window, left:left + window] = plain_sam_attention(block.attn, tile, heads)
+        attended = attended[:, :height, :width]
+    else:
+        attended = plain_sam_attention(block.attn, normed, heads)
+    x = x + attended
+    hidden = F.layer_norm(x, (dim,), block.norm2.weight, block.norm2.bias, 1e-6)
+    mlp = block.mlp
+    return x + F.linear(F.gelu(F.linear(hidden, mlp.lin1.weight, mlp.lin1.bias)), mlp.lin2.weight, mlp.lin2.bias)
+
+
+def plain_layer_norm_2d(x: torch.Tensor, norm) -> torch.Tensor:
+    """LayerNorm over the channels of [B, C, H, W]."""
+    mean = x.mean(1, keepdim=True)
+    variance = ((x - mean) ** 2).mean(1, keepdim=True)
+    return norm.weight[:, None, None] * (x - mean) / torch.sqrt(variance + 1e-6) + norm.bias[:, None, None]
+
+
+def plain_sam_encoder(sam: SamEncoder, pixels: torch.Tensor, s: SamSettings) -> torch.Tensor:
+    """At the size it was trained for: patches + positions, the blocks, the neck, two stride-2 convolutions."""
+    x = F.conv2d(pixels, sam.patch_embed.proj.weight, sam.patch_embed.proj.bias, stride=s.patch_size)
+    x = x.permute(0, 2, 3, 1) + sam.pos_embed
+    for index, block in enumerate(sam.blocks):
+        x = plain_sam_block(block, x, s.heads, 0 if index in s.global_attn_indexes else s.window_size)
+    neck = sam.neck
+    x = plain_layer_norm_2d(F.conv2d(x.permute(0, 3, 1, 2), neck[0].weight), neck[1])
+    x = plain_layer_norm_2d(F.conv2d(x, neck[2].weight, padding=1), neck[3])
+    x = F.conv2d(x, sam.net_2.weight, stride=2, padding=1)
+    return F.conv2d(x, sam.net_3.weight, stride=2, padding=1)
+
+
+def plain_clip_attention(attn: ClipAttention, x: torch.Tensor, heads: int) -> torch.Tensor:
+    """softmax(q·kᵀ/√d)·v per head, no mask, then the output projection; qkv_proj holds q, k, v in turn."""
+    batch, length, dim = x.shape
+    head_dim = dim // heads
+    q, k, v = F.linear(x, attn.qkv_proj.weight, attn.qkv_proj.bias).split(dim, dim=-1)
+    q, k, v = (t.reshape(batch, length, heads, head_dim) for t in (q, k, v))
+    weights = torch.softmax(torch.einsum("bpnd,brnd->bnpr", q, k) / math.sqrt(head_dim), dim=-1)
+    out = torch.einsum("bnpr,brnd->bpnd", weights, v).reshape(batch, length, dim)
+    return F.linear(out, attn.out_proj.weight, attn.out_proj.bias)
+
+
+def plain_clip_layer(layer: ClipLayer, x: torch.Tensor, heads: int) -> torch.Tensor:
+    dim = x.shape[-1]
+    x = x + plain_clip_attention(layer.self_attn, F.layer_norm(x, (dim,), layer.layer_norm1.weight,
+                                                               layer.layer_norm1.bias, 1e-5), heads)
+    hidden = F.layer_norm(x, (dim,), layer.layer_norm2.weight, layer.layer_norm2.bias, 1e-5)
+    hidden = F.linear(hidden, layer.mlp.fc1.weight, layer.mlp.fc1.bias)
+    hidden = hidden * torch.sigmoid(1.702 * hidden)
+    return x + F.linear(hidden, layer.mlp.fc2.weight, layer.mlp.fc2.bias)
+
+
+def plain_clip(clip: ClipVisionModel, sam_features: torch.Tensor, s: ClipSettings) -> torch.Tensor:
+    """At the grid its position table was trained for: a class token, then SAM's features as the patch
+    tokens, plus the positions; the pre-norm; the layers; no final norm."""
+    batch = sam_features.shape[0]
+    tokens = sam_features.flatten(2).transpose(1, 2)
+    embeddings = clip.embeddings
+    x = torch.cat([embeddings.class_embedding.expand(batch, 1, -1), tokens], dim=1)
+    x = x + embeddings.position_embedding.weight[None]
+    x = F.layer_norm(x, (s.width,), clip.pre_layrnorm.weight, clip.pre_layrnorm.bias, 1e-5)
+    for layer in clip.transformer.layers:
+        x = plain_clip_layer(layer, x, s.heads)
+    return x
+
+
+# ---------------------------------------------------------------------------------------------- windows
+
+@pytest.mark.parametrize("height, width, size", [(7, 5, 3), (6, 6, 3), (4, 9, 4), (2, 2, 5)])
+def test_windows_are_the_zero_padded_grid_cut_in_reading_order_and_merge_back(height, width, size):
+    x = randn(2, height, width, 3, seed=height * 10 + width)
+    windows, padded = partition_windows(x, size)
+    padded_h, padded_w = math.ceil(height / size) * size, math.ceil(width / size) * size
+    assert padded == (padded_h, padded_w)
+    grid = torch.zeros(2, padded_h, padded_w, 3)
+    grid[:, :height, :width] = x
+    expected = [grid[b, top:top + size, left:left + size] for b in range(2)
+                for top in range(0, padded_h, size) for left in range(0, padded_w, size)]
+    assert torch.equal(windows, torch.stack(expected))
+    assert torch.equal(merge_windows(windows, size, padded, (height, width)), x)
+
+
+# ---------------------------------------------------------------------------------------------- relative positions
+
+@pytest.mark.parametrize("size, trained_for", [(1, 1), (4, 4), (7, 7), (3, 5), (7, 5), (14, 4)])
+def test_relative_positions_are_the_offset_embeddings(size, trained_for):
+    table = randn(2 * trained_for - 1, 6, seed=size)
+    expected = plain_relative_positions(size, table)
+    assert relative_positions(size, size, table).shape == (size, size, 6)
+    torch.testing.assert_close(relative_positions(size, size, table), expected, **EXACT)
+    if size == trained_for:  # the table itself, read at i − j
+        assert torch.equal(relative_positions(size, size, table)[size - 1, 0], table[2 * size - 2])
+        assert torch.equal(relative_positions(size, size, table)[0, size - 1], table[0])
+
+
+def test_a_resampled_table_keeps_its_ends_and_its_centre():
+    # A check of the reference's resampling as much as of the module's: a table linear in the offset,
+    # resampled from 9 entries to 13, still maps offset 0 to its middle and the extreme offsets to its ends.
+    table = torch.linspace(-1.0, 1.0, 9)[:, None].repeat(1, 2)
+    for resized in (relative_positions(7, 7, table), plain_relative_positions(7, table)):
+        torch.testing.assert_close(resized[3, 3], torch.zeros(2), rtol=0, atol=1e-6)
+        torch.testing.assert_close(resized[6, 0], table[8], rtol=0, atol=1e-6)
+        torch.testing.assert_close(resized[0, 6], table[0], rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- SAM attention
+
+@pytest.mark.parametrize("side, trained_for", [(5, 5), (3, 5), (7, 5), (1, 5)])
+def test_sam_attention_is_softmax_of_scaled_scores_plus_decomposed_relative_bias(side, trained_for):
+    heads, dim = 2, 16
+    attn = randomized(SamAttention(dim, heads, trained_for), seed=side)
+    x = randn(3, side, side, dim, seed=100 + side)
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x), plain_sam_attention(attn, x, heads), **EXACT)
+
+
+def test_sam_attention_bias_depends_on_the_relative_position_tables():
+    # Guard against a reference and a module that both ignore the tables: changing a table changes the output.
+    attn = randomized(SamAttention(16, 2, 4), seed=7)
+    x = randn(1, 4, 4, 16, seed=8)
+    with torch.no_grad():
+        before = attn(x)
+        attn.rel_pos_w[0] += 1.0
+        assert not torch.allclose(attn(x), before)
+
+
+# ---------------------------------------------------------------------------------------------- SAM blocks
+
+@pytest.mark.parametrize("side, window, trained_for", [
+    (6, 3, 6),  # windows tile the grid exactly
+    (8, 3, 8),  # the last row and column of windows are padded
+    (5, 4, 5),  # one window and a padded remainder
+    (6, 0, 6),  # global attention at the trained grid
+    (4, 0, 6),  # global attention on a smaller grid: tables resampled
+    (9, 0, 6),  # and on a larger one
+])
+def test_sam_block_matches_its_definition(side, window, trained_for):
+    heads, dim = 2, 16
+    block = randomized(SamBlock(dim, heads, 2.0, window, trained_for), seed=side * 10 + window)
+    x = randn(2, side, side, dim, seed=side + window)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), plain_sam_block(block, x, heads, window), **EXACT)
+
+
+def test_one_window_covering_the_grid_is_global_attention():
+    windowed = randomized(SamBlock(16, 2, 2.0, 5, 5), seed=3)
+    global_block = SamBlock(16, 2, 2.0, 0, 5)
+    global_block.load_state_dict(windowed.state_dict())
+    x = randn(2, 5, 5, 16, seed=4)
+    with torch.no_grad():
+        torch.testing.assert_close(windowed(x), global_block(x), **EXACT)
+
+
+def test_a_windowed_block_sees_only_its_window_and_a_global_block_sees_everything():
+    x = randn(1, 6, 6, 16, seed=8)
+    changed = x.clone()
+    changed[:, 4, 5] += randn(16, seed=9)  # a token of the bottom-right 3×3 window
+    other_windows = torch.ones(6, 6, dtype=torch.bool)
+    other_windows[3:, 3:] = False
+    windowed = randomized(SamBlock(16, 2, 2.0, 3, 6), seed=5)
+    global_block = randomized(SamBlock(16, 2, 2.0, 0, 6), seed=6)
+    with torch.no_grad():
+        for block in (windowed, global_block):
+            before, after = block(x), block(changed)
+            change_in_window = (before - after)[:, 3:, 3:].abs().amax(-1).flatten()
+            assert (change_in_window > 1e-4).all()  # the token itself and the 8 that attend to it
+        before, after = windowed(x), windowed(changed)
+        torch.testing.assert_close(before[:, other_windows], after[:, other_windows], rtol=0, atol=1e-6)
+        before, after = global_block(x), global_block(changed)
+        assert ((before - after)[:, other_windows].abs().amax(-1) > 1e-4).all()
+
+
+# ---------------------------------------------------------------------------------------------- SAM encoder
+
+def test_sam_encoder_matches_its_definition_at_its_trained_size():
+    sam = randomized(SamEncoder(TINY_SAM), seed=11, scale=0.1)
+    pixels = randn(2, 3, TINY_SAM.image_size, TINY_SAM.image_size, seed=12)
+    with torch.no_grad():
+        torch.testing.assert_close(sam(pixels), plain_sam_encoder(sam, pixels, TINY_SAM), **EXACT)
+
+
+@pytest.mark.parametrize("view", [64, 128, 192, 256])
+def test_sam_encoder_shapes_and_views_independent_of_their_batch(view):
+    sam = randomized(SamEncoder(TINY_SAM), seed=13, scale=0.1)
+    pixels = randn(3, 3, view, view, seed=view)
+    with torch.no_grad():
+        features = sam(pixels)
+        assert features.shape == (3, TINY_SAM.downsample_channels[-1], view // 64, view // 64)
+        assert torch.isfinite(features).all()
+        torch.testing.assert_close(features[1:2], sam(pixels[1:2]), **EXACT)
+
+
+# ---------------------------------------------------------------------------------------------- CLIP
+
+@pytest.mark.parametrize("length", [1, 5, 17])
+def test_clip_attention_is_plain_multi_head_attention(length):
+    attn = randomized(ClipAttention(32, 4), seed=length)
+    x = randn(2, length, 32, seed=length + 1)
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x), plain_clip_attention(attn, x, 4), **EXACT)
+
+
+def test_clip_layer_is_pre_norm_attention_then_quick_gelu_mlp():
+    layer = randomized(ClipLayer(32, 4, 80), seed=21)
+    x = randn(2, 10, 32, seed=22)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), plain_clip_layer(layer, x, 4), **EXACT)
+
+
+def test_clip_reads_sam_features_as_its_patch_tokens():
+    clip = randomized(ClipVisionModel(TINY_CLIP), seed=23)
+    side = TINY_CLIP.image_size // TINY_CLIP.patch_size  # the grid of its position table
+    sam_features = randn(2, TINY_CLIP.width, side, side, seed=24)
+    with torch.no_grad():
+        torch.testing.assert_close(clip(sam_features), plain_clip(clip, sam_features, TINY_CLIP), **EXACT)
+
+
+# ---------------------------------------------------------------------------------------------- both towers
+
+@pytest.mark.parametrize("view", [64, 128, 256])
+def test_encode_views_projects_clip_and_sam_features_per_position(view):
+    sam = randomized(SamEncoder(TINY_SAM), seed=31, scale=0.1)
+    clip = randomized(ClipVisionModel(TINY_CLIP), seed=32, scale=0.1)
+    projector = randomized(LinearProjector(TINY_PROJECTOR), seed=33)
+    pixels = randn(2, 3, view, view, seed=34)
+    with torch.no_grad():
+        features = encode_views(sam, clip, projector, pixels)
+        assert features.shape == (2, (view // 64) ** 2, TINY_PROJECTOR["n_embed"])
+        sam_features = sam(pixels)
+        clip_tokens = clip(sam_features)
+        assert clip_tokens.shape == (2, 1 + (view // 64) ** 2, TINY_CLIP.width)
+        joint = torch.cat([clip_tokens[:, 1:], sam_features.flatten(2).transpose(1, 2)], dim=-1)
+        torch.testing.assert_close(features, F.linear(joint, projector.layers.weight, projector.layers.bias),
+                                   **EXACT)
+
+
+# ---------------------------------------------------------------------------------------------- quick GELU
 
 def test_quick_gelu_rounds_once_in_bf16():
     h = torch.randn(64, 4096, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
