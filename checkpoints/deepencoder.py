@@ -122,6 +122,41 @@ def relative_positions(q_size: int, k_size: int, table: torch.Tensor) -> torch.T
     return table[offsets.long()]
 
 
+def folded_relative_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor,
+                              rel_w: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """softmax(q·kᵀ/√d + bias)·v over a height × width grid, with SAM's decomposed relative positions
+    bias[(i, j), (r, c)] = q_ij·rel_h[i, r] + q_ij·rel_w[j, c], without the [HW, HW] bias in memory.
+
+    The bias is folded into the dot product that attention computes anyway: each query is extended by
+    its H row terms and W column terms, each key by a one-hot of its row and of its column, so that
+    q'·k' = (q/√d)·k + bias. One fused attention kernel (flash/cuDNN under SDPA) then adds the bias
+    while it computes the scores; the materialised bias was (side/16)⁴ values per head and view, and
+    most of the vision encoder's time went into writing and reading it. The extended width is padded
+    to a multiple of 8, and v to the same width, as the fused kernels require.
+
+    q, k, v [B, n, HW, d]; rel_h [H, H, d], rel_w [W, W, d] → [B, n, HW, d].
+    """
+    batch, heads, tokens, head_dim = q.shape
+    q_grid = q.reshape(batch, heads, height, width, head_dim)
+    row_terms = torch.einsum("bnhwc,hkc->bnhwk", q_grid, rel_h).reshape(batch, heads, tokens, height)
+    col_terms = torch.einsum("bnhwc,wkc->bnhwk", q_grid, rel_w).reshape(batch, heads, tokens, width)
+    extended = head_dim + height + width
+    padding = (-extended) % 8
+    row_of_key = torch.arange(tokens, device=q.device) // width
+    col_of_key = torch.arange(tokens, device=q.device) % width
+    key_rows = F.one_hot(row_of_key, height).to(k.dtype).expand(batch, heads, tokens, height)
+    key_cols = F.one_hot(col_of_key, width).to(k.dtype).expand(batch, heads, tokens, width)
+    scale = head_dim ** -0.5
+    parts_q = [q * scale, row_terms.to(q.dtype), col_terms.to(q.dtype)]
+    parts_k = [k, key_rows, key_cols]
+    if padding:
+        parts_q.append(q.new_zeros(batch, heads, tokens, padding))
+        parts_k.append(k.new_zeros(batch, heads, tokens, padding))
+    q_ext, k_ext = torch.cat(parts_q, dim=-1), torch.cat(parts_k, dim=-1)
+    v_ext = F.pad(v, (0, extended + padding - head_dim))
+    return F.scaled_dot_product_attention(q_ext, k_ext, v_ext, scale=1.0)[..., :head_dim]
+
+
 class SamAttention(nn.Module):
     def __init__(self, dim: int, heads: int, grid: int):
         super().__init__()
@@ -131,19 +166,26 @@ class SamAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.rel_pos_h = nn.Parameter(torch.zeros(2 * grid - 1, head_dim))
         self.rel_pos_w = nn.Parameter(torch.zeros(2 * grid - 1, head_dim))
+        # True: the relative positions are folded into the attention kernel (`folded_relative_attention`);
+        # False: a dense bias is built and passed as SDPA's mask, the original's order of operations
+        # (bit-identical to it under bf16 autocast). Set by the model from its config (`sam_attention`).
+        self.fold_relative_positions = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, height, width, _ = x.shape
         qkv = self.qkv(x).reshape(batch, height * width, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # [B, heads, HW, d]
-        # Decomposed relative positions: a bias of (row term + column term) from the unscaled query.
         rel_h = relative_positions(height, height, self.rel_pos_h)  # [H, H, d]
         rel_w = relative_positions(width, width, self.rel_pos_w)  # [W, W, d]
-        q_grid = q.reshape(batch, self.heads, height, width, -1)
-        bias_h = torch.einsum("bnhwc,hkc->bnhwk", q_grid, rel_h)  # [B, n, H, W, H]
-        bias_w = torch.einsum("bnhwc,wkc->bnhwk", q_grid, rel_w)  # [B, n, H, W, W]
-        bias = (bias_h[..., :, None] + bias_w[..., None, :]).reshape(batch, self.heads, height * width, -1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        if self.fold_relative_positions:
+            out = folded_relative_attention(q, k, v, rel_h, rel_w, height, width)
+        else:
+            # Decomposed relative positions: a bias of (row term + column term) from the unscaled query.
+            q_grid = q.reshape(batch, self.heads, height, width, -1)
+            bias_h = torch.einsum("bnhwc,hkc->bnhwk", q_grid, rel_h)  # [B, n, H, W, H]
+            bias_w = torch.einsum("bnhwc,wkc->bnhwk", q_grid, rel_w)  # [B, n, H, W, W]
+            bias = (bias_h[..., :, None] + bias_w[..., None, :]).reshape(batch, self.heads, height * width, -1)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         out = out.view(batch, self.heads, height, width, -1).permute(0, 2, 3, 1, 4).reshape(batch, height, width, -1)
         return self.proj(out)
 

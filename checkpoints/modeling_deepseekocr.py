@@ -49,9 +49,14 @@ DEFAULT_VISION_CONFIG = {
 class DeepseekOCRConfig(DeepseekV2Config):
     model_type = "deepseek_vl_v2"
 
-    def __init__(self, vision_config=None, projector_config=None, **kwargs):
+    def __init__(self, vision_config=None, projector_config=None, sam_relative_positions="folded", **kwargs):
         super().__init__(**kwargs)
         self.vision_config = vision_config or DEFAULT_VISION_CONFIG
+        # "folded": SAM's relative positions go into its attention kernel (deepencoder.folded_relative_attention);
+        # "materialised": a dense bias, the original's order of operations, bit-identical to it on the GPU.
+        if sam_relative_positions not in ("folded", "materialised"):
+            raise ValueError(f"sam_relative_positions must be 'folded' or 'materialised', not {sam_relative_positions!r}")
+        self.sam_relative_positions = sam_relative_positions
         self.projector_config = projector_config or {
             "projector_type": "linear", "input_dim": 2048, "n_embed": self.hidden_size,
         }
@@ -64,6 +69,9 @@ class DeepseekOCRModel(DeepseekV2Model):
         super().__init__(config)
         sam, clip = vision_settings(config.vision_config)
         self.sam_model = SamEncoder(sam)
+        folded = getattr(config, "sam_relative_positions", "folded") == "folded"
+        for block in self.sam_model.blocks:
+            block.attn.fold_relative_positions = folded
         self.vision_model = ClipVisionModel(clip)
         self.projector = LinearProjector(config.projector_config)
         n_embed = config.projector_config["n_embed"]

@@ -203,10 +203,12 @@ def test_a_resampled_table_keeps_its_ends_and_its_centre():
 
 # ---------------------------------------------------------------------------------------------- SAM attention
 
+@pytest.mark.parametrize("folded", [True, False], ids=["bias folded into the kernel", "bias materialised"])
 @pytest.mark.parametrize("side, trained_for", [(5, 5), (3, 5), (7, 5), (1, 5)])
-def test_sam_attention_is_softmax_of_scaled_scores_plus_decomposed_relative_bias(side, trained_for):
+def test_sam_attention_is_softmax_of_scaled_scores_plus_decomposed_relative_bias(side, trained_for, folded):
     heads, dim = 2, 16
     attn = randomized(SamAttention(dim, heads, trained_for), seed=side)
+    attn.fold_relative_positions = folded
     x = randn(3, side, side, dim, seed=100 + side)
     with torch.no_grad():
         torch.testing.assert_close(attn(x), plain_sam_attention(attn, x, heads), **EXACT)
@@ -232,9 +234,11 @@ def test_sam_attention_bias_depends_on_the_relative_position_tables():
     (4, 0, 6),  # global attention on a smaller grid: tables resampled
     (9, 0, 6),  # and on a larger one
 ])
-def test_sam_block_matches_its_definition(side, window, trained_for):
+@pytest.mark.parametrize("folded", [True, False], ids=["bias folded into the kernel", "bias materialised"])
+def test_sam_block_matches_its_definition(side, window, trained_for, folded):
     heads, dim = 2, 16
     block = randomized(SamBlock(dim, heads, 2.0, window, trained_for), seed=side * 10 + window)
+    block.attn.fold_relative_positions = folded
     x = randn(2, side, side, dim, seed=side + window)
     with torch.no_grad():
         torch.testing.assert_close(block(x), plain_sam_block(block, x, heads, window), **EXACT)
@@ -355,3 +359,19 @@ def test_clip_mlp_applies_quick_gelu_between_its_projections():
     mlp = ClipMLP(16, 64).to(torch.bfloat16)
     x = torch.randn(3, 5, 16).to(torch.bfloat16)
     assert torch.equal(mlp(x), mlp.fc2(quick_gelu(mlp.fc1(x))))
+
+
+@pytest.mark.parametrize("setting, folded", [("folded", True), ("materialised", False)])
+def test_the_config_chooses_how_sam_applies_its_relative_positions(tiny_checkpoint, setting, folded):
+    from checkpoints import DeepseekOCRForCausalLM
+
+    model = DeepseekOCRForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32,
+                                                   sam_relative_positions=setting)
+    assert {block.attn.fold_relative_positions for block in model.model.sam_model.blocks} == {folded}
+
+
+def test_an_unknown_relative_position_mode_is_refused():
+    from checkpoints import DeepseekOCRConfig
+
+    with pytest.raises(ValueError, match="sam_relative_positions"):
+        DeepseekOCRConfig(sam_relative_positions="dense")
