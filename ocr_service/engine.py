@@ -43,7 +43,7 @@ from .decode_batch import DecodeBatch, Entry
 from .errors import InputError
 from .scheduler import BlockPool, SchedulingPolicy, Stage
 from .settings import Settings
-from .vision import Preprocessor, VisionWorker, limit_cpu_threads
+from .vision import Preprocessor, VisionWorker, limit_cpu_threads, pass_pixels, vision_pass_shapes
 
 BLOCK_SIZE = 64  # cache positions per block
 MAX_NEW_TOKENS = 8192
@@ -102,6 +102,7 @@ class OCREngine:
         self.model = DeepseekOCRForCausalLM.from_pretrained(
             str(weights_dir), dtype=self.dtype, attn_implementation=settings.attention,
             rope_inv_freq_dtype="bfloat16" if settings.rotary == "original" else "float32",
+            sam_relative_positions="materialised" if settings.vision == "original" else "folded",
         ).to(self.device).eval()
         self.repetition = {"serving": SERVING_NO_REPEAT_RULE, "original": ORIGINAL_NO_REPEAT_RULE}[
             settings.repetition_rule]
@@ -328,9 +329,8 @@ class ServingLoop:
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        pixels = torch.zeros(4, 3, 1024, 1024, device=engine.device)
-        model.model.encode_views(pixels)
-        del pixels
+        for views in vision_pass_shapes(self.PAGES_PER_VISION_PASS, pass_pixels(model)):
+            model.model.encode_views(torch.zeros(views, device=engine.device, dtype=engine.dtype))
         torch.cuda.synchronize()
         vision = torch.cuda.max_memory_allocated() - base
         torch.cuda.reset_peak_memory_stats()

@@ -70,6 +70,7 @@ class Settings:
     repetition_rule: str = "serving"  # DEEPSEEK_OCR_REPETITION_RULE
     stop_loops: bool = True  # DEEPSEEK_OCR_STOP_LOOPS
     rotary: str = "float32"  # DEEPSEEK_OCR_ROTARY
+    vision: str = "fast"  # DEEPSEEK_OCR_VISION
     # requests
     max_pages: int = 50  # DEEPSEEK_OCR_MAX_PAGES
     max_pixels: int = 64_000_000  # DEEPSEEK_OCR_MAX_PIXELS
@@ -102,6 +103,7 @@ class Settings:
             repetition_rule=_text(env, "DEEPSEEK_OCR_REPETITION_RULE", "serving", ("serving", "original")),
             stop_loops=_flag(env, "DEEPSEEK_OCR_STOP_LOOPS", True),
             rotary=_text(env, "DEEPSEEK_OCR_ROTARY", "float32", ("float32", "original")),
+            vision=_text(env, "DEEPSEEK_OCR_VISION", "fast", ("fast", "original")),
             max_pages=_number(env, "DEEPSEEK_OCR_MAX_PAGES", 50),
             max_pixels=_number(env, "DEEPSEEK_OCR_MAX_PIXELS", 64_000_000),
             pdf_dpi=_number(env, "DEEPSEEK_OCR_PDF_DPI", 144),
@@ -137,6 +139,6 @@ ENVIRONMENT_VARIABLES = (
     "DEEPSEEK_OCR_DTYPE", "DEEPSEEK_OCR_ENGINE", "DEEPSEEK_OCR_ATTENTION", "DEEPSEEK_OCR_GPU_MEMORY_GIB",
     "DEEPSEEK_OCR_CPU_CACHE_GIB", "DEEPSEEK_OCR_MAX_ROWS", "DEEPSEEK_OCR_SYNC_EVERY", "DEEPSEEK_OCR_PREFILL_TOKENS",
     "DEEPSEEK_OCR_PREPROCESS_WORKERS", "DEEPSEEK_OCR_REPETITION_RULE", "DEEPSEEK_OCR_STOP_LOOPS",
-    "DEEPSEEK_OCR_ROTARY", "DEEPSEEK_OCR_MAX_PAGES", "DEEPSEEK_OCR_MAX_PIXELS", "DEEPSEEK_OCR_PDF_DPI",
+    "DEEPSEEK_OCR_ROTARY", "DEEPSEEK_OCR_VISION", "DEEPSEEK_OCR_MAX_PAGES", "DEEPSEEK_OCR_MAX_PIXELS", "DEEPSEEK_OCR_PDF_DPI",
     "DEEPSEEK_OCR_REQUEST_TIMEOUT", "COG_MAX_CONCURRENCY", "DEEPSEEK_OCR_TRITON",
 )

@@ -8,9 +8,11 @@ size is what bounds the CPU work.
 
 Encoding runs beside decoding (`VisionWorker`): decoding is bound by memory bandwidth and encoding by
 compute and kernel launches, so on one GPU the two overlap, and a page that arrives while the batch
-decodes is encoded without waiting for it. Encoding groups the views by size (the global views of one preset, the tiles) and runs each group
-through SAM/CLIP/projector in passes bounded by pixels (SAM's global attention holds a bias of
-(side/16)⁴ values per head and view, so a pass of four 1024-pixel views is already large).
+decodes is encoded without waiting for it. Encoding groups the views by size (the global views of one
+preset, the tiles) and runs each group through SAM/CLIP/projector in calls bounded by pixels: with SAM's
+relative positions folded into its attention kernel a call's memory grows only linearly with its views,
+and one call per view size for a whole pass of pages keeps the GPU busy with few, large kernels; in the
+original's order (a dense bias of (side/16)⁴ values per head and view) calls stay small.
 """
 
 import itertools
@@ -19,14 +21,37 @@ import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
-from checkpoints.processing_deepseekocr import PromptInputs, build_prompt_inputs
+from checkpoints.processing_deepseekocr import MAX_TILES, PromptInputs, build_prompt_inputs
 
-# Pixels of views encoded in one pass: four 1024×1024 views, or ten 640×640 tiles.
-PASS_PIXELS = 4 * 1024 * 1024
+from .presets import RESOLUTION_PRESETS
+
+# Pixels of views given to the towers in one call, with SAM's dense bias (the original's order): four
+# 1024×1024 views, or ten 640×640 tiles.
+MATERIALISED_PASS_PIXELS = 4 * 1024 * 1024
+
+
+def vision_pass_shapes(pages: int, call_pixels: int) -> list:
+    """The largest calls of the towers a pass of `pages` pages can make, per view size of the presets:
+    [views, 3, side, side] each (what sizes the vision encoder's memory)."""
+    shapes = set()
+    for preset in RESOLUTION_PRESETS.values():
+        shapes.add((preset.base_size, pages))
+        if preset.crop_mode:
+            shapes.add((preset.image_size, pages * MAX_TILES))
+    return sorted((min(views, max(1, call_pixels // side**2)), 3, side, side) for side, views in shapes)
+
+
+def pass_pixels(model, pages: int = 16) -> int:
+    """Pixels per call of the towers: every view of one size of a pass of `pages` pages at once when
+    SAM's relative positions are folded into its attention, else MATERIALISED_PASS_PIXELS."""
+    if getattr(model.config, "sam_relative_positions", "folded") != "folded":
+        return MATERIALISED_PASS_PIXELS
+    return max(pages * MAX_TILES * p.image_size ** 2 if p.crop_mode else pages * p.base_size ** 2
+               for p in RESOLUTION_PRESETS.values())
 
 
 def limit_cpu_threads(workers: int) -> None:
@@ -63,8 +88,9 @@ class Preprocessor:
 
 
 @torch.inference_mode()
-def encode_prompts(model, prompts: Sequence[PromptInputs], pass_pixels: int = PASS_PIXELS) -> list:
+def encode_prompts(model, prompts: Sequence[PromptInputs], call_pixels: Optional[int] = None) -> list:
     """Prompt embeddings [T, D] for each prompt, its images encoded together with the other prompts' views."""
+    call_pixels = call_pixels or pass_pixels(model, max(len(prompts), 1))
     inner = model.model
     device, dtype = inner.image_newline.device, inner.image_newline.dtype
     # (size → list of (key, views [n, 3, S, S])); key = (prompt index, image index, "global" | "tiles")
@@ -78,7 +104,7 @@ def encode_prompts(model, prompts: Sequence[PromptInputs], pass_pixels: int = PA
     for size, members in groups.items():
         # each view copied as it is (the Preprocessor leaves them pinned, in the model's dtype), joined there
         pixels = torch.cat([v.to(device, dtype, non_blocking=True) for _, v in members])
-        per_pass = max(1, pass_pixels // (size * size))
+        per_pass = max(1, call_pixels // (size * size))
         encoded = torch.cat([inner.encode_views(pixels[start:start + per_pass])
                              for start in range(0, pixels.shape[0], per_pass)])
         start = 0
