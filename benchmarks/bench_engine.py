@@ -2,7 +2,7 @@
 
 One run prints one table: batch-1 tokens/s; the time of one decode step with 32, 64 and 128 sequences
 at ~2,000 positions (each beside its floor: the bytes of weights and KV cache the step must read ÷
-3.0 TB/s); a 128-page job of A4 pages (Gundam, 1,024 new tokens each, EOS ignored) through `OCREngine`
+this GPU's copy bandwidth, measured at the start); a 128-page job of A4 pages (Gundam, 1,024 new tokens each, EOS ignored) through `OCREngine`
 end to end (preprocessing, vision, prefill, decode) with its peak GPU memory; and how many greedy
 tokens the batched engine shares with the model's plain `generate_tokens` in bf16.
 
@@ -24,6 +24,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks.ceilings import measure_ceilings  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     PROMPT, a4_page, device_name, peak_gib, random_checkpoint, reset_peak, run_original_driver, sync,
 )
@@ -33,7 +34,6 @@ from ocr_service.engine import OCREngine  # noqa: E402
 from ocr_service.presets import RESOLUTION_PRESETS  # noqa: E402
 from ocr_service.settings import Settings  # noqa: E402
 
-BANDWIDTH = 3.0e12  # bytes/s: what a device-to-device copy reaches on the H100 (HBM3)
 GUNDAM = RESOLUTION_PRESETS["Gundam (Recommended)"]
 
 
@@ -97,7 +97,7 @@ def step_floor_bytes(config, batch: int, positions: int) -> dict:
 
 
 @torch.inference_mode()
-def decode_steps(engine: OCREngine, batch: int, positions: int, steps: int) -> dict:
+def decode_steps(engine: OCREngine, batch: int, positions: int, steps: int, bandwidth: float) -> dict:
     """Fill `batch` rows with sequences of `positions` random-embedding positions, then time decode steps."""
     serving = engine.server
     decode, policy = serving.batch, serving.policy
@@ -123,7 +123,7 @@ def decode_steps(engine: OCREngine, batch: int, positions: int, steps: int) -> d
         decode.clear(row)
         policy.blocks.give_back(blocks)
     floor = step_floor_bytes(model.config, batch, positions + steps // 2)
-    return {"step_ms": step_s * 1e3, "tok_s": batch / step_s, "floor_ms": floor["total"] / BANDWIDTH * 1e3,
+    return {"step_ms": step_s * 1e3, "tok_s": batch / step_s, "floor_ms": floor["total"] / bandwidth * 1e3,
             "floor_bytes": floor}
 
 
@@ -243,6 +243,9 @@ def main():
     parser.add_argument("--skip", nargs="*", default=[], choices=["job", "agreement", "steps"])
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    ceilings = measure_ceilings()
+    print("ceilings", json.dumps(ceilings), flush=True)
+    bandwidth = ceilings["copy_bytes_s"]
     random_checkpoint(args.checkpoint)
     theirs = run_original(args, args.checkpoint) if args.original else {}
 
@@ -252,9 +255,9 @@ def main():
     load_s = time.perf_counter() - started
     ours = {"load_s": load_s}
     if "steps" not in args.skip:
-        ours["b1"] = decode_steps(engine, 1, 1000, 256)
+        ours["b1"] = decode_steps(engine, 1, 1000, 256, bandwidth)
         for batch in args.batches:
-            ours[f"b{batch}"] = decode_steps(engine, batch, args.positions, args.steps)
+            ours[f"b{batch}"] = decode_steps(engine, batch, args.positions, args.steps, bandwidth)
             print(batch, json.dumps({k: v for k, v in ours[f"b{batch}"].items() if k != "floor_bytes"}), flush=True)
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
@@ -268,7 +271,8 @@ def main():
         print("job", json.dumps(ours["job"]), flush=True)
     if "agreement" not in args.skip:
         ours["agreement"] = agreement(engine, args.agreement_pages, 64)
-    report = {"ours": ours, "original": theirs, "device": device_name(), "torch": torch.__version__}
+    report = {"ours": ours, "original": theirs, "device": device_name(), "torch": torch.__version__,
+              "ceilings": ceilings}
     print(json.dumps(report, indent=1, default=str))
     if args.json:
         args.json.write_text(json.dumps(report, indent=1, default=str))
@@ -276,7 +280,8 @@ def main():
     print(f"\n{report['device']}, torch {torch.__version__}, CUDA {torch.version.cuda}, bf16, full-size random "
           f"weights; KV cache paged ({engine.server.batch.block_size}-position blocks), decode attention: "
           f"Triton paged kernel; prefill attention: SDPA\n")
-    print("| measure | ours | original | floor (bytes ÷ 3.0 TB/s) | target |\n|---|---|---|---|---|")
+    print(f"| measure | ours | original | floor (bytes ÷ {bandwidth / 1e12:.2f} TB/s measured) | target |\n"
+          "|---|---|---|---|---|")
     if "b1" in ours:
         b1 = ours["b1"]
         print(f"| batch 1, tokens/s (~1,000 positions) | {b1['tok_s']:.0f} ({b1['step_ms']:.2f} ms) | "

@@ -5,7 +5,7 @@
 #   .whl/orig  transformers 4.46.3, tokenizers 0.20.3, huggingface_hub 0.26.5, addict, easydict, einops:
 #              the original code's stack, used in a subprocess only
 #   .bench/orig  the original remote-code .py files (fetched outside the repository, never committed)
-# Steps: kernels, engine, engine-steps, service, numerics, stages, tests.
+# Steps: kernels, vision, engine, engine-steps, service, numerics, stages, tests.
 #   bash benchmarks/device.sh kernels engine-steps
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +25,7 @@ for step in "$@"; do
   echo "=== $step ($(date +%T))"
   case "$step" in
     kernels) python3 benchmarks/bench_kernels.py --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" ;;
+    vision) python3 benchmarks/bench_vision.py --profile "$OUT" --json "$OUT/vision.json" 2>&1 | tee "$OUT/vision.log" ;;
     engine) python3 benchmarks/bench_engine.py "${ORIGINAL[@]}" --profile "$OUT" --json "$OUT/engine.json" 2>&1 | tee "$OUT/engine.log" ;;
     engine-steps) python3 benchmarks/bench_engine.py --skip job --profile "$OUT" --json "$OUT/engine-steps.json" 2>&1 | tee "$OUT/engine-steps.log" ;;
     service) python3 benchmarks/bench_service.py --json "$OUT/service.json" 2>&1 | tee "$OUT/service.log" ;;

@@ -1,0 +1,269 @@
+"""The vision encoder and the prefill, alone on the GPU, beside their floors: which way of running the
+towers is fastest, and where the prefill's time goes.
+
+Floors come from this GPU's own ceilings, measured at the start (a large bf16 matrix product and a
+device-to-device copy), and from the work counted: the towers' FLOPs with `torch.utils.flop_counter`
+on one page's views, the prefill's from the decoder's shapes.
+
+Vision variants, each on the views of 16 A4 pages (Gundam: 16 global 1024 views and 96 tiles of 640):
+- materialised: SAM's relative positions as a dense bias passed to SDPA (the original's order), eager;
+- folded: the relative positions folded into the attention kernel (`folded_relative_attention`), eager;
+- folded, CUDA graphs: the same captured once per pass shape and replayed;
+- folded, compiled: `torch.compile` of the towers, with --compile (compile time reported).
+Each variant's features are compared with the materialised path's and with a float32 run of the towers.
+
+On the device machine (see benchmarks/device.sh):
+    python benchmarks/bench_vision.py --json $OUT/vision.json
+"""
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from benchmarks.common import PROMPT, a4_page, device_name, peak_gib, random_checkpoint, reset_peak, sync  # noqa: E402
+from benchmarks.ceilings import measure_ceilings  # noqa: E402
+from checkpoints import DeepseekOCRForCausalLM  # noqa: E402
+from checkpoints.deepencoder import encode_views  # noqa: E402
+from checkpoints.generation import LOOP_STOP_OFF, SERVING_NO_REPEAT_RULE  # noqa: E402
+from ocr_service.decode_batch import DecodeBatch, Entry  # noqa: E402
+from ocr_service.presets import RESOLUTION_PRESETS  # noqa: E402
+from ocr_service.vision import Preprocessor  # noqa: E402
+
+GUNDAM = RESOLUTION_PRESETS["Gundam (Recommended)"]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU for a smoke run (--size tiny)
+DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+
+
+def timed(fn, repeats: int = 3) -> float:
+    """Median seconds of `fn()` (synchronised), after one warm-up call."""
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - started)
+    return sorted(times)[len(times) // 2]
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def set_folded(model, folded: bool) -> None:
+    for block in model.model.sam_model.blocks:
+        block.attn.fold_relative_positions = folded
+
+
+def vision_flops(model, views: list) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.inference_mode():
+        for pixels in views:
+            model.model.encode_views(pixels)
+    return float(counter.get_total_flops())
+
+
+class GraphedTowers:
+    """encode_views captured as one CUDA graph per input shape, replayed on a static input buffer."""
+
+    def __init__(self, inner):
+        self.inner, self.graphs, self.pool = inner, {}, None
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        key = tuple(pixels.shape)
+        if key not in self.graphs:
+            static_in = pixels.clone()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                self.inner.encode_views(static_in)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                static_out = self.inner.encode_views(static_in)
+            self.pool = graph.pool()
+            self.graphs[key] = (graph, static_in, static_out)
+        graph, static_in, static_out = self.graphs[key]
+        static_in.copy_(pixels)
+        graph.replay()
+        return static_out.clone()  # the next replay overwrites it
+
+
+def vision_variants(model, tokenizer, pages: int, chunks: dict, compile_too: bool) -> dict:
+    preprocessor = Preprocessor(tokenizer, 1, DTYPE)
+    prompts = [preprocessor._prepare(a4_page(seed=i % 8), PROMPT, GUNDAM) for i in range(pages)]
+    groups = {1024: torch.cat([p.images[0].global_view[None] for p in prompts]).to(DEVICE),
+              640: torch.cat([p.images[0].tiles for p in prompts]).to(DEVICE)}
+    inner = model.model
+    one_page = [groups[1024][:1], groups[640][:groups[640].shape[0] // pages]]
+    flops = vision_flops(model, one_page)
+
+    def run(encode, chunk_of):
+        out = {}
+        for size, pixels in groups.items():
+            step = chunk_of(size)
+            out[size] = torch.cat([encode(pixels[s:s + step]) for s in range(0, pixels.shape[0], step)])
+        return out
+
+    results = {"flops_per_page": flops}
+    with torch.inference_mode():
+        # float32 reference of the towers (materialised bias, no autocast)
+        sam32, clip32, proj32 = (copy.deepcopy(m).float() for m in (inner.sam_model, inner.vision_model,
+                                                                      inner.projector))
+        for block in sam32.blocks:
+            block.attn.fold_relative_positions = False
+        reference32 = {size: torch.cat([encode_views(sam32, clip32, proj32, pixels[s:s + 4].float())
+                                        for s in range(0, pixels.shape[0], 4)]) for size, pixels in groups.items()}
+        del sam32, clip32, proj32
+        today = lambda size: max(1, 4 * 1024 * 1024 // (size * size))  # noqa: E731  the engine's PASS_PIXELS
+        variants = [("materialised, eager", False, inner.encode_views, today)]
+        for name, chunk in chunks.items():
+            variants.append((f"folded, eager, {name}", True, inner.encode_views, chunk))
+        graphed = GraphedTowers(inner)
+        if DEVICE == "cuda":
+            for name, chunk in chunks.items():
+                variants.append((f"folded, CUDA graphs, {name}", True, graphed, chunk))
+        base = None
+        for name, folded, encode, chunk_of in variants:
+            set_folded(model, folded)
+            reset_peak()
+            started = time.perf_counter()
+            out = run(encode, chunk_of)  # first call: captures the graphs, if any
+            sync()
+            first_s = time.perf_counter() - started
+            seconds = timed(lambda: run(encode, chunk_of))
+            if base is None:
+                base = out
+            row = {"ms_per_page": seconds / pages * 1e3, "first_call_s": first_s,
+                   "peak_gib": peak_gib("allocated"),
+                   "vs_materialised": max(relative_error(out[s], base[s]) for s in out),
+                   "vs_float32": max(relative_error(out[s], reference32[s]) for s in out)}
+            results[name] = row
+            print(name, json.dumps(row), flush=True)
+        graphed.graphs.clear()
+        set_folded(model, True)
+        try:
+            if not compile_too or DEVICE != "cuda":
+                raise RuntimeError("compiled variant not asked for (--compile, CUDA only)")
+            compiled = torch.compile(inner.encode_views, dynamic=False)
+            for name, chunk in list(chunks.items())[-1:]:
+                started = time.perf_counter()
+                out = run(compiled, chunk)
+                sync()
+                compile_s = time.perf_counter() - started
+                seconds = timed(lambda: run(compiled, chunk))
+                row = {"ms_per_page": seconds / pages * 1e3, "first_call_s": compile_s,
+                       "vs_materialised": max(relative_error(out[s], base[s]) for s in out),
+                       "vs_float32": max(relative_error(out[s], reference32[s]) for s in out)}
+                results[f"folded, compiled, {name}"] = row
+                print(f"folded, compiled, {name}", json.dumps(row), flush=True)
+        except Exception as error:  # report and go on: the other variants stand
+            results["compiled_error"] = repr(error)[:500]
+            print("compile failed:", repr(error)[:500], flush=True)
+        materialised32 = relative_error(base[1024], reference32[1024])
+        results["materialised_vs_float32_global"] = materialised32
+    return results
+
+
+def prefill_flops(config, lengths: list) -> float:
+    """Matrix-product FLOPs of one prefill of packed prompts (logits at each prompt's last token only)."""
+    d, layers = config.hidden_size, config.num_hidden_layers
+    heads, head_dim = config.num_attention_heads, config.head_dim
+    tokens = sum(lengths)
+    attention_proj = 2 * tokens * d * (heads * head_dim * 2 + config.num_key_value_heads * head_dim * 2)
+    scores = sum(2 * 2 * n * (n + 1) / 2 * heads * head_dim for n in lengths)  # causal half, QK and PV
+    moe_layers = sum(config.is_moe_layer(i) for i in range(layers))
+    expert_mlp = 2 * 3 * d * config.moe_intermediate_size
+    per_token_moe = (config.num_experts_per_tok + config.n_shared_experts) * expert_mlp
+    dense = 2 * 3 * d * config.intermediate_size
+    mlp = tokens * (moe_layers * per_token_moe + (layers - moe_layers) * dense)
+    return layers * (attention_proj + scores) + mlp + 2 * len(lengths) * d * config.vocab_size
+
+
+def prefill(model, prompts: int, length: int, profile_out: Path = None) -> dict:
+    config = model.config
+    blocks_each = math.ceil(length / 64) + 1
+    batch = DecodeBatch(model, prompts * blocks_each + 1, 64, prompts, length + 64, SERVING_NO_REPEAT_RULE,
+                        LOOP_STOP_OFF, 1, use_cuda_graphs=False)
+    entries = []
+    for row in range(prompts):
+        embeds = torch.randn(length, config.hidden_size, device=DEVICE, dtype=DTYPE) * 0.02
+        blocks = list(range(1 + row * blocks_each, 1 + (row + 1) * blocks_each))
+        entries.append(Entry(row, embeds, torch.zeros(length, dtype=torch.long), blocks, 16, []))
+    with torch.inference_mode():
+        seconds = timed(lambda: batch.admit(entries))
+        table = ""
+        if profile_out is not None and DEVICE == "cuda":
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                batch.admit(entries)
+                sync()
+            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=20)
+            profile_out.write_text(table)
+    tokens = prompts * length
+    flops = prefill_flops(config, [length] * prompts)
+    del batch
+    return {"prompts": prompts, "length": length, "seconds": seconds, "tokens_s": tokens / seconds,
+            "flops": flops, "table": table[:4000]}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, default=Path("/tmp/bench-checkpoint"))
+    parser.add_argument("--pages", type=int, default=16)
+    parser.add_argument("--size", default="full", help="random checkpoint size: full, or tiny for a CPU smoke run")
+    parser.add_argument("--prefill", type=int, nargs=2, default=[16, 920], metavar=("PROMPTS", "LENGTH"))
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile of the towers (minutes)")
+    parser.add_argument("--profile", type=Path, help="folder for the prefill's kernel profile")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    ceilings = measure_ceilings()
+    print("ceilings", json.dumps(ceilings), flush=True)
+    random_checkpoint(args.checkpoint, args.size)
+    from transformers import PreTrainedTokenizerFast
+
+    model = DeepseekOCRForCausalLM.from_pretrained(str(args.checkpoint), dtype=DTYPE).to(DEVICE).eval()
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(args.checkpoint))
+    chunks = {"passes of 4 MP": lambda size: max(1, 4 * 1024 * 1024 // (size * size)),
+              "one pass per view size": lambda size: 10**6}
+    report = {"device": device_name(), "torch": torch.__version__, "ceilings": ceilings}
+    report["vision"] = vision_variants(model, tokenizer, args.pages, chunks, args.compile)
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
+    prompts, length = args.prefill
+    report["prefill"] = [prefill(model, prompts, length, args.profile / "profile_prefill.txt" if args.profile else None),
+                         prefill(model, max(1, prompts // 4), length)]
+    for row in report["prefill"]:
+        print(f"prefill {row['prompts']} × {row['length']}: {row['tokens_s']:.0f} tokens/s, "
+              f"floor {row['flops'] / ceilings['matmul_flops'] * 1e3:.1f} ms vs {row['seconds'] * 1e3:.1f} ms", flush=True)
+    print(report["prefill"][0]["table"])
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1, default=str))
+    vision = report["vision"]
+    floor_ms = vision["flops_per_page"] / ceilings["matmul_flops"] * 1e3
+    print(f"\n{report['device']}, torch {torch.__version__}; ceilings: {ceilings['matmul_flops'] / 1e12:.0f} TFLOP/s "
+          f"bf16, {ceilings['copy_bytes_s'] / 1e12:.2f} TB/s copy\n")
+    print(f"| vision variant ({args.pages} A4 pages, Gundam) | ms a page | first call, s | peak GiB | "
+          f"vs materialised | vs float32 |\n|---|---|---|---|---|---|")
+    for name, row in vision.items():
+        if isinstance(row, dict):
+            print(f"| {name} | {row['ms_per_page']:.1f} | {row['first_call_s']:.1f} | {row.get('peak_gib', float('nan')):.1f} "
+                  f"| {row['vs_materialised']:.2e} | {row['vs_float32']:.2e} |")
+    print(f"| floor: {vision['flops_per_page'] / 1e12:.2f} TFLOP a page ÷ the matmul rate | {floor_ms:.1f} | | | | |")
+
+
+if __name__ == "__main__":
+    main()
