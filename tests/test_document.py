@@ -71,14 +71,15 @@ def test_text_outside_any_region_is_a_block_without_a_box(tmp_path):
     assert {b["page"] for b in out.blocks} == {3}
 
 
-def test_an_empty_figure_box_keeps_its_number_but_links_no_file(tmp_path):
+def test_a_figure_box_empty_in_pixels_takes_no_number_and_links_nothing(tmp_path):
     raw = ("<|ref|>image<|/ref|><|det|>[[500, 500, 500, 900]]<|/det|>\n"
            "<|ref|>image<|/ref|><|det|>[[0, 0, 499, 499]]<|/det|>")
     out = assemble([PageOutput(1, raw, 9, 73, True, 0.1, "eos", 0.05)], [Image.new("RGB", (100, 100))], markdown=True,
                    out_dir=tmp_path)
-    assert out.text == "![](images/0.jpg)\n\n![](images/1.jpg)\n"
-    assert [f.name for f in out.figures] == ["1.jpg"]
-    assert [b["figure"] for b in out.blocks] == [None, "images/1.jpg"]
+    assert out.text == "\n![](images/0.jpg)\n"  # the empty box shows nothing; the next figure is 0
+    assert [f.name for f in out.figures] == ["0.jpg"] and (tmp_path / "0.jpg").is_file()
+    assert [(b["box"], b["figure"]) for b in out.blocks] == [([50, 50, 50, 90], None), ([0, 0, 49, 49], "images/0.jpg")]
+    assert len(out.regions) == 2  # the empty box is still a region
 
 
 def test_other_tasks_keep_the_model_text(tmp_path):
