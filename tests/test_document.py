@@ -100,16 +100,18 @@ def test_text_leaves_out_the_tokenizers_non_content_tokens_and_raw_output_keeps_
     cells (and, outside markdown, the reference tags) reach the text."""
     added = tiny_tokenizer.get_added_vocab()  # token → id
     content = {token for token in added if token in TABLE_TOKENS or token in REFERENCE_TAGS}
-    assert {"<｜place▁holder▁no▁12｜>", "<image>", tiny_tokenizer.eos_token, tiny_tokenizer.pad_token} <= set(added) - content
+    not_content = set(added) - content
+    assert {"<｜place▁holder▁no▁12｜>", "<image>", tiny_tokenizer.eos_token, tiny_tokenizer.pad_token} <= not_content
     words = tiny_tokenizer.encode(" Item 4.20", add_special_tokens=False)
-    grounded = tiny_tokenizer.encode("<|ref|>table<|/ref|><|det|>[[0, 0, 999, 999]]<|/det|>\n", add_special_tokens=False)
+    grounded = tiny_tokenizer.encode("<|ref|>table<|/ref|><|det|>[[0, 0, 999, 999]]<|/det|>\n",
+                                     add_special_tokens=False)
     ids = list(grounded)
     for token_id in sorted(added.values()):
         if token_id not in grounded:
             ids += [token_id, *words]
     raw = tiny_tokenizer.decode(ids, skip_special_tokens=False)  # what the engine's decode_text keeps
-    expected = tiny_tokenizer.decode([i for i in ids if tiny_tokenizer.convert_ids_to_tokens(i) not in
-                                      set(added) - content], skip_special_tokens=False)
+    expected = tiny_tokenizer.decode([i for i in ids if tiny_tokenizer.convert_ids_to_tokens(i) not in not_content],
+                                     skip_special_tokens=False)
     page = PageOutput(1, raw, len(ids), 73, False, 1.0, "max_new_tokens", 0.5)
     image = [Image.new("RGB", (64, 64))]
     plain = assemble([page], image, markdown=False, out_dir=tmp_path / "plain", added_tokens=list(added))
@@ -118,6 +120,6 @@ def test_text_leaves_out_the_tokenizers_non_content_tokens_and_raw_output_keeps_
     assert plain.text == expected.strip()
     assert markdown.text == expected.replace(tiny_tokenizer.decode(grounded, skip_special_tokens=False), "\n")
     for text in (plain.text, markdown.text, *(b["text"] for b in markdown.blocks + plain.blocks)):
-        assert not [token for token in set(added) - content if token in text]
+        assert not [token for token in not_content if token in text]
         assert text.count("<td>") == text.count("</td>") == text.count("<tr>") == text.count("</tr>") == 1
     assert [b["type"] for b in markdown.blocks] == ["table"] and markdown.blocks[0]["box"] == [0, 0, 64, 64]
