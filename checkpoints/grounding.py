@@ -37,6 +37,7 @@ REF_OPEN, REF_CLOSE, DET_OPEN, DET_CLOSE = "<|ref|>", "<|/ref|>", "<|det|>", "<|
 REFERENCE_TAGS = (REF_OPEN, REF_CLOSE, DET_OPEN, DET_CLOSE)
 GROUNDING_PROMPT_TAG = "<|grounding|>"  # the prompt's switch to grounded output; never content
 REFERENCE_TAG = re.compile("(" + "|".join(map(re.escape, REFERENCE_TAGS)) + ")")
+GROUNDING_TAG = re.compile("|".join(map(re.escape, (*REFERENCE_TAGS, GROUNDING_PROMPT_TAG))))
 # Added tokens that are content: the model writes tables with them.
 TABLE_TOKENS = ("<td>", "</td>", "<tr>", "</tr>")
 FIGURE_LABEL = "image"
@@ -105,10 +106,24 @@ def _token_pattern(tokens: frozenset) -> Optional[re.Pattern]:
     return re.compile("|".join(re.escape(t) for t in sorted(tokens, key=lambda t: (-len(t), t)) if t))
 
 
+def remove_all(pattern: re.Pattern, text: str) -> str:
+    """`text` without matches of `pattern`: removing one can join its neighbours into a new one
+    (`<` + a tag + `|ref|>`), so until none is left."""
+    text, removed = pattern.subn("", text)
+    while removed:
+        text, removed = pattern.subn("", text)
+    return text
+
+
 def remove_tokens(text: str, tokens: frozenset) -> str:
     """`text` without any occurrence of `tokens` (see `non_content_tokens`)."""
     pattern = _token_pattern(frozenset(tokens))
-    return pattern.sub("", text) if pattern is not None else text
+    return remove_all(pattern, text) if pattern is not None else text
+
+
+def without_tags(text: str) -> str:
+    """Text the walk left, without the grounding tags that joining its pieces may have formed."""
+    return remove_all(GROUNDING_TAG, text)
 
 
 def model_coordinate(value) -> Optional[float]:
@@ -239,7 +254,7 @@ def clean_markdown(text: str) -> str:
 
 def block_text(text: str) -> str:
     """A region's content without the blank lines around it (a first line's indentation is kept)."""
-    return clean_markdown(re.sub(r"\A\s*\n", "", text).rstrip())
+    return clean_markdown(re.sub(r"\A\s*\n", "", without_tags(text)).rstrip())
 
 
 def read_page(raw_text: str, image_size: tuple, page: int = 1, first_figure: int = 0,
@@ -270,7 +285,7 @@ def read_page(raw_text: str, image_size: tuple, page: int = 1, first_figure: int
             blocks.append(Block(reference.label, None, content))
         markdown += [f"![]({image_prefix}{figure_file_name(r.figure)})\n" for r in own if r.figure is not None]
         markdown.append(reference.text)
-    return PageLayout(regions, blocks, clean_markdown("".join(markdown)), next_figure - first_figure)
+    return PageLayout(regions, blocks, clean_markdown(without_tags("".join(markdown))), next_figure - first_figure)
 
 
 def parse_regions(raw_text: str, image_size: tuple, page: int = 1, first_figure: int = 0) -> list:
