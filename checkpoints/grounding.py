@@ -43,8 +43,8 @@ TABLE_TOKENS = ("<td>", "</td>", "<tr>", "</tr>")
 FIGURE_LABEL = "image"
 FIGURE_PREFIX = "images/"  # where the markdown links figure crops
 UNLOCATED_LABEL = "text"  # the label of a block for text written before any reference
-MODEL_SPACE = (999, 999)  # the model's own coordinates, for what does not depend on the image size
-MODEL_MAX = 999
+MODEL_MAX = 999  # the model's coordinates run from 0 to this
+MODEL_SPACE = (MODEL_MAX, MODEL_MAX)  # for what does not depend on the image size
 # Colours readable on white pages; a label always gets the same one.
 PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
            (240, 50, 230), (128, 128, 0), (0, 128, 128), (170, 110, 40), (128, 0, 0), (0, 0, 128)]
@@ -100,10 +100,9 @@ def non_content_tokens(added_tokens: Iterable[str]) -> frozenset:
 
 @lru_cache(maxsize=8)
 def _token_pattern(tokens: frozenset) -> Optional[re.Pattern]:
-    if not tokens:
-        return None
     # Longest first, so that a token that contains another is removed whole.
-    return re.compile("|".join(re.escape(t) for t in sorted(tokens, key=lambda t: (-len(t), t)) if t))
+    ordered = sorted((t for t in tokens if t), key=lambda t: (-len(t), t))
+    return re.compile("|".join(map(re.escape, ordered))) if ordered else None
 
 
 def remove_all(pattern: re.Pattern, text: str) -> str:
