@@ -9,13 +9,19 @@ Blocks are the page's content by region, in reading order across pages: one per 
 reference, with the text the model wrote for it (a reference with several boxes gives a block per box;
 its text goes with the first, so that joined, the blocks never repeat it). Text written before the first
 reference of a page, or after a reference whose boxes are all malformed, is a block without a box.
+
+`raw_output` is what the model wrote. `text`, `pages[].text` and the blocks leave out the tokenizer's added
+tokens that are not content (placeholders, BOS/EOS, padding, `<image>`, ...: the tokenizer's added
+vocabulary less the table and reference tokens, `checkpoints.grounding.non_content_tokens`); for
+`Convert to Markdown` they hold no grounding tag either, whatever the model wrote or where it was cut.
 """
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from checkpoints.grounding import (
-    FIGURE_PREFIX, Block, crop_figure, draw_regions, figure_file_name, read_page, strip_eos,
+    FIGURE_PREFIX, Block, crop_figure, draw_regions, figure_file_name, non_content_tokens, read_page,
+    remove_tokens, strip_eos,
 )
 
 PAGE_SEPARATOR = "\n\n---\n\n"
@@ -44,26 +50,27 @@ class DocumentOutput:
     blocks: list = field(default_factory=list)
 
 
-def assemble(pages: list, images: list, markdown: bool, out_dir: Path) -> DocumentOutput:
-    """`pages[i]` is the PageOutput of `images[i]`; files go under `out_dir`."""
+def assemble(pages: list, images: list, markdown: bool, out_dir: Path, added_tokens=()) -> DocumentOutput:
+    """`pages[i]` is the PageOutput of `images[i]`; files go under `out_dir`. `added_tokens`: the
+    tokenizer's added vocabulary (`OCREngine.special_token_texts`), whose non-content tokens are kept out
+    of the text."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    non_content = non_content_tokens(added_tokens)
     texts, raws, regions, annotated, figures, page_info, blocks = [], [], [], [], [], [], []
     next_figure = 0
     for page, image in zip(pages, images):
         raw = strip_eos(page.raw_output)
-        layout = read_page(raw, image.size, page=page.number, first_figure=next_figure)
+        visible = remove_tokens(raw, non_content).strip()
+        layout = read_page(visible, image.size, page=page.number, first_figure=next_figure)
         next_figure += layout.figures_used
-        page_text = layout.markdown if markdown else raw
+        page_text = layout.markdown if markdown else visible
         texts.append(page_text)
         raws.append(raw)
-        cropped = set()  # figure numbers with a file; an empty box keeps its number but has no crop
         for region in layout.regions:
-            crop = crop_figure(image, region) if region.figure is not None else None
-            if crop is not None:
+            if region.figure is not None:  # a figure number is given only to a box that has pixels
                 path = out_dir / figure_file_name(region.figure)
-                crop.convert("RGB").save(path, quality=92)
+                crop_figure(image, region).convert("RGB").save(path, quality=92)
                 figures.append(path)
-                cropped.add(region.figure)
         if layout.regions:
             path = out_dir / f"page_{page.number}_boxes.jpg"
             draw_regions(image, layout.regions).save(path, quality=90)
@@ -72,7 +79,7 @@ def assemble(pages: list, images: list, markdown: bool, out_dir: Path) -> Docume
             {"label": r.label, "box": list(r.box), "box_normalized": list(r.box_normalized), "page": r.page}
             for r in layout.regions
         ]
-        blocks += [block_entry(block, page.number, cropped) for block in layout.blocks]
+        blocks += [block_entry(block, page.number) for block in layout.blocks]
         page_info.append({
             "page": page.number, "width": image.width, "height": image.height,
             "image_tokens": page.image_tokens, "generated_tokens": page.generated_tokens,
@@ -90,10 +97,10 @@ def assemble(pages: list, images: list, markdown: bool, out_dir: Path) -> Docume
     )
 
 
-def block_entry(block: Block, page: int, cropped: set) -> dict:
-    """A block as output: `figure` is the crop's path as the markdown links it, when a crop was written."""
+def block_entry(block: Block, page: int) -> dict:
+    """A block as output: `figure` is the crop's path as the markdown links it, for a figure with a crop."""
     region = block.region
-    figure = region.figure if region is not None and region.figure in cropped else None
+    figure = region.figure if region is not None else None
     return {
         "page": page,
         "type": block.label,

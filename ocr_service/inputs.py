@@ -12,12 +12,14 @@ Numbers are read as ASCII digits only: `str.isdigit()` and `int()` also take '²
 Limits protect the service (settings.py reads them from the environment): pages per request, pixels
 of one image or rendered page, and the PDF rendering resolution (pages that would exceed the pixel
 limit are rendered at a lower resolution instead).
+
+Errors name the input they are about (`image`, `pages`) and, for a limit, the setting that sets it.
 """
 
 import math
 import re
 import struct
-import warnings
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -40,6 +42,10 @@ DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, TypeError, KeyError
 # A page range: ASCII digits, optionally "-" and more digits (spaces allowed around the hyphen).
 PAGE_RANGE = re.compile(r"([0-9]+)(?:\s*-\s*([0-9]+))?")
 SHOWN_CHARS = 40  # how much of a long input an error message quotes
+IMAGE_TYPES = "PNG, JPEG, WebP, GIF, TIFF, BMP, ..."
+# Opening an image reads its header only; Pillow's own decompression-bomb guard is lifted meanwhile, so
+# that our check, which says the image's size and the setting, refuses it before any pixel is decoded.
+_OPEN_WITHOUT_PILLOWS_GUARD = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -73,18 +79,24 @@ def parse_page_selection(selection: Optional[str], count: int) -> list:
         if match is None:
             raise InputError(f"pages {shorten(selection)!r} is not a page selection like '1-3,5' "
                              f"(digits 0-9, commas and hyphens)")
-        first = _page_number(match.group(1), count)
-        last = _page_number(match.group(2) or match.group(1), count)
-        if first < 1 or last < first:
+        first_digits, last_digits = _significant(match.group(1)), _significant(match.group(2) or match.group(1))
+        if (len(last_digits), last_digits) < (len(first_digits), first_digits):  # compared without int()
+            raise InputError(f"pages {shorten(part.strip())!r} is a reversed range: write "
+                             f"'{shorten(last_digits)}-{shorten(first_digits)}'")
+        first, last = _page_number(first_digits, count), _page_number(last_digits, count)
+        if first < 1:
             raise InputError(f"pages {shorten(part.strip())!r} is not a valid range (pages count from 1)")
         chosen.update(dict.fromkeys(range(first, last + 1)))
     return list(chosen)
 
 
-def _page_number(digits: str, count: int) -> int:
-    """ASCII digits → a page number of a `count`-page document; a longer number is out of range before
-    it is converted (int() refuses more than 4,300 digits)."""
-    significant = digits.lstrip("0") or "0"
+def _significant(digits: str) -> str:
+    return digits.lstrip("0") or "0"
+
+
+def _page_number(significant: str, count: int) -> int:
+    """ASCII digits without leading zeros → a page number of a `count`-page document; a longer number is
+    out of range before it is converted (int() refuses more than 4,300 digits)."""
     if len(significant) > len(str(count)) or int(significant) > count:
         raise InputError(f"page {shorten(significant)} is out of range: the document has {count} page(s)")
     return int(significant)
@@ -92,14 +104,18 @@ def _page_number(digits: str, count: int) -> int:
 
 def load_pages(path: Path, *, pages: Optional[str] = None, max_pages: int = Limits.max_pages,
                max_pixels: int = Limits.max_pixels, pdf_dpi: int = Limits.pdf_dpi) -> list:
+    if path is None or str(path) in ("", "."):  # Cog passes an empty `image` as Path(""), which is "."
+        raise InputError(f"no file was given for image: upload an image ({IMAGE_TYPES}) or a PDF")
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"image is a folder ({path.name}), not a file")
     try:
         with open(path, "rb") as handle:
             head = handle.read(HEADER_BYTES)
     except OSError as error:
-        raise InputError(f"the input file could not be read: {error.strerror or error}") from None
+        raise InputError(f"the file given as image could not be read: {error.strerror or error}") from None
     if not head:
-        raise InputError("the input file is empty")
+        raise InputError("the file given as image is empty (0 bytes)")
     if is_pdf(head):
         return _pdf_pages(path, pages, max_pages, max_pixels, pdf_dpi)
     return _image_pages(path, pages, max_pages, max_pixels)
@@ -113,10 +129,20 @@ def is_pdf(head: bytes) -> bool:
     return PDF_MAGIC in head
 
 
-def _check_page_count(numbers: list, max_pages: int) -> None:
-    if len(numbers) > max_pages:
-        raise InputError(f"{len(numbers)} pages selected; the limit is {max_pages} per request "
-                         f"(choose pages with the 'pages' input, e.g. '1-{max_pages}')")
+def _check_page_count(numbers: list, selection, max_pages: int) -> None:
+    if len(numbers) <= max_pages:
+        return
+    limit = f"the limit is {max_pages} per request (DEEPSEEK_OCR_MAX_PAGES)"
+    if selection is None or not selection.strip():
+        raise InputError(f"image has {len(numbers)} pages; {limit}: choose some with the pages input, "
+                         f"e.g. '1-{max_pages}'")
+    raise InputError(f"pages {shorten(selection)!r} selects {len(numbers)} pages; {limit}")
+
+
+def _pixel_limit_error(what: str, size: tuple, max_pixels: int) -> InputError:
+    width, height = size
+    return InputError(f"{what} is too large: {width}×{height} = {width * height:,} pixels, more than the "
+                      f"{max_pixels:,} that DEEPSEEK_OCR_MAX_PIXELS allows")
 
 
 def _pdf_pages(path: Path, selection, max_pages: int, max_pixels: int, dpi: int) -> list:
@@ -129,16 +155,16 @@ def _pdf_pages(path: Path, selection, max_pages: int, max_pixels: int, dpi: int)
         # reason is read from the file itself: an encryption dictionary, or a page tree that counts 0.
         data = path.read_bytes()
         if b"/Encrypt" in data:
-            raise InputError("the PDF is password-protected; upload an unencrypted copy") from None
+            raise InputError("image is a password-protected PDF; upload an unencrypted copy") from None
         if re.search(rb"/Count\s+0\b", data) and not re.search(rb"/Count\s+[1-9]", data):
-            raise InputError("the PDF has no pages") from None
-        raise InputError(f"the PDF could not be read ({error}); it may be damaged or truncated") from None
+            raise InputError("image is a PDF that has no pages") from None
+        raise InputError(f"image is a PDF that could not be read ({error}); it may be damaged or truncated") from None
     try:
         count = len(document)
         if count == 0:
-            raise InputError("the PDF has no pages")
+            raise InputError("image is a PDF that has no pages")
         numbers = parse_page_selection(selection, count)
-        _check_page_count(numbers, max_pages)
+        _check_page_count(numbers, selection, max_pages)
         result = []
         for number in numbers:
             try:
@@ -161,44 +187,43 @@ def _pdf_pages(path: Path, selection, max_pages: int, max_pixels: int, dpi: int)
 
 
 def _image_pages(path: Path, selection, max_pages: int, max_pixels: int) -> list:
-    # Pillow's own decompression-bomb guard must not refuse what the configured limit allows (our check
-    # below reads the size from the header, before any pixel is decoded); it only ever goes up.
+    # Pillow checks sizes again as frames are read: what the configured limit allows must pass; the
+    # limit only ever goes up.
     if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
         Image.MAX_IMAGE_PIXELS = max_pixels
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(path)
+        with _OPEN_WITHOUT_PILLOWS_GUARD:
+            pillows_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            try:
+                image = Image.open(path)
+            finally:
+                Image.MAX_IMAGE_PIXELS = pillows_limit
     except UnidentifiedImageError:
-        raise InputError("the file is not a supported image (PNG, JPEG, WebP, GIF, TIFF, BMP, ...) or PDF") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise InputError(f"the image is too large: more than {max_pixels:,} pixels") from None
-    except OSError as error:
-        raise InputError(f"the image could not be read ({error})") from None
+        raise InputError(f"the file given as image is not a supported image ({IMAGE_TYPES}) or PDF") from None
+    except DECODE_ERRORS as error:
+        raise InputError(f"image could not be read as an image ({error}); it may be damaged or truncated") from None
     with image:
-        width, height = image.size
-        if width * height > max_pixels:  # checked before any pixel is decoded
-            raise InputError(f"the image is {width}×{height} = {width * height:,} pixels; "
-                             f"the limit is {max_pixels:,}")
+        if image.size[0] * image.size[1] > max_pixels:  # checked before any pixel is decoded
+            raise _pixel_limit_error("image", image.size, max_pixels)
         # Multi-page TIFFs are documents; animated GIF/WebP frames are not pages.
         try:
             frames = getattr(image, "n_frames", 1) if image.format == "TIFF" else 1
         except DECODE_ERRORS as error:  # counting frames reads every frame's header
-            raise InputError(f"the image is damaged or truncated ({error})") from None
+            raise InputError(f"image is damaged or truncated ({error})") from None
         numbers = parse_page_selection(selection, frames)
-        _check_page_count(numbers, max_pages)
+        _check_page_count(numbers, selection, max_pages)
         result = []
         for number in numbers:
             try:
                 image.seek(number - 1)
                 if image.size[0] * image.size[1] > max_pixels:
-                    raise InputError(f"frame {number} is larger than {max_pixels:,} pixels")
+                    raise _pixel_limit_error(f"frame {number} of image", image.size, max_pixels)
                 image.load()
                 frame = ImageOps.exif_transpose(image.copy())
             except DECODE_ERRORS as error:
                 if isinstance(error, InputError):
                     raise
-                raise InputError(f"the image is damaged or truncated ({error})") from None
+                raise InputError(f"image is damaged or truncated ({error})") from None
             result.append(Page(to_rgb(frame), number))
         return result
 

@@ -5,6 +5,7 @@ import re
 
 from PIL import Image
 
+from checkpoints.grounding import REFERENCE_TAGS, TABLE_TOKENS
 from ocr_service.document import PAGE_SEPARATOR, PageOutput, assemble
 
 PAGE_1 = "<|ref|>image<|/ref|><|det|>[[0, 0, 499, 499]]<|/det|>\nFirst page"
@@ -71,14 +72,15 @@ def test_text_outside_any_region_is_a_block_without_a_box(tmp_path):
     assert {b["page"] for b in out.blocks} == {3}
 
 
-def test_an_empty_figure_box_keeps_its_number_but_links_no_file(tmp_path):
+def test_a_figure_box_empty_in_pixels_takes_no_number_and_links_nothing(tmp_path):
     raw = ("<|ref|>image<|/ref|><|det|>[[500, 500, 500, 900]]<|/det|>\n"
            "<|ref|>image<|/ref|><|det|>[[0, 0, 499, 499]]<|/det|>")
     out = assemble([PageOutput(1, raw, 9, 73, True, 0.1, "eos", 0.05)], [Image.new("RGB", (100, 100))], markdown=True,
                    out_dir=tmp_path)
-    assert out.text == "![](images/0.jpg)\n\n![](images/1.jpg)\n"
-    assert [f.name for f in out.figures] == ["1.jpg"]
-    assert [b["figure"] for b in out.blocks] == [None, "images/1.jpg"]
+    assert out.text == "\n![](images/0.jpg)\n"  # the empty box shows nothing; the next figure is 0
+    assert [f.name for f in out.figures] == ["0.jpg"] and (tmp_path / "0.jpg").is_file()
+    assert [(b["box"], b["figure"]) for b in out.blocks] == [([50, 50, 50, 90], None), ([0, 0, 49, 49], "images/0.jpg")]
+    assert len(out.regions) == 2  # the empty box is still a region
 
 
 def test_other_tasks_keep_the_model_text(tmp_path):
@@ -91,3 +93,33 @@ def test_other_tasks_keep_the_model_text(tmp_path):
     assert plain.text == "just text" and plain.regions == [] and plain.annotated_images == [] and plain.figures == []
     assert plain.blocks == [{"page": 1, "type": "text", "box": None, "box_normalized": None, "text": "just text",
                              "figure": None}]
+
+
+def test_text_leaves_out_the_tokenizers_non_content_tokens_and_raw_output_keeps_them(tmp_path, tiny_tokenizer):
+    """Every added token of the checkpoint's tokenizer, decoded as the engine decodes a page: only the table
+    cells (and, outside markdown, the reference tags) reach the text."""
+    added = tiny_tokenizer.get_added_vocab()  # token → id
+    content = {token for token in added if token in TABLE_TOKENS or token in REFERENCE_TAGS}
+    not_content = set(added) - content
+    assert {"<｜place▁holder▁no▁12｜>", "<image>", tiny_tokenizer.eos_token, tiny_tokenizer.pad_token} <= not_content
+    words = tiny_tokenizer.encode(" Item 4.20", add_special_tokens=False)
+    grounded = tiny_tokenizer.encode("<|ref|>table<|/ref|><|det|>[[0, 0, 999, 999]]<|/det|>\n",
+                                     add_special_tokens=False)
+    ids = list(grounded)
+    for token_id in sorted(added.values()):
+        if token_id not in grounded:
+            ids += [token_id, *words]
+    raw = tiny_tokenizer.decode(ids, skip_special_tokens=False)  # what the engine's decode_text keeps
+    expected = tiny_tokenizer.decode([i for i in ids if tiny_tokenizer.convert_ids_to_tokens(i) not in not_content],
+                                     skip_special_tokens=False)
+    page = PageOutput(1, raw, len(ids), 73, False, 1.0, "max_new_tokens", 0.5)
+    image = [Image.new("RGB", (64, 64))]
+    plain = assemble([page], image, markdown=False, out_dir=tmp_path / "plain", added_tokens=list(added))
+    markdown = assemble([page], image, markdown=True, out_dir=tmp_path / "md", added_tokens=list(added))
+    assert plain.raw_output == markdown.raw_output == raw.strip()  # exactly what the model wrote
+    assert plain.text == expected.strip()
+    assert markdown.text == expected.replace(tiny_tokenizer.decode(grounded, skip_special_tokens=False), "\n")
+    for text in (plain.text, markdown.text, *(b["text"] for b in markdown.blocks + plain.blocks)):
+        assert not [token for token in not_content if token in text]
+        assert text.count("<td>") == text.count("</td>") == text.count("<tr>") == text.count("</tr>") == 1
+    assert [b["type"] for b in markdown.blocks] == ["table"] and markdown.blocks[0]["box"] == [0, 0, 64, 64]

@@ -2,9 +2,11 @@
 
 from PIL import Image
 
+import pytest
+
 from checkpoints.grounding import (
-    EOS_TEXT, crop_figures, draw_regions, parse_boxes, parse_regions, read_page, split_references, strip_eos,
-    to_markdown,
+    EOS_TEXT, REFERENCE_TAGS, TABLE_TOKENS, crop_figures, draw_regions, non_content_tokens, parse_boxes,
+    parse_regions, read_page, remove_tokens, split_references, strip_eos, to_markdown,
 )
 
 RAW = ("<|ref|>title<|/ref|><|det|>[[0, 0, 999, 100]]<|/det|>\n# Report\n"
@@ -24,9 +26,70 @@ def test_malformed_and_hostile_boxes_are_skipped():
     assert parse_boxes("[[1, 2, 3]]") == [] and parse_boxes("__import__('os')") == []
     assert parse_boxes("[[1, 2, 3, 4], ['a', 2, 3, 4], [5, 6, 7, 8]]") == [(1, 2, 3, 4), (5, 6, 7, 8)]
     assert parse_boxes("[10, 20, 30, 40]") == [(10, 20, 30, 40)]
-    # Reversed corners are put in order and everything is clamped to the image.
+    # Reversed corners are put in order and everything is clamped to 0–999, so to the image.
     region = parse_regions("<|ref|>x<|/ref|><|det|>[[900, 900, 100, 1500]]<|/det|>", (100, 100))[0]
-    assert region.box == (10, 90, 90, 100)
+    assert region.box == (10, 90, 90, 100) and region.box_normalized == (100.0, 900.0, 900.0, 999.0)
+    assert parse_boxes("[[-5, -1e300, 2000, 1e300]]") == [(0.0, 0.0, 999.0, 999.0)]
+
+
+# Numbers with which the whole box list fails to parse.
+NOT_LITERALS = ["1e400 - 1e400", "float('nan')", "nan", "inf", "9" * 5000, "[" * 500 + "1" + "]" * 500]
+
+
+@pytest.mark.parametrize("number", ["9" * 400, "1e999", "-1e999", "1j", "True", "'12'", "None",
+                                    *NOT_LITERALS])
+def test_a_number_that_is_not_finite_makes_its_box_malformed(number):
+    det = f"[[10, 20, {number}, 40], [1, 2, 3, 4]]"
+    assert parse_boxes(det) == ([] if number in NOT_LITERALS else [(1.0, 2.0, 3.0, 4.0)])
+    raw = f"<|ref|>table<|/ref|><|det|>[[10, 20, {number}, 40]]<|/det|>\n<table></table>"
+    layout = read_page(raw, (600, 800))
+    assert layout.regions == [] and [(b.label, b.region, b.text) for b in layout.blocks] == [
+        ("table", None, "<table></table>")]  # the text stays, in a block without a box
+
+
+def test_a_page_cut_inside_a_reference_leaves_no_tag_and_no_fragment():
+    done = "<|ref|>title<|/ref|><|det|>[[0, 0, 999, 99]]<|/det|>\n# Title\n\n"
+    for cut in ["<|ref|>text<|/ref|><|det|>[[120, 240", "<|ref|>text<|/ref|><|det|>", "<|ref|>text<|/ref|>",
+                "<|ref|>te", "<|ref|>"]:
+        layout = read_page(done + cut, (100, 100))
+        assert layout.markdown == "\n# Title\n\n", cut
+        assert [(b.label, b.text) for b in layout.blocks] == [("title", "# Title")], cut
+        assert len(layout.regions) == 1
+
+
+def test_missing_and_stray_tags_lose_no_content_and_leak_no_tag():
+    def walk(raw):
+        layout = read_page(raw, (999, 999))
+        return layout.markdown, [(b.label, b.region.box if b.region else None, b.text) for b in layout.blocks]
+
+    # A label whose closing tag is missing ends at its box list, or at its line's end.
+    assert walk("<|ref|>title<|det|>[[1, 2, 3, 4]]<|/det|>\n# T") == (
+        "\n# T", [("title", (1, 2, 3, 4), "# T")])
+    assert walk("<|ref|>title\n# T\n<|ref|>text<|/ref|><|det|>[[5, 5, 9, 9]]<|/det|>body") == (
+        "\n# T\nbody", [("title", None, "# T"), ("text", (5, 5, 9, 9), "body")])
+    # A box list whose closing tag is missing ends at its line's end and gives no box.
+    assert walk("<|ref|>text<|/ref|><|det|>[[1, 2, 3, 4]]\nBody") == ("\nBody", [("text", None, "Body")])
+    # Box lists outside any reference are dropped; stray closing tags and the prompt's tag are removed.
+    assert walk("<|grounding|>intro <|det|>[[1, 2, 3, 4]]<|/det|> tail <|/ref|><|/det|> end") == (
+        "intro  tail  end", [("text", None, "intro  tail  end")])
+    # Consecutive box lists of one reference add up; a box list after its text belongs to no reference.
+    markdown, blocks = walk("<|ref|>image<|/ref|><|det|>[[0, 0, 9, 9]]<|/det|>\n<|det|>[[10, 10, 19, 19]]<|/det|>"
+                            "cap<|det|>[[20, 20, 29, 29]]<|/det|>")
+    assert markdown == "![](images/0.jpg)\n![](images/1.jpg)\ncap"
+    assert blocks == [("image", (0, 0, 9, 9), "cap"), ("image", (10, 10, 19, 19), "")]
+    # A reference that has neither a box nor text leaves nothing.
+    assert walk("A<|ref|>image<|/ref|><|det|>[[oops]]<|/det|>\n\nB") == (
+        "A\n\nB", [("text", None, "A"), ("image", None, "B")])
+    assert walk("A\n<|ref|>image<|/ref|><|det|>[[oops]]<|/det|>\n<|ref|>") == ("A\n\n", [("text", None, "A")])
+
+
+def test_non_content_tokens_are_the_added_vocabulary_less_tables_and_references():
+    vocabulary = ["<｜begin▁of▁sentence｜>", "<｜place▁holder▁no▁12｜>", "<image>", "<|grounding|>", *TABLE_TOKENS,
+                  *REFERENCE_TAGS]
+    hidden = non_content_tokens(vocabulary)
+    assert hidden == {"<｜begin▁of▁sentence｜>", "<｜place▁holder▁no▁12｜>", "<image>", "<|grounding|>"}
+    assert remove_tokens("a<image>b<td>c<｜place▁holder▁no▁12｜><|ref|>", hidden) == "ab<td>c<|ref|>"
+    assert remove_tokens("unchanged", frozenset()) == remove_tokens("unchanged", frozenset({""})) == "unchanged"
 
 
 def test_markdown_links_figures_and_drops_other_references():

@@ -1,5 +1,7 @@
 """Every kind of upload ends in RGB pages or an InputError that says what is wrong."""
 
+from pathlib import Path
+
 import pytest
 from PIL import Image
 
@@ -20,26 +22,38 @@ def test_png_and_jpeg(tmp_path):
 
 
 @pytest.mark.parametrize("name, data, message", [
-    ("empty.png", b"", "empty"),
-    ("notes.png", b"just some text, not an image\n" * 10, "not a supported image"),
-    ("cut.png", corpus.png_bytes(corpus.document())[:2000], "damaged or truncated"),
-    ("cut.jpg", corpus.jpeg_bytes(corpus.document())[:1500], "damaged or truncated"),
+    ("empty.png", b"", "the file given as image is empty"),
+    ("notes.png", b"just some text, not an image\n" * 10, "the file given as image is not a supported image"),
+    ("cut.png", corpus.png_bytes(corpus.document())[:2000], "image is damaged or truncated"),
+    ("cut.jpg", corpus.jpeg_bytes(corpus.document())[:1500], "image is damaged or truncated"),
 ])
 def test_broken_files_are_refused_clearly(tmp_path, name, data, message):
     with pytest.raises(InputError, match=message):
         load(tmp_path, name, data)
 
 
-def test_decompression_bomb_refused_before_decoding(tmp_path):
+def test_no_file_given_names_the_image_input(tmp_path):
+    for nothing in ("", Path(""), None):  # Cog turns `"image": ""` into Path(""), which is "."
+        with pytest.raises(InputError, match="^no file was given for image: upload an image"):
+            load_pages(nothing)
+    with pytest.raises(InputError, match="^image is a folder"):
+        load_pages(tmp_path)
+    with pytest.raises(InputError, match="^the file given as image could not be read: No such file"):
+        load_pages(tmp_path / "missing.png")
+
+
+def test_decompression_bomb_refused_before_decoding_with_its_size_and_the_setting(tmp_path):
     bomb = corpus.decompression_bomb_png()
     assert len(bomb) < 100_000
-    with pytest.raises(InputError, match="too large|limit"):
+    with pytest.raises(InputError, match="^image is too large: 30000×30000 = 900,000,000 pixels, more than the "
+                                         "64,000,000 that DEEPSEEK_OCR_MAX_PIXELS allows$"):
         load(tmp_path, "bomb.png", bomb)
 
 
 def test_pixel_limit_is_configurable(tmp_path):
     data = corpus.png_bytes(corpus.document(1000, 1000))
-    with pytest.raises(InputError, match="1,000,000 pixels"):
+    with pytest.raises(InputError, match="1000×1000 = 1,000,000 pixels, more than the 999,999 that "
+                                         "DEEPSEEK_OCR_MAX_PIXELS allows"):
         load(tmp_path, "big.png", data, max_pixels=999_999)
 
 
@@ -90,18 +104,21 @@ def test_pdf_pages_selection_and_limits(tmp_path):
     assert [p.number for p in load(tmp_path, "doc.pdf", data, pages="3, 1")] == [3, 1]
     with pytest.raises(InputError, match="page 4 is out of range: the document has 3"):
         load(tmp_path, "doc.pdf", data, pages="2-4")
-    with pytest.raises(InputError, match="limit is 2"):
+    with pytest.raises(InputError, match=r"^image has 3 pages; the limit is 2 per request \(DEEPSEEK_OCR_MAX_PAGES\)"):
         load(tmp_path, "doc.pdf", data, max_pages=2)
+    with pytest.raises(InputError, match=r"^pages '1-3' selects 3 pages; the limit is 2 per request "
+                                         r"\(DEEPSEEK_OCR_MAX_PAGES\)"):
+        load(tmp_path, "doc.pdf", data, max_pages=2, pages="1-3")
     # Named .png, but a PDF: the content decides.
     assert len(load(tmp_path, "disguised.png", data)) == 3
 
 
 def test_bad_pdfs(tmp_path):
-    with pytest.raises(InputError, match="no pages"):
+    with pytest.raises(InputError, match="image is a PDF that has no pages"):
         load(tmp_path, "zero.pdf", corpus.pdf_bytes([]))
-    with pytest.raises(InputError, match="password"):
+    with pytest.raises(InputError, match="image is a password-protected PDF"):
         load(tmp_path, "locked.pdf", corpus.encrypted_pdf_bytes())
-    with pytest.raises(InputError, match="could not be read"):
+    with pytest.raises(InputError, match="image is a PDF that could not be read"):
         load(tmp_path, "cut.pdf", corpus.pdf_bytes([(595, 842)])[:200])
 
 
@@ -137,6 +154,19 @@ def test_bad_page_selection(selection):
         parse_page_selection(selection, 4)
 
 
+@pytest.mark.parametrize("count", [1, 3, 5, 10, 300])
+@pytest.mark.parametrize("selection, written", [("5-2", "2-5"), ("0005 - 02", "2-5"), ("1,4-3", "3-4")])
+def test_a_reversed_range_says_so_whatever_the_documents_length(selection, written, count):
+    with pytest.raises(InputError, match=f"is a reversed range: write '{written}'"):
+        parse_page_selection(selection, count)
+
+
+def test_a_reversed_range_of_huge_numbers_is_compared_without_converting_them():
+    with pytest.raises(InputError, match="is a reversed range") as caught:
+        parse_page_selection("9" * 5000 + "-" + "8" * 5000, 4)
+    assert len(str(caught.value)) < 200
+
+
 # str.isdigit() takes all of these and int() some ('٣' → 3, '１' → 1); a page is written in ASCII digits.
 @pytest.mark.parametrize("selection", ["²", "①", "٣", "１", "1-٣", "1_000", "৪"])
 def test_non_ascii_digits_are_an_input_error_naming_pages(selection):
@@ -170,5 +200,14 @@ def test_a_pixel_limit_above_pillows_own_is_honoured(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)
     data = corpus.png_bytes(corpus.document(1500, 1000))
     assert load(tmp_path, "big.png", data, max_pixels=2_000_000)[0].image.size == (1500, 1000)
-    with pytest.raises(InputError, match="1,200,000"):
+    with pytest.raises(InputError, match="1500×1000 = 1,500,000 pixels, more than the 1,200,000"):
         load(tmp_path, "big.png", data, max_pixels=1_200_000)
+
+
+def test_an_image_beyond_pillows_own_guard_is_refused_with_its_size(tmp_path, monkeypatch):
+    # Pillow refuses more than twice its limit without saying the size; our check says it.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100_000)
+    data = corpus.png_bytes(corpus.document(500, 500))
+    with pytest.raises(InputError, match="^image is too large: 500×500 = 250,000 pixels, more than the 100,000"):
+        load(tmp_path, "big.png", data, max_pixels=100_000)
+    assert Image.MAX_IMAGE_PIXELS == 100_000  # Pillow's guard is back
