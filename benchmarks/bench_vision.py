@@ -101,7 +101,7 @@ class GraphedTowers:
         return static_out.clone()  # the next replay overwrites it
 
 
-def vision_variants(model, tokenizer, pages: int, chunks: dict, compile_too: bool) -> dict:
+def vision_variants(model, tokenizer, pages: int, chunks: dict, compile_too: bool, profile_out: Path = None) -> dict:
     preprocessor = Preprocessor(tokenizer, 1, DTYPE)
     prompts = [preprocessor._prepare(a4_page(seed=i % 8), PROMPT, GUNDAM) for i in range(pages)]
     groups = {1024: torch.cat([p.images[0].global_view[None] for p in prompts]).to(DEVICE),
@@ -157,21 +157,36 @@ def vision_variants(model, tokenizer, pages: int, chunks: dict, compile_too: boo
         try:
             if not compile_too or DEVICE != "cuda":
                 raise RuntimeError("compiled variant not asked for (--compile, CUDA only)")
-            compiled = torch.compile(inner.encode_views, dynamic=False)
-            for name, chunk in list(chunks.items())[-1:]:
-                started = time.perf_counter()
-                out = run(compiled, chunk)
-                sync()
-                compile_s = time.perf_counter() - started
-                seconds = timed(lambda: run(compiled, chunk))
-                row = {"ms_per_page": seconds / pages * 1e3, "first_call_s": compile_s,
-                       "vs_materialised": max(relative_error(out[s], base[s]) for s in out),
-                       "vs_float32": max(relative_error(out[s], reference32[s]) for s in out)}
-                results[f"folded, compiled, {name}"] = row
-                print(f"folded, compiled, {name}", json.dumps(row), flush=True)
+            # Dynamic in the number of views: one compilation per view size serves every pass size.
+            compiled = torch.compile(inner.encode_views, dynamic=True)
+            for size, pixels in groups.items():
+                for views in sorted({pixels.shape[0], max(1, pixels.shape[0] // 2), max(1, pixels.shape[0] // 5)},
+                                    reverse=True):
+                    started = time.perf_counter()
+                    out = compiled(pixels[:views])
+                    sync()
+                    first_s = time.perf_counter() - started
+                    seconds = timed(lambda: compiled(pixels[:views]))
+                    eager = timed(lambda: inner.encode_views(pixels[:views]))
+                    row = {"views": views, "size": size, "first_call_s": first_s, "compiled_ms": seconds * 1e3,
+                           "eager_ms": eager * 1e3,
+                           "vs_materialised": relative_error(out, base[size][:views]),
+                           "vs_float32": relative_error(out, reference32[size][:views])}
+                    results[f"compiled dynamic, {views} views of {size}"] = row
+                    print("compiled dynamic", json.dumps(row), flush=True)
         except Exception as error:  # report and go on: the other variants stand
             results["compiled_error"] = repr(error)[:500]
             print("compile failed:", repr(error)[:500], flush=True)
+        if DEVICE == "cuda" and profile_out is not None:
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for pixels in groups.values():
+                    inner.encode_views(pixels[:pixels.shape[0] // 4])
+                sync()
+            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+            profile_out.write_text(table)
+            print(table[:6000], flush=True)
         materialised32 = relative_error(base[1024], reference32[1024])
         results["materialised_vs_float32_global"] = materialised32
     return results
@@ -240,7 +255,8 @@ def main():
     chunks = {"passes of 4 MP": lambda size: max(1, 4 * 1024 * 1024 // (size * size)),
               "one pass per view size": lambda size: 10**6}
     report = {"device": device_name(), "torch": torch.__version__, "ceilings": ceilings}
-    report["vision"] = vision_variants(model, tokenizer, args.pages, chunks, args.compile)
+    report["vision"] = vision_variants(model, tokenizer, args.pages, chunks, args.compile,
+                                       args.profile / "profile_vision_folded.txt" if args.profile else None)
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
     prompts, length = args.prefill
@@ -259,10 +275,16 @@ def main():
     print(f"| vision variant ({args.pages} A4 pages, Gundam) | ms a page | first call, s | peak GiB | "
           f"vs materialised | vs float32 |\n|---|---|---|---|---|---|")
     for name, row in vision.items():
-        if isinstance(row, dict):
+        if isinstance(row, dict) and "ms_per_page" in row:
             print(f"| {name} | {row['ms_per_page']:.1f} | {row['first_call_s']:.1f} | {row.get('peak_gib', float('nan')):.1f} "
                   f"| {row['vs_materialised']:.2e} | {row['vs_float32']:.2e} |")
     print(f"| floor: {vision['flops_per_page'] / 1e12:.2f} TFLOP a page ÷ the matmul rate | {floor_ms:.1f} | | | | |")
+    compiled = [row for row in vision.values() if isinstance(row, dict) and "compiled_ms" in row]
+    if compiled:
+        print("\n| torch.compile, dynamic views | first call, s | compiled, ms | eager, ms | vs float32 |\n|---|---|---|---|---|")
+        for row in compiled:
+            print(f"| {row['views']} views of {row['size']} | {row['first_call_s']:.1f} | {row['compiled_ms']:.1f} | "
+                  f"{row['eager_ms']:.1f} | {row['vs_float32']:.2e} |")
 
 
 if __name__ == "__main__":
