@@ -2,7 +2,7 @@
 number of new tokens per page (EOS ignored, loop stop off, so that every run decodes the same work).
 
 Prints: pages/s of one 64-page job; pages/s of 64 concurrent one-page predictions; time to first token
-(p50, p95) of one-page predictions arriving while a 100-page job runs; peak GPU memory.
+(p50, p95) of one-page predictions arriving while a 100-page job runs, in several runs; peak GPU memory.
 
 On the device machine (see README "Performance"):
     python benchmarks/bench_service.py
@@ -42,6 +42,7 @@ def main():
     parser.add_argument("--pages", type=int, default=64)
     parser.add_argument("--background-pages", type=int, default=100)
     parser.add_argument("--arrivals", type=int, default=16)
+    parser.add_argument("--runs", type=int, default=3, help="runs of the arrivals measure")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     random_checkpoint(args.checkpoint)
@@ -65,22 +66,26 @@ def main():
     report["concurrent_first_token_p50_s"] = percentile([r.first_token_s for r in singles], 0.5)
     print("concurrent", report["concurrent_pages_s"], flush=True)
 
-    background = threading.Thread(target=engine.run_pages,
-                                  args=(images[:args.background_pages], PROMPT, GUNDAM, args.tokens))
-    background.start()
-    time.sleep(3)  # the job holds every row by now
-    arrivals = []
+    # Where each arrival lands among the vision passes decides its wait: several runs, side by side.
+    report["arrival_runs"] = []
+    for _ in range(args.runs):
+        background = threading.Thread(target=engine.run_pages,
+                                      args=(images[:args.background_pages], PROMPT, GUNDAM, args.tokens))
+        background.start()
+        time.sleep(3)  # the job holds every row by now
+        arrivals = []
 
-    def arrive(index: int):
-        time.sleep(index * 0.25)
-        arrivals.append(engine.run_pages([images[index]], PROMPT, GUNDAM, args.tokens)[0])
+        def arrive(index: int):
+            time.sleep(index * 0.25)
+            arrivals.append(engine.run_pages([images[index]], PROMPT, GUNDAM, args.tokens)[0])
 
-    with ThreadPoolExecutor(args.arrivals) as pool:
-        list(pool.map(arrive, range(args.arrivals)))
-    background.join()
-    firsts = [r.first_token_s for r in arrivals]
-    report["arrival_first_token_p50_s"] = percentile(firsts, 0.5)
-    report["arrival_first_token_p95_s"] = percentile(firsts, 0.95)
+        with ThreadPoolExecutor(args.arrivals) as pool:
+            list(pool.map(arrive, range(args.arrivals)))
+        background.join()
+        firsts = [r.first_token_s for r in arrivals]
+        run = {"p50_s": percentile(firsts, 0.5), "p95_s": percentile(firsts, 0.95)}
+        report["arrival_runs"].append(run)
+        print("arrivals", json.dumps(run), flush=True)
     report["peak_allocated_gib"] = peak_gib("allocated")
     report["peak_reserved_gib"] = peak_gib("reserved")
     report["holdings_after"] = engine.server.holdings()
@@ -90,12 +95,12 @@ def main():
     ratio = report["concurrent_pages_s"] / report["job_pages_s"]
     print(f"\n{device_name()}, torch {torch.__version__}, A4 pages, Gundam, {args.tokens} tokens/page\n")
     print("| measure | value | target |\n|---|---|---|")
-    print(f"| one {args.pages}-page job, pages/s | {report['job_pages_s']:.2f} | ≥ 8 |")
+    print(f"| one {args.pages}-page job, pages/s | {report['job_pages_s']:.2f} | |")
     print(f"| {args.pages} concurrent one-page predictions, pages/s | {report['concurrent_pages_s']:.2f} "
           f"({ratio:.0%} of the job) | ≥ 90% of the job |")
+    runs = " ; ".join(f"{run['p50_s']:.2f} s / {run['p95_s']:.2f} s" for run in report["arrival_runs"])
     print(f"| time to first token, one-page predictions arriving during a {args.background_pages}-page job, "
-          f"p50 / p95 | {report['arrival_first_token_p50_s']:.2f} s / {report['arrival_first_token_p95_s']:.2f} s "
-          f"| p50 < 1.5 s |")
+          f"p50 / p95, {args.runs} runs | {runs} | p50 ≤ 0.5 s, p95 ≤ 1.0 s |")
     print(f"| peak GPU memory, GiB (allocated / reserved) | {report['peak_allocated_gib']:.1f} / "
           f"{report['peak_reserved_gib']:.1f} | ≤ {settings.gpu_memory_gib:g} (the budget) |")
 
