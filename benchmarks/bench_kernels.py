@@ -1,4 +1,4 @@
-"""Speed and accuracy of the Triton kernels (checkpoints/triton_kernels.py) at DeepSeek-OCR's sizes.
+"""Speed and accuracy of the Triton kernels (checkpoints/triton_*.py) at DeepSeek-OCR's sizes.
 
 Prints one table: for each operation and size, each variant's time (median of CUDA-event timings, the
 L2 cache flushed before each run): `eager` launches it from Python, `graph` replays it from a CUDA
@@ -43,7 +43,7 @@ DTYPE = torch.bfloat16
 sys.path.insert(0, str(REPO))
 
 from checkpoints import fused_moe, fused_ops, paged_attention  # noqa: E402
-from checkpoints import triton_kernels as kernels  # noqa: E402
+from checkpoints import triton_attention, triton_common, triton_moe  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -318,7 +318,7 @@ def bench_decode_attention(table, batches, positions):
             q = randn(batch, 3 * HEADS * HEAD_DIM, seed=seed + 2)[:, :HEADS * HEAD_DIM].view(batch, HEADS, HEAD_DIM)
             return [q, keys, values, tables.to(torch.int32).cuda(), lengths.to(torch.int32).cuda()]
 
-        splits = kernels.decode_splits(batch, HEADS, width, BLOCK_SIZE, torch.device("cuda"))
+        splits = triton_attention.decode_splits(batch, HEADS, width, BLOCK_SIZE, torch.device("cuda"))
         table.case("paged_decode", f"B={batch} ~{positions} pos", decode_inputs,
                    {"triton": (paged_attention.paged_decode_attention, True),
                     "pytorch": (on_pytorch(paged_attention.paged_decode_attention), True)},
@@ -358,12 +358,12 @@ def bench_routed_experts(table, token_counts):
         pairs = tokens * TOP_K
         weight_bytes = used * 3 * EXPERT_WIDTH * HIDDEN * size_bytes
         flops = 2 * pairs * 3 * HIDDEN * EXPERT_WIDTH
-        path = "gemv" if pairs <= kernels.GEMV_MAX_PAIRS else "grouped"
+        path = "gemv" if pairs <= triton_moe.GEMV_MAX_PAIRS else "grouped"
         variants = {f"triton ({path})": (fused_moe.routed_experts, True)}
         if tokens <= 128:
             other = "grouped" if path == "gemv" else "gemv"
             variants[f"triton {other}"] = (
-                lambda *args, other=other: kernels.routed_experts(*args, path=other), True)
+                lambda *args, other=other: triton_moe.routed_experts(*args, path=other), True)
         variants["pytorch"] = (on_pytorch(fused_moe.routed_experts), False)  # host loop: syncs, not capturable
         if hasattr(torch, "_grouped_mm"):
             variants["grouped_mm"] = (grouped_mm_experts, True)
@@ -387,12 +387,12 @@ def main():
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args()
-    if not torch.cuda.is_available() or not kernels.available():
+    if not torch.cuda.is_available() or not triton_common.available():
         sys.exit("bench_kernels needs a CUDA GPU and Triton")
     torch.backends.cuda.matmul.allow_tf32 = False
     device = torch.cuda.get_device_properties(0)
     print(f"{device.name}, {device.multi_processor_count} SMs; torch {torch.__version__}, "
-          f"triton {kernels.triton.__version__}; bandwidth floor at {BANDWIDTH / 1e12:.1f} TB/s; errors are "
+          f"triton {triton_common.triton.__version__}; bandwidth floor at {BANDWIDTH / 1e12:.1f} TB/s; errors are "
           f"max|a-b|/max|b| against the PyTorch definition (bf16, and fp32 inputs upcast)", flush=True)
     table = Table(Timer(args.reps, args.warmup))
     table.print_header()
@@ -405,7 +405,7 @@ def main():
             bench_routed_experts(table, args.expert_tokens)
     if args.json:
         args.json.write_text(json.dumps(dict(device=device.name, torch=torch.__version__,
-                                             triton=kernels.triton.__version__, rows=table.rows), indent=1))
+                                             triton=triton_common.triton.__version__, rows=table.rows), indent=1))
         print(f"wrote {args.json}")
 
 

@@ -16,7 +16,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .fused_ops import triton_kernels, use_triton
+from . import triton_moe
+from .fused_ops import use_triton
+from .triton_moe import available as _triton_available  # noqa: F401 (this form makes transformers ship
+# the file with the remote code)
 
 
 def routed_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, expert_ids: torch.Tensor,
@@ -29,7 +32,7 @@ def routed_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, expert_
     after that rounding.
     """
     if use_triton(x):
-        return triton_kernels.routed_experts(x, w13, w2, expert_ids, expert_weights, add)
+        return triton_moe.routed_experts(x, w13, w2, expert_ids, expert_weights, add)
     tokens, top_k = expert_ids.shape
     flat = expert_ids.reshape(-1)  # [N·K], pair p = token p // K, slot p % K
     order = flat.argsort(stable=True)

@@ -4,7 +4,7 @@ product, CLIP's quick GELU, rotary embedding of queries and keys, and the router
 Every operation has a plain PyTorch version, which is the definition (it runs on the CPU and in the
 tests), and on CUDA a Triton kernel that computes the same thing in one launch: a decode step is
 hundreds of these small steps, and on the GPU their cost is the launches, not the arithmetic.
-The Triton kernels live in `triton_kernels.py`; `use_triton(tensor)` decides which runs.
+The Triton kernels live in `triton_ops.py`; `use_triton(tensor)` decides which runs.
 
 Shapes in comments: N tokens, D hidden, H heads, Dh head dim, E experts, K experts per token.
 """
@@ -16,16 +16,16 @@ import torch
 import torch.nn.functional as F
 
 try:  # optional: the CPU and the tests run without it
-    from . import triton_kernels
-    from .triton_kernels import available as _triton_available  # noqa: F401 (this form makes transformers
+    from . import triton_ops
+    from .triton_ops import available as _triton_available  # noqa: F401 (this form makes transformers
     # ship the file with the remote code)
 except ImportError:  # pragma: no cover - depends on the environment
-    triton_kernels = None
+    triton_ops = None
 
 
 def use_triton(tensor: torch.Tensor) -> bool:
     """Triton kernels for CUDA tensors when Triton is importable, unless DEEPSEEK_OCR_TRITON=0."""
-    return (tensor.is_cuda and triton_kernels is not None and triton_kernels.available()
+    return (tensor.is_cuda and triton_ops is not None and triton_ops.available()
             and os.environ.get("DEEPSEEK_OCR_TRITON", "1") != "0")
 
 
@@ -40,7 +40,7 @@ def add_rms_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torc
     applied, as the reference decoder computes it.
     """
     if use_triton(x):
-        return triton_kernels.add_rms_norm(x, residual, weight, eps)
+        return triton_ops.add_rms_norm(x, residual, weight, eps)
     summed = x if residual is None else x + residual
     variance = summed.float().pow(2).mean(-1, keepdim=True)
     normed = (summed.float() * torch.rsqrt(variance + eps)).to(x.dtype)
@@ -53,7 +53,7 @@ def add_rms_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torc
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """[..., 2I] holding the gate and up projections side by side → silu(gate) · up, [..., I]."""
     if use_triton(gate_up):
-        return triton_kernels.silu_and_mul(gate_up)
+        return triton_ops.silu_and_mul(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
 
@@ -72,7 +72,7 @@ def quick_gelu(h: torch.Tensor) -> torch.Tensor:
     figures). In float32 this is the formula itself.
     """
     if use_triton(h):
-        return triton_kernels.quick_gelu(h)
+        return triton_ops.quick_gelu(h)
     wide = h.float()
     return (wide * torch.sigmoid(1.702 * wide)).to(h.dtype)
 
@@ -89,7 +89,7 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     """Rotate queries [..., T, H, Dh] and keys [..., T, Hkv, Dh] by per-token cos/sin [..., T, Dh]
     (the half-split layout: dimension i pairs with i + Dh/2). Returns new tensors."""
     if use_triton(q):
-        return triton_kernels.apply_rotary(q, k, cos, sin)
+        return triton_ops.apply_rotary(q, k, cos, sin)
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
@@ -104,7 +104,7 @@ def route_top_k(logits: torch.Tensor, top_k: int, renormalize: bool, scaling: fl
     one, then scaled. Which K are chosen is what matters; their order within a row is unspecified.
     """
     if use_triton(logits):
-        return triton_kernels.route_top_k(logits, top_k, renormalize, scaling)
+        return triton_ops.route_top_k(logits, top_k, renormalize, scaling)
     scores = logits.softmax(dim=-1, dtype=torch.float32)
     weights, ids = torch.topk(scores, k=top_k, dim=-1, sorted=False)
     if top_k > 1 and renormalize:

@@ -24,7 +24,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .fused_ops import triton_kernels, use_triton
+from . import triton_attention
+from .fused_ops import use_triton
+from .triton_attention import available as _triton_available  # noqa: F401 (this form makes transformers ship
+# the file with the remote code)
 
 
 @dataclass
@@ -75,7 +78,7 @@ def store_kv(keys: torch.Tensor, values: torch.Tensor, k: torch.Tensor, v: torch
              slots: torch.Tensor) -> None:
     """Write k/v [T, Hkv, Dh] into one layer's blocks [num_blocks, Hkv, block_size, Dh] at flat `slots` [T]."""
     if use_triton(k):
-        triton_kernels.store_kv(keys, values, k, v, slots)
+        triton_attention.store_kv(keys, values, k, v, slots)
         return
     block_size = keys.shape[2]
     blocks, offsets = slots // block_size, slots % block_size
@@ -114,7 +117,7 @@ def paged_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Te
     A sequence of length 0 (a row holding no sequence) gets an output of zeros.
     """
     if use_triton(q):
-        return triton_kernels.paged_decode_attention(q, keys, values, block_tables, seq_lens)
+        return triton_attention.paged_decode_attention(q, keys, values, block_tables, seq_lens)
     batch, heads, head_dim = q.shape
     _, kv_heads, block_size, _ = keys.shape
     if not q.is_cuda:  # gather only the blocks in use (reading the lengths is free on the CPU, no graph here)

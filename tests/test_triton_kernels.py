@@ -1,4 +1,4 @@
-"""The Triton kernels (checkpoints/triton_kernels.py) against the PyTorch definitions they replace.
+"""The Triton kernels (checkpoints/triton_*.py) against the PyTorch definitions they replace.
 
 Triton's interpreter runs the kernels on CPU tensors, but only when TRITON_INTERPRET=1 is set before
 Triton is first imported, and other test modules import the model (hence Triton) first. So the checks
@@ -10,6 +10,7 @@ The same checks run on a GPU with `python tests/test_triton_kernels.py --device 
 """
 
 import argparse
+import importlib
 import importlib.machinery
 import importlib.util
 import json
@@ -32,8 +33,8 @@ def check(function):
     return function
 
 
-def load_kernel_modules():
-    """Import fused_ops, fused_moe, paged_attention and triton_kernels from checkpoints/ without running
+def load_kernel_modules(*names):
+    """Import the named modules of checkpoints/ (fused_ops, triton_ops, ...) without running
     checkpoints/__init__.py, which imports the whole model and transformers (seconds, and nothing here
     needs them)."""
     if "checkpoints" not in sys.modules:
@@ -41,12 +42,7 @@ def load_kernel_modules():
         package = importlib.util.module_from_spec(spec)
         package.__path__ = [str(REPO / "checkpoints")]
         sys.modules["checkpoints"] = package
-    import checkpoints.fused_moe as fused_moe
-    import checkpoints.fused_ops as fused_ops
-    import checkpoints.paged_attention as paged_attention
-    import checkpoints.triton_kernels as triton_kernels
-
-    return fused_ops, fused_moe, paged_attention, triton_kernels
+    return [importlib.import_module(f"checkpoints.{name}") for name in names]
 
 
 # ---------------------------------------------------------------- comparison helpers
@@ -70,7 +66,7 @@ def float_types():
 
 @check
 def check_add_rms_norm(device):
-    fused_ops, _, _, kernels = load_kernel_modules()
+    fused_ops, kernels = load_kernel_modules("fused_ops", "triton_ops")
     generator = torch.Generator().manual_seed(0)
     for dtype in float_types():
         for shape in ((5, 40), (2, 3, 64)):  # a width that is not a power of two; leading dims
@@ -96,7 +92,7 @@ def check_add_rms_norm(device):
 
 @check
 def check_silu_and_mul(device):
-    fused_ops, _, _, kernels = load_kernel_modules()
+    fused_ops, kernels = load_kernel_modules("fused_ops", "triton_ops")
     generator = torch.Generator().manual_seed(1)
     for dtype in float_types():
         for shape in ((7, 2 * 48), (2, 3, 2 * 1500)):  # the second spans two tiles of 1024
@@ -107,7 +103,7 @@ def check_silu_and_mul(device):
 
 @check
 def check_quick_gelu(device):
-    fused_ops, _, _, kernels = load_kernel_modules()
+    fused_ops, kernels = load_kernel_modules("fused_ops", "triton_ops")
     generator = torch.Generator().manual_seed(7)
     for dtype in float_types():
         for shape in ((5, 40), (3, 7, 1500)):  # the second spans several blocks of 1024, the last partial
@@ -117,7 +113,7 @@ def check_quick_gelu(device):
 
 @check
 def check_apply_rotary(device):
-    fused_ops, _, _, kernels = load_kernel_modules()
+    fused_ops, kernels = load_kernel_modules("fused_ops", "triton_ops")
     generator = torch.Generator().manual_seed(2)
     heads, kv_heads, head_dim, tokens = 4, 2, 16, 6
     angles = torch.rand(2, tokens, head_dim // 2, generator=generator) * 6
@@ -148,7 +144,7 @@ def check_apply_rotary(device):
 
 @check
 def check_route_top_k(device):
-    fused_ops, _, _, kernels = load_kernel_modules()
+    fused_ops, kernels = load_kernel_modules("fused_ops", "triton_ops")
     generator = torch.Generator().manual_seed(3)
     for dtype in float_types():
         for experts, top_k in ((16, 3), (12, 4), (64, 6), (8, 1)):
@@ -185,7 +181,7 @@ def moe_case(tokens, experts=8, top_k=3, hidden=48, inter=40, dtype=None, only_e
 
 
 def compare_moe(device, case, what, path=None, with_add=True):
-    _, fused_moe, _, kernels = load_kernel_modules()
+    fused_moe, kernels = load_kernel_modules("fused_moe", "triton_moe")
     x, w13, w2, ids, weights, add = case
     add = add if with_add else None
     expected = fused_moe.routed_experts(x, w13, w2, ids, weights, add)
@@ -211,7 +207,7 @@ def check_routed_experts_paths(device):
 @check
 def check_routed_experts_boundary(device):
     """The automatic choice on either side of GEMV_MAX_PAIRS (K = 3: its third in tokens, and one more)."""
-    _, _, _, kernels = load_kernel_modules()
+    (kernels,) = load_kernel_modules("triton_moe")
     limit = kernels.GEMV_MAX_PAIRS // 3
     for tokens in (limit, limit + 1):
         compare_moe(device, moe_case(tokens), f"routed_experts N={tokens} (automatic path)")
@@ -222,7 +218,7 @@ def check_routed_experts_grouped_tiles(device):
     """Blocks of 32 and 128 rows (by pairs per expert; 16 is the paths check's), the parallel grouping
     (counting launch plus atomics) beside the one-program one, and sizes that are not multiples of
     any tile, in float32."""
-    _, _, _, kernels = load_kernel_modules()
+    (kernels,) = load_kernel_modules("triton_moe")
     for tokens in (60, 200):  # 22 and 75 pairs per expert
         compare_moe(device, moe_case(tokens), f"routed_experts grouped N={tokens}")
     saved = kernels.ALIGN_ONE_PROGRAM_MAX_ROWS
@@ -253,7 +249,7 @@ def paged_case(dtype, heads=4, kv_heads=2, head_dim=16, block_size=4, num_blocks
 
 @check
 def check_paged_decode_attention(device):
-    _, _, paged_attention, kernels = load_kernel_modules()
+    paged_attention, kernels = load_kernel_modules("paged_attention", "triton_attention")
     for dtype in float_types():
         fewer = dtype != torch.float32  # bfloat16 checks the rounding; float32 every split count
         for heads, kv_heads, split_counts in ((4, 2, (None,) if fewer else (None, 1, 3)),
@@ -284,7 +280,7 @@ def check_paged_decode_attention(device):
 @check
 def check_paged_decode_large_blocks(device):
     """A block of 64 positions walked in chunks of DECODE_CHUNK, Dh = 128, one and several splits."""
-    _, _, paged_attention, kernels = load_kernel_modules()
+    paged_attention, kernels = load_kernel_modules("paged_attention", "triton_attention")
     q, keys, values, tables, _ = paged_case(torch.bfloat16, heads=2, kv_heads=1, head_dim=128, block_size=64,
                                             num_blocks=31)
     seq_lens = torch.tensor([0, 1, 100, 128, 383], dtype=torch.int32)
@@ -297,7 +293,7 @@ def check_paged_decode_large_blocks(device):
 
 @check
 def check_store_kv(device):
-    _, _, paged_attention, kernels = load_kernel_modules()
+    paged_attention, kernels = load_kernel_modules("paged_attention", "triton_attention")
     generator = torch.Generator().manual_seed(6)
     for dtype in float_types():
         tokens, heads, kv_heads, head_dim, block_size = 5, 4, 2, 16, 4
@@ -356,8 +352,8 @@ def run_checks(device: str, names) -> dict:
     if os.environ.get("TRITON_INTERPRET") == "1":
         make_interpreter_faithful()
     torch.manual_seed(0)
-    _, _, _, kernels = load_kernel_modules()
-    assert kernels.available(), "Triton did not import"
+    (triton_common,) = load_kernel_modules("triton_common")
+    assert triton_common.available(), "Triton did not import"
     results = {}
     for name in names:
         try:

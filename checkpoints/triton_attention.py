@@ -1,0 +1,245 @@
+"""Triton kernels of the paged key/value cache in `paged_attention.py`: writing keys and values into
+their slots, and decode attention read from the blocks in place (one program per sequence, head and
+split of the sequence, then a reduction of the splits). Each kernel sits beside the function that
+launches it; `triton_common.py` says what all the families share.
+
+Shapes in comments: T tokens, H heads, Hkv key/value heads, Dh head dim, B sequences.
+"""
+
+from typing import Optional
+
+import torch
+
+from .triton_common import _cdiv, _multiprocessors, _next_power_of_2, available, tl, triton  # noqa: F401
+
+# Paged decode: positions per loop step of one program (at most the cache block size), its warps,
+# how many programs to aim for per multiprocessor when choosing how many splits each sequence gets,
+# and whether each step reads the next step's keys and values ahead.
+DECODE_CHUNK = 32
+DECODE_WARPS = 8
+DECODE_PROGRAMS_PER_SM = 2
+DECODE_PREFETCH = True
+
+
+# ---------------------------------------------------------------- writing the cache
+
+
+if triton is not None:
+
+    @triton.jit
+    def _store_kv_kernel(k_ptr, v_ptr, keys_ptr, values_ptr, slots_ptr,
+                         k_row_stride, k_head_stride, v_row_stride, v_head_stride,
+                         keys_block_stride, keys_head_stride, keys_pos_stride,
+                         values_block_stride, values_head_stride, values_pos_stride,
+                         heads, head_dim, block_size,
+                         BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+        token = tl.program_id(0).to(tl.int64)
+        slot = tl.load(slots_ptr + token).to(tl.int64)
+        block, offset = slot // block_size, slot % block_size
+        head = tl.arange(0, BLOCK_H)[:, None]
+        dim = tl.arange(0, BLOCK_D)[None, :]
+        inside = (head < heads) & (dim < head_dim)
+        k = tl.load(k_ptr + token * k_row_stride + head * k_head_stride + dim, mask=inside)
+        v = tl.load(v_ptr + token * v_row_stride + head * v_head_stride + dim, mask=inside)
+        tl.store(keys_ptr + block * keys_block_stride + head * keys_head_stride + offset * keys_pos_stride + dim,
+                 k.to(keys_ptr.dtype.element_ty), mask=inside)
+        tl.store(values_ptr + block * values_block_stride + head * values_head_stride + offset * values_pos_stride
+                 + dim, v.to(values_ptr.dtype.element_ty), mask=inside)
+
+
+def store_kv(keys: torch.Tensor, values: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slots: torch.Tensor) -> None:
+    """Write k/v [T, Hkv, Dh] into one layer's blocks [num_blocks, Hkv, block_size, Dh] at flat `slots` [T]."""
+    tokens, heads, head_dim = k.shape
+    if keys.stride(-1) != 1 or values.stride(-1) != 1:
+        raise ValueError("store_kv: the cache blocks must be contiguous along the head dimension")
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    if v.stride(-1) != 1:
+        v = v.contiguous()
+    if tokens == 0:
+        return
+    slots = slots.contiguous()
+    _store_kv_kernel[(tokens,)](
+        k, v, keys, values, slots, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
+        heads, head_dim, keys.shape[2],
+        BLOCK_H=_next_power_of_2(heads), BLOCK_D=_next_power_of_2(head_dim), num_warps=4)
+
+
+# ---------------------------------------------------------------- decode attention
+
+
+if triton is not None:
+
+    @triton.jit
+    def _load_kv_chunk(chunk, last, length, table, keys_base, values_base, keys_block_stride, keys_pos_stride,
+                       values_block_stride, values_pos_stride, dim, dim_inside,
+                       BLOCK_SIZE: tl.constexpr, CHUNK: tl.constexpr):
+        """Keys and values [CHUNK, Dh] of one chunk of a sequence's positions, and which positions exist
+        (none when chunk ≥ last: nothing is read)."""
+        start = chunk * CHUNK
+        exists = chunk < last
+        block = tl.load(table + start // BLOCK_SIZE, mask=exists, other=0).to(tl.int64)
+        lane = tl.arange(0, CHUNK)
+        within = start % BLOCK_SIZE + lane
+        visible = (start + lane < length) & exists
+        inside = visible[:, None] & dim_inside[None, :]
+        k = tl.load(keys_base + block * keys_block_stride + within[:, None] * keys_pos_stride + dim[None, :],
+                    mask=inside, other=0.0)
+        v = tl.load(values_base + block * values_block_stride + within[:, None] * values_pos_stride + dim[None, :],
+                    mask=inside, other=0.0)
+        return k, v, visible
+
+    @triton.jit
+    def _attend_chunk(k, v, visible, q, lane_max, lane_sum, lane_out):
+        """One online-softmax step per lane (position modulo CHUNK): no reduction across lanes."""
+        score = tl.where(visible, tl.sum(k.to(tl.float32) * q[None, :], axis=1), float("-inf"))
+        new_max = tl.maximum(lane_max, score)
+        rescale = tl.exp2(lane_max - new_max)
+        p = tl.exp2(score - new_max)
+        lane_sum = lane_sum * rescale + p
+        lane_out = lane_out * rescale[:, None] + p[:, None] * v.to(tl.float32)
+        return new_max, lane_sum, lane_out
+
+    @triton.jit
+    def _paged_decode_kernel(q_ptr, keys_ptr, values_ptr, tables_ptr, seq_lens_ptr,
+                             out_ptr, partial_out_ptr, partial_stats_ptr,
+                             q_batch_stride, q_head_stride,
+                             keys_block_stride, keys_head_stride, keys_pos_stride,
+                             values_block_stride, values_head_stride, values_pos_stride,
+                             table_row_stride, heads, queries_per_kv, head_dim, max_positions, num_splits,
+                             scale_log2,
+                             BLOCK_SIZE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
+                             ONE_SPLIT: tl.constexpr, PREFETCH: tl.constexpr):
+        """Program (sequence, head, split): online softmax over its share of the sequence's positions.
+
+        Each of the CHUNK lanes keeps its own running maximum, sum and weighted values, so the loop
+        has no reduction across lanes; the lanes are combined once at the end. With one split the
+        program writes the output; otherwise it writes its unnormalised output and (max, sum) for
+        `_combine_splits_kernel`.
+        """
+        seq = tl.program_id(0).to(tl.int64)
+        head = tl.program_id(1)
+        split = tl.program_id(2)
+        kv_head = (head // queries_per_kv).to(tl.int64)
+        length = tl.minimum(tl.load(seq_lens_ptr + seq), max_positions)
+        chunks = tl.cdiv(length, CHUNK)
+        per_split = tl.cdiv(chunks, num_splits)
+        first = split * per_split
+        last = tl.minimum(first + per_split, chunks)
+
+        dim = tl.arange(0, BLOCK_D)
+        dim_inside = dim < head_dim
+        q = tl.load(q_ptr + seq * q_batch_stride + head * q_head_stride + dim, mask=dim_inside, other=0.0)
+        q = q.to(tl.float32) * scale_log2  # scores in log2 units: exp2 below
+        lane_max = tl.full([CHUNK], -1e30, dtype=tl.float32)  # finite: a lane that sees nothing stays NaN-free
+        lane_sum = tl.zeros([CHUNK], dtype=tl.float32)
+        lane_out = tl.zeros([CHUNK, BLOCK_D], dtype=tl.float32)
+        keys_base = keys_ptr + kv_head * keys_head_stride
+        values_base = values_ptr + kv_head * values_head_stride
+        table = tables_ptr + seq * table_row_stride
+        if PREFETCH:
+            # The next chunk's block id, keys and values are read while this chunk is computed.
+            k, v, visible = _load_kv_chunk(first, last, length, table, keys_base, values_base, keys_block_stride,
+                                           keys_pos_stride, values_block_stride, values_pos_stride, dim, dim_inside,
+                                           BLOCK_SIZE, CHUNK)
+            for chunk in range(first, last):
+                next_k, next_v, next_visible = _load_kv_chunk(
+                    chunk + 1, last, length, table, keys_base, values_base, keys_block_stride, keys_pos_stride,
+                    values_block_stride, values_pos_stride, dim, dim_inside, BLOCK_SIZE, CHUNK)
+                lane_max, lane_sum, lane_out = _attend_chunk(k, v, visible, q, lane_max, lane_sum, lane_out)
+                k, v, visible = next_k, next_v, next_visible
+        else:
+            for chunk in range(first, last):
+                k, v, visible = _load_kv_chunk(chunk, last, length, table, keys_base, values_base, keys_block_stride,
+                                               keys_pos_stride, values_block_stride, values_pos_stride, dim,
+                                               dim_inside, BLOCK_SIZE, CHUNK)
+                lane_max, lane_sum, lane_out = _attend_chunk(k, v, visible, q, lane_max, lane_sum, lane_out)
+        top = tl.max(lane_max, axis=0)
+        lane_weight = tl.exp2(lane_max - top)
+        total = tl.sum(lane_sum * lane_weight, axis=0)
+        out = tl.sum(lane_out * lane_weight[:, None], axis=0)
+        if ONE_SPLIT:
+            out = out / tl.where(total > 0, total, 1.0)  # no position (length 0): zeros
+            tl.store(out_ptr + (seq * heads + head) * head_dim + dim, out.to(out_ptr.dtype.element_ty),
+                     mask=dim_inside)
+        else:
+            partial = (seq * heads + head) * num_splits + split
+            tl.store(partial_out_ptr + partial * head_dim + dim, out, mask=dim_inside)
+            tl.store(partial_stats_ptr + partial * 2, top)
+            tl.store(partial_stats_ptr + partial * 2 + 1, total)
+
+    @triton.jit
+    def _combine_splits_kernel(partial_out_ptr, partial_stats_ptr, out_ptr, out_batch_stride, out_head_stride,
+                               heads, head_dim, num_splits, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+        seq = tl.program_id(0).to(tl.int64)
+        head = tl.program_id(1)
+        split = tl.arange(0, BLOCK_S)
+        split_inside = split < num_splits
+        partial = (seq * heads + head) * num_splits + split
+        top = tl.load(partial_stats_ptr + partial * 2, mask=split_inside, other=-1e30)
+        total = tl.load(partial_stats_ptr + partial * 2 + 1, mask=split_inside, other=0.0)
+        weight = tl.exp2(top - tl.max(top, axis=0))
+        total = tl.sum(total * weight, axis=0)
+        dim = tl.arange(0, BLOCK_D)
+        dim_inside = dim < head_dim
+        outs = tl.load(partial_out_ptr + partial[:, None] * head_dim + dim[None, :],
+                       mask=split_inside[:, None] & dim_inside[None, :], other=0.0)
+        out = tl.sum(outs * weight[:, None], axis=0) / tl.where(total > 0, total, 1.0)
+        tl.store(out_ptr + seq * out_batch_stride + head * out_head_stride + dim, out.to(out_ptr.dtype.element_ty),
+                 mask=dim_inside)
+
+
+def decode_splits(batch: int, heads: int, table_width: int, block_size: int, device: torch.device) -> int:
+    """How many programs share each (sequence, head): enough programs to fill the GPU at small
+    batches, one at large ones. A function of shapes only (a CUDA graph replays it unchanged)."""
+    chunks = table_width * block_size // min(DECODE_CHUNK, block_size)
+    target = DECODE_PROGRAMS_PER_SM * _multiprocessors(device)
+    return max(1, min(_cdiv(target, max(batch * heads, 1)), chunks, 64))
+
+
+def paged_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, block_tables: torch.Tensor,
+                           seq_lens: torch.Tensor, *, num_splits: Optional[int] = None) -> torch.Tensor:
+    """q [B, H, Dh] over one layer's blocks [num_blocks, Hkv, block_size, Dh] → [B, H, Dh]: see paged_attention.
+
+    `num_splits` overrides the split count (tests and benchmarks).
+    """
+    batch, heads, head_dim = q.shape
+    kv_heads, block_size = keys.shape[1], keys.shape[2]
+    if keys.stride(-1) != 1 or values.stride(-1) != 1:
+        raise ValueError("paged_decode_attention: the cache blocks must be contiguous along the head dimension")
+    if heads % kv_heads:
+        raise ValueError(f"paged_decode_attention: {heads} query heads do not divide into {kv_heads} key/value heads")
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    block_tables = block_tables if block_tables.stride(-1) == 1 else block_tables.contiguous()
+    seq_lens = seq_lens.contiguous()
+    out = torch.empty(batch, heads, head_dim, dtype=q.dtype, device=q.device)
+    if batch == 0:
+        return out
+    table_width = block_tables.shape[1]
+    chunk = min(DECODE_CHUNK, block_size)
+    if block_size % chunk:
+        raise ValueError(f"paged_decode_attention: block size {block_size} must be a multiple of {chunk}")
+    splits = num_splits or decode_splits(batch, heads, table_width, block_size, q.device)
+    block_d = _next_power_of_2(head_dim)
+    one_split = splits == 1
+    if one_split:
+        partial_out = partial_stats = out  # unused
+    else:
+        partial_out = torch.empty(batch, heads, splits, head_dim, dtype=torch.float32, device=q.device)
+        partial_stats = torch.empty(batch, heads, splits, 2, dtype=torch.float32, device=q.device)
+    scale_log2 = 1.4426950408889634 / head_dim ** 0.5  # log2(e) / sqrt(Dh): SDPA's default scale
+    _paged_decode_kernel[(batch, heads, splits)](
+        q, keys, values, block_tables, seq_lens, out, partial_out, partial_stats,
+        q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
+        values.stride(0), values.stride(1), values.stride(2), block_tables.stride(0),
+        heads, heads // kv_heads, head_dim, table_width * block_size, splits, scale_log2,
+        BLOCK_SIZE=block_size, CHUNK=chunk, BLOCK_D=block_d, ONE_SPLIT=one_split, PREFETCH=DECODE_PREFETCH,
+        num_warps=DECODE_WARPS)
+    if not one_split:
+        _combine_splits_kernel[(batch, heads)](
+            partial_out, partial_stats, out, out.stride(0), out.stride(1), heads, head_dim, splits,
+            BLOCK_S=_next_power_of_2(splits), BLOCK_D=block_d, num_warps=4)
+    return out

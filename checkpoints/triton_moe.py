@@ -1,0 +1,355 @@
+"""Triton kernels of the routed experts in `fused_moe.py`, and the function that launches them.
+
+Few (token, expert) pairs read their experts' rows directly (a GEMV per pair); many are grouped by
+expert and each expert's weights are read once per block of pairs (grouped GEMMs), then the K
+outputs of each token are weighted and summed. `triton_common.py` says what all the families share.
+Triton's interpreter mishandles bfloat16 in its matrix product, so under it the grouped GEMMs
+multiply in float32 (exact for bfloat16 inputs).
+
+Shapes in comments: N tokens, D hidden, E experts, K experts per token, I expert width,
+P = N·K (token, expert) pairs.
+"""
+
+from typing import Optional
+
+import torch
+
+from .triton_common import _INTERPRETED, _cdiv, _next_power_of_2, _rows, available, tl, triton  # noqa: F401
+
+# Mixture of experts: up to this many (token, expert) pairs each pair reads its expert's rows
+# directly (GEMV, no sorting); above it the pairs are grouped by expert and each expert's weights are
+# read once per block of pairs (grouped GEMM). 96 pairs = 16 tokens at K = 6, about where the two
+# paths cost the same (benchmarks/bench_kernels.py compares them).
+GEMV_MAX_PAIRS = 96
+# Grouping the pairs by expert runs in one program (one launch) while the padded pair array is at
+# most this long (decode batches); longer arrays (prefill) use a counting launch and a parallel one.
+ALIGN_ONE_PROGRAM_MAX_ROWS = 8192
+# Launch configurations (block sizes are constexprs: each distinct value is one more compilation).
+# Few-token experts: gate/up GEMV over (pair, I tile), down GEMV + K-sum over (token, D tile).
+GEMV_GATE_UP = dict(BLOCK_I=16, BLOCK_D=256, num_warps=4)
+GEMV_DOWN = dict(BLOCK_D=4, BLOCK_I=128, num_warps=4)
+# Many-token experts, by block height (rows of one expert): (BLOCK_N, BLOCK_K, num_warps, num_stages)
+# of the gate/up GEMM and of the down GEMM.
+GROUPED_TILES = {
+    16: dict(gate_up=(64, 128, 4, 4), down=(64, 128, 4, 4)),
+    32: dict(gate_up=(64, 128, 4, 4), down=(64, 128, 4, 4)),
+    128: dict(gate_up=(128, 64, 8, 3), down=(128, 64, 8, 3)),
+}
+
+
+if triton is not None:
+
+    # ------------------------------------------------------------ routed experts, few tokens (GEMV)
+
+    @triton.jit
+    def _experts_gate_up_gemv_kernel(x_ptr, w13_ptr, ids_ptr, h_ptr,
+                                     x_row_stride, w13_expert_stride, w13_row_stride, top_k, inter,
+                                     HIDDEN: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Program (pair, tile of I): h[pair, tile] = silu(gate) · up of the pair's token and expert.
+
+        The loop over D is unrolled (D is a compile-time constant), so every load of the tile can be in
+        flight at once: with a few tokens this kernel is bound by the latency of reading weights.
+        """
+        pair = tl.program_id(0)
+        token = (pair // top_k).to(tl.int64)
+        expert = tl.load(ids_ptr + pair).to(tl.int64)
+        rows = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+        rows_inside = rows < inter
+        gate_rows = w13_ptr + expert * w13_expert_stride + rows[:, None] * w13_row_stride
+        up_rows = gate_rows + inter * w13_row_stride
+        # Products accumulate per lane and are reduced once at the end, not at every step.
+        gate_acc = tl.zeros([BLOCK_I, BLOCK_D], dtype=tl.float32)
+        up_acc = tl.zeros([BLOCK_I, BLOCK_D], dtype=tl.float32)
+        for start in tl.static_range(0, HIDDEN, BLOCK_D):
+            cols = start + tl.arange(0, BLOCK_D)
+            cols_inside = cols < HIDDEN
+            xs = tl.load(x_ptr + token * x_row_stride + cols, mask=cols_inside, other=0.0).to(tl.float32)[None, :]
+            tile_inside = rows_inside[:, None] & cols_inside[None, :]
+            gate_acc += tl.load(gate_rows + cols[None, :], mask=tile_inside, other=0.0).to(tl.float32) * xs
+            up_acc += tl.load(up_rows + cols[None, :], mask=tile_inside, other=0.0).to(tl.float32) * xs
+        gate = tl.sum(gate_acc, axis=1)
+        up = tl.sum(up_acc, axis=1)
+        tl.store(h_ptr + pair.to(tl.int64) * inter + rows, (gate * tl.sigmoid(gate) * up).to(h_ptr.dtype.element_ty),
+                 mask=rows_inside)
+
+    @triton.jit
+    def _experts_down_sum_gemv_kernel(h_ptr, w2_ptr, ids_ptr, weights_ptr, add_ptr, out_ptr,
+                                      w2_expert_stride, w2_row_stride, add_row_stride, top_k, hidden,
+                                      INTER: tl.constexpr, HAS_ADD: tl.constexpr, BLOCK_K: tl.constexpr,
+                                      BLOCK_D: tl.constexpr, BLOCK_I: tl.constexpr):
+        """Program (token, tile of D): the K experts' down projections of that tile, each rounded,
+        weighted and summed in float32, rounded, plus `add`. The loop over I is unrolled, as above."""
+        token = tl.program_id(0).to(tl.int64)
+        slot = tl.arange(0, BLOCK_K)
+        slot_used = slot < top_k
+        pair = token * top_k + slot
+        expert = tl.load(ids_ptr + pair, mask=slot_used, other=0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        cols_inside = cols < hidden
+        rows = w2_ptr + expert[:, None, None] * w2_expert_stride + cols[None, :, None] * w2_row_stride  # [K, D, 1]
+        rows_inside = slot_used[:, None, None] & cols_inside[None, :, None]
+        acc = tl.zeros([BLOCK_K, BLOCK_D, BLOCK_I], dtype=tl.float32)
+        for start in tl.static_range(0, INTER, BLOCK_I):
+            inner = start + tl.arange(0, BLOCK_I)
+            inner_inside = inner < INTER
+            h = tl.load(h_ptr + pair[:, None] * INTER + inner[None, :], mask=slot_used[:, None] & inner_inside[None, :],
+                        other=0.0).to(tl.float32)
+            w = tl.load(rows + inner[None, None, :], mask=rows_inside & inner_inside[None, None, :], other=0.0)
+            acc += w.to(tl.float32) * h[:, None, :]
+        per_expert = tl.sum(acc, axis=2).to(out_ptr.dtype.element_ty).to(tl.float32)  # [K, D], rounded
+        weight = tl.load(weights_ptr + pair, mask=slot_used, other=0.0).to(tl.float32)
+        routed = tl.sum(per_expert * weight[:, None], axis=0).to(out_ptr.dtype.element_ty)
+        if HAS_ADD:
+            extra = tl.load(add_ptr + token * add_row_stride + cols, mask=cols_inside, other=0.0).to(tl.float32)
+            routed = (routed.to(tl.float32) + extra).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + token * hidden + cols, routed, mask=cols_inside)
+
+    # ------------------------------------------------------------ routed experts, many tokens (grouped)
+
+    @triton.jit
+    def _count_experts_kernel(ids_ptr, counts_ptr, pairs, experts, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr):
+        """counts[e] += how many of this program's pairs chose expert e."""
+        pair = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
+        expert = tl.arange(0, BLOCK_E)
+        ids = tl.load(ids_ptr + pair, mask=pair < pairs, other=-1)
+        counts = tl.sum((ids[:, None] == expert[None, :]).to(tl.int32), axis=0)
+        tl.atomic_add(counts_ptr + expert, counts, mask=(expert < experts) & (counts > 0))
+
+    @triton.jit
+    def _group_by_expert_kernel(ids_ptr, counts_ptr, cursor_ptr, sorted_pairs_ptr, block_expert_ptr,
+                                pairs, experts, rows,
+                                BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr,
+                                ONE_PROGRAM: tl.constexpr):
+        """Lay the pairs out by expert, each expert's run padded to whole blocks of BLOCK_M rows:
+        sorted_pairs [rows] holds pair indices (`pairs` in padding rows), block_expert [rows / BLOCK_M]
+        each block's expert (`experts` for blocks past the last used one).
+
+        Which row of its expert's run a pair lands in does not change any result (rows of a matrix
+        product are independent), so programs claim rows with atomics; ONE_PROGRAM does everything
+        in one program (for short arrays: one launch, no counting pass).
+        """
+        expert = tl.arange(0, BLOCK_E)
+        expert_inside = expert < experts
+        if ONE_PROGRAM:
+            counts = tl.zeros([BLOCK_E], dtype=tl.int32)
+            for start in range(0, pairs, CHUNK):
+                pair = start + tl.arange(0, CHUNK)
+                ids = tl.load(ids_ptr + pair, mask=pair < pairs, other=-1)
+                counts += tl.sum((ids[:, None] == expert[None, :]).to(tl.int32), axis=0)
+            pair_begin, pair_end = 0, pairs
+            row_begin, row_end = 0, rows
+        else:
+            counts = tl.load(counts_ptr + expert, mask=expert_inside, other=0)
+            pair_begin = tl.program_id(0) * CHUNK
+            pair_end = tl.minimum(pair_begin + CHUNK, pairs)
+            row_begin = tl.program_id(0) * CHUNK
+            row_end = tl.minimum(row_begin + CHUNK, rows)
+        padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        run_end = tl.cumsum(padded, axis=0)
+        run_start = run_end - padded
+        claimed = tl.zeros([BLOCK_E], dtype=tl.int32)
+        for start in range(pair_begin, pair_end, CHUNK):
+            pair = start + tl.arange(0, CHUNK)
+            pair_inside = pair < pair_end
+            ids = tl.load(ids_ptr + pair, mask=pair_inside, other=-1)
+            onehot = ((ids[:, None] == expert[None, :]) & pair_inside[:, None]).to(tl.int32)  # [CHUNK, E]
+            chunk_counts = tl.sum(onehot, axis=0)
+            if ONE_PROGRAM:
+                base = run_start + claimed
+                claimed += chunk_counts
+            else:
+                base = run_start + tl.atomic_add(cursor_ptr + expert, chunk_counts,
+                                                 mask=expert_inside & (chunk_counts > 0))
+            rank = tl.cumsum(onehot, axis=0) - onehot  # earlier pairs of the chunk with the same expert
+            row = tl.sum(onehot * (base[None, :] + rank), axis=1)
+            tl.store(sorted_pairs_ptr + row, pair, mask=pair_inside)
+        filled_end = run_start + counts
+        for start in range(row_begin, row_end, CHUNK):
+            row = start + tl.arange(0, CHUNK)
+            row_inside = row < row_end
+            # The run a row falls in: how many runs end at or before it (`experts` past the last run).
+            owner = tl.sum(((run_end[None, :] <= row[:, None]) & expert_inside[None, :]).to(tl.int32), axis=1)
+            owner_filled_end = tl.sum(tl.where(owner[:, None] == expert[None, :], filled_end[None, :], 0), axis=1)
+            tl.store(sorted_pairs_ptr + row, tl.zeros_like(row) + pairs, mask=row_inside & (row >= owner_filled_end))
+            tl.store(block_expert_ptr + row // BLOCK_M, owner, mask=row_inside & (row % BLOCK_M == 0))
+
+    @triton.jit
+    def _grouped_gate_up_kernel(x_ptr, w13_ptr, sorted_pairs_ptr, block_expert_ptr, h_ptr,
+                                x_row_stride, w13_expert_stride, w13_row_stride,
+                                pairs, top_k, hidden, inter, experts,
+                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                                DOT_IN_FP32: tl.constexpr, PRECISION: tl.constexpr):
+        """Program (tile of I, block of pairs): h[rows, tile] = silu(x·gateᵀ) · (x·upᵀ) for the block's expert."""
+        block = tl.program_id(1)
+        expert = tl.load(block_expert_ptr + block)
+        if expert < experts:
+            rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+            pair = tl.load(sorted_pairs_ptr + rows)
+            pair_inside = pair < pairs
+            token = (pair // top_k).to(tl.int64)
+            cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+            cols_inside = cols < inter
+            depth = tl.arange(0, BLOCK_K)
+            a_ptrs = x_ptr + token[:, None] * x_row_stride + depth[None, :]
+            gate_ptrs = (w13_ptr + expert.to(tl.int64) * w13_expert_stride + cols[None, :] * w13_row_stride
+                         + depth[:, None])  # [BLOCK_K, BLOCK_N]: rows of w13 read as columns
+            up_ptrs = gate_ptrs + inter * w13_row_stride
+            gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for start in range(0, hidden, BLOCK_K):
+                depth_inside = start + depth < hidden
+                a = tl.load(a_ptrs, mask=pair_inside[:, None] & depth_inside[None, :], other=0.0)
+                wg = tl.load(gate_ptrs, mask=depth_inside[:, None] & cols_inside[None, :], other=0.0)
+                wu = tl.load(up_ptrs, mask=depth_inside[:, None] & cols_inside[None, :], other=0.0)
+                if DOT_IN_FP32:
+                    a, wg, wu = a.to(tl.float32), wg.to(tl.float32), wu.to(tl.float32)
+                gate = tl.dot(a, wg, gate, input_precision=PRECISION)
+                up = tl.dot(a, wu, up, input_precision=PRECISION)
+                a_ptrs += BLOCK_K
+                gate_ptrs += BLOCK_K
+                up_ptrs += BLOCK_K
+            h = (gate * tl.sigmoid(gate) * up).to(h_ptr.dtype.element_ty)
+            tl.store(h_ptr + rows.to(tl.int64)[:, None] * inter + cols[None, :], h, mask=cols_inside[None, :])
+
+    @triton.jit
+    def _grouped_down_kernel(h_ptr, w2_ptr, sorted_pairs_ptr, block_expert_ptr, per_pair_ptr,
+                             w2_expert_stride, w2_row_stride,
+                             pairs, hidden, inter, experts,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                             DOT_IN_FP32: tl.constexpr, PRECISION: tl.constexpr):
+        """Program (tile of D, block of pairs): per_pair[pair, tile] = h · downᵀ, rounded, for each real pair."""
+        block = tl.program_id(1)
+        expert = tl.load(block_expert_ptr + block)
+        if expert < experts:
+            rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+            pair = tl.load(sorted_pairs_ptr + rows)
+            pair_inside = pair < pairs
+            cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+            cols_inside = cols < hidden
+            depth = tl.arange(0, BLOCK_K)
+            a_ptrs = h_ptr + rows.to(tl.int64)[:, None] * inter + depth[None, :]
+            b_ptrs = (w2_ptr + expert.to(tl.int64) * w2_expert_stride + cols[None, :] * w2_row_stride
+                      + depth[:, None])
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for start in range(0, inter, BLOCK_K):
+                depth_inside = start + depth < inter
+                a = tl.load(a_ptrs, mask=depth_inside[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=depth_inside[:, None] & cols_inside[None, :], other=0.0)
+                if DOT_IN_FP32:
+                    a, b = a.to(tl.float32), b.to(tl.float32)
+                acc = tl.dot(a, b, acc, input_precision=PRECISION)
+                a_ptrs += BLOCK_K
+                b_ptrs += BLOCK_K
+            tl.store(per_pair_ptr + pair.to(tl.int64)[:, None] * hidden + cols[None, :],
+                     acc.to(per_pair_ptr.dtype.element_ty), mask=pair_inside[:, None] & cols_inside[None, :])
+
+    @triton.jit
+    def _weighted_sum_kernel(per_pair_ptr, weights_ptr, add_ptr, out_ptr, add_row_stride, top_k, hidden,
+                             HAS_ADD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+        """out[token] = round(Σ_k weight · per_pair[token, k]) (+ add), the sum in float32."""
+        token = tl.program_id(0).to(tl.int64)
+        slot = tl.arange(0, BLOCK_K)
+        slot_used = slot < top_k
+        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        cols_inside = cols < hidden
+        pair = token * top_k + slot
+        outputs = tl.load(per_pair_ptr + pair[:, None] * hidden + cols[None, :],
+                          mask=slot_used[:, None] & cols_inside[None, :], other=0.0).to(tl.float32)
+        weight = tl.load(weights_ptr + pair, mask=slot_used, other=0.0).to(tl.float32)
+        routed = tl.sum(outputs * weight[:, None], axis=0).to(out_ptr.dtype.element_ty)
+        if HAS_ADD:
+            extra = tl.load(add_ptr + token * add_row_stride + cols, mask=cols_inside, other=0.0).to(tl.float32)
+            routed = (routed.to(tl.float32) + extra).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + token * hidden + cols, routed, mask=cols_inside)
+
+
+
+def _grouped_block_m(pairs: int, experts: int) -> int:
+    """Height of the grouped GEMMs' blocks (rows of one expert). While the weights dominate (few pairs
+    per expert) about an expert's share, so that few rows are padding: 16 (the matrix unit's minimum)
+    or 32; beyond that 128, the most efficient tile (measured faster than 64 from a few dozen pairs per
+    expert up to the largest prefills)."""
+    per_expert = pairs / max(experts, 1)
+    return 16 if per_expert <= 16 else 32 if per_expert <= 32 else 128
+
+
+def routed_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, expert_ids: torch.Tensor,
+                   expert_weights: torch.Tensor, add: Optional[torch.Tensor] = None, *,
+                   path: Optional[str] = None) -> torch.Tensor:
+    """x [N, D], w13 [E, 2I, D], w2 [E, D, I], expert_ids [N, K], expert_weights [N, K]
+    → Σ_k weight · expert_k(x) (+ add) [N, D]: see fused_moe.
+
+    `path` forces "gemv" or "grouped" (tests and benchmarks); by default GEMV up to GEMV_MAX_PAIRS pairs.
+    """
+    tokens, hidden = x.shape
+    top_k = expert_ids.shape[1]
+    experts, inter = w13.shape[0], w13.shape[1] // 2
+    if w13.stride(-1) != 1 or w2.stride(-1) != 1:
+        raise ValueError("routed_experts: w13 and w2 must be contiguous along their last dimension")
+    pairs = tokens * top_k
+    if pairs == 0:  # no token, or no expert per token: the routed sum is zero
+        routed = torch.zeros(tokens, hidden, dtype=x.dtype, device=x.device)
+        return routed if add is None else routed + add
+    out_dtype = x.dtype if add is None else torch.promote_types(x.dtype, add.dtype)
+    out = torch.empty(tokens, hidden, dtype=out_dtype, device=x.device)
+    x = _rows(x, hidden)
+    ids = expert_ids.reshape(-1).contiguous()
+    weights = expert_weights.reshape(-1).to(torch.float32).contiguous()
+    add_rows = _rows(add.expand(tokens, hidden), hidden) if add is not None else out
+    block_k = _next_power_of_2(top_k)
+    path = path or ("gemv" if pairs <= GEMV_MAX_PAIRS else "grouped")
+    if path == "gemv":
+        h = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)
+        # Pairs vary fastest across programs: pairs that share an expert read its rows together (L2).
+        _experts_gate_up_gemv_kernel[(pairs, _cdiv(inter, GEMV_GATE_UP["BLOCK_I"]))](
+            x, w13, ids, h, x.stride(0), w13.stride(0), w13.stride(1), top_k, inter, HIDDEN=hidden, **GEMV_GATE_UP)
+        _experts_down_sum_gemv_kernel[(tokens, _cdiv(hidden, GEMV_DOWN["BLOCK_D"]))](
+            h, w2, ids, weights, add_rows, out, w2.stride(0), w2.stride(1), add_rows.stride(0), top_k, hidden,
+            INTER=inter, HAS_ADD=add is not None, BLOCK_K=block_k, **GEMV_DOWN)
+        return out
+    if path != "grouped":
+        raise ValueError(f"routed_experts: path must be 'gemv' or 'grouped', not {path!r}")
+
+    block_m = _grouped_block_m(pairs, experts)
+    tiles = GROUPED_TILES[block_m]
+    # Static bound on the padded layout: each used expert adds less than one block of padding.
+    max_blocks = _cdiv(pairs, block_m) + min(experts, pairs)
+    rows = max_blocks * block_m
+    sorted_pairs = torch.empty(rows, dtype=torch.int32, device=x.device)
+    block_expert = torch.empty(max_blocks, dtype=torch.int32, device=x.device)
+    block_e = _next_power_of_2(experts)
+    chunk = 128 if block_e <= 64 else 64
+    if rows <= ALIGN_ONE_PROGRAM_MAX_ROWS:
+        _group_by_expert_kernel[(1,)](
+            ids, ids, ids, sorted_pairs, block_expert, pairs, experts, rows,
+            BLOCK_M=block_m, BLOCK_E=block_e, CHUNK=chunk, ONE_PROGRAM=True, num_warps=4)
+    else:
+        tallies = torch.zeros(2, experts, dtype=torch.int32, device=x.device)  # counts, claimed rows
+        _count_experts_kernel[(_cdiv(pairs, chunk),)](ids, tallies[0], pairs, experts, BLOCK_E=block_e, CHUNK=chunk,
+                                                      num_warps=4)
+        _group_by_expert_kernel[(_cdiv(rows, chunk),)](
+            ids, tallies[0], tallies[1], sorted_pairs, block_expert, pairs, experts, rows,
+            BLOCK_M=block_m, BLOCK_E=block_e, CHUNK=chunk, ONE_PROGRAM=False, num_warps=4)
+
+    # float32 (not the model's case): exact products, and half the depth per stage to fit shared memory.
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    depth_divisor = max(x.element_size() // 2, 1)
+    h = torch.empty(rows, inter, dtype=x.dtype, device=x.device)
+    block_n, block_kd, warps, stages = tiles["gate_up"]
+    # Tiles of one block vary fastest: the block's rows of x stay in L2 while its tiles run.
+    _grouped_gate_up_kernel[(_cdiv(inter, block_n), max_blocks)](
+        x, w13, sorted_pairs, block_expert, h, x.stride(0), w13.stride(0), w13.stride(1),
+        pairs, top_k, hidden, inter, experts,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=max(block_kd // depth_divisor, 16), DOT_IN_FP32=_INTERPRETED,
+        PRECISION=precision, num_warps=warps, num_stages=stages)
+    per_pair = torch.empty(pairs, hidden, dtype=x.dtype, device=x.device)
+    block_n, block_kd, warps, stages = tiles["down"]
+    _grouped_down_kernel[(_cdiv(hidden, block_n), max_blocks)](
+        h, w2, sorted_pairs, block_expert, per_pair, w2.stride(0), w2.stride(1), pairs, hidden, inter, experts,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=max(block_kd // depth_divisor, 16), DOT_IN_FP32=_INTERPRETED,
+        PRECISION=precision, num_warps=warps, num_stages=stages)
+    block_d = min(_next_power_of_2(hidden), 256)
+    _weighted_sum_kernel[(tokens, _cdiv(hidden, block_d))](
+        per_pair, weights, add_rows, out, add_rows.stride(0), top_k, hidden,
+        HAS_ADD=add is not None, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=4)
+    return out
