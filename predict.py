@@ -4,7 +4,7 @@ import asyncio
 import tempfile
 from pathlib import Path
 
-from cog import BaseModel, BasePredictor, Input, Path as CogPath, concurrent
+from cog import BaseModel, BaseRunner, Input, Path as CogPath, concurrent
 
 from ocr_service.document import PageOutput, assemble
 from ocr_service.engine import OCREngine, checkpoint_tensor_shapes
@@ -34,7 +34,8 @@ class Output(BaseModel):
     blocks: list[dict]  # layout in reading order: page, type, box, box_normalized, text, figure (images/N.jpg)
 
 
-class Predictor(BasePredictor):
+# Cog's runner API (BaseRunner and run(), Cog 0.20 and newer); cog.yaml's `run:` names this class.
+class Predictor(BaseRunner):
     def setup(self) -> None:
         weights_dir = ensure_weights(CHECKPOINTS, expected_tensors=checkpoint_tensor_shapes,
                                      **SETTINGS.weights_source)
@@ -44,7 +45,7 @@ class Predictor(BasePredictor):
     # slot count from this; outside the image COG_MAX_CONCURRENCY sets it (scripts/serve-local.sh reads
     # it from here).
     @concurrent(max=64)
-    async def predict(
+    async def run(
         self,
         image: CogPath = Input(description="Image (PNG, JPEG, WebP, TIFF, ...) or PDF document"),
         task_type: str = Input(description="What to do with the image", choices=TASK_TYPES,

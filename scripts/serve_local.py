@@ -50,7 +50,7 @@ def declared_concurrency() -> int:
     """The concurrency predict.py declares with @cog.concurrent: what the image gets from `cog build`."""
     from predict import Predictor
 
-    return getattr(Predictor.predict, "__cog_concurrent_max__", 1)
+    return getattr(Predictor.run, "__cog_concurrent_max__", 1)
 
 
 def curl_example(url: str) -> str:
