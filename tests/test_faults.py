@@ -149,6 +149,30 @@ def test_the_time_limit_counts_from_the_start_of_the_prediction(faulty_server):
     assert_engine_stays_idle(files)
 
 
+def test_a_full_server_still_answers_409(faulty_server):
+    """Both slots really taken: the client's retry of Cog's spurious 409s (CogServer) must not hide this one."""
+    server, files = faulty_server
+    files.hold_events.unlink(missing_ok=True)
+    files.hold.write_text("load")
+    hooks = [WebhookReceiver(), WebhookReceiver()]
+    retries_before = len(server.capacity_retries)
+    try:
+        for n, hook in enumerate(hooks):
+            assert server.start_async(f"fill-{n}", small_page(max_new_tokens=3), hook.url) == 202
+        wait_until(held(files, "load", 2), 60, "both predictions read their files")
+        assert server.health()["status"] == "BUSY"
+        code, body = server.predict(small_page(max_new_tokens=3))
+        assert code == 409 and len(server.capacity_retries) == retries_before
+        for n in range(2):
+            assert requests.post(f"{server.url}/predictions/fill-{n}/cancel", timeout=10).status_code == 200
+        assert [hook.final_status(timeout=10) for hook in hooks] == ["canceled", "canceled"]
+    finally:
+        release(files, "load", 2)
+        for hook in hooks:
+            hook.close()
+    assert_engine_stays_idle(files)
+
+
 def test_an_engine_job_cancelled_before_the_serving_thread_takes_it_never_starts(tiny_checkpoint):
     cpu = Settings.from_env({"DEEPSEEK_OCR_DEVICE": "cpu"})
     logs = []
