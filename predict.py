@@ -1,13 +1,14 @@
 """Cog predictor for DeepSeek-OCR: documents, figures and grounded references from an image or a PDF."""
 
 import asyncio
+import contextlib
 import tempfile
 from pathlib import Path
 
-from cog import BaseModel, BasePredictor, Input, Path as CogPath, concurrent
+from cog import BaseModel, BaseRunner, Input, Path as CogPath, concurrent
 
 from ocr_service.document import PageOutput, assemble
-from ocr_service.engine import OCREngine, checkpoint_tensor_shapes
+from ocr_service.engine import JobTimeout, OCREngine, checkpoint_tensor_shapes
 from ocr_service.inputs import load_pages
 from ocr_service.presets import build_prompt, resolution
 from ocr_service.settings import Settings
@@ -34,7 +35,8 @@ class Output(BaseModel):
     blocks: list[dict]  # layout in reading order: page, type, box, box_normalized, text, figure (images/N.jpg)
 
 
-class Predictor(BasePredictor):
+# Cog's runner API (BaseRunner and run(), Cog 0.20 and newer); cog.yaml's `run:` names this class.
+class Predictor(BaseRunner):
     def setup(self) -> None:
         weights_dir = ensure_weights(CHECKPOINTS, expected_tensors=checkpoint_tensor_shapes,
                                      **SETTINGS.weights_source)
@@ -44,7 +46,7 @@ class Predictor(BasePredictor):
     # slot count from this; outside the image COG_MAX_CONCURRENCY sets it (scripts/serve-local.sh reads
     # it from here).
     @concurrent(max=64)
-    async def predict(
+    async def run(
         self,
         image: CogPath = Input(description="Image (PNG, JPEG, WebP, TIFF, ...) or PDF document"),
         task_type: str = Input(description="What to do with the image", choices=TASK_TYPES,
@@ -59,15 +61,17 @@ class Predictor(BasePredictor):
     ) -> Output:
         prompt = build_prompt(task_type, reference_text, extra_forbidden=self.engine.special_token_texts)
         preset = resolution(resolution_size)
-        document = await asyncio.to_thread(load_pages, Path(image), pages=pages or None,
-                                           **SETTINGS.limits.as_kwargs())
-        print(f"{len(document)} page(s), task {task_type!r}, preset {resolution_size!r}")
-        job = await asyncio.to_thread(self.engine.submit, [p.image for p in document], prompt, preset,
-                                      max_new_tokens)
+        # The time limit counts from here, reading the file included. Past it, or on a cancellation, the
+        # awaited step is abandoned wherever it is and the job, if there is one, leaves the engine.
         try:
-            results = await asyncio.to_thread(job.wait, SETTINGS.request_timeout_s)
-        except BaseException:  # cancelled or failed: its pages leave the engine, freeing rows and blocks
-            job.cancel()
+            async with asyncio.timeout(SETTINGS.request_timeout_s) as time_limit:
+                document = await asyncio.to_thread(load_pages, Path(image), pages=pages or None,
+                                                   **SETTINGS.limits.as_kwargs())
+                print(f"{len(document)} page(s), task {task_type!r}, preset {resolution_size!r}")
+                results = await self._decode([p.image for p in document], prompt, preset, max_new_tokens)
+        except TimeoutError:
+            if time_limit.expired():
+                raise JobTimeout(SETTINGS.request_timeout_s) from None
             raise
         outputs = [
             PageOutput(page.number, result.text, len(result.token_ids), result.image_tokens, result.finished,
@@ -86,3 +90,34 @@ class Predictor(BasePredictor):
             pages=merged.pages,
             blocks=merged.blocks,
         )
+
+    async def _decode(self, images: list, prompt: str, preset, max_new_tokens: int) -> list:
+        # The job exists before it is handed over: a cancellation during the hand-over still reaches it
+        # (the serving thread drops a job cancelled before it takes it); one during `prepare` finds nothing
+        # started.
+        job = await asyncio.to_thread(self.engine.prepare, images, prompt, preset, max_new_tokens)
+        try:
+            await asyncio.to_thread(self.engine.start, job)
+            await _finished(job)
+            return job.wait()  # done: its results, or its error
+        except BaseException:  # cancelled, timed out or failed: its pages leave the engine, freeing rows and blocks
+            job.cancel()
+            raise
+
+
+async def _finished(job) -> None:
+    """Until the job is done, holding no thread: asyncio.to_thread's pool has min(32, cores + 4) threads, so
+    predictions each waiting in one would cap how many the engine sees at once below the declared concurrency."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+
+    def resolve() -> None:
+        if not done.done():  # a cancelled prediction no longer awaits it
+            done.set_result(None)
+
+    def notify() -> None:  # in the thread that completes the job
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the server is shutting down
+            loop.call_soon_threadsafe(resolve)
+
+    job.add_done_callback(notify)
+    await done

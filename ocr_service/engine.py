@@ -73,7 +73,9 @@ class JobCancelled(RuntimeError):
 
 
 class JobTimeout(RuntimeError):
-    pass
+    def __init__(self, limit_s: float):
+        super().__init__(f"the prediction took longer than its {limit_s:.0f} s limit (DEEPSEEK_OCR_REQUEST_TIMEOUT); "
+                         "try fewer pages or a smaller max_new_tokens")
 
 
 def checkpoint_tensor_shapes(folder: Path) -> dict:
@@ -143,15 +145,25 @@ class OCREngine:
                              f"{prompt_tokens} of the {limit} tokens a page can hold; use max_new_tokens ≤ {room}")
 
     def submit(self, images: list, prompt: str, resolution, max_new_tokens: int) -> "Job":
+        job = self.prepare(images, prompt, resolution, max_new_tokens)
+        self.start(job)
+        return job
+
+    def prepare(self, images: list, prompt: str, resolution, max_new_tokens: int) -> "Job":
+        """A job for these pages, checked to fit, not started: its caller holds it before anything runs, so that
+        a cancellation can reach it however early it comes."""
         sizes = [self.prompt_tokens(prompt, image.size, resolution) for image in images]
         for size in sizes:
             self.check_fits(size, max_new_tokens)
-        job = Job(self, images, prompt, resolution, max_new_tokens, sizes)
+        return Job(self, images, prompt, resolution, max_new_tokens, sizes)
+
+    def start(self, job: "Job") -> None:
+        """Hands the job to the serving thread (the reference path: runs it here). A job cancelled before the
+        serving thread takes it never starts."""
         if self.server is None:
             job.run_here()
         else:
             self.server.submit(job)
-        return job
 
     def run_pages(self, images: list, prompt: str, resolution, max_new_tokens: int,
                   timeout: Optional[float] = None) -> list:
@@ -191,15 +203,37 @@ class Job:
         self.results: list = [None] * len(images)
         self.error: Optional[BaseException] = None
         self.prediction = None  # the policy's record (serving thread only)
+        self.cancelled = False
         self._done = threading.Event()
+        self._when_done: list = []
+        self._lock = threading.Lock()
 
     def complete(self, error: Optional[BaseException] = None) -> None:
-        if not self._done.is_set():
+        with self._lock:
+            if self._done.is_set():
+                return
             self.error = error
             self._done.set()
+            callbacks, self._when_done = self._when_done, []
+        for callback in callbacks:
+            callback()
+
+    def add_done_callback(self, callback: Callable[[], None]) -> None:
+        """`callback()` runs once the job is done (at once if it is), in the thread that completes it, and must
+        not raise: an event loop awaits a job this way instead of holding a thread in `wait` for its whole run."""
+        with self._lock:
+            if not self._done.is_set():
+                self._when_done.append(callback)
+                return
+        callback()
 
     def cancel(self) -> None:
-        if not self._done.is_set() and self.engine.server is not None:
+        """Safe at any time, from any thread: before `start`, while the serving thread has not yet taken the job,
+        or while it runs. Its pages leave the engine and `wait` raises JobCancelled."""
+        if self._done.is_set():
+            return
+        self.cancelled = True  # read when the serving thread takes the job (a cancel message may come first)
+        if self.engine.server is not None:
             self.engine.server.cancel(self)
 
     def wait(self, timeout: Optional[float] = None) -> list:
@@ -209,8 +243,7 @@ class Job:
         while not self._done.wait(0.1):
             if deadline is not None and time.monotonic() > deadline:
                 self.cancel()
-                raise JobTimeout(f"the prediction took longer than its {timeout:.0f} s limit "
-                                 "(DEEPSEEK_OCR_REQUEST_TIMEOUT); try fewer pages or a smaller max_new_tokens")
+                raise JobTimeout(timeout)
         if self.error is not None:
             raise self.error
         total = sum(len(r.token_ids) for r in self.results)
@@ -223,6 +256,15 @@ class Job:
         """The reference path: each page through the model's plain generate_tokens, in this thread."""
         engine = self.engine
         model = engine.model
+
+        def on_token(_, first: list) -> None:
+            if self.cancelled:  # a cancellation from another thread ends the page at its next token
+                error = JobCancelled("the prediction was cancelled")
+                self.complete(error)
+                raise error
+            if not first:
+                first.append(time.monotonic())
+
         for index, image in enumerate(self.images):
             inputs = model.prepare_inputs(engine.tokenizer, self.prompt, [image], self.resolution.base_size,
                                           self.resolution.image_size, self.resolution.crop_mode)
@@ -230,7 +272,7 @@ class Job:
             with engine.translate_oom("decoding"):
                 ids, stop_reason = model.generate_tokens(
                     inputs, self.max_new_tokens, repetition=engine.repetition, loops=engine.loop_rule,
-                    eos_token_id=engine.eos, on_token=lambda _: first or first.append(time.monotonic()))
+                    eos_token_id=engine.eos, on_token=lambda token: on_token(token, first))
             now = time.monotonic()
             self.results[index] = engine.result(
                 ids, stop_reason, int(inputs.input_ids.numel()), int(inputs.image_mask.sum()),
@@ -395,7 +437,10 @@ class ServingLoop:
             return
         while True:
             kind, job = message
-            if kind == "submit":
+            if kind == "submit" and job.cancelled:  # cancelled before this thread took it: it never joins
+                self.log(f"cancelled before it started: {len(job.images)} page(s) never joined the engine")
+                job.complete(JobCancelled("the prediction was cancelled"))
+            elif kind == "submit":
                 pages = [(size, job.max_new_tokens) for size in job.prompt_sizes]
                 job.prediction = self.policy.add(id(job), pages)
                 for page in job.prediction.pages:
@@ -426,9 +471,7 @@ class ServingLoop:
         for prediction in list(self.policy.predictions):
             job = prediction.pages[0].payload.job if prediction.pages else None
             if job is not None and not prediction.closed and now - job.submitted > limit:
-                self._close(job, JobTimeout(f"the prediction took longer than its {limit:.0f} s limit "
-                                            "(DEEPSEEK_OCR_REQUEST_TIMEOUT); try fewer pages or a smaller "
-                                            "max_new_tokens"))
+                self._close(job, JobTimeout(limit))
 
     def _preprocess(self) -> None:
         running = [p for pred in self.policy.predictions for p in pred.pages_in(Stage.PREPROCESSING)]

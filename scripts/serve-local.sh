@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Serve the predictor on this machine, no GPU, Docker or Cog CLI needed: sets up .venv, builds a tiny
 # random checkpoint once (or uses --weights DIR), writes the input schema and runs the real Cog HTTP
-# server on 127.0.0.1 in the foreground (Ctrl-C stops it).
+# server on 127.0.0.1 in the foreground (Ctrl-C stops it); once it is ready, prints a curl line that reads
+# samples/page.png.
 #
 #   bash scripts/serve-local.sh [--port 5000] [--weights DIR] [--concurrency N] [--python PYTHON]
 #

@@ -4,21 +4,28 @@ Run it through scripts/serve-local.sh, which sets up .venv first. Steps:
   1. weights: --weights DIR (verified first), or a tiny random checkpoint built once into
      .cog/tiny-checkpoint (git-ignored) and built again when the model's tensors no longer match it;
   2. the input schema .cog/openapi_schema.json, which `cog build` would write inside the image;
-  3. the server, in the foreground: this process becomes it, so Ctrl-C stops it.
+  3. the server, in the foreground; once it is ready, a curl line that reads the sample page. Ctrl-C stops it.
 
 The tiny checkpoint has random weights: the server answers with the real output format, but the
 text is noise. Pass --weights with a folder of the official weights to read documents.
 """
 
 import argparse
+import json
 import os
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_CHECKPOINT = REPO / ".cog" / "tiny-checkpoint"
+SAMPLE_PAGE = REPO / "samples" / "page.png"
 HOST = "127.0.0.1"
 
 
@@ -50,15 +57,38 @@ def declared_concurrency() -> int:
     """The concurrency predict.py declares with @cog.concurrent: what the image gets from `cog build`."""
     from predict import Predictor
 
-    return getattr(Predictor.predict, "__cog_concurrent_max__", 1)
+    return getattr(Predictor.run, "__cog_concurrent_max__", 1)
 
 
-def curl_example(url: str) -> str:
+def curl_example(url: str, page: Path = SAMPLE_PAGE) -> str:
+    """A request that answers in seconds on a CPU: the Tiny preset and 64 tokens (the defaults, Gundam and up
+    to 8,192 tokens, take minutes there)."""
     # The page goes in the JSON body as a data URI, piped into curl: a page is often larger than the
     # longest single argument Linux allows (128 KiB). `base64 | tr -d '\n'` works on Linux and macOS.
-    return ("( printf '{\"input\": {\"image\": \"data:image/png;base64,'; base64 < page.png | tr -d '\\n';\n"
-            "  printf '\", \"task_type\": \"Free OCR\", \"max_new_tokens\": 64}}' ) |\n"
+    return ("( printf '{\"input\": {\"image\": \"data:image/png;base64,'; "
+            f"base64 < {shlex.quote(str(page))} | tr -d '\\n';\n"
+            "  printf '\", \"task_type\": \"Free OCR\", \"resolution_size\": \"Tiny\", \"max_new_tokens\": 64}}' ) |\n"
             f"  curl -s {url}/predictions -H 'Content-Type: application/json' -d @-")
+
+
+def health(url: str) -> str:
+    try:
+        with urllib.request.urlopen(f"{url}/health-check", timeout=5) as response:
+            return json.load(response).get("status", "")
+    except (OSError, ValueError):  # not listening yet
+        return ""
+
+
+def wait_ready(url: str, server: subprocess.Popen) -> bool:
+    """Until the server is READY (True), or its setup failed or it stopped (False)."""
+    while server.poll() is None:
+        status = health(url)
+        if status == "READY":
+            return True
+        if status in ("SETUP_FAILED", "DEFUNCT"):
+            return False
+        time.sleep(0.5)
+    return False
 
 
 def main() -> None:
@@ -80,11 +110,8 @@ def main() -> None:
     subprocess.run([sys.executable, str(REPO / "scripts" / "write_openapi_schema.py")], cwd=REPO, check=True)
 
     url = f"http://{HOST}:{args.port}"
-    random_note = "" if args.weights else " (random weights: the text is noise, the format is real)"
-    print(f"\nDeepSeek-OCR on {url}, weights {weights}{random_note}, {concurrency} prediction(s) at once.\n"
-          f"Wait for READY:  curl -s {url}/health-check\n"
-          f"Read a page (page.png in this folder):\n{curl_example(url)}\n"
-          f"Ctrl-C stops the server.\n", flush=True)
+    print(f"\nStarting DeepSeek-OCR on {url}: weights {weights}, {concurrency} prediction(s) at once.\n",
+          flush=True)
 
     venv_bin = str(Path(sys.executable).parent)
     env = dict(os.environ, DEEPSEEK_OCR_WEIGHTS_DIR=str(weights), DEEPSEEK_OCR_OFFLINE="1", PORT=str(args.port),
@@ -92,8 +119,28 @@ def main() -> None:
                PYTHONUNBUFFERED="1",
                # The server starts its worker as a plain `python`: it must be this environment's.
                PATH=f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}")
-    os.chdir(REPO)
-    os.execvpe(sys.executable, [sys.executable, "-m", "cog.server.http", "--host", HOST], env)
+    server = subprocess.Popen([sys.executable, "-m", "cog.server.http", "--host", HOST], cwd=REPO, env=env)
+    # Ctrl-C reaches the server too (one process group); a SIGTERM sent to this process alone is passed on.
+    signal.signal(signal.SIGTERM, lambda *_: server.terminate())
+    try:
+        if wait_ready(url, server):
+            random_note = ("The tiny model has random weights: the text is random tokens, the format is real "
+                           "(pass --weights for real text).\n" if not args.weights else "")
+            print(f"\nDeepSeek-OCR is ready on {url}. Read the sample page (Tiny preset, 64 tokens):\n\n"
+                  f"{curl_example(url)}\n\n{random_note}Ctrl-C stops the server.\n", flush=True)
+        elif server.poll() is None:
+            print(f"\nThe server's setup failed (the log above says why; {url}/health-check has it too). "
+                  "Stopping it.", file=sys.stderr, flush=True)
+            server.terminate()
+            server.wait()
+            sys.exit(1)
+        sys.exit(server.wait())
+    except KeyboardInterrupt:  # Ctrl-C in a terminal reached the server too; a SIGINT sent here alone did not
+        try:
+            sys.exit(server.wait(timeout=10))
+        except subprocess.TimeoutExpired:
+            server.terminate()
+            sys.exit(server.wait())
 
 
 if __name__ == "__main__":

@@ -1,13 +1,17 @@
 """Run the real Cog HTTP server (pip `cog`/coglet) on 127.0.0.1 around predict.py, as Replicate calls it."""
 
 import base64
+import json
 import mimetypes
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import warnings
 from pathlib import Path
 
 import requests
@@ -26,12 +30,31 @@ def data_uri(data: bytes, name: str = "input.bin") -> str:
     return f"data:{kind};base64,{base64.b64encode(data).decode()}"
 
 
+# A Python warning or a print of Cog's about its own API (`cog:` is the prefix of Cog's printed warnings).
+COG_API = re.compile(r"BasePredictor|BaseRunner|\bpredict\(\)|\brun\(\)|^cog:|ExperimentalFeatureWarning|emit_metric")
+
+
+class SpuriousCapacityRefusals(UserWarning):
+    """Cog's server refused predictions with 409 "At capacity" while it had free slots; they were retried."""
+
+
 class CogServer:
+    # Cog 0.23.1's server sometimes refuses a prediction with 409 "At capacity" although slots are free (two
+    # requests arriving together: README, Troubleshooting). Such a refusal is retried, at most this many times
+    # and only while the server's health says it has a free slot and this client has no more predictions
+    # waiting than the server has slots; a real capacity bug still shows as a 409. Retries are counted
+    # (`capacity_retries`) and reported as a warning when the server stops.
+    CAPACITY_RETRIES = 3
+
     def __init__(self, env: dict, concurrency: int = 1, startup_timeout: float = 180):
         subprocess.run([sys.executable, str(REPO / "scripts" / "write_openapi_schema.py")], cwd=REPO, check=True,
                        capture_output=True)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.concurrency = concurrency
+        self.capacity_retries: list = []  # (method, path) of each 409 retried
+        self._waiting = 0  # synchronous predictions this client has sent and not yet had answered
+        self._lock = threading.Lock()
         venv_bin = str(Path(sys.executable).parent)
         full_env = dict(os.environ, **env, PORT=str(self.port), COG_PREDICT_TYPE_STUB="predict.py:Predictor",
                         COG_MAX_CONCURRENCY=str(concurrency), PYTHONUNBUFFERED="1",
@@ -65,9 +88,50 @@ class CogServer:
         raise RuntimeError(f"server not ready ({status}); log:\n{self.log_path.read_text()[-5000:]}")
 
     def predict(self, inputs: dict, timeout: float = 300, headers=None) -> tuple:
-        response = requests.post(f"{self.url}/predictions", json={"input": inputs}, timeout=timeout,
-                                 headers=headers or {})
+        """POST /predictions and wait for the answer: (status code, body)."""
+        with self._lock:
+            self._waiting += 1
+        try:
+            response = self._send("POST", "/predictions", {"input": inputs}, timeout, headers or {})
+        finally:
+            with self._lock:
+                self._waiting -= 1
         return response.status_code, response.json()
+
+    def start_async(self, prediction_id: str, inputs: dict, webhook: str) -> int:
+        """PUT /predictions/{id} with `Prefer: respond-async`, as Replicate starts predictions: the status code."""
+        return self._send("PUT", f"/predictions/{prediction_id}", {"input": inputs, "webhook": webhook}, 10,
+                          {"Prefer": "respond-async"}).status_code
+
+    def _send(self, method: str, path: str, body: dict, timeout: float, headers: dict) -> requests.Response:
+        for attempt in range(self.CAPACITY_RETRIES + 1):
+            response = requests.request(method, f"{self.url}{path}", json=body, timeout=timeout, headers=headers)
+            if response.status_code != 409 or attempt == self.CAPACITY_RETRIES or not self._has_free_slots():
+                return response
+            self.capacity_retries.append((method, path))
+            time.sleep(0.05 * 2 ** attempt)
+        return response
+
+    def _has_free_slots(self) -> bool:
+        """The server's own count (health is BUSY when no slot is free) and this client's agree on a free slot."""
+        with self._lock:
+            waiting = self._waiting
+        return waiting <= self.concurrency and self.health().get("status") == "READY"
+
+    def cog_deprecation_warnings(self) -> list:
+        """Lines of the server log in which Cog warns that something it was given is deprecated: coglet's own
+        log events, and Python warnings or prints that name Cog's API."""
+        found = []
+        for line in self.log_path.read_text().splitlines():
+            try:
+                event = json.loads(line)
+                fields = event.get("fields", {})
+                message, from_coglet = str(fields.get("message", "")), "source" not in fields
+            except (ValueError, AttributeError):
+                message, from_coglet = line, False
+            if re.search("deprecat", message, re.IGNORECASE) and (from_coglet or COG_API.search(message)):
+                found.append(message)
+        return found
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -77,6 +141,10 @@ class CogServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
         self.log.close()
+        if self.capacity_retries:
+            warnings.warn(SpuriousCapacityRefusals(
+                f"Cog's server answered 409 'At capacity' with slots free {len(self.capacity_retries)} time(s) "
+                f"(retried: {self.capacity_retries}); log: {self.log_path}"))
 
 
 class WebhookReceiver:

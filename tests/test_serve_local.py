@@ -1,4 +1,5 @@
-"""scripts/serve-local.sh for real: the Cog HTTP server it starts answers a page, and Ctrl-C stops it.
+"""scripts/serve-local.sh for real: the Cog HTTP server it starts answers a page, the curl line it prints once
+the server is ready reads the sample page, and Ctrl-C stops it. The samples are what make_samples.py writes.
 
 The script runs with this test's interpreter (`--python`, so it does not set up .venv) and the
 session's tiny checkpoint (`--weights`), on a free port.
@@ -22,7 +23,8 @@ from conftest import document_image
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "serve-local.sh"
-CURL_EXAMPLE_START = "Read a page (page.png in this folder):"
+SAMPLES = REPO / "samples"
+CURL_EXAMPLE_START = "Read the sample page (Tiny preset, 64 tokens):"
 CURL_EXAMPLE_END = "Ctrl-C stops the server."
 
 
@@ -78,11 +80,23 @@ def small_png() -> bytes:
     return corpus.png_bytes(document_image(320, 240))
 
 
-def test_prints_the_url_and_a_curl_example(local_server):
+def printed_example(server: LocalServer) -> str:
+    """The curl line, printed once the server is ready (shortly after health says READY)."""
+    deadline = time.monotonic() + 10
+    output = server.output()
+    while CURL_EXAMPLE_END not in output.partition(CURL_EXAMPLE_START)[2]:
+        assert time.monotonic() < deadline, output[-3000:]
+        time.sleep(0.1)
+        output = server.output()
+    return output[output.index(CURL_EXAMPLE_START) + len(CURL_EXAMPLE_START):output.rindex(CURL_EXAMPLE_END)]
+
+
+def test_prints_a_curl_example_once_ready(local_server):
+    example = printed_example(local_server)
+    assert f"curl -s {local_server.url}/predictions" in example
+    assert str(SAMPLES / "page.png") in example
     output = local_server.output()
-    assert f"DeepSeek-OCR on {local_server.url}" in output
-    assert f"curl -s {local_server.url}/predictions" in output
-    assert CURL_EXAMPLE_START in output and CURL_EXAMPLE_END in output
+    assert output.index(f"is ready on {local_server.url}") > output.index("Setup complete")  # after the server's
 
 
 def test_answers_a_png_posted_as_json(local_server, small_png):
@@ -97,15 +111,31 @@ def test_answers_a_png_posted_as_json(local_server, small_png):
 
 @pytest.mark.skipif(shutil.which("curl") is None or shutil.which("base64") is None,
                     reason="the printed example needs curl and base64")
-def test_the_printed_curl_example_reads_a_page(local_server, small_png, tmp_path):
-    output = local_server.output()
-    example = output[output.index(CURL_EXAMPLE_START) + len(CURL_EXAMPLE_START):output.index(CURL_EXAMPLE_END)]
-    (tmp_path / "page.png").write_bytes(small_png)
+def test_the_printed_curl_example_reads_the_sample_page(local_server, tmp_path):
+    example = printed_example(local_server).strip().split("\n\n")[0]  # the note about random weights follows it
     result = subprocess.run(["bash", "-c", example], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     body = json.loads(result.stdout)
     assert body["status"] == "succeeded", body.get("error") or body
-    assert body["output"]["pages"][0]["width"] == 320
+    (page,) = body["output"]["pages"]
+    assert (page["width"], page["height"], page["image_tokens"]) == (1000, 1414, 73)  # the Tiny preset
+    assert page["generated_tokens"] <= 64
+
+
+def test_the_samples_are_what_make_samples_writes(tmp_path):
+    from PIL import Image, ImageChops
+
+    from ocr_service.inputs import load_pages
+
+    subprocess.run([sys.executable, str(REPO / "scripts" / "make_samples.py"), "--out", str(tmp_path)], check=True,
+                   capture_output=True)
+    with Image.open(SAMPLES / "page.png") as committed, Image.open(tmp_path / "page.png") as made:
+        assert ImageChops.difference(committed.convert("RGB"), made.convert("RGB")).getbbox() is None
+    committed, made = load_pages(SAMPLES / "document.pdf"), load_pages(tmp_path / "document.pdf")
+    assert len(committed) == len(made) == 2
+    for old, new in zip(committed, made):  # JPEG inside the PDF: libjpeg builds may round differently
+        difference = ImageChops.difference(old.image, new.image).convert("L")
+        assert old.image.size == new.image.size and difference.getextrema()[1] <= 8
 
 
 def test_ctrl_c_stops_the_server(local_server):

@@ -32,6 +32,11 @@ def fail(server, inputs, message):
     assert server.health()["status"] == "READY"
 
 
+def test_the_server_log_has_no_deprecation_warning_from_cog(server):
+    assert "Detected async run()" in server.log_path.read_text()  # the log is the one that loaded predict.py
+    assert server.cog_deprecation_warnings() == []
+
+
 def test_schema_shows_the_inputs_choices_and_defaults(server):
     schema = requests.get(f"{server.url}/openapi.json", timeout=10).json()
     properties = schema["components"]["schemas"]["Input"]["properties"]
@@ -115,9 +120,7 @@ def test_concurrent_predictions_share_the_batch(server, page_png):
 def test_cancelled_prediction_frees_its_slot(server, page_png):
     hook = WebhookReceiver()
     inputs = {"image": data_uri(page_png, "page.png"), "resolution_size": "Tiny", "max_new_tokens": 8000}
-    response = requests.put(f"{server.url}/predictions/cancel-me", json={"input": inputs, "webhook": hook.url},
-                            headers={"Prefer": "respond-async"}, timeout=10)
-    assert response.status_code == 202
+    assert server.start_async("cancel-me", inputs, hook.url) == 202
     time.sleep(2)
     assert requests.post(f"{server.url}/predictions/cancel-me/cancel", timeout=10).status_code == 200
     assert hook.final_status() == "canceled"
