@@ -80,7 +80,7 @@ class Predictor(BaseRunner):
         ]
         out_dir = Path(tempfile.mkdtemp(prefix="deepseek-ocr-"))
         merged = await asyncio.to_thread(assemble, outputs, [p.image for p in document],
-                                         task_type == MARKDOWN_TASK, out_dir)
+                                         task_type == MARKDOWN_TASK, out_dir, self.engine.special_token_texts)
         return Output(
             text=merged.text,
             raw_output=merged.raw_output,
