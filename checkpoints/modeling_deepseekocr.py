@@ -29,6 +29,7 @@ from .generation import (
 )
 from .modeling_deepseekv2 import DeepseekV2Model, DeepseekV2PreTrainedModel, KVCache
 from .paged_attention import PagedKVCache
+from . import processing_deepseekocr
 from .processing_deepseekocr import ImageViews, PromptInputs, build_prompt_inputs
 
 logger = logging.getLogger(__name__)
@@ -157,6 +158,7 @@ class DeepseekOCRModel(ImagePromptMixin, DeepseekV2Model):
 class DeepseekOCRForCausalLM(DeepseekV2PreTrainedModel):
     config_class = DeepseekOCRConfig
     model_class = DeepseekOCRModel  # the vision side and the decoder; DeepSeek-OCR 2 names its own
+    processing = processing_deepseekocr  # views, tiling and token layout (TILING_THRESHOLD, choose_tile_grid, ...)
     _no_split_modules = ["DeepseekV2DecoderLayer", "SamBlock", "ClipLayer"]
 
     def __init__(self, config: DeepseekOCRConfig):
@@ -206,6 +208,14 @@ class DeepseekOCRForCausalLM(DeepseekV2PreTrainedModel):
         return self.lm_head(hidden).float()
 
     # ------------------------------------------------------------------ inference
+
+    def count_image_tokens(self, width: int, height: int, base_size: int, image_size: int, crop_mode: bool) -> int:
+        """`<image>` tokens an image of this size takes under a preset, without building its views."""
+        processing = self.processing
+        grid = (1, 1)
+        if crop_mode and (width > processing.TILING_THRESHOLD or height > processing.TILING_THRESHOLD):
+            grid = processing.choose_tile_grid(width, height, image_size)
+        return processing.image_token_count(base_size, image_size, crop_mode, grid)
 
     def prepare_inputs(self, tokenizer, prompt: str, images: Sequence[Image.Image], base_size: int = 1024,
                        image_size: int = 640, crop_mode: bool = True) -> PromptInputs:

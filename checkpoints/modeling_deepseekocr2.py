@@ -21,6 +21,7 @@ from .deepencoder2 import QueryEncoder, encode_views, vision_settings
 from .generation import DEFAULT_LOOP_STOP, SERVING_NO_REPEAT_RULE, LoopStopRule, NoRepeatNGramRule
 from .modeling_deepseekocr import DeepseekOCRConfig, DeepseekOCRForCausalLM, ImagePromptMixin, OCRResult
 from .modeling_deepseekv2 import DeepseekV2Model
+from . import processing_deepseekocr2
 from .processing_deepseekocr2 import BASE_SIZE, TILE_SIZE, ImageViews, PromptInputs, build_prompt_inputs
 
 DEFAULT_VISION_CONFIG = {
@@ -91,6 +92,7 @@ class DeepseekOCR2Model(ImagePromptMixin, DeepseekV2Model):
 class DeepseekOCR2ForCausalLM(DeepseekOCRForCausalLM):
     config_class = DeepseekOCR2Config
     model_class = DeepseekOCR2Model
+    processing = processing_deepseekocr2
     _no_split_modules = ["DeepseekV2DecoderLayer", "SamBlock", "QueryEncoderLayer"]
 
     def _init_weights(self, module):

@@ -143,3 +143,14 @@ def test_same_logits_and_greedy_tokens_as_transformers(tiny_ocr2_model, tiny_tok
     if theirs_tokens and theirs_tokens[-1] == 1:
         theirs_tokens = theirs_tokens[:-1]  # EOS: ours does not return it
     assert tokens == theirs_tokens
+
+
+@pytest.mark.parametrize("size", [(1240, 1754), (2000, 600), (600, 400), (769, 768), (400, 2400)])
+def test_token_count_without_views_matches_the_views(tiny_ocr2_model, tiny_model, size):
+    """What the service asks before preprocessing a page agrees with the views, for both models."""
+    image = document_image(*size)
+    for model, presets in ((tiny_ocr2_model, [(1024, 768, True), (1024, 1024, False), (768, 768, False)]),
+                           (tiny_model, [(1024, 640, True), (512, 512, False), (1280, 1280, False)])):
+        for base, view, crop in presets:
+            views = model.processing.prepare_image(image, base, view, crop)
+            assert model.count_image_tokens(*size, base, view, crop) == views.num_tokens
