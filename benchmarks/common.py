@@ -95,14 +95,14 @@ def run_original_driver(driver: str, original_code: str, original_site: str, che
     return done
 
 
-def random_checkpoint(folder: Path, size: str = "full") -> Path:
-    """A random checkpoint of the official format in `folder`, written on first use (the full size takes
-    about half a minute and 6.7 GB)."""
+def random_checkpoint(folder: Path, size: str = "full", model: str = "ocr") -> Path:
+    """A random checkpoint of the official format in `folder` (`model` "ocr" or "ocr2"), written on first use
+    (the full size takes about half a minute and 6.7 GB)."""
     if not (folder / "config.json").exists():
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
         from scripts.make_random_checkpoint import write_checkpoint
 
         started = time.perf_counter()
-        write_checkpoint(folder, size=size, seed=0)
-        print(f"wrote a {size} random checkpoint in {time.perf_counter() - started:.0f} s", flush=True)
+        write_checkpoint(folder, size=size, seed=0, model=model)
+        print(f"wrote a {size} random {model} checkpoint in {time.perf_counter() - started:.0f} s", flush=True)
     return folder

@@ -87,9 +87,10 @@ torch.save(results, out_path)
 '''
 
 
-def run_original(args, checkpoint: Path, cases: list) -> dict:
-    folder = original_checkpoint(checkpoint, args.original, Path("/tmp/parity-original-checkpoint"))
-    out_path = "/tmp/parity-original.pt"
+def run_original(args, checkpoint: Path, cases: list, prefix: str = "parity") -> dict:
+    """Run ORIGINAL_DRIVER on the cases in the original's environment; its files go to /tmp/<prefix>-original*."""
+    folder = original_checkpoint(checkpoint, args.original, Path(f"/tmp/{prefix}-original-checkpoint"))
+    out_path = f"/tmp/{prefix}-original.pt"
     done = subprocess.run([args.python, "-c", ORIGINAL_DRIVER, str(folder), str(args.tokens), json.dumps(cases),
                            out_path], capture_output=True, text=True, timeout=args.timeout)
     print(done.stdout[-1500:], done.stderr[-3000:], flush=True)

@@ -32,6 +32,7 @@ from .generation import (
 from .grounding import EOS_TEXT, crop_figures, draw_regions, parse_regions, to_markdown
 from .modeling_deepseekv2 import DeepseekV2Model, DeepseekV2PreTrainedModel, KVCache
 from .paged_attention import PagedKVCache
+from . import processing_deepseekocr
 from .processing_deepseekocr import ImageViews, PromptInputs, build_prompt_inputs
 
 logger = logging.getLogger(__name__)
@@ -62,7 +63,34 @@ class DeepseekOCRConfig(DeepseekV2Config):
         }
 
 
-class DeepseekOCRModel(DeepseekV2Model):
+class ImagePromptMixin:
+    """Prompt embeddings with the images in place, for a model whose `encode_views(pixels)` encodes views
+    of one size and whose `arrange_image(views, global_features, tile_features)` lays out an image's
+    features for its `<image>` positions (both models share this)."""
+
+    def embed_image(self, views: ImageViews) -> torch.Tensor:
+        """One image's `<image>` embeddings [views.num_tokens, D] (its views encoded on their own)."""
+        tiles = self.encode_views(views.tiles) if views.has_tiles else None
+        return self.arrange_image(views, self.encode_views(views.global_view[None])[0], tiles)
+
+    def embed_prompt(self, input_ids: torch.Tensor, image_mask: Optional[torch.Tensor] = None,
+                     images: Optional[Sequence[Sequence[ImageViews]]] = None) -> torch.Tensor:
+        """Token embeddings [B, T, D] with each row's `<image>` positions replaced by its images'."""
+        embeds = self.embed_tokens(input_ids)
+        if images is None:
+            return embeds
+        for row, row_images in enumerate(images):
+            if not row_images:
+                continue
+            features = torch.cat([self.embed_image(v) for v in row_images], dim=0).to(embeds.dtype)
+            positions = image_mask[row].nonzero().squeeze(-1)
+            if positions.numel() != features.shape[0]:
+                raise ValueError(f"{positions.numel()} image positions in the prompt for {features.shape[0]} features")
+            embeds[row, positions] = features
+        return embeds
+
+
+class DeepseekOCRModel(ImagePromptMixin, DeepseekV2Model):
     config_class = DeepseekOCRConfig
 
     def __init__(self, config: DeepseekOCRConfig):
@@ -78,6 +106,14 @@ class DeepseekOCRModel(DeepseekV2Model):
         self.image_newline = nn.Parameter(torch.zeros(n_embed))
         self.view_seperator = nn.Parameter(torch.zeros(n_embed))  # the checkpoint's spelling
         self.post_init()
+
+    @property
+    def vision_device(self) -> torch.device:
+        return self.image_newline.device
+
+    @property
+    def vision_dtype(self) -> torch.dtype:
+        return self.image_newline.dtype
 
     def encode_views(self, pixels: torch.Tensor) -> torch.Tensor:
         """Square views of one size [N, 3, S, S] (any number, from any pages) → features [N, (S/64)², D].
@@ -118,35 +154,15 @@ class DeepseekOCRModel(DeepseekV2Model):
         parts.append(self.view_seperator[None])
         return torch.cat(parts, dim=0)
 
-    def embed_image(self, views: ImageViews) -> torch.Tensor:
-        """One image's `<image>` embeddings [views.num_tokens, D] (its views encoded on their own)."""
-        tiles = self.encode_views(views.tiles) if views.has_tiles else None
-        return self.arrange_image(views, self.encode_views(views.global_view[None])[0], tiles)
-
-    def embed_prompt(self, input_ids: torch.Tensor, image_mask: Optional[torch.Tensor] = None,
-                     images: Optional[Sequence[Sequence[ImageViews]]] = None) -> torch.Tensor:
-        """Token embeddings [B, T, D] with each row's `<image>` positions replaced by its images'."""
-        embeds = self.embed_tokens(input_ids)
-        if images is None:
-            return embeds
-        for row, row_images in enumerate(images):
-            if not row_images:
-                continue
-            features = torch.cat([self.embed_image(v) for v in row_images], dim=0).to(embeds.dtype)
-            positions = image_mask[row].nonzero().squeeze(-1)
-            if positions.numel() != features.shape[0]:
-                raise ValueError(f"{positions.numel()} image positions in the prompt for {features.shape[0]} features")
-            embeds[row, positions] = features
-        return embeds
-
-
 class DeepseekOCRForCausalLM(DeepseekV2PreTrainedModel):
     config_class = DeepseekOCRConfig
+    model_class = DeepseekOCRModel  # the vision side and the decoder; DeepSeek-OCR 2 names its own
+    processing = processing_deepseekocr  # views, tiling and token layout (TILING_THRESHOLD, choose_tile_grid, ...)
     _no_split_modules = ["DeepseekV2DecoderLayer", "SamBlock", "ClipLayer"]
 
     def __init__(self, config: DeepseekOCRConfig):
         super().__init__(config)
-        self.model = DeepseekOCRModel(config)
+        self.model = self.model_class(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
@@ -191,6 +207,14 @@ class DeepseekOCRForCausalLM(DeepseekV2PreTrainedModel):
         return self.lm_head(hidden).float()
 
     # ------------------------------------------------------------------ inference
+
+    def count_image_tokens(self, width: int, height: int, base_size: int, image_size: int, crop_mode: bool) -> int:
+        """`<image>` tokens an image of this size takes under a preset, without building its views."""
+        processing = self.processing
+        grid = (1, 1)
+        if crop_mode and (width > processing.TILING_THRESHOLD or height > processing.TILING_THRESHOLD):
+            grid = processing.choose_tile_grid(width, height, image_size)
+        return processing.image_token_count(base_size, image_size, crop_mode, grid)
 
     def prepare_inputs(self, tokenizer, prompt: str, images: Sequence[Image.Image], base_size: int = 1024,
                        image_size: int = 640, crop_mode: bool = True) -> PromptInputs:

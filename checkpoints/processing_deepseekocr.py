@@ -16,7 +16,7 @@ embedding and one for the view separator, in this layout:
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from PIL import Image, ImageOps
@@ -144,11 +144,14 @@ class PromptInputs:
 
 
 def build_prompt_inputs(tokenizer, prompt: str, images: Sequence[Image.Image], base_size: int,
-                        image_size: int, crop_mode: bool) -> PromptInputs:
+                        image_size: int, crop_mode: bool, prepare: Optional[Callable] = None) -> PromptInputs:
     """Tokenise a prompt whose `<image>` placeholders are filled by `images`, in order.
 
     Text pieces are encoded without special tokens added; BOS goes first and no EOS is added.
+    `prepare(image, base_size, image_size, crop_mode)` builds an image's views (this model's
+    `prepare_image` by default; DeepSeek-OCR 2 passes its own).
     """
+    prepare = prepare or prepare_image
     pieces = prompt.strip().split(IMAGE_TOKEN)
     if len(pieces) - 1 != len(images):
         raise ValueError(f"the prompt has {len(pieces) - 1} {IMAGE_TOKEN} placeholder(s) for {len(images)} image(s)")
@@ -158,7 +161,7 @@ def build_prompt_inputs(tokenizer, prompt: str, images: Sequence[Image.Image], b
         ids += text_ids
         mask += [False] * len(text_ids)
         if i < len(images):
-            view = prepare_image(images[i], base_size, image_size, crop_mode)
+            view = prepare(images[i], base_size, image_size, crop_mode)
             views.append(view)
             ids += [IMAGE_TOKEN_ID] * view.num_tokens
             mask += [True] * view.num_tokens

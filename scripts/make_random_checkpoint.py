@@ -1,4 +1,4 @@
-"""Write a random-weight checkpoint in the official DeepSeek-OCR format.
+"""Write a random-weight checkpoint in the official DeepSeek-OCR (or DeepSeek-OCR 2) format.
 
 The folder gets what the official Hugging Face repo holds for loading: config.json,
 model-00001-of-000001.safetensors (official tensor names) with model.safetensors.index.json,
@@ -11,7 +11,11 @@ Sizes:
           hard-codes those tower sizes, so this is the smallest it can load, for side-by-side runs
   full    the official config: GPU benchmarks
 
+`--model ocr2` writes DeepSeek-OCR 2 instead (its official config, its vision encoder; the same decoder
+sizes and tokenizer); parity is then the full SAM and Qwen2 encoder the original hard-codes.
+
     python scripts/make_random_checkpoint.py --size tiny --out /tmp/tiny-ckpt
+    python scripts/make_random_checkpoint.py --model ocr2 --size tiny --out /tmp/tiny-ocr2-ckpt
 """
 
 import argparse
@@ -58,12 +62,33 @@ TINY_VISION = {
 }
 
 
-def make_config(size: str) -> dict:
-    config = json.loads((DATA / "config.json").read_text())
+# DeepSeek-OCR 2's official facts live in their own folder; its tokenizer and processor files are the
+# first model's, byte for byte.
+OCR2_DATA = DATA / "deepseek-ocr-2"
+
+TINY_VISION_OCR2 = {
+    "image_size": 1024,
+    "model_type": "vision",
+    "width": {
+        "qwen2-0-5b": {"dim": 48, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate_size": 96},
+        "sam_vit_b": {"downsample_channels": [32, 48], "global_attn_indexes": [1, 3], "heads": 2, "layers": 4,
+                      "width": 32, "out_chans": 16},
+    },
+}
+
+MODELS = ("ocr", "ocr2")
+
+
+def make_config(size: str, model: str = "ocr") -> dict:
+    config = json.loads(((OCR2_DATA if model == "ocr2" else DATA) / "config.json").read_text())
     for key, value in DECODER_SIZES[size].items():
         config[key] = value
         config["language_config"][key] = value
-    if size == "tiny":
+    if size == "tiny" and model == "ocr2":
+        config["vision_config"] = copy.deepcopy(TINY_VISION_OCR2)
+        config["projector_config"]["input_dim"] = 48
+        config["projector_config"]["n_embed"] = config["hidden_size"]
+    elif size == "tiny":
         config["vision_config"] = copy.deepcopy(TINY_VISION)
         config["projector_config"]["input_dim"] = 48 + 48
         config["projector_config"]["n_embed"] = config["hidden_size"]
@@ -127,21 +152,24 @@ def write_tokenizer(out: Path, vocab_size: int = 600) -> None:
                                                encoding="utf-8")
 
 
-def random_state_dict(config: dict, seed: int, dtype: torch.dtype) -> dict:
+def random_state_dict(config: dict, seed: int, dtype: torch.dtype, model: str = "ocr") -> dict:
     sys.path.insert(0, str(REPO))
-    from checkpoints import DeepseekOCRConfig, DeepseekOCRForCausalLM
+    from checkpoints import DeepseekOCR2Config, DeepseekOCR2ForCausalLM, DeepseekOCRConfig, DeepseekOCRForCausalLM
 
+    config_class, model_class = ((DeepseekOCR2Config, DeepseekOCR2ForCausalLM) if model == "ocr2"
+                                 else (DeepseekOCRConfig, DeepseekOCRForCausalLM))
     torch.manual_seed(seed)
     with torch.device("meta"):
-        model = DeepseekOCRForCausalLM(DeepseekOCRConfig(**config))
+        built = model_class(config_class(**config))
     generator = torch.Generator().manual_seed(seed)
     state = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in built.state_dict().items():
         if name.endswith(("norm.weight", "norm1.weight", "norm2.weight", "layernorm.weight", "layrnorm.weight",
                           "layer_norm1.weight", "layer_norm2.weight")) or ".neck.1.weight" in name \
                 or ".neck.3.weight" in name:
             value = 1.0 + 0.1 * torch.randn(tensor.shape, generator=generator)
-        elif name.endswith(("image_newline", "view_seperator", "class_embedding", "embed_tokens.weight")):
+        elif name.endswith(("image_newline", "view_seperator", "class_embedding", "embed_tokens.weight",
+                            "query_768.weight", "query_1024.weight")):
             value = torch.randn(tensor.shape, generator=generator) * 0.5
         elif name.endswith("bias"):
             value = 0.02 * torch.randn(tensor.shape, generator=generator)
@@ -152,13 +180,16 @@ def random_state_dict(config: dict, seed: int, dtype: torch.dtype) -> dict:
     return state
 
 
-def write_checkpoint(out: Path, size: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> Path:
+def write_checkpoint(out: Path, size: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.bfloat16,
+                     model: str = "ocr") -> Path:
     from safetensors.torch import save_file
 
+    if model not in MODELS:
+        raise ValueError(f"model must be one of {MODELS}, not {model!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    config = make_config(size)
-    state = random_state_dict(config, seed, dtype)
+    config = make_config(size, model)
+    state = random_state_dict(config, seed, dtype, model)
     shard = "model-00001-of-000001.safetensors"
     save_file(state, str(out / shard), metadata={"format": "pt"})
     total = sum(t.numel() * t.element_size() for t in state.values())
@@ -173,6 +204,7 @@ def write_checkpoint(out: Path, size: str = "tiny", seed: int = 0, dtype: torch.
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=MODELS, default="ocr", help="ocr: DeepSeek-OCR; ocr2: DeepSeek-OCR 2")
     parser.add_argument("--size", choices=sorted(DECODER_SIZES), default="tiny")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=0)
@@ -180,11 +212,11 @@ def main() -> None:
     parser.add_argument("--with-code", action="store_true",
                         help="also copy checkpoints/*.py so that the folder loads with trust_remote_code")
     args = parser.parse_args()
-    out = write_checkpoint(args.out, args.size, args.seed, getattr(torch, args.dtype))
+    out = write_checkpoint(args.out, args.size, args.seed, getattr(torch, args.dtype), args.model)
     if args.with_code:
         for source in (REPO / "checkpoints").glob("*.py"):
             (out / source.name).write_text(source.read_text(encoding="utf-8"), encoding="utf-8")
-    print(f"wrote a {args.size} random checkpoint to {out}")
+    print(f"wrote a {args.size} random {args.model} checkpoint to {out}")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,23 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_ocr2_checkpoint(tmp_path_factory) -> Path:
+    """A tiny DeepSeek-OCR 2 checkpoint of the official format (its SAM and encoder small, the same tokenizer
+    and decoder sizes as `tiny_checkpoint`), with our model code beside it."""
+    folder = write_checkpoint(tmp_path_factory.mktemp("tiny-ocr2-checkpoint"), size="tiny", seed=0, model="ocr2")
+    for source in (REPO / "checkpoints").glob("*.py"):
+        shutil.copy(source, folder / source.name)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_ocr2_model(tiny_ocr2_checkpoint):
+    from checkpoints import DeepseekOCR2ForCausalLM
+
+    return DeepseekOCR2ForCausalLM.from_pretrained(tiny_ocr2_checkpoint, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_checkpoint):
     from transformers import AutoTokenizer
 
@@ -53,9 +70,9 @@ def server(tiny_checkpoint, tmp_path_factory):
     running.stop()
 
 
-def reference_tensor_shapes() -> dict:
-    """name → shape of every tensor in the official checkpoint."""
-    rows = (REFERENCE / "checkpoint-tensors.tsv").read_text(encoding="utf-8").splitlines()[1:]
+def reference_tensor_shapes(folder: Path = REFERENCE) -> dict:
+    """name → shape of every tensor in the official checkpoint (`REFERENCE / "deepseek-ocr-2"`: OCR 2's)."""
+    rows = (folder / "checkpoint-tensors.tsv").read_text(encoding="utf-8").splitlines()[1:]
     return {name: tuple(int(d) for d in shape.split("x")) for name, shape in (r.split("\t") for r in rows)}
 
 

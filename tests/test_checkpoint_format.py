@@ -6,7 +6,7 @@ import json
 import torch
 from transformers import AutoConfig, AutoModel
 
-from checkpoints import DeepseekOCRConfig, DeepseekOCRForCausalLM
+from checkpoints import DeepseekOCR2Config, DeepseekOCR2ForCausalLM, DeepseekOCRConfig, DeepseekOCRForCausalLM
 from checkpoints.generation import STOP_EOS, STOP_MAX_NEW_TOKENS
 from conftest import REFERENCE, document_image, reference_tensor_shapes
 
@@ -23,6 +23,42 @@ def test_official_config_builds_every_official_tensor_and_nothing_else():
     assert sorted(set(ours) - set(reference)) == []
     assert {n: s for n, s in ours.items() if reference[n] != s} == {}
     assert sum(t.numel() for t in model.state_dict().values()) == 3_336_106_240
+
+
+def test_official_ocr2_config_builds_every_official_ocr2_tensor_and_nothing_else():
+    folder = REFERENCE / "deepseek-ocr-2"
+    config = DeepseekOCR2Config(**json.loads((folder / "config.json").read_text()))
+    with torch.device("meta"):
+        model = DeepseekOCR2ForCausalLM(config)
+    ours = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    reference = reference_tensor_shapes(folder)
+    assert sorted(set(reference) - set(ours)) == []
+    assert sorted(set(ours) - set(reference)) == []
+    assert {n: s for n, s in ours.items() if reference[n] != s} == {}
+    parameters = sum(t.numel() for t in model.state_dict().values())
+    facts = json.loads((folder / "checkpoint-facts.json").read_text())
+    assert parameters == facts["parameters"] == 3_389_119_360
+    # The official index's total size is not twice the parameter count: see checkpoint-facts.json.
+    assert facts["index_total_size"] - 2 * parameters == facts["bytes_beyond_bf16"] == 1_010_688
+    # The decoder is the first model's, name for name and shape for shape.
+    first = reference_tensor_shapes()
+    decoder = {n: s for n, s in first.items() if n.startswith(("model.layers.", "model.embed_tokens", "model.norm",
+                                                                "lm_head"))}
+    assert {n: reference[n] for n in decoder} == decoder
+
+
+def test_ocr2_random_checkpoint_has_the_official_names(tiny_ocr2_checkpoint):
+    """The tiny model has fewer layers and experts, the same tensor names otherwise."""
+    import re
+
+    from safetensors import safe_open
+
+    def patterns(names):
+        return {re.sub(r"\.\d+\.", ".N.", name) for name in names}
+
+    with safe_open(str(tiny_ocr2_checkpoint / "model-00001-of-000001.safetensors"), "pt") as handle:
+        names = set(handle.keys())
+    assert patterns(names) == patterns(reference_tensor_shapes(REFERENCE / "deepseek-ocr-2"))
 
 
 def test_tiny_checkpoint_loads_through_automodel_with_remote_code(tiny_checkpoint, tiny_tokenizer, tiny_model):
