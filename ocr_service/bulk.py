@@ -434,14 +434,18 @@ class Signals:
 
 
 def main(argv: Optional[list] = None) -> int:
-    args = parser().parse_args(argv)
+    return run_command(parser().parse_args(argv))[0]
+
+
+def run_command(args: argparse.Namespace) -> tuple:
+    """(exit status, Summary or None when the run could not start)."""
     from .pipeline import Options
 
     try:
         settings = Settings.from_env()
     except SettingsError as error:
         print(f"bulk: {error}", file=sys.stderr)
-        return EXIT_USAGE
+        return EXIT_USAGE, None
     if args.weights_dir:
         settings = settings.replace(weights_dir=args.weights_dir)
     options = Options(task_type=args.task_type, resolution_size=args.resolution_size, pages=args.pages,
@@ -453,7 +457,7 @@ def main(argv: Optional[list] = None) -> int:
         previous = folder.open()
     except (InputError, BulkError, OSError) as error:
         print(f"bulk: {error}", file=sys.stderr)
-        return EXIT_USAGE
+        return EXIT_USAGE, None
     log = Logger(folder.root / LOG, args.verbose)
     try:
         run_options = fingerprint(options, settings, args.ignore_eos)
@@ -471,13 +475,13 @@ def main(argv: Optional[list] = None) -> int:
         log(f"manifest: {folder.manifest}")
     except (BulkError, InputError) as error:
         log(f"{error}")
-        return EXIT_USAGE
+        return EXIT_USAGE, None
     finally:
         folder.close()
         log.close()
     if summary.interrupted:
-        return 128 + (signals.number or signal.SIGTERM)
-    return EXIT_FAILED if summary.unsuccessful else 0
+        return 128 + (signals.number or signal.SIGTERM), summary
+    return (EXIT_FAILED if summary.unsuccessful else 0), summary
 
 
 def run_with_ray(*arguments) -> Summary:

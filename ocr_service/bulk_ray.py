@@ -33,6 +33,8 @@ REPOSITORY = Path(__file__).resolve().parent.parent
 READ, SKIPPED = "read", "skipped"
 # Memory a read task reserves for a rendered document (Ray then runs no more readers than memory allows).
 READER_MEMORY = 512 * 2**20
+ENGINE_CPUS = 1  # the engine's own threads (serving, preprocessing) are not counted apart
+ENGINE_START_TIMEOUT_S = 3600
 
 
 def import_ray():
@@ -91,6 +93,7 @@ class OCRActor:
         self.options, self.timeout = options, timeout
         self.prompt, self.preset = options.prompt_and_preset(self.engine.special_token_texts)
         self.ready_at = time.time()
+        self.first_document_at = None  # when the first document to read arrived (benchmarks)
 
     def __call__(self, row: dict) -> dict:
         from PIL import Image
@@ -100,9 +103,11 @@ class OCRActor:
 
         out = dict(document=row["document"], source=row["source"], status=row["status"], error=row["error"],
                    content_hash=row["content_hash"], bytes=row["bytes"], pages=len(row["page_numbers"]), tokens=0,
-                   seconds=0.0, stop_reasons=[], files=[], engine_ready_at=self.ready_at)
+                   seconds=0.0, stop_reasons=[], files=[], engine_ready_at=self.ready_at, first_document_at=None)
         if row["status"] != READ:
             return out
+        self.first_document_at = self.first_document_at or time.time()
+        out["first_document_at"] = self.first_document_at
         pages = [Page(Image.frombytes("RGB", (int(size[0]), int(size[1])), pixels), int(number))
                  for number, size, pixels
                  in zip(row["page_numbers"], row["page_sizes"], row["page_pixels"])]
@@ -166,10 +171,17 @@ def run_with_ray(args, sources, folder, previous, options, settings, run_options
     try:
         context = DataContext.get_current()
         context.enable_progress_bars = False  # ours counts documents and pages
-        gpus = int(ray.cluster_resources().get("GPU", 0))
+        # Documents go to the engine holding the fewest: an engine ready first would otherwise take the first
+        # documents-per-engine documents alone. Starting can include downloading the weights.
+        context.wait_for_min_actors_s = ENGINE_START_TIMEOUT_S
+        resources = ray.cluster_resources()
+        gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 0))
         engines = args.ray_engines or gpus or 1
         if gpus and engines > gpus:
             raise BulkError(f"--ray-engines {engines}: the cluster has {gpus} GPU(s)")
+        if engines * ENGINE_CPUS >= cpus:  # Ray would start the engines and never the readers
+            raise BulkError(f"{engines} engine(s) of {ENGINE_CPUS} CPU each leave none of the cluster's {cpus} CPUs "
+                            "to read documents: use fewer engines or more CPUs")
         log(f"Ray: {engines} engine(s) on {'GPUs' if gpus else 'CPUs'}, {args.ray_documents_per_engine} documents "
             f"in flight each")
         items = [{"document": s.name, "source": s.location, "done_hash": _done_hash(folder, previous.get(s.name),
@@ -179,7 +191,8 @@ def run_with_ray(args, sources, folder, previous, options, settings, run_options
             return summary
         calls = args.ray_documents_per_engine
         dataset = (
-            ray.data.from_items(items, override_num_blocks=min(len(items), 1000))
+            # One document per block: a task, and the rows an engine fetches at once, hold one document.
+            ray.data.from_items(items, override_num_blocks=len(items))
             .map(read_pages, fn_kwargs={"options": options, "limits": settings.limits}, num_cpus=1,
                  memory=READER_MEMORY, runtime_env=runtime_env)
             .map(OCRActor, fn_constructor_kwargs={"environment": environment, "options": options,
@@ -187,7 +200,7 @@ def run_with_ray(args, sources, folder, previous, options, settings, run_options
                                                   "ignore_eos": args.ignore_eos},
                  compute=ActorPoolStrategy(size=engines, max_tasks_in_flight_per_actor=calls,
                                            max_concurrent_calls_per_actor=calls, enable_true_multi_threading=True),
-                 num_gpus=1 if gpus else 0, num_cpus=1, runtime_env=runtime_env)
+                 num_gpus=1 if gpus else 0, num_cpus=ENGINE_CPUS, runtime_env=runtime_env)
         )
         _consume(dataset, summary, folder, previous, run_options, progress, signals, log)
     finally:
@@ -221,7 +234,7 @@ def _consume(dataset, summary, folder, previous, run_options, progress, signals,
     started = time.monotonic()
     thread = threading.Thread(target=iterate, name="bulk-ray-rows", daemon=True)
     thread.start()
-    ready = set()
+    ready, first_document = set(), []
     while True:
         if signals.count:
             log("stopping: the documents in flight are abandoned; the next run redoes them")
@@ -234,10 +247,13 @@ def _consume(dataset, summary, folder, previous, run_options, progress, signals,
         if row is finished:
             break
         ready.add(row["engine_ready_at"])
+        if row["first_document_at"] is not None:
+            first_document.append(row["first_document_at"])
         _commit(row, summary, folder, previous, run_options, progress)
         summary.seconds = time.monotonic() - started
         summary.extra["last_commit_at"] = time.time()
     summary.extra["engine_ready_at"] = sorted(ready)
+    summary.extra["first_document_at"] = min(first_document, default=None)
     if failure and not summary.interrupted:
         raise BulkError(f"the Ray pipeline failed: {failure[0]}")
 

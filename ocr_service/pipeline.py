@@ -4,26 +4,32 @@ steps, so that a document gives the same output either way.
 
 PDFium (pypdfium2) must never be called from two threads at once, not even for different documents
 (a concurrent call can crash the process), so PDFs are read one at a time per process.
+
+Reading needs neither torch nor the model: what does is imported where it is used, so that processes that
+only read documents (Ray's CPU workers) stay small.
 """
 
 import json
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
 
-from checkpoints.grounding import FIGURE_PREFIX
-
-from .document import DocumentOutput, PageOutput, assemble
-from .engine import MAX_NEW_TOKENS
 from .errors import InputError
 from .inputs import HEADER_BYTES, Limits, is_pdf, load_pages
 from .presets import DEFAULT_RESOLUTION, DEFAULT_TASK_TYPE, build_prompt, resolution
 
 MARKDOWN_TASK = "Convert to Markdown"  # the task whose `text` is clean markdown with figure links
-# figure crops and annotated pages, in the folder of a document's JSON where its markdown links them
-FILES_FOLDER = FIGURE_PREFIX.rstrip("/")
+# Figure crops and annotated pages, in the folder of a document's JSON: where its markdown links the
+# figures (checkpoints.grounding.FIGURE_PREFIX; a test checks that they agree).
+FILES_FOLDER = "images"
 PDFIUM_LOCK = threading.Lock()
+
+
+def engine_max_new_tokens() -> int:
+    from .engine import MAX_NEW_TOKENS
+
+    return MAX_NEW_TOKENS
 
 
 @dataclass(frozen=True)
@@ -33,13 +39,14 @@ class Options:
     task_type: str = DEFAULT_TASK_TYPE
     resolution_size: str = DEFAULT_RESOLUTION
     pages: str = ""
-    max_new_tokens: int = MAX_NEW_TOKENS
+    max_new_tokens: int = field(default_factory=engine_max_new_tokens)
     reference_text: str = ""
 
     def prompt_and_preset(self, special_token_texts: Iterable[str] = ()) -> tuple:
         """(prompt, Resolution), or InputError saying which option is wrong."""
-        if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
-            raise InputError(f"max_new_tokens={self.max_new_tokens} is out of range: use 1 to {MAX_NEW_TOKENS}")
+        limit = engine_max_new_tokens()
+        if not 1 <= self.max_new_tokens <= limit:
+            raise InputError(f"max_new_tokens={self.max_new_tokens} is out of range: use 1 to {limit}")
         prompt = build_prompt(self.task_type, self.reference_text, extra_forbidden=special_token_texts)
         return prompt, resolution(self.resolution_size)
 
@@ -76,6 +83,8 @@ def wait_for(job, timeout: Optional[float]) -> list:
 
 
 def page_outputs(pages: list, results: list) -> list:
+    from .document import PageOutput
+
     return [
         PageOutput(page.number, result.text, len(result.token_ids), result.image_tokens, result.finished,
                    result.seconds, result.stop_reason, result.first_token_s)
@@ -83,8 +92,10 @@ def page_outputs(pages: list, results: list) -> list:
     ]
 
 
-def assemble_document(pages: list, results: list, options: Options, files_dir: Path) -> DocumentOutput:
+def assemble_document(pages: list, results: list, options: Options, files_dir: Path) -> "DocumentOutput":
     """The document's result; figure crops and annotated pages are written into `files_dir`."""
+    from .document import assemble
+
     return assemble(page_outputs(pages, results), [page.image for page in pages],
                     options.task_type == MARKDOWN_TASK, Path(files_dir))
 
@@ -98,7 +109,7 @@ def run_document(engine, path: Path, options: Options, limits: Limits, files_dir
     return pages, results, assemble_document(pages, results, options, files_dir)
 
 
-def output_fields(merged: DocumentOutput, relative_to: Path) -> dict:
+def output_fields(merged: "DocumentOutput", relative_to: Path) -> dict:
     """The predictor's Output as JSON data, its files named by their paths relative to `relative_to`."""
     def relative(paths: list) -> list:
         return [Path(p).relative_to(relative_to).as_posix() for p in paths]
@@ -114,7 +125,7 @@ def output_fields(merged: DocumentOutput, relative_to: Path) -> dict:
     }
 
 
-def write_document(merged: DocumentOutput, folder: Path, json_name: str, markdown_name: str) -> None:
+def write_document(merged: "DocumentOutput", folder: Path, json_name: str, markdown_name: str) -> None:
     """The output JSON and the markdown (`text`) beside the files `assemble_document` wrote into
     folder/FILES_FOLDER."""
     (folder / json_name).write_text(json.dumps(output_fields(merged, folder), ensure_ascii=False, indent=1),

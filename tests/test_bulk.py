@@ -490,3 +490,9 @@ def test_figures_and_annotated_pages_are_files_beside_the_json_with_relative_pat
     assert "![](images/0.jpg)" in markdown and (tmp_path / "images/0.jpg").is_file()
     assert Image.open(io.BytesIO((tmp_path / output["annotated_images"][0]).read_bytes())).size == (400, 300)
     assert [b["figure"] for b in output["blocks"]] == [None, "images/0.jpg"]
+
+
+def test_the_files_folder_is_where_the_markdown_links_figures():
+    from checkpoints.grounding import FIGURE_PREFIX
+
+    assert FIGURE_PREFIX == FILES_FOLDER + "/"
