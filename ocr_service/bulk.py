@@ -408,20 +408,35 @@ class Logger:
             self._file.close()
 
 
+class Interrupted(BaseException):
+    """A signal, raised where the main thread is (Ray mode), so that Ray's own waits end at once."""
+
+
 class Signals:
-    """The first SIGTERM/SIGINT stops new work and starts the grace period; the second abandons."""
+    """The first SIGTERM/SIGINT stops new work and starts the grace period; the second abandons. With
+    `interrupt()`, a signal raises Interrupted in the main thread instead."""
 
     def __init__(self):
         self.count = 0
         self.number: Optional[int] = None
         self.first_at: Optional[float] = None
+        self._raise = False
         self._previous = {}
 
     def __enter__(self):
+        self.install()
+        return self
+
+    def install(self) -> None:
+        """(Again:) ray.init() installs a SIGTERM handler of its own."""
         if threading.current_thread() is threading.main_thread():
             for number in (signal.SIGTERM, signal.SIGINT):
-                self._previous[number] = signal.signal(number, self._handle)
-        return self
+                previous = signal.signal(number, self._handle)
+                self._previous.setdefault(number, previous)
+
+    def interrupt(self) -> None:
+        self._raise = True
+        self.install()
 
     def __exit__(self, *exc):
         for number, handler in self._previous.items():
@@ -431,6 +446,9 @@ class Signals:
         self.count += 1
         self.number = self.number or number
         self.first_at = self.first_at or time.monotonic()
+        if self._raise:
+            self._raise = False  # once: the clean-up after it is not interrupted again
+            raise Interrupted()
 
 
 def main(argv: Optional[list] = None) -> int:
@@ -511,4 +529,7 @@ def _react(run: LocalRun, signals: Signals, grace: float, log) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Through the package's module, not this __main__ copy: bulk_ray must see the same classes.
+    from ocr_service.bulk import main as package_main
+
+    sys.exit(package_main())

@@ -18,9 +18,7 @@ import logging
 import os
 import sys
 import tempfile
-import threading
 import time
-import queue
 from pathlib import Path
 
 from .bulk_io import (
@@ -217,45 +215,30 @@ def _done_hash(folder, previous, run_options, retry_refused) -> str:
 
 
 def _consume(dataset, summary, folder, previous, run_options, progress, signals, log) -> None:
-    """Commit rows as they come (the iteration runs on a thread, so that a signal is seen at once)."""
-    rows: "queue.Queue" = queue.Queue(maxsize=64)
-    finished = object()
-    failure = []
-
-    def iterate() -> None:
-        try:
-            for row in dataset.iter_rows():
-                rows.put(row)
-        except BaseException as error:  # handed to the main thread
-            failure.append(error)
-        finally:
-            rows.put(finished)
+    """Commit rows as they come. A signal raises Interrupted here, which ends the iteration and with it
+    the pipeline: the documents in flight are abandoned."""
+    from .bulk import Interrupted
 
     started = time.monotonic()
-    thread = threading.Thread(target=iterate, name="bulk-ray-rows", daemon=True)
-    thread.start()
     ready, first_document = set(), []
-    while True:
+    signals.interrupt()
+    try:
         if signals.count:
-            log("stopping: the documents in flight are abandoned; the next run redoes them")
-            summary.interrupted = True
-            break
-        try:
-            row = rows.get(timeout=0.2)
-        except queue.Empty:
-            continue
-        if row is finished:
-            break
-        ready.add(row["engine_ready_at"])
-        if row["first_document_at"] is not None:
-            first_document.append(row["first_document_at"])
-        _commit(row, summary, folder, previous, run_options, progress)
-        summary.seconds = time.monotonic() - started
-        summary.extra["last_commit_at"] = time.time()
+            raise Interrupted()
+        for row in dataset.iter_rows():
+            ready.add(row["engine_ready_at"])
+            if row["first_document_at"] is not None:
+                first_document.append(row["first_document_at"])
+            _commit(row, summary, folder, previous, run_options, progress)
+            summary.seconds = time.monotonic() - started
+            summary.extra["last_commit_at"] = time.time()
+    except Interrupted:
+        log("stopping: the documents in flight are abandoned; the next run redoes them")
+        summary.interrupted = True
+    except Exception as error:
+        raise BulkError(f"the Ray pipeline failed: {error}") from error
     summary.extra["engine_ready_at"] = sorted(ready)
     summary.extra["first_document_at"] = min(first_document, default=None)
-    if failure and not summary.interrupted:
-        raise BulkError(f"the Ray pipeline failed: {failure[0]}")
 
 
 def _commit(row: dict, summary, folder, previous, run_options, progress) -> None:

@@ -232,10 +232,10 @@ def test_a_rerun_skips_what_is_done_and_redoes_what_changed(first_run, corpus, e
     assert all(line["options"]["pages"] == "1" for line in latest.values())
 
 
-def start_process(corpus: Path, out: Path, checkpoint: Path) -> subprocess.Popen:
+def start_process(corpus: Path, out: Path, checkpoint: Path, *extra) -> subprocess.Popen:
     environment = dict(os.environ, **ENVIRONMENT, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     command = [sys.executable, "-m", "ocr_service.bulk", str(corpus), str(out), "--weights-dir", str(checkpoint),
-               *ARGUMENTS, "--pages-in-flight", "1", "--readers", "1", "--log-every", "1"]
+               *ARGUMENTS, "--pages-in-flight", "1", "--readers", "1", "--log-every", "1", *extra]
     return subprocess.Popen(command, cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
 
@@ -294,19 +294,27 @@ def test_runs_killed_with_sigterm_then_sigkill_resume_to_every_document_once(cor
             assert document_output(out, name) == document_output(reference, name), name
 
 
-def test_ray_data_in_local_mode_gives_the_same_and_resumes(first_run, corpus, tiny_checkpoint, monkeypatch,
-                                                           tmp_path):
+def test_ray_data_in_local_mode_stops_on_sigterm_and_resumes_to_the_same_outputs(first_run, corpus, tiny_checkpoint,
+                                                                                 monkeypatch, tmp_path):
     ray = pytest.importorskip("ray")
+    out = tmp_path / "out"
+    # A run through Ray (its own local Ray, CPU engines) stopped by SIGTERM: what is in flight is abandoned.
+    process = start_process(corpus, out, tiny_checkpoint, "--ray", "--ray-documents-per-engine", "1")
+    wait_for_lines(out, 2, process, timeout=240)
+    process.send_signal(signal.SIGTERM)
+    log = process.communicate(timeout=120)[0]
+    assert process.returncode == 128 + signal.SIGTERM, log
+    assert "documents in flight are abandoned" in log
+    stopped = manifest_lines(out)
+    assert 2 <= len(stopped) < len(DOCUMENTS) and not (out / STAGING).exists()
+    # As if a kill had come between a folder's rename and its manifest line: a stale folder, redone.
+    stale = next(n for n in DOCUMENTS if n not in REFUSALS and n not in {line["document"] for line in stopped})
+    (out / stale).mkdir(parents=True, exist_ok=True)
+    (out / stale / "output.json").write_text("{}")
+    # The rerun, through Ray in this process (ray.init on this machine): every document once, the same outputs.
     for name, value in ENVIRONMENT.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    # An earlier run that stopped after five documents, with the folders of others written but not committed.
-    reference = first_run["out"]
-    out = shutil.copytree(reference, tmp_path / "out")
-    done = manifest_lines(reference)[:5]
-    (out / MANIFEST).write_text("".join(json.dumps(line) + "\n" for line in done))
-    stale = next(n for n in DOCUMENTS if n not in REFUSALS and n not in {line["document"] for line in done})
-    (out / stale / "output.json").write_text("{}")  # a folder written but not committed: replaced
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     try:
         code = bulk.main([str(corpus), str(out), "--weights-dir", str(tiny_checkpoint), *ARGUMENTS, "--ray"])
@@ -314,10 +322,11 @@ def test_ray_data_in_local_mode_gives_the_same_and_resumes(first_run, corpus, ti
         ray.shutdown()
     assert code == bulk.EXIT_FAILED
     lines = manifest_lines(out)
-    assert lines[:5] == done
-    assert sorted(line["document"] for line in lines) == DOCUMENTS  # the five were skipped, the rest done once
+    assert lines[:len(stopped)] == stopped
+    assert sorted(line["document"] for line in lines) == DOCUMENTS
+    reference = first_run["out"]
     expected = manifest_by_name(reference)
-    for line in lines[5:]:
+    for line in lines:
         assert {k: v for k, v in line.items() if k not in ("seconds", "finished_at")} == {
             k: v for k, v in expected[line["document"]].items() if k not in ("seconds", "finished_at")}
     assert visible_files(out) == visible_files(reference)
