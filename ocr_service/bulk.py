@@ -90,7 +90,7 @@ class Progress:
             from tqdm import tqdm
 
             self._bar = tqdm(total=total, unit="doc", dynamic_ncols=True, smoothing=0.1,
-                             bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} documents {postfix}")
+                             bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} documents{postfix}")
 
     def update(self, summary: Summary, message: Optional[str] = None) -> None:
         with self._lock:
@@ -118,9 +118,16 @@ class Progress:
         worked = summary.ok + summary.refused + summary.failed
         rate = summary.pages / elapsed if elapsed > 0 else 0.0
         left = self.total - self._done(summary)
-        eta = f"{_duration(elapsed / worked * left)} left" if worked and left else "time left unknown"
         failed = summary.refused + summary.failed
-        return f"{summary.pages} pages, {rate:.2f} pages/s, {failed} failed, {eta}"
+        text = f"{summary.pages} pages, {rate:.2f} pages/s, {failed} failed"
+        if left:
+            text += f", {_duration(elapsed / worked * left)} left" if worked else ", time left unknown"
+        return text
+
+    def tick(self) -> None:
+        """Refresh the bar's rate and time left between documents."""
+        if self._bar is not None and self.summary is not None:
+            self.update(self.summary)
 
 
 def _duration(seconds: float) -> str:
@@ -513,7 +520,11 @@ def run_here(args, sources, folder, previous, options, settings, run_options, pr
     run = LocalRun(lambda: load_engine(settings, log.engine, ignore_eos=args.ignore_eos), sources, folder, previous, options, settings, run_options, progress, args.readers,
                    pages_in_flight, args.retry_refused)
 
-    return run.run(lambda: _react(run, signals, args.grace, log))
+    def poll() -> None:
+        _react(run, signals, args.grace, log)
+        progress.tick()
+
+    return run.run(poll)
 
 
 def _react(run: LocalRun, signals: Signals, grace: float, log) -> None:

@@ -25,7 +25,7 @@ from ocr_service.bulk_io import (
 )
 from ocr_service.engine import OCREngine, PageResult
 from ocr_service.errors import InputError
-from ocr_service.pipeline import FILES_FOLDER, Options, assemble_document, write_document
+from ocr_service.pipeline import FILES_FOLDER, Options, assemble_document, run_document, write_document
 from ocr_service.inputs import Page
 from ocr_service.settings import Settings
 
@@ -203,6 +203,13 @@ def test_outputs_equal_the_predictors(first_run, corpus, engine, settings, monke
     predicted_calls = engine.take()
     assert predicted_calls == first_run["calls"]
     assert any(tokens for *_, pages in predicted_calls.values() for tokens in pages)
+    # The pipeline's own one-call form, for the predictor to use, gives the same.
+    files = out.parent / "run-document"
+    pages, results, merged = run_document(engine.engine, corpus / "scans/e.tif", Options(**TASK), settings.limits,
+                                          files / FILES_FOLDER, timeout=60)
+    write_document(merged, files, "output.json", "output.md")
+    assert document_output(files.parent, files.name) == document_output(out, "scans/e.tif") and len(pages) == 3
+    engine.take()
 
 
 def manifest_by_name(out: Path) -> dict:
