@@ -166,6 +166,8 @@ def run_with_ray(args, sources, folder, previous, options, settings, run_options
         ray.init(address=args.ray_address, include_dashboard=False, log_to_driver=args.verbose,
                  logging_level=logging.INFO if args.verbose else logging.WARNING)
     summary = Summary(listed=len(sources))
+    if not args.verbose:
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # its per-run lines; ours say the same
     try:
         context = DataContext.get_current()
         context.enable_progress_bars = False  # ours counts documents and pages
