@@ -5,7 +5,12 @@
 #   .whl/orig  transformers 4.46.3, tokenizers 0.20.3, huggingface_hub 0.26.5, addict, easydict, einops:
 #              the original code's stack, used in a subprocess only
 #   .bench/orig  the original remote-code .py files (fetched outside the repository, never committed)
-# Steps: kernels, vision, engine, engine-steps, service, numerics, stages, tests.
+#   .whl/ray*  for bulk-ray: ray 2.60.0 (cp312) and the needs the machine lacks (jsonschema,
+#              jsonschema-specifications, referencing, rpds-py); the ray wheel is larger than one call
+#              carries, so it may travel split (split -b 40M RAY.whl .whl/ray-a/RAY.whl.part-, the rest in
+#              .whl/ray-b/, one folder a call: ignored files stay on a warm machine); parts are joined here
+# Steps: kernels, vision, engine, engine-steps, service, numerics, stages, tests, bulk (one GPU),
+# bulk-ray (2 GPUs).
 #   bash benchmarks/device.sh kernels engine-steps
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +24,17 @@ if [ -d .whl/orig ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/origsite .whl/orig/*.whl
 fi
 ORIGINAL=(--original .bench/orig --original-site /tmp/origsite)
+install_ray() {
+  mkdir -p /tmp/raywheels
+  for first in $(ls .whl/ray*/*.whl.part-aa 2>/dev/null); do
+    name=$(basename "$first" .part-aa)
+    cat $(for part in .whl/ray*/"$name".part-*; do echo "${part##*.part-} $part"; done | sort | cut -d' ' -f2) \
+      > "/tmp/raywheels/$name"
+  done
+  cp .whl/ray*/*.whl /tmp/raywheels/ 2>/dev/null
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/raysite /tmp/raywheels/*.whl &&
+    export PYTHONPATH=/tmp/raysite${PYTHONPATH:+:$PYTHONPATH}
+}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 for step in "$@"; do
@@ -31,6 +47,8 @@ for step in "$@"; do
     service) python3 benchmarks/bench_service.py --json "$OUT/service.json" 2>&1 | tee "$OUT/service.log" ;;
     numerics) python3 benchmarks/bench_numerics.py "${ORIGINAL[@]}" --json "$OUT/numerics.json" 2>&1 | tee "$OUT/numerics.log" ;;
     stages) python3 benchmarks/numerics_stages.py "${ORIGINAL[@]}" --json "$OUT/stages.json" 2>&1 | tee "$OUT/stages.log" ;;
+    bulk) python3 benchmarks/bench_bulk.py --json "$OUT/bulk.json" 2>&1 | tee "$OUT/bulk.log" ;;
+    bulk-ray) install_ray; python3 benchmarks/bench_bulk.py --ray --gpus 2 --json "$OUT/bulk-ray.json" 2>&1 | tee "$OUT/bulk-ray.log" ;;
     tests) python3 -m pytest -q -x tests/test_triton_kernels.py tests/test_generation.py tests/test_loop_stop.py 2>&1 | tee "$OUT/tests.log" ;;
     *) echo "unknown step $step" ;;
   esac
