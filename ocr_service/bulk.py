@@ -303,7 +303,8 @@ class LocalRun:
                 self._commit_failure(source, content_hash, size, FAILED, str(error) or repr(error), pages=len(pages))
                 return
             staged = self.folder.new_staging_folder()
-            merged = assemble_document(pages, results, self.options, staged / FILES_FOLDER)
+            merged = assemble_document(pages, results, self.options, staged / FILES_FOLDER,
+                                       self.engine().special_token_texts)
             write_document(merged, staged, DOCUMENT_JSON, DOCUMENT_MARKDOWN)
             entry = record(source, OK, content_hash, size, self.run_options, pages=len(pages),
                            tokens=sum(len(r.token_ids) for r in results),

@@ -119,7 +119,8 @@ class OCRActor:
             out.update(status=FAILED, error=str(error) or repr(error))
             return out
         with tempfile.TemporaryDirectory(prefix="bulk-ocr-") as folder:
-            merged = assemble_document(pages, results, self.options, Path(folder) / FILES_FOLDER)
+            merged = assemble_document(pages, results, self.options, Path(folder) / FILES_FOLDER,
+                                       self.engine.special_token_texts)
             write_document(merged, Path(folder), DOCUMENT_JSON, DOCUMENT_MARKDOWN)
             files = read_files(Path(folder))
         out.update(status=OK, tokens=sum(len(r.token_ids) for r in results), seconds=max(r.seconds for r in results),

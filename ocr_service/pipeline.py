@@ -2,28 +2,23 @@
 them, assemble the result. The predictor and the bulk command (`bulk.py`, `bulk_ray.py`) share these
 steps, so that a document gives the same output either way.
 
-PDFium (pypdfium2) must never be called from two threads at once, not even for different documents
-(a concurrent call can crash the process), so PDFs are read one at a time per process.
-
 Reading needs neither torch nor the model: what does is imported where it is used, so that processes that
 only read documents (Ray's CPU workers) stay small.
 """
 
 import json
-import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
 
 from .errors import InputError
-from .inputs import HEADER_BYTES, Limits, is_pdf, load_pages
+from .inputs import Limits, load_pages
 from .presets import DEFAULT_RESOLUTION, DEFAULT_TASK_TYPE, build_prompt, resolution
 
 MARKDOWN_TASK = "Convert to Markdown"  # the task whose `text` is clean markdown with figure links
 # Figure crops and annotated pages, in the folder of a document's JSON: where its markdown links the
 # figures (checkpoints.grounding.FIGURE_PREFIX; a test checks that they agree).
 FILES_FOLDER = "images"
-PDFIUM_LOCK = threading.Lock()
 
 
 def engine_max_new_tokens() -> int:
@@ -56,16 +51,7 @@ class Options:
 
 def read_document(path: Path, options: Options, limits: Limits) -> list:
     """The pages of `path` the options select, within the limits (InputError otherwise)."""
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(HEADER_BYTES)
-    except OSError:
-        head = b""  # load_pages reports the unreadable file
-    kwargs = dict(pages=options.pages or None, **limits.as_kwargs())
-    if is_pdf(head):
-        with PDFIUM_LOCK:
-            return load_pages(path, **kwargs)
-    return load_pages(path, **kwargs)
+    return load_pages(path, pages=options.pages or None, **limits.as_kwargs())
 
 
 def submit_document(engine, pages: list, prompt: str, preset, options: Options):
@@ -92,12 +78,15 @@ def page_outputs(pages: list, results: list) -> list:
     ]
 
 
-def assemble_document(pages: list, results: list, options: Options, files_dir: Path) -> "DocumentOutput":
-    """The document's result; figure crops and annotated pages are written into `files_dir`."""
+def assemble_document(pages: list, results: list, options: Options, files_dir: Path,
+                      added_tokens: Iterable[str] = ()) -> "DocumentOutput":
+    """The document's result; figure crops and annotated pages are written into `files_dir`.
+    `added_tokens`: the tokenizer's added vocabulary (`OCREngine.special_token_texts`), whose tokens that
+    are not content are kept out of the text."""
     from .document import assemble
 
     return assemble(page_outputs(pages, results), [page.image for page in pages],
-                    options.task_type == MARKDOWN_TASK, Path(files_dir))
+                    options.task_type == MARKDOWN_TASK, Path(files_dir), added_tokens)
 
 
 def run_document(engine, path: Path, options: Options, limits: Limits, files_dir: Path,
@@ -106,7 +95,7 @@ def run_document(engine, path: Path, options: Options, limits: Limits, files_dir
     prompt, preset = options.prompt_and_preset(engine.special_token_texts)
     pages = read_document(path, options, limits)
     results = wait_for(submit_document(engine, pages, prompt, preset, options), timeout)
-    return pages, results, assemble_document(pages, results, options, files_dir)
+    return pages, results, assemble_document(pages, results, options, files_dir, engine.special_token_texts)
 
 
 def output_fields(merged: "DocumentOutput", relative_to: Path) -> dict:

@@ -34,9 +34,9 @@ TASK = {"task_type": "Free OCR", "resolution_size": "Tiny", "max_new_tokens": 40
 ARGUMENTS = ["--task-type", TASK["task_type"], "--resolution-size", TASK["resolution_size"],
              "--max-new-tokens", str(TASK["max_new_tokens"]), "--no-progress-bar"]
 REFUSALS = {  # document → what its error says
-    "broken/empty.png": "the input file is empty",
+    "broken/empty.png": "the file given as image is empty",
     "broken/truncated.pdf": "may be damaged or truncated",
-    "reports/too-long.pdf": "5 pages selected; the limit is 4",
+    "reports/too-long.pdf": "image has 5 pages; the limit is 4 per request (DEEPSEEK_OCR_MAX_PAGES)",
 }
 TIMINGS = ("seconds", "first_token_seconds")
 
@@ -91,14 +91,15 @@ class SubmitSpy:
 
     def __init__(self, engine: OCREngine):
         self.engine, self.calls = engine, []
-        original = engine.submit
+        original = engine.prepare
 
-        def submit(images, prompt, preset, max_new_tokens):
+        # Every job is made by `prepare` (`submit` is prepare + start; the predictor calls the two apart).
+        def prepare(images, prompt, preset, max_new_tokens):
             job = original(images, prompt, preset, max_new_tokens)
             self.calls.append({"pages": pages_digest(images), "prompt": prompt, "preset": preset,
                                "max_new_tokens": max_new_tokens, "job": job})
             return job
-        engine.submit = submit
+        engine.prepare = prepare
 
     def take(self) -> dict:
         """Pages digest → (prompt, preset, max_new_tokens, token ids per page) of the calls so far."""
@@ -172,14 +173,14 @@ def test_every_document_is_in_the_manifest_once_with_clear_errors(first_run):
 
 
 def predict_directly(engine, settings, monkeypatch, path: Path, **inputs):
-    """Predictor.predict on a file, on the given engine, with every input given (as Cog would)."""
+    """Predictor.run on a file, on the given engine, with every input given (as Cog would)."""
     import predict
     from cog import Path as CogPath
 
     monkeypatch.setattr(predict, "SETTINGS", settings)
     predictor = predict.Predictor()
     predictor.engine = engine
-    return asyncio.run(predictor.predict(image=CogPath(path), reference_text="", pages="", **inputs))
+    return asyncio.run(predictor.run(image=CogPath(path), reference_text="", pages="", **inputs))
 
 
 def test_outputs_equal_the_predictors(first_run, corpus, engine, settings, monkeypatch):
