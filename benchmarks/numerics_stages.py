@@ -185,8 +185,11 @@ CONFIGURATIONS = {
 
 def configure(model, name: str) -> None:
     """Compute the reference path as CONFIGURATIONS[name] says. "original's order" is PyTorch's
-    definitions of the fused operations, eager attention and the original's rotary rounding."""
+    definitions of the fused operations, eager attention, the original's rotary rounding and SAM's dense
+    relative-position bias (the served path folds it into the attention kernel)."""
     rotary, triton, attention = CONFIGURATIONS[name]
+    for block in model.model.sam_model.blocks:
+        block.attn.fold_relative_positions = name != "original's order"
     config = model.config
     model.model.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, rotary)
     if triton:
