@@ -5,7 +5,7 @@ While the file named by DEEPSEEK_OCR_TEST_OOM_FLAG exists, the next attention ca
 out-of-memory error class, as a GPU would; the flag is removed when it fires.
 
 While the file named by DEEPSEEK_OCR_TEST_HOLD_FLAG exists, every call of the step it names waits until the
-file is removed (at most 120 s): "load" (predict.py reading the file), "prepare" (the engine sizing and
+file is removed (at most 120 s): "load" (predict.py reading the file: read_document), "prepare" (the engine sizing and
 checking the job), "submit" (handing the job to the serving thread). Each held call appends "held STEP" to
 the file FLAG.events when it starts waiting and "released STEP" when it goes on, so that a test knows where
 a prediction is.
@@ -69,7 +69,7 @@ def _patches() -> list:
     """(module, owner's attribute path, wrapper) for each function to replace once its module is imported."""
     patches = []
     if _HOLD_FLAG:
-        patches += [("predict", "load_pages", lambda f: _held("load", f)),
+        patches += [("predict", "read_document", lambda f: _held("load", f)),
                     ("ocr_service.engine", "OCREngine.prepare", lambda f: _held("prepare", f)),
                     ("ocr_service.engine", "ServingLoop.submit", lambda f: _held("submit", f))]
     if _STATE_FILE:
