@@ -5,7 +5,9 @@
 #   .whl/orig  transformers 4.46.3, tokenizers 0.20.3, huggingface_hub 0.26.5, addict, easydict, einops:
 #              the original code's stack, used in a subprocess only
 #   .bench/orig  the original remote-code .py files (fetched outside the repository, never committed)
-# Steps: kernels, vision, engine, engine-steps, service, numerics, stages, tests.
+#   .bench/orig2 the same for DeepSeek-OCR 2
+# Steps: kernels, vision, engine, engine-steps, service, numerics, stages, tests; engine-ocr2 and
+# numerics-ocr2 run engine and numerics on DeepSeek-OCR 2.
 #   bash benchmarks/device.sh kernels engine-steps
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +21,7 @@ if [ -d .whl/orig ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/origsite .whl/orig/*.whl
 fi
 ORIGINAL=(--original .bench/orig --original-site /tmp/origsite)
+ORIGINAL2=(--original .bench/orig2 --original-site /tmp/origsite)
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 for step in "$@"; do
@@ -30,6 +33,8 @@ for step in "$@"; do
     engine-steps) python3 benchmarks/bench_engine.py --skip job --profile "$OUT" --json "$OUT/engine-steps.json" 2>&1 | tee "$OUT/engine-steps.log" ;;
     service) python3 benchmarks/bench_service.py --json "$OUT/service.json" 2>&1 | tee "$OUT/service.log" ;;
     numerics) python3 benchmarks/bench_numerics.py "${ORIGINAL[@]}" --json "$OUT/numerics.json" 2>&1 | tee "$OUT/numerics.log" ;;
+    engine-ocr2) python3 benchmarks/bench_engine.py --model ocr2 "${ORIGINAL2[@]}" --profile "$OUT/ocr2" --json "$OUT/engine-ocr2.json" 2>&1 | tee "$OUT/engine-ocr2.log" ;;
+    numerics-ocr2) python3 benchmarks/bench_numerics.py --model ocr2 "${ORIGINAL2[@]}" --json "$OUT/numerics-ocr2.json" 2>&1 | tee "$OUT/numerics-ocr2.log" ;;
     stages) python3 benchmarks/numerics_stages.py "${ORIGINAL[@]}" --json "$OUT/stages.json" 2>&1 | tee "$OUT/stages.log" ;;
     tests) python3 -m pytest -q -x tests/test_triton_kernels.py tests/test_generation.py tests/test_loop_stop.py 2>&1 | tee "$OUT/tests.log" ;;
     *) echo "unknown step $step" ;;

@@ -34,11 +34,11 @@ PAD_COLOR = tuple(int(m * 255) for m in NORM_MEAN)  # (127, 127, 127)
 TILING_THRESHOLD = 640
 # The original's resolution modes (its README's "Support-Modes"): name → (base_size, image_size, crop_mode).
 RESOLUTION_MODES = {
+    "Gundam": (1024, 640, True),
     "Tiny": (512, 512, False),
     "Small": (640, 640, False),
     "Base": (1024, 1024, False),
     "Large": (1280, 1280, False),
-    "Gundam": (1024, 640, True),
 }
 
 
