@@ -8,15 +8,12 @@ from pathlib import Path
 
 from cog import BaseModel, BaseRunner, Input, Path as CogPath, concurrent
 
-from ocr_service.document import PageOutput, assemble
 from ocr_service.engine import JobTimeout, OCREngine, checkpoint_tensor_shapes
-from ocr_service.inputs import load_pages
-from ocr_service.presets import build_prompt
+from ocr_service.pipeline import Options, assemble_document, read_document
 from ocr_service.settings import Settings
 from ocr_service.weights import ensure_model_weights
 
 REPOSITORY = Path(__file__).resolve().parent
-MARKDOWN_TASK = "Convert to Markdown"
 SETTINGS = Settings.from_env()
 # `cog build` reads the inputs' choices, defaults and bounds, and the concurrency, from this file's source
 # without running it: they must be literals here (tests/test_predict.py checks them against presets.py,
@@ -61,28 +58,23 @@ class Predictor(BaseRunner):
         max_new_tokens: int = Input(description="Most tokens to generate per page", ge=1, le=8192,
                                     default=8192),
     ) -> Output:
-        prompt = build_prompt(task_type, reference_text, extra_forbidden=self.engine.special_token_texts)
-        preset = self.engine.resolution(resolution_size)
+        # The same steps as the bulk command's (ocr_service/pipeline.py), so a document gives the same output.
+        options = Options(task_type, resolution_size, pages, max_new_tokens, reference_text)
+        prompt, preset = options.prompt_and_preset(self.engine.special_token_texts)
         # The time limit counts from here, reading the file included. Past it, or on a cancellation, the
         # awaited step is abandoned wherever it is and the job, if there is one, leaves the engine.
         try:
             async with asyncio.timeout(SETTINGS.request_timeout_s) as time_limit:
-                document = await asyncio.to_thread(load_pages, Path(image), pages=pages or None,
-                                                   **SETTINGS.limits.as_kwargs())
+                document = await asyncio.to_thread(read_document, Path(image), options, SETTINGS.limits)
                 print(f"{len(document)} page(s), task {task_type!r}, preset {resolution_size!r}")
                 results = await self._decode([p.image for p in document], prompt, preset, max_new_tokens)
         except TimeoutError:
             if time_limit.expired():
                 raise JobTimeout(SETTINGS.request_timeout_s) from None
             raise
-        outputs = [
-            PageOutput(page.number, result.text, len(result.token_ids), result.image_tokens, result.finished,
-                       result.seconds, result.stop_reason, result.first_token_s)
-            for page, result in zip(document, results)
-        ]
         out_dir = Path(tempfile.mkdtemp(prefix="deepseek-ocr-"))
-        merged = await asyncio.to_thread(assemble, outputs, [p.image for p in document],
-                                         task_type == MARKDOWN_TASK, out_dir, self.engine.special_token_texts)
+        merged = await asyncio.to_thread(assemble_document, document, results, options, out_dir,
+                                         self.engine.special_token_texts)
         return Output(
             text=merged.text,
             raw_output=merged.raw_output,

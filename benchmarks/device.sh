@@ -6,8 +6,12 @@
 #              the original code's stack, used in a subprocess only
 #   .bench/orig  the original remote-code .py files (fetched outside the repository, never committed)
 #   .bench/orig2 the same for DeepSeek-OCR 2
-# Steps: kernels, vision, engine, engine-steps, service, numerics, stages, tests; engine-ocr2 and
-# numerics-ocr2 run engine and numerics on DeepSeek-OCR 2.
+#   .whl/ray*  for bulk-ray: ray 2.60.0 (cp312) and the needs the machine lacks (jsonschema,
+#              jsonschema-specifications, referencing, rpds-py); the ray wheel is larger than one call
+#              carries, so it may travel split (split -b 40M RAY.whl .whl/ray-a/RAY.whl.part-, the rest in
+#              .whl/ray-b/, one folder a call: ignored files stay on a warm machine); parts are joined here
+# Steps: kernels, vision, engine, engine-steps, service, numerics, stages, tests, bulk (one GPU),
+# bulk-ray (2 GPUs); engine-ocr2 and numerics-ocr2 run engine and numerics on DeepSeek-OCR 2.
 #   bash benchmarks/device.sh kernels engine-steps
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +26,17 @@ if [ -d .whl/orig ]; then
 fi
 ORIGINAL=(--original .bench/orig --original-site /tmp/origsite)
 ORIGINAL2=(--original .bench/orig2 --original-site /tmp/origsite)
+install_ray() {
+  mkdir -p /tmp/raywheels
+  for first in $(ls .whl/ray*/*.whl.part-aa 2>/dev/null); do
+    name=$(basename "$first" .part-aa)
+    cat $(for part in .whl/ray*/"$name".part-*; do echo "${part##*.part-} $part"; done | sort | cut -d' ' -f2) \
+      > "/tmp/raywheels/$name"
+  done
+  cp .whl/ray*/*.whl /tmp/raywheels/ 2>/dev/null
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/raysite /tmp/raywheels/*.whl &&
+    export PYTHONPATH=/tmp/raysite${PYTHONPATH:+:$PYTHONPATH}
+}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 for step in "$@"; do
@@ -36,6 +51,8 @@ for step in "$@"; do
     engine-ocr2) python3 benchmarks/bench_engine.py --model ocr2 "${ORIGINAL2[@]}" --profile "$OUT/ocr2" --json "$OUT/engine-ocr2.json" 2>&1 | tee "$OUT/engine-ocr2.log" ;;
     numerics-ocr2) python3 benchmarks/bench_numerics.py --model ocr2 "${ORIGINAL2[@]}" --json "$OUT/numerics-ocr2.json" 2>&1 | tee "$OUT/numerics-ocr2.log" ;;
     stages) python3 benchmarks/numerics_stages.py "${ORIGINAL[@]}" --json "$OUT/stages.json" 2>&1 | tee "$OUT/stages.log" ;;
+    bulk) python3 benchmarks/bench_bulk.py --json "$OUT/bulk.json" 2>&1 | tee "$OUT/bulk.log" ;;
+    bulk-ray) install_ray; python3 benchmarks/bench_bulk.py --ray --gpus 2 --json "$OUT/bulk-ray.json" 2>&1 | tee "$OUT/bulk-ray.log" ;;
     tests) python3 -m pytest -q -x tests/test_triton_kernels.py tests/test_generation.py tests/test_loop_stop.py 2>&1 | tee "$OUT/tests.log" ;;
     *) echo "unknown step $step" ;;
   esac

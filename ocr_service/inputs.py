@@ -145,7 +145,18 @@ def _pixel_limit_error(what: str, size: tuple, max_pixels: int) -> InputError:
                       f"{max_pixels:,} that DEEPSEEK_OCR_MAX_PIXELS allows")
 
 
+# PDFium (pypdfium2) must never be called from two threads at once, not even for different documents: a
+# concurrent call can crash the process. Concurrent predictions and the bulk command's readers all read
+# PDFs through here, one at a time per process.
+PDFIUM_LOCK = threading.Lock()
+
+
 def _pdf_pages(path: Path, selection, max_pages: int, max_pixels: int, dpi: int) -> list:
+    with PDFIUM_LOCK:
+        return _pdf_pages_locked(path, selection, max_pages, max_pixels, dpi)
+
+
+def _pdf_pages_locked(path: Path, selection, max_pages: int, max_pixels: int, dpi: int) -> list:
     import pypdfium2 as pdfium
 
     try:

@@ -1,0 +1,184 @@
+"""Throughput of the bulk command beside the engine's own job, on the same pages in the same run.
+
+One GPU: PDFs of A4 pages (several pages each) totalling --pages; (a) their rendered pages as one engine job
+(`OCREngine.run_pages`, as bench_engine.py measures its page job) and (b) the bulk command
+(`python -m ocr_service.bulk`, run in this process on the same loaded engine) over the PDFs, from the first
+document read to the last output committed. Both Gundam, the markdown prompt, --tokens new tokens a page
+forced (EOS ignored, the loop stop off). Prints pages/s of each and their ratio (target ≥ 0.95).
+
+    python benchmarks/bench_bulk.py --pages 256 --json /tmp/bulk.json
+
+Many GPUs (--ray --gpus N): the one-GPU bulk figure in a child process on GPU 0, then the bulk command
+through Ray Data with N engines, from this process (which never touches CUDA itself); prints pages/s from
+the first document reaching an engine to the last output committed (Ray waits for every engine to be
+loaded before it hands out documents), its ratio to the one-GPU figure (target ≥ 1.85 for 2), and the
+whole run's (Ray's start, the engines' loading and the readers' start included).
+
+    python benchmarks/bench_bulk.py --ray --gpus 2 --pages 512 --json /tmp/bulk-ray.json
+
+--smoke: the same on the CPU with a tiny checkpoint, tiny sizes (Tiny preset, a few pages and tokens).
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+# As bench_engine.py runs the engine: no loop stop (random weights loop), every page its full token count.
+os.environ["DEEPSEEK_OCR_STOP_LOOPS"] = "0"
+
+from benchmarks.common import a4_page, device_name, random_checkpoint  # noqa: E402
+
+MARKDOWN_TASK = "Convert to Markdown"
+
+
+def make_pdfs(folder: Path, pages: int, per_pdf: int, size: tuple) -> list:
+    """PDFs of A4 pages at 150 dpi (rendered back at 144 dpi by the service), `per_pdf` pages each."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for first in range(0, pages, per_pdf):
+        images = [a4_page(*size, seed=i % 8) for i in range(first, min(pages, first + per_pdf))]
+        path = folder / f"doc-{first // per_pdf:04d}.pdf"
+        images[0].save(path, save_all=True, append_images=images[1:], resolution=150)
+        paths.append(path)
+    return paths
+
+
+def bulk_arguments(args, folder: Path, out: Path, checkpoint: Path) -> list:
+    return [str(folder), str(out), "--task-type", MARKDOWN_TASK, "--resolution-size", args.preset,
+            "--max-new-tokens", str(args.tokens), "--ignore-eos", "--weights-dir", str(checkpoint),
+            "--no-progress-bar", "--log-every", "10"]
+
+
+def one_gpu(args, folder: Path, checkpoint: Path) -> dict:
+    """(a) the engine's job and (b) the bulk command, on one engine."""
+    from ocr_service import bulk
+    from ocr_service.engine import OCREngine
+    from ocr_service.pipeline import Options, read_document
+    from ocr_service.presets import RESOLUTION_PRESETS, build_prompt
+    from ocr_service.settings import Settings
+
+    settings = Settings.from_env()
+    started = time.perf_counter()
+    engine = OCREngine(checkpoint, settings, ignore_eos=True)
+    report = {"load_s": time.perf_counter() - started}
+    preset = RESOLUTION_PRESETS[args.preset]
+    prompt = build_prompt(MARKDOWN_TASK)
+    images = [page.image for path in sorted(folder.glob("*.pdf"))
+              for page in read_document(path, Options(), settings.limits)]
+    engine.run_pages(images[:2], prompt, preset, 4)  # warm-up
+    if "job" not in args.skip:
+        started = time.perf_counter()
+        results = engine.run_pages(images, prompt, preset, args.tokens)
+        elapsed = time.perf_counter() - started
+        report["job"] = {"pages": len(images), "seconds": elapsed, "pages_s": len(images) / elapsed,
+                         "tokens": sum(len(r.token_ids) for r in results)}
+        print("job", json.dumps(report["job"]), flush=True)
+    bulk.load_engine = lambda *unused, **unused_too: engine  # the command runs on the engine loaded above
+    out = Path(args.work) / "out-one-gpu"
+    code, summary = bulk.run_command(bulk.parser().parse_args(bulk_arguments(args, folder, out, checkpoint)))
+    report["bulk"] = {"exit": code, "pages": summary.pages, "documents": summary.ok, "seconds": summary.seconds,
+                      "pages_s": summary.pages_per_second, "tokens": summary.tokens}
+    print("bulk", json.dumps(report["bulk"]), flush=True)
+    return report
+
+
+def with_ray(args, folder: Path, checkpoint: Path) -> dict:
+    """The one-GPU figure in a child process, then Ray Data with --gpus engines from here."""
+    from ocr_service import bulk
+
+    child_json = Path(args.work) / "one-gpu.json"
+    command = [sys.executable, __file__, "--pages", str(args.pages), "--pages-per-pdf", str(args.pages_per_pdf),
+               "--tokens", str(args.tokens), "--preset", args.preset, "--checkpoint", str(checkpoint),
+               "--work", str(Path(args.work) / "child"), "--json", str(child_json), "--skip", *args.skip]
+    if args.smoke:
+        command.append("--smoke")
+    environment = dict(os.environ, CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0])
+    subprocess.run(command, env=environment, check=True)
+    report = {"one_gpu": json.loads(child_json.read_text())}
+    if args.smoke:
+        import ray
+
+        # CPU engines: Ray counts one CPU each; the readers need one more (there are 2 cores here).
+        ray.init(num_cpus=args.gpus + 1, include_dashboard=False, logging_level="WARNING")
+    out = Path(args.work) / "out-ray"
+    started = time.time()
+    code, summary = bulk.run_command(bulk.parser().parse_args(
+        bulk_arguments(args, folder, out, checkpoint) + ["--ray", "--ray-engines", str(args.gpus)]))
+    ended = summary.extra["last_commit_at"]
+    ready, first = summary.extra["engine_ready_at"], summary.extra["first_document_at"]
+    report["ray"] = {"exit": code, "engines": args.gpus, "pages": summary.pages, "documents": summary.ok,
+                     "seconds_whole_run": ended - started, "seconds_from_first_document": ended - first,
+                     "engines_ready_after_s": [t - started for t in ready],
+                     "first_document_after_s": first - started,
+                     "pages_s": summary.pages / (ended - first), "pages_s_whole_run": summary.pages / (ended - started)}
+    print("ray", json.dumps(report["ray"]), flush=True)
+    return report
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pages", type=int, default=None, help="pages in all (default 256; 512 with --ray)")
+    parser.add_argument("--pages-per-pdf", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=1024, help="new tokens a page (EOS ignored)")
+    parser.add_argument("--preset", default="Gundam (Recommended)")
+    parser.add_argument("--checkpoint", type=Path, default=None)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/bench-bulk"))
+    parser.add_argument("--ray", action="store_true")
+    parser.add_argument("--gpus", type=int, default=2, help="engines of the Ray run")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["job"], help="job: no engine-job figure")
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny checkpoint, tiny sizes")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    if args.smoke:
+        os.environ.setdefault("DEEPSEEK_OCR_DEVICE", "cpu")
+        args.preset, args.pages_per_pdf = "Tiny", min(args.pages_per_pdf, 3)
+        args.tokens = min(args.tokens, 16)
+        args.pages = args.pages or (8 if args.ray else 6)
+    args.pages = args.pages or (512 if args.ray else 256)
+    checkpoint = args.checkpoint or Path("/tmp/bench-bulk-tiny" if args.smoke else "/tmp/bench-checkpoint")
+    random_checkpoint(checkpoint, size="tiny" if args.smoke else "full")
+    folder = Path(args.work) / f"pdfs-{args.pages}x{args.pages_per_pdf}"
+    size = (620, 877) if args.smoke else (1240, 1754)
+    if not folder.exists():
+        make_pdfs(folder, args.pages, args.pages_per_pdf, size)
+    for stale in ("out-one-gpu", "out-ray"):  # every run measures every document
+        subprocess.run(["rm", "-rf", str(Path(args.work) / stale)], check=True)
+    report = with_ray(args, folder, checkpoint) if args.ray else one_gpu(args, folder, checkpoint)
+    report.update(device=device_name(), pages=args.pages, pages_per_pdf=args.pages_per_pdf, tokens=args.tokens,
+                  preset=args.preset)
+    print(json.dumps(report, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+    print_table(report, args)
+
+
+def print_table(report: dict, args) -> None:
+    documents = -(-args.pages // args.pages_per_pdf)
+    print(f"\n{report['device']}; {args.pages} A4 pages as {documents} PDFs of {args.pages_per_pdf} pages, "
+          f"{args.preset}, {args.tokens} tokens a page forced\n")
+    print("| run | pages/s | ratio | target |\n|---|---|---|---|")
+    single = report.get("one_gpu", report)
+    job, local = single.get("job"), single["bulk"]
+    if job:
+        print(f"| engine job, {job['pages']} pages at once | {job['pages_s']:.2f} | 1.00 | |")
+        print(f"| bulk command, one engine | {local['pages_s']:.2f} | {local['pages_s'] / job['pages_s']:.3f} of the "
+              f"job | ≥ 0.95 |")
+    else:
+        print(f"| bulk command, one engine | {local['pages_s']:.2f} | 1.00 | |")
+    if "ray" in report:
+        ray = report["ray"]
+        print(f"| bulk command --ray, {ray['engines']} engines, from the first document at an engine | "
+              f"{ray['pages_s']:.2f} | {ray['pages_s'] / local['pages_s']:.2f}× one engine | ≥ 1.85× (2) |")
+        print(f"| bulk command --ray, {ray['engines']} engines, whole run (Ray's start, models loading) | "
+              f"{ray['pages_s_whole_run']:.2f} | | |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,515 @@
+"""The bulk command on the CPU with the tiny checkpoint: a folder of documents (PDFs, images, a multi-page
+TIFF, a duplicate, damaged files, one over the page limit) gives the predictor's output for each document
+and a manifest; runs stopped by SIGTERM and SIGKILL resume to every document exactly once; Ray Data in local
+mode gives the same; listing, the output folder's commit and the options are checked without the model."""
+
+import asyncio
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import REPO, document_image
+from ocr_service import bulk
+from ocr_service.bulk_io import (
+    MANIFEST, OK, REFUSED, STAGING, OutputFolder, PageBudget, Source, fetched, fingerprint, list_sources, record,
+)
+from ocr_service.engine import OCREngine, PageResult
+from ocr_service.errors import InputError
+from ocr_service.pipeline import FILES_FOLDER, Options, assemble_document, run_document, write_document
+from ocr_service.inputs import Page
+from ocr_service.settings import Settings
+
+ENVIRONMENT = {"DEEPSEEK_OCR_DEVICE": "cpu", "DEEPSEEK_OCR_MAX_PAGES": "4", "DEEPSEEK_OCR_OFFLINE": "1"}
+TASK = {"task_type": "Free OCR", "resolution_size": "Tiny", "max_new_tokens": 40}
+ARGUMENTS = ["--task-type", TASK["task_type"], "--resolution-size", TASK["resolution_size"],
+             "--max-new-tokens", str(TASK["max_new_tokens"]), "--no-progress-bar"]
+REFUSALS = {  # document → what its error says
+    "broken/empty.png": "the file given as image is empty",
+    "broken/truncated.pdf": "may be damaged or truncated",
+    "reports/too-long.pdf": "image has 5 pages; the limit is 4 per request (DEEPSEEK_OCR_MAX_PAGES)",
+}
+TIMINGS = ("seconds", "first_token_seconds")
+
+
+def _save(image: Image.Image, path: Path, **options) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.copy().save(path, **options)  # a copy: Pillow keeps one save's options on the image
+
+
+def make_corpus(folder: Path) -> Path:
+    """Eleven documents (thirteen pages to read), and files a folder listing must leave out."""
+    page = [document_image(260 + 40 * i, 360 - 20 * (i % 3), seed=i) for i in range(8)]
+    _save(page[0], folder / "reports/a.pdf", save_all=True, append_images=[page[1].copy()])
+    _save(page[2], folder / "reports/b.pdf", save_all=True, append_images=[page[3].copy(), page[4].copy()])
+    _save(page[5], folder / "reports/too-long.pdf", save_all=True, append_images=[p.copy() for p in page[:4]])
+    _save(page[5], folder / "scans/c.png")
+    shutil.copy(folder / "scans/c.png", folder / "scans/copy of c.png")  # a duplicate: its own document
+    _save(page[6], folder / "scans/d.jpg", quality=90)
+    _save(page[7], folder / "scans/e.tif", save_all=True, append_images=[page[0].copy(), page[2].copy()])
+    _save(page[1], folder / "f.webp")
+    _save(page[3], folder / "g.bmp")
+    (folder / "broken").mkdir()
+    (folder / "broken/empty.png").write_bytes(b"")
+    (folder / "broken/truncated.pdf").write_bytes((folder / "reports/b.pdf").read_bytes()[:400])
+    (folder / "notes.txt").write_text("not a document")  # not listed: not a document's extension
+    _save(page[0], folder / ".hidden/x.png")  # not listed: hidden
+    return folder
+
+
+DOCUMENTS = ["broken/empty.png", "broken/truncated.pdf", "f.webp", "g.bmp", "reports/a.pdf", "reports/b.pdf",
+             "reports/too-long.pdf", "scans/c.png", "scans/copy of c.png", "scans/d.jpg", "scans/e.tif"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return make_corpus(tmp_path_factory.mktemp("archive"))
+
+
+@pytest.fixture(scope="module")
+def settings() -> Settings:
+    return Settings.from_env(ENVIRONMENT)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_checkpoint, settings):
+    return SubmitSpy(OCREngine(tiny_checkpoint, settings, log=lambda _: None))
+
+
+class SubmitSpy:
+    """The engine, with every submission recorded: the pages, prompt, preset and token limit it got, and
+    its job (whose results hold the generated token ids)."""
+
+    def __init__(self, engine: OCREngine):
+        self.engine, self.calls = engine, []
+        original = engine.prepare
+
+        # Every job is made by `prepare` (`submit` is prepare + start; the predictor calls the two apart).
+        def prepare(images, prompt, preset, max_new_tokens):
+            job = original(images, prompt, preset, max_new_tokens)
+            self.calls.append({"pages": pages_digest(images), "prompt": prompt, "preset": preset,
+                               "max_new_tokens": max_new_tokens, "job": job})
+            return job
+        engine.prepare = prepare
+
+    def take(self) -> dict:
+        """Pages digest → (prompt, preset, max_new_tokens, token ids per page) of the calls so far."""
+        calls, self.calls = self.calls, []
+        return {c["pages"]: (c["prompt"], c["preset"], c["max_new_tokens"],
+                             [r.token_ids for r in c["job"].wait(60)]) for c in calls}
+
+
+def pages_digest(images) -> str:
+    digest = hashlib.sha256()
+    for image in images:
+        digest.update(repr(image.size).encode() + image.tobytes())
+    return digest.hexdigest()
+
+
+def manifest_lines(folder: Path) -> list:
+    text = (folder / MANIFEST).read_text(encoding="utf-8")
+    assert text == "" or text.endswith("\n")
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def comparable(output: dict) -> dict:
+    """An output without its timings (each run's own)."""
+    return dict(output, pages=[{k: v for k, v in page.items() if k not in TIMINGS} for page in output["pages"]])
+
+
+def document_output(out: Path, name: str) -> dict:
+    return comparable(json.loads((out / name / "output.json").read_text(encoding="utf-8")))
+
+
+def run_in_process(monkeypatch, engine, *arguments) -> int:
+    for name, value in ENVIRONMENT.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(bulk, "load_engine", lambda *args, **kwargs: engine.engine)
+    return bulk.main([*map(str, arguments), *ARGUMENTS])
+
+
+@pytest.fixture(scope="module")
+def first_run(corpus, engine, tmp_path_factory):
+    """The corpus through the bulk command in this process, on the shared engine."""
+    out = tmp_path_factory.mktemp("bulk-out")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        code = run_in_process(monkeypatch, engine, corpus, out)
+    return {"out": out, "code": code, "calls": engine.take()}
+
+
+def test_every_document_is_in_the_manifest_once_with_clear_errors(first_run):
+    out = first_run["out"]
+    assert first_run["code"] == bulk.EXIT_FAILED  # three documents were refused
+    lines = manifest_lines(out)
+    assert sorted(line["document"] for line in lines) == DOCUMENTS
+    by_name = {line["document"]: line for line in lines}
+    for name, line in by_name.items():
+        if name in REFUSALS:
+            assert line["status"] == REFUSED and REFUSALS[name] in line["error"], line
+            assert line["output_json"] is None and not (out / name).exists()
+        else:
+            assert line["status"] == OK and line["error"] is None
+            assert (out / line["output_json"]).is_file() and (out / line["output_markdown"]).is_file()
+            output = json.loads((out / line["output_json"]).read_text())
+            assert line["pages"] == len(output["pages"]) and line["stop_reasons"] == [
+                p["stop_reason"] for p in output["pages"]]
+            assert line["tokens"] == sum(p["generated_tokens"] for p in output["pages"])
+            assert (out / line["output_markdown"]).read_text() == output["text"]
+    assert [by_name[n]["pages"] for n in ("reports/a.pdf", "reports/b.pdf", "scans/e.tif")] == [2, 3, 3]
+    assert by_name["scans/c.png"]["content_hash"] == by_name["scans/copy of c.png"]["content_hash"]
+    assert by_name["scans/c.png"]["options"] == dict(TASK, pages="", reference_text="", max_pages=4,
+                                                     max_pixels=64_000_000, pdf_dpi=144, repetition_rule="serving",
+                                                     stop_loops=True)
+    assert not (out / STAGING).exists()
+
+
+def predict_directly(engine, settings, monkeypatch, path: Path, **inputs):
+    """Predictor.run on a file, on the given engine, with every input given (as Cog would)."""
+    import predict
+    from cog import Path as CogPath
+
+    monkeypatch.setattr(predict, "SETTINGS", settings)
+    predictor = predict.Predictor()
+    predictor.engine = engine
+    return asyncio.run(predictor.run(image=CogPath(path), reference_text="", pages="", **inputs))
+
+
+def test_outputs_equal_the_predictors(first_run, corpus, engine, settings, monkeypatch):
+    out = first_run["out"]
+    for name in DOCUMENTS:
+        if name in REFUSALS:
+            with pytest.raises(InputError) as refused:
+                predict_directly(engine.engine, settings, monkeypatch, corpus / name, **TASK)
+            assert manifest_by_name(out)[name]["error"] == str(refused.value)
+            continue
+        predicted = predict_directly(engine.engine, settings, monkeypatch, corpus / name, **TASK)
+        expected = comparable({
+            "text": predicted.text, "raw_output": predicted.raw_output, "regions": predicted.regions,
+            "annotated_images": [f"{FILES_FOLDER}/{Path(p).name}" for p in predicted.annotated_images],
+            "figures": [f"{FILES_FOLDER}/{Path(p).name}" for p in predicted.figures],
+            "pages": predicted.pages, "blocks": predicted.blocks})
+        assert document_output(out, name) == expected, name
+        for path in [*predicted.annotated_images, *predicted.figures]:
+            assert (out / name / FILES_FOLDER / Path(path).name).read_bytes() == Path(path).read_bytes()
+    # The engine got the same pages, prompt, preset and limit from both, and wrote the same tokens.
+    predicted_calls = engine.take()
+    assert predicted_calls == first_run["calls"]
+    assert any(tokens for *_, pages in predicted_calls.values() for tokens in pages)
+    # The pipeline's own one-call form, for the predictor to use, gives the same.
+    files = out.parent / "run-document"
+    pages, results, merged = run_document(engine.engine, corpus / "scans/e.tif", Options(**TASK), settings.limits,
+                                          files / FILES_FOLDER, timeout=60)
+    write_document(merged, files, "output.json", "output.md")
+    assert document_output(files.parent, files.name) == document_output(out, "scans/e.tif") and len(pages) == 3
+    engine.take()
+
+
+def manifest_by_name(out: Path) -> dict:
+    return {line["document"]: line for line in manifest_lines(out)}
+
+
+def test_a_rerun_skips_what_is_done_and_redoes_what_changed(first_run, corpus, engine, monkeypatch, tmp_path):
+    archive = shutil.copytree(corpus, tmp_path / "archive")
+    out = shutil.copytree(first_run["out"], tmp_path / "out")
+    _save(document_image(300, 300, seed=42), archive / "scans/d.jpg", quality=90)  # new content
+    shutil.rmtree(out / "g.bmp")  # its output was lost
+    before = manifest_lines(out)
+    assert run_in_process(monkeypatch, engine, archive, out) == bulk.EXIT_FAILED  # the refused stay refused
+    after = manifest_lines(out)
+    assert after[:len(before)] == before
+    assert sorted(line["document"] for line in after[len(before):]) == ["g.bmp", "scans/d.jpg"]
+    assert len(engine.calls) == 2
+    engine.take()
+    assert document_output(out, "g.bmp") == document_output(first_run["out"], "g.bmp")
+    # Other options: everything is redone, and the latest line of each document says which options made it.
+    assert run_in_process(monkeypatch, engine, archive, out, "--pages", "1") == bulk.EXIT_FAILED
+    assert len(engine.calls) == 9  # "too-long.pdf" is read now (its first page), the damaged ones are not
+    engine.take()
+    latest = manifest_by_name(out)
+    assert {line["status"] for line in latest.values()} == {OK, REFUSED}
+    assert latest["reports/too-long.pdf"]["status"] == OK and latest["reports/b.pdf"]["pages"] == 1
+    assert all(line["options"]["pages"] == "1" for line in latest.values())
+
+
+def start_process(corpus: Path, out: Path, checkpoint: Path, *extra) -> subprocess.Popen:
+    environment = dict(os.environ, **ENVIRONMENT, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    command = [sys.executable, "-m", "ocr_service.bulk", str(corpus), str(out), "--weights-dir", str(checkpoint),
+               *ARGUMENTS, "--pages-in-flight", "1", "--readers", "1", "--log-every", "1", *extra]
+    return subprocess.Popen(command, cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def wait_for_lines(out: Path, count: int, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        manifest = out / MANIFEST
+        if manifest.exists() and manifest.read_bytes().count(b"\n") >= count:
+            return
+        assert process.poll() is None, process.communicate()[0]
+        time.sleep(0.02)
+    raise AssertionError(f"no {count} manifest lines in {timeout} s")
+
+
+def visible_files(out: Path) -> list:
+    return sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()
+                  and STAGING not in p.relative_to(out).parts)
+
+
+def test_runs_killed_with_sigterm_then_sigkill_resume_to_every_document_once(corpus, first_run, tiny_checkpoint,
+                                                                              tmp_path):
+    out = tmp_path / "out"
+    # SIGTERM: the document in flight finishes (within the grace period), no new one starts.
+    process = start_process(corpus, out, tiny_checkpoint)
+    wait_for_lines(out, 3, process)
+    process.send_signal(signal.SIGTERM)
+    log = process.communicate(timeout=120)[0]
+    assert process.returncode == 128 + signal.SIGTERM, log
+    assert "stopping: no new document" in log and "interrupted" in log
+    first = manifest_lines(out)
+    assert 3 <= len(first) < len(DOCUMENTS)
+    assert not (out / STAGING).exists()
+    # SIGKILL, at once after a document is committed: wherever the next one was, nothing visible is partial.
+    process = start_process(corpus, out, tiny_checkpoint)
+    wait_for_lines(out, len(first) + 1, process)
+    process.kill()
+    process.communicate(timeout=60)
+    second = manifest_lines(out)
+    assert second[:len(first)] == first and len(second) < len(DOCUMENTS)
+    for path in visible_files(out):
+        if path.endswith(".json"):
+            json.loads((out / path).read_text())  # whole
+    # The third run finishes: every document exactly once in the manifest, and the outputs of an unbroken run.
+    process = start_process(corpus, out, tiny_checkpoint)
+    log = process.communicate(timeout=300)[0]
+    assert process.returncode == bulk.EXIT_FAILED, log
+    lines = manifest_lines(out)
+    assert lines[:len(second)] == second
+    assert sorted(line["document"] for line in lines) == DOCUMENTS
+    assert not (out / STAGING).exists()
+    reference = first_run["out"]
+    assert visible_files(out) == visible_files(reference)
+    for name in DOCUMENTS:
+        if name not in REFUSALS:
+            assert document_output(out, name) == document_output(reference, name), name
+
+
+def test_ray_data_in_local_mode_stops_on_sigterm_and_resumes_to_the_same_outputs(first_run, corpus, tiny_checkpoint,
+                                                                                 monkeypatch, tmp_path):
+    ray = pytest.importorskip("ray")
+    out = tmp_path / "out"
+    # A run through Ray (its own local Ray, CPU engines) stopped by SIGTERM: what is in flight is abandoned.
+    process = start_process(corpus, out, tiny_checkpoint, "--ray", "--ray-documents-per-engine", "1")
+    wait_for_lines(out, 2, process, timeout=240)
+    process.send_signal(signal.SIGTERM)
+    log = process.communicate(timeout=120)[0]
+    assert process.returncode == 128 + signal.SIGTERM, log
+    assert "documents in flight are abandoned" in log
+    stopped = manifest_lines(out)
+    assert 2 <= len(stopped) < len(DOCUMENTS) and not (out / STAGING).exists()
+    # As if a kill had come between a folder's rename and its manifest line: a stale folder, redone.
+    stale = next(n for n in DOCUMENTS if n not in REFUSALS and n not in {line["document"] for line in stopped})
+    (out / stale).mkdir(parents=True, exist_ok=True)
+    (out / stale / "output.json").write_text("{}")
+    # The rerun, through Ray in this process (ray.init on this machine): every document once, the same outputs.
+    for name, value in ENVIRONMENT.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    try:
+        code = bulk.main([str(corpus), str(out), "--weights-dir", str(tiny_checkpoint), *ARGUMENTS, "--ray"])
+    finally:
+        ray.shutdown()
+    assert code == bulk.EXIT_FAILED
+    lines = manifest_lines(out)
+    assert lines[:len(stopped)] == stopped
+    assert sorted(line["document"] for line in lines) == DOCUMENTS
+    reference = first_run["out"]
+    expected = manifest_by_name(reference)
+    for line in lines:
+        assert {k: v for k, v in line.items() if k not in ("seconds", "finished_at")} == {
+            k: v for k, v in expected[line["document"]].items() if k not in ("seconds", "finished_at")}
+    assert visible_files(out) == visible_files(reference)
+    for name in DOCUMENTS:
+        if name not in REFUSALS:
+            assert document_output(out, name) == document_output(reference, name), name
+
+
+def test_a_list_of_paths_and_urls_and_a_memory_url(corpus, engine, monkeypatch, tmp_path):
+    import fsspec
+
+    memory = fsspec.filesystem("memory")
+    memory.pipe("/bulk-test/scans/c.png", (corpus / "scans/c.png").read_bytes())
+    listing = tmp_path / "documents.txt"
+    listing.write_text(f"# two documents\n{corpus / 'g.bmp'}\n\nmemory://bulk-test/scans/c.png\n")
+    out = tmp_path / "out"
+    assert run_in_process(monkeypatch, engine, listing, out) == 0
+    lines = manifest_by_name(out)
+    local, remote = f"{corpus.as_posix().lstrip('/')}/g.bmp", "memory/bulk-test/scans/c.png"
+    assert sorted(lines) == sorted([local, remote])
+    assert lines[remote]["source"] == "memory://bulk-test/scans/c.png"
+    assert lines[remote]["content_hash"] == hashlib.sha256((corpus / "scans/c.png").read_bytes()).hexdigest()
+    assert len(engine.calls) == 2
+    engine.take()
+    # A URL as INPUT: a "folder" of the in-memory filesystem, names below it.
+    out = tmp_path / "out-url"
+    assert run_in_process(monkeypatch, engine, "memory://bulk-test/", out) == 0
+    assert list(manifest_by_name(out)) == ["scans/c.png"]
+    assert document_output(out, "scans/c.png") == document_output(tmp_path / "out", remote)
+    engine.take()
+
+
+# ---------------------------------------------------------------- without the model
+
+
+def test_listing_a_folder_a_glob_and_a_list(corpus, tmp_path):
+    names = [s.name for s in list_sources(str(corpus))]
+    assert sorted(names) == DOCUMENTS and names == [s.name for s in list_sources(str(corpus))]
+    inside = corpus / "reports" / "out"  # an output folder inside the input is never read
+    inside.mkdir()
+    _save(document_image(100, 100), inside / "x.png")
+    try:
+        assert sorted(s.name for s in list_sources(str(corpus), exclude=inside)) == DOCUMENTS
+    finally:
+        shutil.rmtree(inside)
+    assert [s.name for s in list_sources(str(corpus / "scans" / "*.png"))] == ["c.png", "copy of c.png"]
+    assert [s.name for s in list_sources(f"{corpus}/**/*.pdf")] == [
+        "broken/truncated.pdf", "reports/a.pdf", "reports/b.pdf", "reports/too-long.pdf"]
+    listing = corpus / "reports" / "list.lst"
+    listing.write_text("a.pdf\n../scans/d.jpg\n# a comment\n")
+    try:
+        assert [(s.name, s.location) for s in list_sources(str(listing))] == [
+            ("reports/a.pdf", str(corpus / "reports/a.pdf")), ("scans/d.jpg", str(corpus / "scans/d.jpg"))]
+    finally:
+        listing.unlink()
+    assert list_sources(str(corpus / "scans" / "d.jpg")) == [Source(str(corpus / "scans/d.jpg"), "d.jpg")]
+    file_url = list_sources(f"file://{corpus}/reports")
+    assert [s.name for s in file_url] == ["a.pdf", "b.pdf", "too-long.pdf"]
+    assert file_url[0].location.startswith("file://")
+    with pytest.raises(bulk.BulkError):
+        list_sources(str(tmp_path / "missing"))
+
+
+def test_fetched_hashes_local_and_remote_bytes(tmp_path):
+    import fsspec
+
+    data = os.urandom(3 * 2**20 + 5)
+    (tmp_path / "doc.pdf").write_bytes(data)
+    fsspec.filesystem("memory").pipe("/fetch-test/doc.pdf", data)
+    for location in (str(tmp_path / "doc.pdf"), "memory://fetch-test/doc.pdf"):
+        with fetched(location) as document:
+            assert document.content_hash == hashlib.sha256(data).hexdigest() and document.size == len(data)
+            assert document.path.read_bytes() == data
+        if location.startswith("memory"):
+            assert not document.path.exists()  # the temporary copy is gone
+    with pytest.raises(OSError):
+        with fetched(str(tmp_path / "missing.pdf")):
+            pass
+
+
+def test_the_output_folder_commits_atomically_and_repairs_a_cut_manifest(tmp_path):
+    options = {"task_type": "Free OCR"}
+    folder = OutputFolder(tmp_path / "out")
+    assert folder.open() == {}
+    staged = folder.new_staging_folder()
+    (staged / "output.json").write_text("{}")
+    source = Source("/in/a.pdf", "sub/a.pdf")
+    folder.commit(record(source, OK, "h1", 3, options, pages=1), staged)
+    assert (tmp_path / "out/sub/a.pdf/output.json").read_text() == "{}"
+    # A newer output replaces the folder whole; a refusal removes it.
+    staged = folder.new_staging_folder()
+    (staged / "output.md").write_text("new")
+    folder.commit(record(source, OK, "h2", 3, options, pages=1), staged)
+    assert sorted(p.name for p in (tmp_path / "out/sub/a.pdf").iterdir()) == ["output.md"]
+    folder.commit(record(Source("/in/b.png", "b.png"), REFUSED, "h3", 0, options, error="empty"), None)
+    folder.close()
+    # A kill in the middle of a line, and a folder staged but not committed.
+    with open(tmp_path / "out" / MANIFEST, "a") as handle:
+        handle.write('{"document": "c.png", "sta')
+    (tmp_path / "out" / STAGING / "leftover").mkdir(parents=True)
+    latest = OutputFolder(tmp_path / "out").open()
+    assert sorted(latest) == ["b.png", "sub/a.pdf"] and latest["sub/a.pdf"]["content_hash"] == "h2"
+    assert (tmp_path / "out" / MANIFEST).read_text().endswith("}\n")
+    assert list((tmp_path / "out" / STAGING).iterdir()) == []
+    # Done means: same content, same options, and (if it succeeded) its output still there.
+    assert folder.is_done(latest["b.png"], "h3", options) and not folder.is_done(latest["b.png"], "h3", options, True)
+    assert not folder.is_done(latest["sub/a.pdf"], "h2", options)  # output.json is missing
+    assert not folder.is_done(latest["b.png"], "h4", options) and not folder.is_done(latest["b.png"], "h3", {})
+    with pytest.raises(bulk.BulkError):
+        folder.document_folder("../escape.pdf")
+
+
+def test_the_fingerprint_holds_the_options_and_the_settings_that_change_an_output(settings):
+    options = Options(task_type="Free OCR", pages="2")
+    values = fingerprint(options, settings)
+    assert values["task_type"] == "Free OCR" and values["pages"] == "2" and values["max_pages"] == 4
+    assert fingerprint(options, settings.replace(pdf_dpi=200)) != values
+    assert fingerprint(options, settings.replace(max_rows=3)) == values  # how it runs, not what it gives
+    assert fingerprint(options, settings, ignore_eos=True) == dict(values, ignore_eos=True)
+
+
+def test_pages_in_flight_are_bounded_and_a_large_document_goes_alone():
+    import threading
+
+    budget = PageBudget(4)
+    assert budget.acquire(3) and not budget.acquire(2, abandon=_set_event())
+    budget.release(3)
+    assert budget.acquire(9) and budget.used == 9  # larger than the limit: alone
+    stop = threading.Event()
+    waiter = threading.Thread(target=lambda: results.append(budget.acquire(1, stop)))
+    results = []
+    waiter.start()
+    time.sleep(0.3)
+    assert results == []
+    budget.release(9)
+    waiter.join(2)
+    assert results == [True]
+
+
+def _set_event():
+    import threading
+
+    event = threading.Event()
+    event.set()
+    return event
+
+
+def test_the_command_refuses_bad_options_before_loading_anything(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        bulk.main([str(tmp_path), str(tmp_path / "out"), "--max-new-tokens", "8193"])
+    assert exit_.value.code == 2
+    with pytest.raises(SystemExit):
+        bulk.main([str(tmp_path), str(tmp_path / "out"), "--resolution-size", "Huge"])
+    code = bulk.main([str(tmp_path), str(tmp_path / "out"), "--task-type", "Locate Object by Reference"])
+    assert code == bulk.EXIT_USAGE and "reference_text is required" in capsys.readouterr().err
+    assert bulk.main([str(tmp_path / "missing"), str(tmp_path / "out")]) == bulk.EXIT_USAGE
+    assert not (tmp_path / "out").exists()
+
+
+def test_figures_and_annotated_pages_are_files_beside_the_json_with_relative_paths(tmp_path):
+    image = Image.new("RGB", (400, 300), "white")
+    raw = "<|ref|>title<|/ref|><|det|>[[0, 0, 999, 99]]<|/det|>\n# Title\n<|ref|>image<|/ref|><|det|>[[100, 200, 600, 900]]<|/det|>"
+    result = PageResult(text=raw, token_ids=[5] * 7, prompt_tokens=80, image_tokens=73, finished=True,
+                        stop_reason="eos", first_token_s=0.1, seconds=0.5)
+    merged = assemble_document([Page(image, 1)], [result], Options(), tmp_path / FILES_FOLDER)
+    write_document(merged, tmp_path, "output.json", "output.md")
+    output = json.loads((tmp_path / "output.json").read_text())
+    assert output["figures"] == ["images/0.jpg"] and output["annotated_images"] == ["images/page_1_boxes.jpg"]
+    markdown = (tmp_path / "output.md").read_text()
+    assert "![](images/0.jpg)" in markdown and (tmp_path / "images/0.jpg").is_file()
+    assert Image.open(io.BytesIO((tmp_path / output["annotated_images"][0]).read_bytes())).size == (400, 300)
+    assert [b["figure"] for b in output["blocks"]] == [None, "images/0.jpg"]
+
+
+def test_the_files_folder_is_where_the_markdown_links_figures():
+    from checkpoints.grounding import FIGURE_PREFIX
+
+    assert FIGURE_PREFIX == FILES_FOLDER + "/"
