@@ -143,9 +143,16 @@ class OCREngine:
         """This model's geometry for a resolution_size choice (InputError for a choice it has no mode for)."""
         return preset_resolution(name, self.presets, self.served.title)
 
+    def model_resolution(self, resolution: Resolution) -> Resolution:
+        """The geometry this model reads a preset with: a preset chosen by name (presets.resolution, whatever
+        model's geometry it holds) → this model's for that choice; one given by geometry alone → as it is."""
+        choice = getattr(resolution, "choice", None)
+        return self.resolution(choice) if choice else resolution
+
     def prompt_tokens(self, prompt: str, image_size: tuple, resolution) -> int:
         """Tokens a page's prompt takes (BOS, text, image tokens), computed without preprocessing the image."""
         width, height = image_size
+        resolution = self.model_resolution(resolution)
         try:
             count = self.model.count_image_tokens(width, height, resolution.base_size, resolution.image_size,
                                                   resolution.crop_mode)
@@ -175,6 +182,7 @@ class OCREngine:
     def prepare(self, images: list, prompt: str, resolution, max_new_tokens: int) -> "Job":
         """A job for these pages, checked to fit, not started: its caller holds it before anything runs, so that
         a cancellation can reach it however early it comes."""
+        resolution = self.model_resolution(resolution)
         sizes = [self.prompt_tokens(prompt, image.size, resolution) for image in images]
         for size in sizes:
             self.check_fits(size, max_new_tokens)

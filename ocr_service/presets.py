@@ -1,7 +1,7 @@
 """The predictor's choices: task types (→ prompt) and resolution presets (→ view sizes and cropping)."""
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 from .errors import InputError
@@ -22,6 +22,9 @@ class Resolution:
     base_size: int  # side of the global view
     image_size: int  # side of a tile (crop mode) or of the only view
     crop_mode: bool  # tile large images ("Gundam")
+    # The resolution_size it was chosen by: an engine serving another model than the one whose geometry this
+    # is reads the choice with its own (OCREngine.prepare). None: geometry given directly, used as it is.
+    choice: Optional[str] = field(default=None, compare=False)
 
 
 # The predictor's resolution_size choices, each the name of a resolution mode of the model's processing module
@@ -41,7 +44,7 @@ DEFAULT_RESOLUTION = "Gundam (Recommended)"
 def model_presets(processing) -> dict:
     """resolution_size choice → Resolution, for the choices the model whose processing module this is has."""
     modes = processing.RESOLUTION_MODES
-    return {name: Resolution(*modes[mode]) for name, mode in MODE_OF_CHOICE.items() if mode in modes}
+    return {name: Resolution(*modes[mode], choice=name) for name, mode in MODE_OF_CHOICE.items() if mode in modes}
 
 
 MAX_REFERENCE_CHARS = 500
@@ -51,7 +54,8 @@ SPECIAL_TOKEN_PATTERN = re.compile(r"<\|[^<>|]*\|>|<｜[^<>｜]*｜>|<image>|</?
 
 def resolution(name: str, presets: Optional[dict] = None, model_title: str = "DeepSeek-OCR") -> Resolution:
     """The geometry of a resolution_size choice for a model: `presets` is its `model_presets` (the engine's
-    `presets`); without them, the first model's."""
+    `presets`); without them, the first model's, which an engine serving DeepSeek-OCR 2 replaces by its own
+    for the same choice (the choice travels with the Resolution)."""
     if presets is None:
         from checkpoints import processing_deepseekocr  # torch: only where a preset is resolved
 

@@ -41,10 +41,18 @@ def test_the_folder_decides_the_model_and_its_presets(tiny_ocr2_checkpoint, refe
         served.resolution("Huge")
 
 
-def test_a_view_the_model_has_no_encoder_for_is_refused_naming_the_input(reference):
-    first_models_gundam = resolution("Gundam (Recommended)")  # 640-pixel tiles
+def test_a_preset_chosen_by_name_gets_this_models_views(reference):
+    """presets.resolution gives the first model's geometry with the choice's name (the pipeline and the bulk
+    command use it): this engine reads the choice with its own views, or refuses it naming the choices."""
+    page = document_image(1240, 1754)
+    job = reference.prepare([page], PROMPT, resolution("Gundam (Recommended)"), 2)
+    assert job.resolution == Resolution(1024, 768, True) and job.prompt_sizes[0] > 1121
+    assert reference.prompt_tokens(PROMPT, page.size, resolution("Small")) == \
+        reference.prompt_tokens(PROMPT, page.size, Resolution(768, 768, False))
+    with pytest.raises(InputError, match="resolution_size 'Tiny' has no equivalent in DeepSeek-OCR 2"):
+        reference.prepare([page], PROMPT, resolution("Tiny"), 2)
     with pytest.raises(InputError, match=r"resolution_size: DeepSeek-OCR 2 cannot read this preset.*choose one of"):
-        reference.prepare([document_image(1240, 1754)], PROMPT, first_models_gundam, 8)
+        reference.prepare([page], PROMPT, Resolution(1024, 640, True), 2)  # geometry alone: the first model's tiles
 
 
 def test_prompt_sizes_are_known_before_preprocessing(reference):
