@@ -146,8 +146,7 @@ class OCREngine:
     def model_resolution(self, resolution: Resolution) -> Resolution:
         """The geometry this model reads a preset with: a preset chosen by name (presets.resolution, whatever
         model's geometry it holds) → this model's for that choice; one given by geometry alone → as it is."""
-        choice = getattr(resolution, "choice", None)
-        return self.resolution(choice) if choice else resolution
+        return self.resolution(resolution.choice) if resolution.choice else resolution
 
     def prompt_tokens(self, prompt: str, image_size: tuple, resolution) -> int:
         """Tokens a page's prompt takes (BOS, text, image tokens), computed without preprocessing the image."""
