@@ -69,7 +69,7 @@ def _patches() -> list:
     """(module, owner's attribute path, wrapper) for each function to replace once its module is imported."""
     patches = []
     if _HOLD_FLAG:
-        patches += [("predict", "load_pages", lambda f: _held("load", f)),
+        patches += [("predict", "read_document", lambda f: _held("load", f)),
                     ("ocr_service.engine", "OCREngine.prepare", lambda f: _held("prepare", f)),
                     ("ocr_service.engine", "ServingLoop.submit", lambda f: _held("submit", f))]
     if _STATE_FILE:
