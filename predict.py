@@ -1,4 +1,5 @@
-"""Cog predictor for DeepSeek-OCR: documents, figures and grounded references from an image or a PDF."""
+"""Cog predictor for DeepSeek-OCR and DeepSeek-OCR 2: documents, figures and grounded references from an image or
+a PDF (the model is the one the weights hold; DEEPSEEK_OCR_MODEL picks which official weights setup() fetches)."""
 
 import asyncio
 import contextlib
@@ -10,9 +11,9 @@ from cog import BaseModel, BaseRunner, Input, Path as CogPath, concurrent
 from ocr_service.engine import JobTimeout, OCREngine, checkpoint_tensor_shapes
 from ocr_service.pipeline import Options, assemble_document, read_document
 from ocr_service.settings import Settings
-from ocr_service.weights import ensure_weights
+from ocr_service.weights import ensure_model_weights
 
-CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
+REPOSITORY = Path(__file__).resolve().parent
 SETTINGS = Settings.from_env()
 # `cog build` reads the inputs' choices, defaults and bounds, and the concurrency, from this file's source
 # without running it: they must be literals here (tests/test_predict.py checks them against presets.py,
@@ -35,8 +36,8 @@ class Output(BaseModel):
 # Cog's runner API (BaseRunner and run(), Cog 0.20 and newer); cog.yaml's `run:` names this class.
 class Predictor(BaseRunner):
     def setup(self) -> None:
-        weights_dir = ensure_weights(CHECKPOINTS, expected_tensors=checkpoint_tensor_shapes,
-                                     **SETTINGS.weights_source)
+        weights_dir = ensure_model_weights(REPOSITORY, SETTINGS.model, expected_tensors=checkpoint_tensor_shapes,
+                                           **SETTINGS.weights_source)
         self.engine = OCREngine(weights_dir, SETTINGS)
 
     # Concurrent predictions share the engine (their pages decode together). The image's server gets its
@@ -49,7 +50,8 @@ class Predictor(BaseRunner):
         task_type: str = Input(description="What to do with the image", choices=TASK_TYPES,
                                default="Convert to Markdown"),
         reference_text: str = Input(description="What to locate, for 'Locate Object by Reference'", default=""),
-        resolution_size: str = Input(description="Resolution preset: Gundam tiles large pages (recommended)",
+        resolution_size: str = Input(description="Resolution preset: Gundam tiles large pages (recommended); "
+                                                 "DeepSeek-OCR 2 has Gundam, Small and Base",
                                      choices=RESOLUTIONS, default="Gundam (Recommended)"),
         pages: str = Input(description="Pages of a PDF or multi-page TIFF to read, e.g. '1-3,5'; empty = all",
                            default=""),

@@ -8,9 +8,12 @@ tokens the batched engine shares with the model's plain `generate_tokens` in bf1
 
 On the device machine (see README "Performance"):
     python benchmarks/bench_engine.py --original .bench/orig --original-site /tmp/origsite
+    python benchmarks/bench_engine.py --model ocr2 --original .bench/orig2 --original-site /tmp/origsite
 
-`--original` holds the original remote-code .py files (fetched, never committed) and `--original-site`
-a site-packages folder with transformers 4.46.3 for them; the original runs in a subprocess.
+`--model ocr2` runs DeepSeek-OCR 2 instead (its random checkpoint of the official size, its Gundam mode: a
+1024 global view and 768 tiles). `--original` holds the original remote-code .py files of that model
+(fetched, never committed) and `--original-site` a site-packages folder with transformers 4.46.3 for them;
+the original runs in a subprocess. `--size tiny` runs the whole script on a tiny checkpoint (a CPU smoke test).
 """
 
 import argparse
@@ -26,19 +29,20 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.ceilings import measure_ceilings  # noqa: E402
 from benchmarks.common import (  # noqa: E402
-    PROMPT, a4_page, device_name, peak_gib, random_checkpoint, reset_peak, run_original_driver, sync,
+    MODEL_PRESETS, PROMPT, a4_page, default_checkpoint, device_name, peak_gib, random_checkpoint, reset_peak,
+    run_original_driver, sync,
 )
 from checkpoints.generation import SERVING_NO_REPEAT_RULE  # noqa: E402
 from ocr_service.decode_batch import Entry  # noqa: E402
 from ocr_service.engine import OCREngine  # noqa: E402
-from ocr_service.presets import RESOLUTION_PRESETS  # noqa: E402
 from ocr_service.settings import Settings  # noqa: E402
 
-GUNDAM = RESOLUTION_PRESETS["Gundam (Recommended)"]
+GUNDAM = "Gundam (Recommended)"  # the preset every measure uses, as the loaded model maps it
 
 
 ORIGINAL_DRIVER = r'''
 tokens, image_path = int(sys.argv[3]), sys.argv[4]
+base_size, image_size, crop_mode = int(sys.argv[5]), int(sys.argv[6]), sys.argv[7] == "1"
 original_generate = model.generate
 marks = {}
 
@@ -59,7 +63,8 @@ for n in (2, tokens):  # the first run warms up
     torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     model.infer(tokenizer, prompt="<image>\n<|grounding|>Convert the document to markdown.", image_file=image_path,
-                output_path="/tmp/orig-out", base_size=1024, image_size=640, crop_mode=True, save_results=False,
+                output_path="/tmp/orig-out", base_size=base_size, image_size=image_size, crop_mode=crop_mode,
+                save_results=False,
                 eval_mode=False)
     torch.cuda.synchronize(); end = time.perf_counter()
 print("RESULT " + json.dumps({"ttft_s": marks["first"] - start, "tok_s_b1": (tokens - 1) / (end - marks["first"]),
@@ -70,8 +75,9 @@ print("RESULT " + json.dumps({"ttft_s": marks["first"] - start, "tok_s_b1": (tok
 def run_original(args, checkpoint: Path) -> dict:
     image_path = "/tmp/bench-page.png"
     a4_page().save(image_path)
+    base_size, image_size, crop_mode = MODEL_PRESETS[args.model]["Gundam"]
     done = run_original_driver(ORIGINAL_DRIVER, args.original, args.original_site, checkpoint, args.original_tokens,
-                               image_path, timeout=args.original_timeout)
+                               image_path, base_size, image_size, int(crop_mode), timeout=args.original_timeout)
     for line in done.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
@@ -168,11 +174,11 @@ def vision_pass(engine: OCREngine, pages: int, out: Path = None) -> dict:
     kernel profile of the encoding."""
     from ocr_service.vision import encode_prompts
 
-    model = engine.model
+    model, gundam = engine.model, engine.resolution(GUNDAM)
     images = [a4_page(seed=i % 8) for i in range(pages)]
     preprocessor = engine.server.preprocessor  # one of its workers' work, in this thread
     started = time.perf_counter()
-    prompts = [preprocessor._prepare(image, PROMPT, GUNDAM) for image in images]
+    prompts = [preprocessor._prepare(image, PROMPT, gundam) for image in images]
     preprocess_s = time.perf_counter() - started
     encode_prompts(model, prompts[:2])  # warm-up
     sync()
@@ -195,11 +201,12 @@ def vision_pass(engine: OCREngine, pages: int, out: Path = None) -> dict:
 
 def page_job(engine: OCREngine, pages: int, tokens: int) -> dict:
     images = [a4_page(seed=i % 8) for i in range(pages)]
-    engine.run_pages(images[:2], PROMPT, GUNDAM, 4)  # warm-up
+    gundam = engine.resolution(GUNDAM)
+    engine.run_pages(images[:2], PROMPT, gundam, 4)  # warm-up
     sync()
     reset_peak()
     started = time.perf_counter()
-    results = engine.run_pages(images, PROMPT, GUNDAM, tokens)
+    results = engine.run_pages(images, PROMPT, gundam, tokens)
     elapsed = time.perf_counter() - started
     produced = sum(len(r.token_ids) for r in results)
     return {"pages_s": pages / elapsed, "seconds": elapsed, "tokens": produced, "tok_s": produced / elapsed,
@@ -211,12 +218,13 @@ def page_job(engine: OCREngine, pages: int, tokens: int) -> dict:
 def agreement(engine: OCREngine, pages: int, tokens: int) -> dict:
     """Greedy tokens of the batched engine against the model's plain generate_tokens, same rules."""
     images = [a4_page(seed=i) for i in range(pages)]
-    batched = engine.run_pages(images, PROMPT, GUNDAM, tokens)
+    gundam = engine.resolution(GUNDAM)
+    batched = engine.run_pages(images, PROMPT, gundam, tokens)
     same, compared = 0, 0
     model, tokenizer = engine.model, engine.tokenizer
     for image, result in zip(images, batched):
-        inputs = model.prepare_inputs(tokenizer, PROMPT, [image], GUNDAM.base_size, GUNDAM.image_size,
-                                      GUNDAM.crop_mode)
+        inputs = model.prepare_inputs(tokenizer, PROMPT, [image], gundam.base_size, gundam.image_size,
+                                      gundam.crop_mode)
         plain, _ = model.generate_tokens(inputs, tokens, repetition=SERVING_NO_REPEAT_RULE, loops=None,
                                          eos_token_id=-1)
         prefix = next((i for i, (a, b) in enumerate(zip(plain, result.token_ids)) if a != b), min(len(plain),
@@ -228,7 +236,12 @@ def agreement(engine: OCREngine, pages: int, tokens: int) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, default=Path("/tmp/bench-checkpoint"))
+    parser.add_argument("--model", choices=sorted(MODEL_PRESETS), default="ocr",
+                        help="ocr: DeepSeek-OCR; ocr2: DeepSeek-OCR 2")
+    parser.add_argument("--size", choices=["full", "tiny"], default="full",
+                        help="of the random checkpoint: tiny is a smoke test of the script (CPU)")
+    parser.add_argument("--checkpoint", type=Path, help="default: /tmp/bench-checkpoint (ocr), "
+                        "/tmp/bench-ocr2-checkpoint (ocr2); -tiny appended for --size tiny")
     parser.add_argument("--positions", type=int, default=2000)
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--batches", type=int, nargs="+", default=[32, 64, 128])
@@ -246,7 +259,10 @@ def main():
     ceilings = measure_ceilings()
     print("ceilings", json.dumps(ceilings), flush=True)
     bandwidth = ceilings["copy_bytes_s"]
-    random_checkpoint(args.checkpoint)
+    if args.checkpoint is None:
+        default = default_checkpoint(args.model)
+        args.checkpoint = default if args.size == "full" else default.with_name(default.name + "-tiny")
+    random_checkpoint(args.checkpoint, size=args.size, model=args.model)
     theirs = run_original(args, args.checkpoint) if args.original else {}
 
     settings = Settings.from_env().replace(stop_loops=False, max_rows=max(args.batches + [128]))
@@ -271,14 +287,14 @@ def main():
         print("job", json.dumps(ours["job"]), flush=True)
     if "agreement" not in args.skip:
         ours["agreement"] = agreement(engine, args.agreement_pages, 64)
-    report = {"ours": ours, "original": theirs, "device": device_name(), "torch": torch.__version__,
-              "ceilings": ceilings}
+    report = {"model": args.model, "size": args.size, "ours": ours, "original": theirs, "device": device_name(),
+              "torch": torch.__version__, "ceilings": ceilings}
     print(json.dumps(report, indent=1, default=str))
     if args.json:
         args.json.write_text(json.dumps(report, indent=1, default=str))
 
-    print(f"\n{report['device']}, torch {torch.__version__}, CUDA {torch.version.cuda}, bf16, full-size random "
-          f"weights; KV cache paged ({engine.server.batch.block_size}-position blocks), decode attention: "
+    print(f"\n{engine.served.title}, {report['device']}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
+          f"{engine.settings.dtype}, {args.size} random weights; KV cache paged ({engine.server.batch.block_size}-position blocks), decode attention: "
           f"Triton paged kernel; prefill attention: SDPA\n")
     print(f"| measure | ours | original | floor (bytes ÷ {bandwidth / 1e12:.2f} TB/s measured) | target |\n"
           "|---|---|---|---|---|")

@@ -10,9 +10,13 @@ from our float32 ones.
 
 On the device machine (see README "Parity with the original"):
     python benchmarks/bench_numerics.py --original .bench/orig --original-site /tmp/origsite
+    python benchmarks/bench_numerics.py --model ocr2 --original .bench/orig2 --original-site /tmp/origsite
 
-`--original` holds the original remote-code .py files (fetched, never committed); `--original-site`
-a site-packages folder with transformers 4.46.3 for them. The original runs in a subprocess.
+`--model ocr2` compares DeepSeek-OCR 2 with its original code instead, for each of its modes (Gundam: a 1024
+global view and 768 tiles; Small: one 768 view; Base: one 1024 view). `--original` holds the original
+remote-code .py files of that model (fetched, never committed); `--original-site` a site-packages folder with
+transformers 4.46.3 for them. The original runs in a subprocess. Without a GPU the script runs ours only, in
+bf16 on the CPU (`--size tiny`: a smoke test of the script).
 """
 
 import argparse
@@ -26,8 +30,10 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import PRESETS, PROMPT, a4_page, random_checkpoint, run_original_driver  # noqa: E402
-from checkpoints import DeepseekOCRForCausalLM  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    MODEL_CLASSES, MODEL_PRESETS, PROMPT, a4_page, default_checkpoint, device_name, random_checkpoint,
+    run_original_driver,
+)
 from checkpoints.generation import ORIGINAL_NO_REPEAT_RULE  # noqa: E402
 from checkpoints.modeling_deepseekv2 import RotaryEmbedding  # noqa: E402
 
@@ -59,10 +65,13 @@ torch.save(results, out_path)
 '''
 
 
-def run_original(args, checkpoint: Path, image_path: str) -> dict:
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run_original(args, checkpoint: Path, image_path: str, presets: dict) -> dict:
     out_path = "/tmp/original-numerics.pt"
     done = run_original_driver(ORIGINAL_DRIVER, args.original, args.original_site, checkpoint, args.tokens,
-                               image_path, out_path, json.dumps(PRESETS), timeout=args.original_timeout)
+                               image_path, out_path, json.dumps(presets), timeout=args.original_timeout)
     return torch.load(out_path) if done.returncode == 0 else {}
 
 
@@ -72,9 +81,9 @@ def set_rotary(model, mode: str) -> None:
 
 
 @torch.inference_mode()
-def ours(model, tokenizer, image, tokens: int) -> dict:
+def ours(model, tokenizer, image, tokens: int, presets: dict) -> dict:
     results = {}
-    for name, (base, size, crop) in PRESETS.items():
+    for name, (base, size, crop) in presets.items():
         inputs = model.prepare_inputs(tokenizer, PROMPT, [image], base, size, crop)
         device = model.lm_head.weight.device
         out = model(input_ids=inputs.input_ids[None].to(device), image_mask=inputs.image_mask[None].to(device),
@@ -102,43 +111,53 @@ def set_sam_folded(model, folded: bool) -> None:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, default=Path("/tmp/bench-checkpoint"))
+    parser.add_argument("--model", choices=sorted(MODEL_CLASSES), default="ocr",
+                        help="ocr: DeepSeek-OCR; ocr2: DeepSeek-OCR 2")
+    parser.add_argument("--size", choices=["full", "tiny"], default="full",
+                        help="of the random checkpoint: tiny is a smoke test of the script")
+    parser.add_argument("--checkpoint", type=Path, help="default: /tmp/bench-checkpoint (ocr), "
+                        "/tmp/bench-ocr2-checkpoint (ocr2); -tiny appended for --size tiny")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--original", help="folder with the original remote-code .py files")
     parser.add_argument("--original-site", help="site-packages folder with transformers 4.46.3 for the original")
     parser.add_argument("--original-timeout", type=int, default=400)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    random_checkpoint(args.checkpoint)
+    if args.checkpoint is None:
+        default = default_checkpoint(args.model)
+        args.checkpoint = default if args.size == "full" else default.with_name(default.name + "-tiny")
+    random_checkpoint(args.checkpoint, size=args.size, model=args.model)
+    model_class, presets = MODEL_CLASSES[args.model], MODEL_PRESETS[args.model]
     image = a4_page()
     image_path = "/tmp/numerics-page.png"
     image.save(image_path)
-    theirs = run_original(args, args.checkpoint, image_path) if args.original else {}
+    theirs = run_original(args, args.checkpoint, image_path, presets) if args.original else {}
 
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(args.checkpoint))
     rows = {}
-    model = DeepseekOCRForCausalLM.from_pretrained(str(args.checkpoint), dtype=torch.bfloat16).cuda().eval()
-    ours_f32_rotary = ours(model, tokenizer, image, args.tokens)
+    model = model_class.from_pretrained(str(args.checkpoint), dtype=torch.bfloat16).to(DEVICE).eval()
+    ours_f32_rotary = ours(model, tokenizer, image, args.tokens, presets)
     set_rotary(model, "bfloat16")
-    ours_bf16_rotary = ours(model, tokenizer, image, args.tokens)
+    ours_bf16_rotary = ours(model, tokenizer, image, args.tokens, presets)
     # The same, computed in the original's order of roundings: eager attention (scores and probabilities
     # rounded to bf16) and the PyTorch definitions of the fused operations instead of the Triton kernels
     # (numerics_stages.py finds it bit-identical to the original, layer by layer).
     os.environ["DEEPSEEK_OCR_TRITON"] = "0"
     model.config._attn_implementation = "eager"
     set_sam_folded(model, False)  # SAM's dense relative-position bias, as the original adds it
-    ours_eager = ours(model, tokenizer, image, args.tokens)
+    ours_eager = ours(model, tokenizer, image, args.tokens, presets)
     set_sam_folded(model, True)
     os.environ.pop("DEEPSEEK_OCR_TRITON")
     model.config._attn_implementation = "sdpa"
     del model
-    torch.cuda.empty_cache()
-    reference = DeepseekOCRForCausalLM.from_pretrained(str(args.checkpoint), dtype=torch.float32).cuda().eval()
-    ours_fp32 = ours(reference, tokenizer, image, 0)
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+    reference = model_class.from_pretrained(str(args.checkpoint), dtype=torch.float32).to(DEVICE).eval()
+    ours_fp32 = ours(reference, tokenizer, image, 0, presets)
     del reference
-    for name in PRESETS:
+    for name in presets:
         row = {"bf16_vs_fp32": compare(ours_f32_rotary[name], ours_fp32[name])["rel_error"]}
         if name in theirs:
             row["original_vs_fp32"] = compare(theirs[name], ours_fp32[name])["rel_error"]
@@ -149,8 +168,8 @@ def main():
     print(json.dumps(rows, indent=1))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
-    print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, A4 page 1240x1754, "
-          f"{args.tokens} greedy tokens (original's 20-gram rule)\n")
+    print(f"\n{model_class.__name__}, {args.size} random weights, {device_name()}, torch {torch.__version__}, bf16, "
+          f"A4 page 1240x1754, {args.tokens} greedy tokens (original's 20-gram rule)\n")
     head = ["preset", "ours bf16 vs fp32", "original vs fp32", "served: logits rel err", "top-10", "greedy same",
             "served, original rotary: logits rel err", "top-10", "greedy same",
             "original's order: logits rel err", "top-10", "greedy same"]

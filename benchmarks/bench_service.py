@@ -23,10 +23,10 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.common import PROMPT, a4_page, device_name, peak_gib, random_checkpoint, reset_peak  # noqa: E402
 from ocr_service.engine import OCREngine  # noqa: E402
-from ocr_service.presets import RESOLUTION_PRESETS  # noqa: E402
+from ocr_service.presets import resolution  # noqa: E402
 from ocr_service.settings import Settings  # noqa: E402
 
-GUNDAM = RESOLUTION_PRESETS["Gundam (Recommended)"]
+GUNDAM = resolution("Gundam (Recommended)")  # the first model's
 
 
 

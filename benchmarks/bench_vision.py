@@ -35,10 +35,10 @@ from checkpoints import DeepseekOCRForCausalLM  # noqa: E402
 from checkpoints.deepencoder import encode_views  # noqa: E402
 from checkpoints.generation import LOOP_STOP_OFF, SERVING_NO_REPEAT_RULE  # noqa: E402
 from ocr_service.decode_batch import DecodeBatch, Entry  # noqa: E402
-from ocr_service.presets import RESOLUTION_PRESETS  # noqa: E402
+from ocr_service.presets import resolution  # noqa: E402
 from ocr_service.vision import Preprocessor  # noqa: E402
 
-GUNDAM = RESOLUTION_PRESETS["Gundam (Recommended)"]
+GUNDAM = resolution("Gundam (Recommended)")  # the first model's
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU for a smoke run (--size tiny)
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
 
@@ -102,7 +102,7 @@ class GraphedTowers:
 
 
 def vision_variants(model, tokenizer, pages: int, chunks: dict, compile_too: bool, profile_out: Path = None) -> dict:
-    preprocessor = Preprocessor(tokenizer, 1, DTYPE)
+    preprocessor = Preprocessor(model, tokenizer, 1, DTYPE)
     prompts = [preprocessor._prepare(a4_page(seed=i % 8), PROMPT, GUNDAM) for i in range(pages)]
     groups = {1024: torch.cat([p.images[0].global_view[None] for p in prompts]).to(DEVICE),
               640: torch.cat([p.images[0].tiles for p in prompts]).to(DEVICE)}

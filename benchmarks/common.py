@@ -1,6 +1,7 @@
-"""What the benchmarks share: the presets, an A4 page that looks like a document, GPU timing and memory
+"""What the benchmarks share: the models and their presets, an A4 page that looks like a document, GPU timing and memory
 helpers that are no-ops on the CPU, and the folder the original code is loaded from."""
 
+import json
 import os
 import random
 import shutil
@@ -12,14 +13,17 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-# (base_size, image_size, crop_mode), as ocr_service/presets.py maps the predictor's choices
-PRESETS = {
-    "Gundam": (1024, 640, True),
-    "Tiny": (512, 512, False),
-    "Small": (640, 640, False),
-    "Base": (1024, 1024, False),
-    "Large": (1280, 1280, False),
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from checkpoints import (  # noqa: E402
+    DeepseekOCR2ForCausalLM, DeepseekOCRForCausalLM, processing_deepseekocr, processing_deepseekocr2,
+)
+
+# The benchmarks' --model: its class and its resolution modes, name → (base_size, image_size, crop_mode), as its
+# processing module names them (the predictor's choices map onto them: ocr_service/presets.py).
+MODEL_CLASSES = {"ocr": DeepseekOCRForCausalLM, "ocr2": DeepseekOCR2ForCausalLM}
+MODEL_PRESETS = {"ocr": dict(processing_deepseekocr.RESOLUTION_MODES),
+                 "ocr2": dict(processing_deepseekocr2.RESOLUTION_MODES)}
+PRESETS = MODEL_PRESETS["ocr"]
 PROMPT = "<image>\n<|grounding|>Convert the document to markdown."
 
 
@@ -97,12 +101,20 @@ def run_original_driver(driver: str, original_code: str, original_site: str, che
 
 def random_checkpoint(folder: Path, size: str = "full", model: str = "ocr") -> Path:
     """A random checkpoint of the official format in `folder` (`model` "ocr" or "ocr2"), written on first use
-    (the full size takes about half a minute and 6.7 GB)."""
+    (the full size takes about half a minute and 6.7 GB); a folder written before must hold that model."""
     if not (folder / "config.json").exists():
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
         from scripts.make_random_checkpoint import write_checkpoint
 
         started = time.perf_counter()
         write_checkpoint(folder, size=size, seed=0, model=model)
         print(f"wrote a {size} random {model} checkpoint in {time.perf_counter() - started:.0f} s", flush=True)
+    architectures = json.loads((folder / "config.json").read_text()).get("architectures", [])
+    if MODEL_CLASSES[model].__name__ not in architectures:
+        raise SystemExit(f"{folder} holds {architectures}, not {MODEL_CLASSES[model].__name__}: give another "
+                         "--checkpoint folder")
     return folder
+
+
+def default_checkpoint(model: str) -> Path:
+    """Where a benchmark writes its full-size random checkpoint of `model`, one folder per model."""
+    return Path("/tmp/bench-checkpoint" if model == "ocr" else f"/tmp/bench-{model}-checkpoint")

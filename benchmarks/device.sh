@@ -5,12 +5,13 @@
 #   .whl/orig  transformers 4.46.3, tokenizers 0.20.3, huggingface_hub 0.26.5, addict, easydict, einops:
 #              the original code's stack, used in a subprocess only
 #   .bench/orig  the original remote-code .py files (fetched outside the repository, never committed)
+#   .bench/orig2 the same for DeepSeek-OCR 2
 #   .whl/ray*  for bulk-ray: ray 2.60.0 (cp312) and the needs the machine lacks (jsonschema,
 #              jsonschema-specifications, referencing, rpds-py); the ray wheel is larger than one call
 #              carries, so it may travel split (split -b 40M RAY.whl .whl/ray-a/RAY.whl.part-, the rest in
 #              .whl/ray-b/, one folder a call: ignored files stay on a warm machine); parts are joined here
 # Steps: kernels, vision, engine, engine-steps, service, numerics, stages, tests, bulk (one GPU),
-# bulk-ray (2 GPUs).
+# bulk-ray (2 GPUs); engine-ocr2 and numerics-ocr2 run engine and numerics on DeepSeek-OCR 2.
 #   bash benchmarks/device.sh kernels engine-steps
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +25,7 @@ if [ -d .whl/orig ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/origsite .whl/orig/*.whl
 fi
 ORIGINAL=(--original .bench/orig --original-site /tmp/origsite)
+ORIGINAL2=(--original .bench/orig2 --original-site /tmp/origsite)
 install_ray() {
   mkdir -p /tmp/raywheels
   for first in $(ls .whl/ray*/*.whl.part-aa 2>/dev/null); do
@@ -46,6 +48,8 @@ for step in "$@"; do
     engine-steps) python3 benchmarks/bench_engine.py --skip job --profile "$OUT" --json "$OUT/engine-steps.json" 2>&1 | tee "$OUT/engine-steps.log" ;;
     service) python3 benchmarks/bench_service.py --json "$OUT/service.json" 2>&1 | tee "$OUT/service.log" ;;
     numerics) python3 benchmarks/bench_numerics.py "${ORIGINAL[@]}" --json "$OUT/numerics.json" 2>&1 | tee "$OUT/numerics.log" ;;
+    engine-ocr2) python3 benchmarks/bench_engine.py --model ocr2 "${ORIGINAL2[@]}" --profile "$OUT/ocr2" --json "$OUT/engine-ocr2.json" 2>&1 | tee "$OUT/engine-ocr2.log" ;;
+    numerics-ocr2) python3 benchmarks/bench_numerics.py --model ocr2 "${ORIGINAL2[@]}" --json "$OUT/numerics-ocr2.json" 2>&1 | tee "$OUT/numerics-ocr2.log" ;;
     stages) python3 benchmarks/numerics_stages.py "${ORIGINAL[@]}" --json "$OUT/stages.json" 2>&1 | tee "$OUT/stages.log" ;;
     bulk) python3 benchmarks/bench_bulk.py --json "$OUT/bulk.json" 2>&1 | tee "$OUT/bulk.log" ;;
     bulk-ray) install_ray; python3 benchmarks/bench_bulk.py --ray --gpus 2 --json "$OUT/bulk-ray.json" 2>&1 | tee "$OUT/bulk-ray.log" ;;

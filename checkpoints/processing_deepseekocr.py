@@ -32,6 +32,14 @@ NORM_STD = (0.5, 0.5, 0.5)
 PAD_COLOR = tuple(int(m * 255) for m in NORM_MEAN)  # (127, 127, 127)
 # Images up to this size in both sides are not tiled, whatever the preset.
 TILING_THRESHOLD = 640
+# The original's resolution modes (its README's "Support-Modes"): name → (base_size, image_size, crop_mode).
+RESOLUTION_MODES = {
+    "Gundam": (1024, 640, True),
+    "Tiny": (512, 512, False),
+    "Small": (640, 640, False),
+    "Base": (1024, 1024, False),
+    "Large": (1280, 1280, False),
+}
 
 
 def queries_per_side(view_size: int) -> int:

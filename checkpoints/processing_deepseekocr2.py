@@ -31,6 +31,15 @@ MIN_TILES, MAX_TILES = 2, 6
 TILING_THRESHOLD = 768
 # The view sizes the encoder has learned queries for.
 VIEW_SIZES = (768, 1024)
+# The views the original's `infer()` builds for which the encoder has queries: name → (base_size, image_size,
+# crop_mode). Its README names one mode, the dynamic resolution ("Gundam" here, as the first model calls its
+# own); without crop mode it builds one view of `image_size`, 1024 padded or 768 stretched, the kinds of view
+# the first model's "Base" and "Small" are. Its encoder has no queries for the first model's 512 and 1280 views.
+RESOLUTION_MODES = {
+    "Gundam": (BASE_SIZE, TILE_SIZE, True),
+    "Small": (TILE_SIZE, TILE_SIZE, False),
+    "Base": (BASE_SIZE, BASE_SIZE, False),
+}
 
 
 def check_resolution(base_size: int, image_size: int, crop_mode: bool) -> None:
@@ -96,6 +105,6 @@ def build_prompt_inputs(tokenizer, prompt: str, images: Sequence[Image.Image], b
                                            prepare=prepare_image)
 
 
-__all__ = ["BASE_SIZE", "TILE_SIZE", "MIN_TILES", "MAX_TILES", "TILING_THRESHOLD", "VIEW_SIZES", "ImageViews",
-           "PromptInputs", "build_prompt_inputs", "check_resolution", "choose_tile_grid", "image_token_count",
-           "prepare_image", "tokens_per_view"]
+__all__ = ["BASE_SIZE", "TILE_SIZE", "MIN_TILES", "MAX_TILES", "TILING_THRESHOLD", "VIEW_SIZES", "RESOLUTION_MODES",
+           "ImageViews", "PromptInputs", "build_prompt_inputs", "check_resolution", "choose_tile_grid",
+           "image_token_count", "prepare_image", "tokens_per_view"]

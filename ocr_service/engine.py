@@ -1,4 +1,6 @@
-"""Loads DeepSeek-OCR once and serves pages: one thread owns the GPU and runs every prediction's pages.
+"""Loads DeepSeek-OCR (or DeepSeek-OCR 2: the model the weights folder holds) once and serves pages: one
+thread owns the GPU and runs every prediction's pages. What depends on the model (its views, tiling and
+image tokens, its resolution modes) is asked of the model; the engine knows none of it.
 
 Predictions hand pages to `OCREngine.submit`; the serving thread then, round after round:
 takes new work and cancellations, starts preprocessing on the CPU pool, encodes the views of the
@@ -32,23 +34,25 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 import torch  # noqa: E402
 
-from checkpoints import DeepseekOCRConfig, DeepseekOCRForCausalLM  # noqa: E402
+import checkpoints  # noqa: E402
 from checkpoints.generation import (
     DEFAULT_LOOP_STOP, LOOP_STOP_OFF, ORIGINAL_NO_REPEAT_RULE, SERVING_NO_REPEAT_RULE, STOP_EOS, STOP_REPETITION,
 )
 from checkpoints.paged_attention import PagedBatch, PagedKVCache
-from checkpoints.processing_deepseekocr import IMAGE_TOKEN, TILING_THRESHOLD, choose_tile_grid, image_token_count
+from checkpoints.processing_deepseekocr import IMAGE_TOKEN
 
 from .decode_batch import DecodeBatch, Entry
 from .errors import InputError
+from .presets import Resolution, model_presets, resolution as preset_resolution
 from .scheduler import BlockPool, SchedulingPolicy, Stage
 from .settings import Settings
 from .vision import Preprocessor, VisionWorker, limit_cpu_threads, pass_pixels, vision_pass_shapes
+from .weights import model_in
 
 BLOCK_SIZE = 64  # cache positions per block
 MAX_NEW_TOKENS = 8192
-# Longest sequence a row can hold: the longest prompt (Gundam 3×3 tiles, 1,203 image tokens, plus the
-# text of a Locate prompt with its longest reference) and MAX_NEW_TOKENS.
+# Longest sequence a row can hold: the longest prompt of either model (the first model's Gundam 3×3 tiles,
+# 1,203 image tokens, plus the text of a Locate prompt with its longest reference) and MAX_NEW_TOKENS.
 MAX_SEQUENCE = MAX_NEW_TOKENS + 2048
 # Kept free beyond the measured peak: the captured graphs' buffers, and what the caching allocator holds
 # beyond what is allocated, which grows with two streams allocating side by side (sized from what a long
@@ -78,11 +82,17 @@ class JobTimeout(RuntimeError):
                          "try fewer pages or a smaller max_new_tokens")
 
 
+def model_class(folder: Path) -> type:
+    """The class of the model whose weights `folder` holds (its config.json names it)."""
+    return getattr(checkpoints, model_in(folder).architecture)
+
+
 def checkpoint_tensor_shapes(folder: Path) -> dict:
     """name → shape of every tensor the model built from `folder/config.json` expects (meta device: no memory)."""
-    config = DeepseekOCRConfig(**json.loads((Path(folder) / "config.json").read_text()))
+    model_type = model_class(folder)
+    config = model_type.config_class(**json.loads((Path(folder) / "config.json").read_text()))
     with torch.device("meta"):
-        model = DeepseekOCRForCausalLM(config)
+        model = model_type(config)
     return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
 
 
@@ -101,18 +111,25 @@ class OCREngine:
         self.eos = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 1
         if ignore_eos:
             self.eos = -1  # no token has it
-        self.model = DeepseekOCRForCausalLM.from_pretrained(
+        # The model the folder holds is served, whatever DEEPSEEK_OCR_MODEL says: that setting only picks which
+        # official weights setup() downloads.
+        self.served = model_in(weights_dir)
+        if self.served.model != settings.model:
+            log(f"{weights_dir} holds {self.served.title} weights: serving them (DEEPSEEK_OCR_MODEL="
+                f"{settings.model} only picks what setup() downloads)")
+        self.model = getattr(checkpoints, self.served.architecture).from_pretrained(
             str(weights_dir), dtype=self.dtype, attn_implementation=settings.attention,
             rope_inv_freq_dtype="bfloat16" if settings.rotary == "original" else "float32",
             sam_relative_positions="materialised" if settings.vision == "original" else "folded",
         ).to(self.device).eval()
+        self.presets = model_presets(self.model.processing)  # resolution_size choice → this model's geometry
         self.repetition = {"serving": SERVING_NO_REPEAT_RULE, "original": ORIGINAL_NO_REPEAT_RULE}[
             settings.repetition_rule]
         self.loop_rule = DEFAULT_LOOP_STOP if settings.stop_loops else LOOP_STOP_OFF
         self.server = None
         if settings.engine == "batched":
             self.server = ServingLoop(self, log)
-        log(f"model loaded on {self.device} ({settings.dtype}, {settings.engine} engine) "
+        log(f"{self.served.title} loaded on {self.device} ({settings.dtype}, {settings.engine} engine) "
             f"in {time.monotonic() - started:.1f} s")
 
     @property
@@ -122,15 +139,27 @@ class OCREngine:
 
     # ------------------------------------------------------------------ requests
 
+    def resolution(self, name: str) -> Resolution:
+        """This model's geometry for a resolution_size choice (InputError for a choice it has no mode for)."""
+        return preset_resolution(name, self.presets, self.served.title)
+
+    def model_resolution(self, resolution: Resolution) -> Resolution:
+        """The geometry this model reads a preset with: a preset chosen by name (presets.resolution, whatever
+        model's geometry it holds) → this model's for that choice; one given by geometry alone → as it is."""
+        return self.resolution(resolution.choice) if resolution.choice else resolution
+
     def prompt_tokens(self, prompt: str, image_size: tuple, resolution) -> int:
         """Tokens a page's prompt takes (BOS, text, image tokens), computed without preprocessing the image."""
         width, height = image_size
-        grid = (1, 1)
-        if resolution.crop_mode and (width > TILING_THRESHOLD or height > TILING_THRESHOLD):
-            grid = choose_tile_grid(width, height, resolution.image_size)
-        pieces = prompt.strip().split(IMAGE_TOKEN)  # as build_prompt_inputs tokenises it
+        resolution = self.model_resolution(resolution)
+        try:
+            count = self.model.count_image_tokens(width, height, resolution.base_size, resolution.image_size,
+                                                  resolution.crop_mode)
+        except ValueError as error:  # views the model has no encoder for
+            raise InputError(f"resolution_size: {self.served.title} cannot read this preset ({error}); choose one "
+                             f"of {', '.join(self.presets)}") from None
+        pieces = prompt.strip().split(IMAGE_TOKEN)  # as the model's prepare_inputs tokenises it
         text = sum(len(self.tokenizer.encode(piece, add_special_tokens=False)) for piece in pieces if piece)
-        count = image_token_count(resolution.base_size, resolution.image_size, resolution.crop_mode, grid)
         return 1 + text + (len(pieces) - 1) * count
 
     def check_fits(self, prompt_tokens: int, max_new_tokens: int) -> None:
@@ -152,6 +181,7 @@ class OCREngine:
     def prepare(self, images: list, prompt: str, resolution, max_new_tokens: int) -> "Job":
         """A job for these pages, checked to fit, not started: its caller holds it before anything runs, so that
         a cancellation can reach it however early it comes."""
+        resolution = self.model_resolution(resolution)
         sizes = [self.prompt_tokens(prompt, image.size, resolution) for image in images]
         for size in sizes:
             self.check_fits(size, max_new_tokens)
@@ -311,7 +341,8 @@ class ServingLoop:
         workers = settings.preprocess_workers
         if engine.device.type == "cuda":
             limit_cpu_threads(workers)
-        self.preprocessor = Preprocessor(engine.tokenizer, workers, engine.dtype, pin=engine.device.type == "cuda")
+        self.preprocessor = Preprocessor(engine.model, engine.tokenizer, workers, engine.dtype,
+                                         pin=engine.device.type == "cuda")
         model = engine.model
         config = model.config
         block_bytes = PagedKVCache.bytes_per_block(config.num_hidden_layers, config.num_key_value_heads,
@@ -371,7 +402,7 @@ class ServingLoop:
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        for views in vision_pass_shapes(self.PAGES_PER_VISION_PASS, pass_pixels(model)):
+        for views in vision_pass_shapes(model, self.PAGES_PER_VISION_PASS, pass_pixels(model)):
             model.model.encode_views(torch.zeros(views, device=engine.device, dtype=engine.dtype))
         torch.cuda.synchronize()
         vision = torch.cuda.max_memory_allocated() - base

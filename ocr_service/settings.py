@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields
 from typing import Mapping, Optional
 
 from .inputs import Limits
-from .weights import DEFAULT_URL as DEFAULT_WEIGHTS_URL
+from .weights import DEFAULT_MODEL, DEFAULT_URL as DEFAULT_WEIGHTS_URL, OFFICIAL_WEIGHTS
 
 
 
@@ -52,7 +52,8 @@ def _flag(env: Mapping, name: str, default: bool) -> bool:
 @dataclass(frozen=True)
 class Settings:
     # weights
-    weights_url: str = DEFAULT_WEIGHTS_URL  # DEEPSEEK_OCR_WEIGHTS_URL
+    model: str = DEFAULT_MODEL  # DEEPSEEK_OCR_MODEL (which official weights setup() fetches)
+    weights_url: str = DEFAULT_WEIGHTS_URL  # DEEPSEEK_OCR_WEIGHTS_URL (default: the model's official source)
     weights_dir: Optional[str] = None  # DEEPSEEK_OCR_WEIGHTS_DIR
     offline: bool = False  # DEEPSEEK_OCR_OFFLINE
     # runtime
@@ -84,8 +85,10 @@ class Settings:
         device = _text(env, "DEEPSEEK_OCR_DEVICE", None) or _default_device()
         on_gpu = device.startswith("cuda")
         cores = os.cpu_count() or 1
+        model = _text(env, "DEEPSEEK_OCR_MODEL", DEFAULT_MODEL, tuple(OFFICIAL_WEIGHTS))
         return cls(
-            weights_url=_text(env, "DEEPSEEK_OCR_WEIGHTS_URL", DEFAULT_WEIGHTS_URL),
+            model=model,
+            weights_url=_text(env, "DEEPSEEK_OCR_WEIGHTS_URL", OFFICIAL_WEIGHTS[model].url),
             weights_dir=_text(env, "DEEPSEEK_OCR_WEIGHTS_DIR", None),
             offline=_flag(env, "DEEPSEEK_OCR_OFFLINE", False),
             device=device,
@@ -117,7 +120,8 @@ class Settings:
 
     @property
     def weights_source(self) -> dict:
-        """The keyword arguments of weights.ensure_weights that say where the weights come from."""
+        """The keyword arguments of weights.ensure_weights (and ensure_model_weights, with `model`) that say where
+        the weights come from."""
         return {"url": self.weights_url, "local_dir": self.weights_dir, "offline": self.offline}
 
     def replace(self, **changes) -> "Settings":
@@ -135,8 +139,8 @@ def _default_device() -> str:
 
 
 ENVIRONMENT_VARIABLES = (
-    "DEEPSEEK_OCR_WEIGHTS_URL", "DEEPSEEK_OCR_WEIGHTS_DIR", "DEEPSEEK_OCR_OFFLINE", "DEEPSEEK_OCR_DEVICE",
-    "DEEPSEEK_OCR_DTYPE", "DEEPSEEK_OCR_ENGINE", "DEEPSEEK_OCR_ATTENTION", "DEEPSEEK_OCR_GPU_MEMORY_GIB",
+    "DEEPSEEK_OCR_MODEL", "DEEPSEEK_OCR_WEIGHTS_URL", "DEEPSEEK_OCR_WEIGHTS_DIR", "DEEPSEEK_OCR_OFFLINE",
+    "DEEPSEEK_OCR_DEVICE", "DEEPSEEK_OCR_DTYPE", "DEEPSEEK_OCR_ENGINE", "DEEPSEEK_OCR_ATTENTION", "DEEPSEEK_OCR_GPU_MEMORY_GIB",
     "DEEPSEEK_OCR_CPU_CACHE_GIB", "DEEPSEEK_OCR_MAX_ROWS", "DEEPSEEK_OCR_SYNC_EVERY", "DEEPSEEK_OCR_PREFILL_TOKENS",
     "DEEPSEEK_OCR_PREPROCESS_WORKERS", "DEEPSEEK_OCR_REPETITION_RULE", "DEEPSEEK_OCR_STOP_LOOPS",
     "DEEPSEEK_OCR_ROTARY", "DEEPSEEK_OCR_VISION", "DEEPSEEK_OCR_MAX_PAGES", "DEEPSEEK_OCR_MAX_PIXELS", "DEEPSEEK_OCR_PDF_DPI",

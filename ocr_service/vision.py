@@ -9,7 +9,7 @@ size is what bounds the CPU work.
 Encoding runs beside decoding (`VisionWorker`): decoding is bound by memory bandwidth and encoding by
 compute and kernel launches, so on one GPU the two overlap, and a page that arrives while the batch
 decodes is encoded without waiting for it. Encoding groups the views by size (the global views of one
-preset, the tiles) and runs each group through SAM/CLIP/projector in calls bounded by pixels: with SAM's
+preset, the tiles) and runs each group through the model's towers in calls bounded by pixels: with SAM's
 relative positions folded into its attention kernel a call's memory grows only linearly with its views,
 and one call per view size for a whole pass of pages keeps the GPU busy with few, large kernels; in the
 original's order (a dense bias of (side/16)⁴ values per head and view) calls stay small.
@@ -25,24 +25,32 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from checkpoints.processing_deepseekocr import MAX_TILES, PromptInputs, build_prompt_inputs
-
-from .presets import RESOLUTION_PRESETS
+from checkpoints.processing_deepseekocr import PromptInputs
 
 # Pixels of views given to the towers in one call, with SAM's dense bias (the original's order): four
 # 1024×1024 views, or ten 640×640 tiles.
 MATERIALISED_PASS_PIXELS = 4 * 1024 * 1024
 
 
-def vision_pass_shapes(pages: int, call_pixels: int) -> list:
-    """The largest calls of the towers a pass of `pages` pages can make, per view size of the presets:
+def pass_views(model, pages: int) -> set:
+    """(side, views): the most views of each size a pass of `pages` pages can hold, over the model's resolution
+    modes (a global view per page; in crop mode, as many tiles as the model cuts at most)."""
+    processing = model.processing
+    views = set()
+    for base_size, image_size, crop_mode in processing.RESOLUTION_MODES.values():
+        if crop_mode:
+            views.add((base_size, pages))
+            views.add((image_size, pages * processing.MAX_TILES))
+        else:
+            views.add((image_size, pages))
+    return views
+
+
+def vision_pass_shapes(model, pages: int, call_pixels: int) -> list:
+    """The largest calls of the towers a pass of `pages` pages can make, per view size of the model's modes:
     [views, 3, side, side] each (what sizes the vision encoder's memory)."""
-    shapes = set()
-    for preset in RESOLUTION_PRESETS.values():
-        shapes.add((preset.base_size, pages))
-        if preset.crop_mode:
-            shapes.add((preset.image_size, pages * MAX_TILES))
-    return sorted((min(views, max(1, call_pixels // side**2)), 3, side, side) for side, views in shapes)
+    return sorted((min(views, max(1, call_pixels // side**2)), 3, side, side)
+                  for side, views in pass_views(model, pages))
 
 
 def pass_pixels(model, pages: int = 16) -> int:
@@ -50,8 +58,7 @@ def pass_pixels(model, pages: int = 16) -> int:
     SAM's relative positions are folded into its attention, else MATERIALISED_PASS_PIXELS."""
     if getattr(model.config, "sam_relative_positions", "folded") != "folded":
         return MATERIALISED_PASS_PIXELS
-    return max(pages * MAX_TILES * p.image_size ** 2 if p.crop_mode else pages * p.base_size ** 2
-               for p in RESOLUTION_PRESETS.values())
+    return max(views * side ** 2 for side, views in pass_views(model, pages))
 
 
 def limit_cpu_threads(workers: int) -> None:
@@ -61,12 +68,13 @@ def limit_cpu_threads(workers: int) -> None:
 
 
 class Preprocessor:
-    """A bounded pool that turns (image, prompt, preset) into PromptInputs (views and token ids), the views
-    already in the model's dtype (the original rounds its pixels to bf16 too) and, for a GPU, in pinned
-    memory: the pixel work is done here, in parallel, and the vision pass only copies them to the device."""
+    """A bounded pool that turns (image, prompt, preset) into PromptInputs (views and token ids) by the model's
+    own `prepare_inputs`, the views already in the model's dtype (the original rounds its pixels to bf16 too)
+    and, for a GPU, in pinned memory: the pixel work is done here, in parallel, and the vision pass only copies
+    them to the device."""
 
-    def __init__(self, tokenizer, workers: int, dtype: torch.dtype = torch.float32, pin: bool = False):
-        self.tokenizer, self.dtype, self.pin = tokenizer, dtype, pin
+    def __init__(self, model, tokenizer, workers: int, dtype: torch.dtype = torch.float32, pin: bool = False):
+        self.model, self.tokenizer, self.dtype, self.pin = model, tokenizer, dtype, pin
         self.workers = max(1, workers)
         self.pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="deepseek-ocr-preprocess")
 
@@ -74,8 +82,8 @@ class Preprocessor:
         return self.pool.submit(self._prepare, image, prompt, resolution)
 
     def _prepare(self, image, prompt: str, resolution) -> PromptInputs:
-        inputs = build_prompt_inputs(self.tokenizer, prompt, [image], resolution.base_size, resolution.image_size,
-                                     resolution.crop_mode)
+        inputs = self.model.prepare_inputs(self.tokenizer, prompt, [image], resolution.base_size,
+                                           resolution.image_size, resolution.crop_mode)
         for views in inputs.images:
             views.global_view = self._ready(views.global_view)
             if views.has_tiles:
@@ -92,7 +100,7 @@ def encode_prompts(model, prompts: Sequence[PromptInputs], call_pixels: Optional
     """Prompt embeddings [T, D] for each prompt, its images encoded together with the other prompts' views."""
     call_pixels = call_pixels or pass_pixels(model, max(len(prompts), 1))
     inner = model.model
-    device, dtype = inner.image_newline.device, inner.image_newline.dtype
+    device, dtype = inner.vision_device, inner.vision_dtype
     # (size → list of (key, views [n, 3, S, S])); key = (prompt index, image index, "global" | "tiles")
     groups: dict = {}
     for p, prompt in enumerate(prompts):
@@ -139,7 +147,7 @@ class VisionWorker:
     def __init__(self, model, translate_oom: Callable, max_pages_per_pass: int = 16):
         self.model, self.translate_oom = model, translate_oom
         self.max_pages_per_pass = max_pages_per_pass
-        device = model.model.image_newline.device
+        device = model.model.vision_device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.requests: "queue.PriorityQueue" = queue.PriorityQueue()
         self._order = itertools.count()  # ties in priority: first come, first served

@@ -60,14 +60,25 @@ def declared_concurrency() -> int:
     return getattr(Predictor.run, "__cog_concurrent_max__", 1)
 
 
-def curl_example(url: str, page: Path = SAMPLE_PAGE) -> str:
-    """A request that answers in seconds on a CPU: the Tiny preset and 64 tokens (the defaults, Gundam and up
-    to 8,192 tokens, take minutes there)."""
+def smallest_preset(weights: Path) -> str:
+    """The one-view resolution_size of the smallest view the model in `weights` has: Tiny, or Small for
+    DeepSeek-OCR 2 (which has no Tiny)."""
+    from ocr_service.engine import model_class
+    from ocr_service.presets import model_presets
+
+    presets = model_presets(model_class(weights).processing)
+    return min((name for name, preset in presets.items() if not preset.crop_mode),
+               key=lambda name: presets[name].image_size)
+
+
+def curl_example(url: str, page: Path = SAMPLE_PAGE, preset: str = "Tiny") -> str:
+    """A request that answers in seconds on a CPU: the smallest preset and 64 tokens (the defaults, Gundam and
+    up to 8,192 tokens, take minutes there)."""
     # The page goes in the JSON body as a data URI, piped into curl: a page is often larger than the
     # longest single argument Linux allows (128 KiB). `base64 | tr -d '\n'` works on Linux and macOS.
     return ("( printf '{\"input\": {\"image\": \"data:image/png;base64,'; "
             f"base64 < {shlex.quote(str(page))} | tr -d '\\n';\n"
-            "  printf '\", \"task_type\": \"Free OCR\", \"resolution_size\": \"Tiny\", \"max_new_tokens\": 64}}' ) |\n"
+            f"  printf '\", \"task_type\": \"Free OCR\", \"resolution_size\": \"{preset}\", \"max_new_tokens\": 64}}}}' ) |\n"
             f"  curl -s {url}/predictions -H 'Content-Type: application/json' -d @-")
 
 
@@ -95,7 +106,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default 5000)")
     parser.add_argument("--weights", type=Path,
-                        help="a folder holding the DeepSeek-OCR weights (default: a tiny random checkpoint)")
+                        help="a folder holding the weights of DeepSeek-OCR or DeepSeek-OCR 2 (default: a tiny random "
+                             "checkpoint of DeepSeek-OCR)")
     parser.add_argument("--concurrency", type=int,
                         help="predictions served at once (default: what predict.py declares)")
     args = parser.parse_args()
@@ -126,8 +138,9 @@ def main() -> None:
         if wait_ready(url, server):
             random_note = ("The tiny model has random weights: the text is random tokens, the format is real "
                            "(pass --weights for real text).\n" if not args.weights else "")
-            print(f"\nDeepSeek-OCR is ready on {url}. Read the sample page (Tiny preset, 64 tokens):\n\n"
-                  f"{curl_example(url)}\n\n{random_note}Ctrl-C stops the server.\n", flush=True)
+            preset = smallest_preset(weights)
+            print(f"\nDeepSeek-OCR is ready on {url}. Read the sample page ({preset} preset, 64 tokens):\n\n"
+                  f"{curl_example(url, preset=preset)}\n\n{random_note}Ctrl-C stops the server.\n", flush=True)
         elif server.poll() is None:
             print(f"\nThe server's setup failed (the log above says why; {url}/health-check has it too). "
                   "Stopping it.", file=sys.stderr, flush=True)

@@ -70,6 +70,19 @@ def server(tiny_checkpoint, tmp_path_factory):
     running.stop()
 
 
+@pytest.fixture(scope="session")
+def ocr2_server(tiny_ocr2_checkpoint, tmp_path_factory):
+    """The real Cog HTTP server around predict.py serving the tiny DeepSeek-OCR 2 checkpoint (one for every
+    OCR 2 HTTP test)."""
+    from cog_server import CogServer
+
+    log = tmp_path_factory.mktemp("ocr2-server") / "server.log"
+    running = CogServer({"DEEPSEEK_OCR_WEIGHTS_DIR": str(tiny_ocr2_checkpoint), "DEEPSEEK_OCR_OFFLINE": "1",
+                         "DEEPSEEK_OCR_MODEL": "deepseek-ocr-2", "COG_TEST_LOG": str(log)}, concurrency=4)
+    yield running
+    running.stop()
+
+
 def reference_tensor_shapes(folder: Path = REFERENCE) -> dict:
     """name → shape of every tensor in the official checkpoint (`REFERENCE / "deepseek-ocr-2"`: OCR 2's)."""
     rows = (folder / "checkpoint-tensors.tsv").read_text(encoding="utf-8").splitlines()[1:]

@@ -1,5 +1,5 @@
-"""A corpus of hostile and odd inputs through the real Cog HTTP server: each ends in a correct result or a
-failed prediction whose error says what was wrong, and the next request works."""
+"""A corpus of hostile and odd inputs through the real Cog HTTP server, serving either model: each ends in a
+correct result or a failed prediction whose error says what was wrong, and the next request works."""
 
 import pytest
 from PIL import Image
@@ -75,7 +75,16 @@ def test_corpus_is_large_enough():
 
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
 def test_hostile_input(server, case):
-    inputs = {"resolution_size": "Tiny", "max_new_tokens": 2, **case["input"]}
+    check_case(server, case, "Tiny")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+def test_hostile_input_on_ocr2(ocr2_server, case):
+    check_case(ocr2_server, case, "Small")  # its smallest view (it has no Tiny)
+
+
+def check_case(server, case, preset):
+    inputs = {"resolution_size": preset, "max_new_tokens": 2, **case["input"]}
     code, body = server.predict(inputs)
     assert code == 200, body
     if "error" in case:
@@ -91,7 +100,7 @@ def test_hostile_input(server, case):
         if case["name"] == "huge-page.pdf":
             assert pages[0]["width"] * pages[0]["height"] <= 64_000_000
     assert server.health()["status"] == "READY"
-    code, body = server.predict({"image": data_uri(DOC, "doc.png"), "resolution_size": "Tiny", "max_new_tokens": 2})
+    code, body = server.predict({"image": data_uri(DOC, "doc.png"), "resolution_size": preset, "max_new_tokens": 2})
     assert body["status"] == "succeeded"  # the next request works
 
 

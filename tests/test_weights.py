@@ -230,3 +230,176 @@ def test_only_plain_files_of_the_archive_are_installed(tmp_path):
     assert not (target / "tokenizer.json").exists() and not (target / "assets").exists()
     assert (target / "modeling_deepseekocr.py").read_text() == OUR_CODE
     assert moved == 4  # the shard, its index, config.json, tokenizer_config.json
+
+
+# ---------------------------------------------------------------- choosing the model; DeepSeek-OCR 2's files
+
+
+class FilesServer:
+    """Serves the files of a folder by name under /<revision>/; `plan` maps a name to behaviours for its next
+    GET requests ('cut', '404'), then 'ok'."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.plan, self.gets = folder, {}, {}
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def body(self):
+                path = server.folder / self.path.rsplit("/", 1)[-1]
+                return path.read_bytes() if path.is_file() else None
+
+            def do_HEAD(self):
+                body = self.body()
+                self.send_response(200 if body is not None else 404)
+                self.send_header("Content-Length", str(len(body or b"")))
+                self.end_headers()
+
+            def do_GET(self):
+                name = self.path.rsplit("/", 1)[-1]
+                server.gets[name] = server.gets.get(name, 0) + 1
+                plan = server.plan.get(name, [])
+                mode = plan.pop(0) if plan else "ok"
+                body = self.body()
+                if body is None or mode == "404":
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body if mode != "cut" else body[: len(body) // 2])
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/0123abcd"
+
+    def close(self):
+        self.httpd.shutdown()
+
+
+OCR2 = weights.OFFICIAL_WEIGHTS["deepseek-ocr-2"]
+SHARD = "model-00001-of-000001.safetensors"
+
+
+@pytest.fixture
+def ocr2_source(tiny_ocr2_checkpoint, tmp_path):
+    """The tiny OCR 2 checkpoint's official files, served as the pinned revision serves the real ones."""
+    folder = tmp_path / "revision"
+    folder.mkdir()
+    for name in OCR2.files:
+        shutil.copy(tiny_ocr2_checkpoint / name, folder / name)
+    server = FilesServer(folder)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def repository(tiny_ocr2_checkpoint, tmp_path, monkeypatch):
+    """A repository: our model code in checkpoints/, and the official OCR 2 tensor table (here the tiny
+    checkpoint's, as scripts/data keeps the real one's)."""
+    from safetensors import safe_open
+
+    monkeypatch.setenv("PATH", f"{FAKES}:{__import__('os').environ['PATH']}")
+    repo = tmp_path / "repo"
+    (repo / "checkpoints").mkdir(parents=True)
+    (repo / "checkpoints" / "modeling_deepseekocr2.py").write_text(OUR_CODE)
+    (repo / "checkpoints" / "deepencoder2.py").write_text(OUR_CODE)
+    with safe_open(str(tiny_ocr2_checkpoint / SHARD), "pt") as handle:
+        rows = [f"{n}\t{'x'.join(map(str, handle.get_slice(n).get_shape()))}" for n in handle.keys()]
+    table = repo / OCR2.reference_tensors
+    table.parent.mkdir(parents=True)
+    table.write_text("name\tshape\n" + "\n".join(rows) + "\n")
+    return repo
+
+
+def fetch_ocr2(repository, source, **options):
+    logs = []
+    folder = weights.ensure_model_weights(repository, "deepseek-ocr-2", url=source.url, log=logs.append,
+                                          backoff_s=0, **options)
+    return folder, logs
+
+
+def test_the_official_sources():
+    first, second = weights.OFFICIAL_WEIGHTS["deepseek-ocr"], OCR2
+    assert (first.url, first.folder, first.files) == (weights.DEFAULT_URL, "checkpoints", ())
+    assert second.folder == "checkpoints/deepseek-ocr-2" and second.tensor_dtypes == ("BF16", "F32")
+    assert second.url == f"https://huggingface.co/deepseek-ai/DeepSeek-OCR-2/resolve/{weights.OCR2_REVISION}"
+    assert len(weights.OCR2_REVISION) == 40 and int(weights.OCR2_REVISION, 16) >= 0
+    assert {"config.json", SHARD, "model.safetensors.index.json", "tokenizer.json"} <= set(second.files)
+    table = weights.reference_tensor_shapes(Path(__file__).resolve().parent.parent / second.reference_tensors)
+    assert len(table) == 2707 and table["model.qwen2_model.query_768.weight"] == (144, 896)
+
+
+def test_a_folder_says_which_model_it_holds(tiny_checkpoint, tiny_ocr2_checkpoint, tmp_path):
+    assert weights.model_in(tiny_checkpoint).model == "deepseek-ocr"
+    assert weights.model_in(tiny_ocr2_checkpoint).model == "deepseek-ocr-2"
+    (tmp_path / "config.json").write_text(json.dumps({"auto_map": {
+        "AutoModel": "modeling_deepseekocr2.DeepseekOCR2ForCausalLM"}}))
+    assert weights.model_in(tmp_path).model == "deepseek-ocr-2"
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["DeepseekOcr2ForConditionalGeneration"]}))
+    with pytest.raises(WeightsError, match="DeepseekOcr2ForConditionalGeneration, none of the models.*converted"):
+        weights.model_in(tmp_path)
+
+
+def test_ocr2_files_are_fetched_verified_and_installed_beside_our_code(repository, ocr2_source):
+    folder, logs = fetch_ocr2(repository, ocr2_source)
+    assert folder == repository / "checkpoints" / "deepseek-ocr-2"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(OCR2.files + ("deepencoder2.py",
+                                                                           "modeling_deepseekocr2.py"))
+    assert (folder / "modeling_deepseekocr2.py").read_text() == OUR_CODE  # our code, for trust_remote_code
+    assert ocr2_source.gets == {name: 1 for name in OCR2.files}
+    assert leftovers(folder) == [] and any("installed 7 verified file(s)" in line for line in logs)
+    (repository / "checkpoints" / "deepencoder2.py").write_text(OUR_CODE + "# changed\n")
+    fetch_ocr2(repository, ocr2_source)  # complete already: no second download; the code beside it refreshed
+    assert ocr2_source.gets == {name: 1 for name in OCR2.files}
+    assert (folder / "deepencoder2.py").read_text().endswith("# changed\n")
+
+
+def test_ocr2_cut_transfer_is_retried(repository, ocr2_source):
+    ocr2_source.plan = {SHARD: ["cut"], "tokenizer.json": ["404"]}
+    folder, logs = fetch_ocr2(repository, ocr2_source, retries=3)
+    assert verify_weights(folder) == [] and sum("failed" in line for line in logs) == 2
+
+
+def test_ocr2_file_missing_at_the_revision_fails_clearly(repository, ocr2_source):
+    (ocr2_source.folder / "tokenizer_config.json").unlink()
+    with pytest.raises(WeightsError, match="after 2 tries: pget failed.*tokenizer_config.json: HTTP 404"):
+        fetch_ocr2(repository, ocr2_source, retries=2)
+    assert not (repository / "checkpoints" / "deepseek-ocr-2" / "config.json").exists()
+
+
+def test_ocr2_tensors_are_checked_against_the_official_table(repository, ocr2_source):
+    table = repository / OCR2.reference_tensors
+    table.write_text(table.read_text().replace("model.qwen2_model.query_768.weight\t", "model.query_768\t"))
+    with pytest.raises(WeightsError, match="missing, e.g. model.query_768.*unexpected.*query_768.weight"):
+        fetch_ocr2(repository, ocr2_source, retries=1)
+
+
+def test_ocr2_tensors_must_be_bf16_or_f32(repository, ocr2_source):
+    from safetensors.torch import load_file
+
+    shard = ocr2_source.folder / SHARD
+    tensors = load_file(str(shard))
+    tensors["lm_head.weight"] = tensors["lm_head.weight"].half()
+    save_file(tensors, str(shard))
+    with pytest.raises(WeightsError, match=r"1 tensor\(s\) of a dtype other than BF16 or F32, e.g. lm_head.weight"):
+        fetch_ocr2(repository, ocr2_source, retries=1)
+    tensors["lm_head.weight"] = tensors["lm_head.weight"].float()  # F32 beside BF16 is fine
+    save_file(tensors, str(shard))
+    assert fetch_ocr2(repository, ocr2_source)[0].name == "deepseek-ocr-2"
+
+
+def test_the_other_models_weights_are_not_installed_as_ocr2(repository, ocr2_source, tiny_checkpoint):
+    shutil.copy(tiny_checkpoint / "config.json", ocr2_source.folder / "config.json")
+    with pytest.raises(WeightsError, match="holds DeepSeek-OCR weights, not DeepSeek-OCR 2's"):
+        fetch_ocr2(repository, ocr2_source, retries=1)
+
+
+def test_a_weights_dir_of_either_model_is_used_in_place(repository, ocr2_source, tiny_checkpoint):
+    from ocr_service.engine import checkpoint_tensor_shapes
+
+    folder, _ = fetch_ocr2(repository, ocr2_source, local_dir=str(tiny_checkpoint),
+                           expected_tensors=checkpoint_tensor_shapes)
+    assert folder == tiny_checkpoint and ocr2_source.gets == {}
