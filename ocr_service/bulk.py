@@ -33,7 +33,7 @@ from .errors import InputError
 from .presets import DEFAULT_RESOLUTION, DEFAULT_TASK_TYPE, RESOLUTIONS, TASK_TYPES
 from .settings import Settings, SettingsError
 
-CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"
+REPOSITORY = Path(__file__).resolve().parent.parent
 EXIT_FAILED, EXIT_USAGE = 1, 2
 
 
@@ -325,13 +325,20 @@ class LocalRun:
         self._count(entry)
 
 
-def load_engine(settings: Settings, log: Callable[[str], None], ignore_eos: bool = False):
-    from .engine import OCREngine, checkpoint_tensor_shapes
-    from .weights import ensure_weights
+def weights_folder(settings: Settings, log: Callable[[str], None]) -> Path:
+    """The weights setup() would use: DEEPSEEK_OCR_MODEL's official weights (downloaded if missing), or the
+    DEEPSEEK_OCR_WEIGHTS_DIR folder."""
+    from .engine import checkpoint_tensor_shapes
+    from .weights import ensure_model_weights
 
-    weights_dir = ensure_weights(CHECKPOINTS, expected_tensors=checkpoint_tensor_shapes, log=log,
-                                 **settings.weights_source)
-    return OCREngine(weights_dir, settings, log=log, ignore_eos=ignore_eos)
+    return ensure_model_weights(REPOSITORY, settings.model, expected_tensors=checkpoint_tensor_shapes, log=log,
+                                **settings.weights_source)
+
+
+def load_engine(settings: Settings, log: Callable[[str], None], ignore_eos: bool = False):
+    from .engine import OCREngine
+
+    return OCREngine(weights_folder(settings, log), settings, log=log, ignore_eos=ignore_eos)
 
 
 # ---------------------------------------------------------------- the command

@@ -78,15 +78,13 @@ class OCRActor:
     """One engine; Ray calls it from several threads at once, one document per call."""
 
     def __init__(self, environment: dict, options, timeout: float, ignore_eos: bool):
-        from .bulk import CHECKPOINTS
-        from .engine import OCREngine, checkpoint_tensor_shapes
+        from .bulk import weights_folder
+        from .engine import OCREngine
         from .settings import Settings
-        from .weights import ensure_weights
 
         settings = Settings.from_env({**os.environ, **environment})
         with _node_lock(Path(tempfile.gettempdir()) / "deepseek-ocr-weights.lock"):  # one download per node
-            weights_dir = ensure_weights(CHECKPOINTS, expected_tensors=checkpoint_tensor_shapes, log=_log,
-                                         **settings.weights_source)
+            weights_dir = weights_folder(settings, _log)
         self.engine = OCREngine(weights_dir, settings, log=_log, ignore_eos=ignore_eos)
         self.options, self.timeout = options, timeout
         self.prompt, self.preset = options.prompt_and_preset(self.engine.special_token_texts)
