@@ -57,6 +57,20 @@ class Summary:
     def unsuccessful(self) -> int:
         return self.refused + self.failed + self.skipped_unsuccessful
 
+    def count_skipped(self, previous_status: str) -> None:
+        self.skipped += 1
+        self.skipped_unsuccessful += previous_status != OK
+
+    def count_finished(self, entry: dict) -> Optional[str]:
+        """Adds a document this run finished (its manifest entry); returns the line to log if it did not succeed."""
+        status = entry["status"]
+        self.ok += status == OK
+        self.refused += status == REFUSED
+        self.failed += status == FAILED
+        self.pages += entry["pages"] if status == OK else 0
+        self.tokens += entry["tokens"]
+        return None if status == OK else f"{status}: {entry['document']}: {entry['error']}"
+
     @property
     def pages_per_second(self) -> float:
         return self.pages / self.seconds if self.seconds > 0 else 0.0
@@ -226,17 +240,9 @@ class LocalRun:
         with self._lock:
             s = self.summary
             if skipped is not None:
-                s.skipped += 1
-                s.skipped_unsuccessful += skipped.get("status") != OK
+                s.count_skipped(skipped.get("status"))
             elif entry is not None:
-                status = entry["status"]
-                s.ok += status == OK
-                s.refused += status == REFUSED
-                s.failed += status == FAILED
-                s.pages += entry["pages"] if status == OK else 0
-                s.tokens += entry["tokens"]
-                if status != OK:
-                    message = f"{status}: {entry['document']}: {entry['error']}"
+                message = s.count_finished(entry)
             snapshot = Summary(**{k: getattr(s, k) for k in Summary.__dataclass_fields__})
         self.progress.update(snapshot, message)
 

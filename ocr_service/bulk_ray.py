@@ -247,8 +247,7 @@ def _commit(row: dict, summary, folder, previous, run_options, progress) -> None
     status = row["status"]
     message = None
     if status == SKIPPED:
-        summary.skipped += 1
-        summary.skipped_unsuccessful += previous[row["document"]]["status"] != OK
+        summary.count_skipped(previous[row["document"]]["status"])
     else:
         entry = record(source, status, row["content_hash"], row["bytes"], run_options, pages=row["pages"],
                        tokens=row["tokens"], seconds=row["seconds"], stop_reasons=row["stop_reasons"],
@@ -258,11 +257,5 @@ def _commit(row: dict, summary, folder, previous, run_options, progress) -> None
             staged = folder.new_staging_folder()
             write_files(staged, row["files"])
         folder.commit(entry, staged)
-        summary.ok += status == OK
-        summary.refused += status == REFUSED
-        summary.failed += status == FAILED
-        summary.pages += row["pages"] if status == OK else 0
-        summary.tokens += row["tokens"]
-        if status != OK:
-            message = f"{status}: {row['document']}: {row['error']}"
+        message = summary.count_finished(entry)
     progress.update(summary, message)
