@@ -42,6 +42,21 @@ def tar_of(folder: Path, prefix: str = "") -> bytes:
     return buffer.getvalue()
 
 
+def send_body(handler, body: bytes, mode: str) -> None:
+    """A 200 answer with `body`; mode 'cut' sends half of it under the whole length (a broken connection)."""
+    handler.send_response(200)
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body if mode != "cut" else body[: len(body) // 2])
+
+
+def serve_on_loopback(handler_class, path: str) -> tuple:
+    """(server, its URL for `path`): an HTTP server on 127.0.0.1 in a thread of its own."""
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler_class)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd, f"http://127.0.0.1:{httpd.server_address[1]}/{path}"
+
+
 class Server:
     """Serves `payload`; `plan` is a list of behaviours for the next GET requests, then 'ok'."""
 
@@ -65,14 +80,9 @@ class Server:
                     self.send_error(404)
                     return
                 body = server.payload if mode != "corrupt" else b"\x00garbage" * 1000
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body if mode != "cut" else body[: len(body) // 2])
+                send_body(self, body, mode)
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/model.tar"
+        self.httpd, self.url = serve_on_loopback(Handler, "model.tar")
 
     def close(self):
         self.httpd.shutdown()
@@ -266,14 +276,9 @@ class FilesServer:
                 if body is None or mode == "404":
                     self.send_error(404)
                     return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body if mode != "cut" else body[: len(body) // 2])
+                send_body(self, body, mode)
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/0123abcd"
+        self.httpd, self.url = serve_on_loopback(Handler, "0123abcd")
 
     def close(self):
         self.httpd.shutdown()
