@@ -104,11 +104,6 @@ def compare(a: dict, b: dict) -> dict:
             "compared": min(len(a["tokens"]), len(b["tokens"]))}
 
 
-def set_sam_folded(model, folded: bool) -> None:
-    for block in model.model.sam_model.blocks:
-        block.attn.fold_relative_positions = folded
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(MODEL_CLASSES), default="ocr",
@@ -146,9 +141,9 @@ def main():
     # (numerics_stages.py finds it bit-identical to the original, layer by layer).
     os.environ["DEEPSEEK_OCR_TRITON"] = "0"
     model.config._attn_implementation = "eager"
-    set_sam_folded(model, False)  # SAM's dense relative-position bias, as the original adds it
+    model.model.sam_model.use_relative_positions("materialised")  # SAM's dense bias, as the original adds it
     ours_eager = ours(model, tokenizer, image, args.tokens, presets)
-    set_sam_folded(model, True)
+    model.model.sam_model.use_relative_positions("folded")
     os.environ.pop("DEEPSEEK_OCR_TRITON")
     model.config._attn_implementation = "sdpa"
     del model

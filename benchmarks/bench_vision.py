@@ -60,11 +60,6 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-def set_folded(model, folded: bool) -> None:
-    for block in model.model.sam_model.blocks:
-        block.attn.fold_relative_positions = folded
-
-
 def vision_flops(model, views: list) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -122,8 +117,7 @@ def vision_variants(model, tokenizer, pages: int, chunks: dict, compile_too: boo
         # float32 reference of the towers (materialised bias, no autocast)
         sam32, clip32, proj32 = (copy.deepcopy(m).float() for m in (inner.sam_model, inner.vision_model,
                                                                       inner.projector))
-        for block in sam32.blocks:
-            block.attn.fold_relative_positions = False
+        sam32.use_relative_positions("materialised")
         reference32 = {size: torch.cat([encode_views(sam32, clip32, proj32, pixels[s:s + 4].float())
                                         for s in range(0, pixels.shape[0], 4)]) for size, pixels in groups.items()}
         del sam32, clip32, proj32
@@ -137,7 +131,7 @@ def vision_variants(model, tokenizer, pages: int, chunks: dict, compile_too: boo
                 variants.append((f"folded, CUDA graphs, {name}", True, graphed, chunk))
         base = None
         for name, folded, encode, chunk_of in variants:
-            set_folded(model, folded)
+            inner.sam_model.use_relative_positions("folded" if folded else "materialised")
             reset_peak()
             started = time.perf_counter()
             out = run(encode, chunk_of)  # first call: captures the graphs, if any
@@ -153,7 +147,7 @@ def vision_variants(model, tokenizer, pages: int, chunks: dict, compile_too: boo
             results[name] = row
             print(name, json.dumps(row), flush=True)
         graphed.graphs.clear()
-        set_folded(model, True)
+        model.model.sam_model.use_relative_positions("folded")
         try:
             if not compile_too or DEVICE != "cuda":
                 raise RuntimeError("compiled variant not asked for (--compile, CUDA only)")

@@ -188,8 +188,7 @@ def configure(model, name: str) -> None:
     definitions of the fused operations, eager attention, the original's rotary rounding and SAM's dense
     relative-position bias (the served path folds it into the attention kernel)."""
     rotary, triton, attention = CONFIGURATIONS[name]
-    for block in model.model.sam_model.blocks:
-        block.attn.fold_relative_positions = name != "original's order"
+    model.model.sam_model.use_relative_positions("materialised" if name == "original's order" else "folded")
     config = model.config
     model.model.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, rotary)
     if triton:

@@ -157,6 +157,14 @@ def folded_relative_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return F.scaled_dot_product_attention(q_ext, k_ext, v_ext, scale=1.0)[..., :head_dim]
 
 
+RELATIVE_POSITION_MODES = ("folded", "materialised")
+
+
+def check_relative_position_mode(mode: str) -> None:
+    if mode not in RELATIVE_POSITION_MODES:
+        raise ValueError(f"sam_relative_positions must be 'folded' or 'materialised', not {mode!r}")
+
+
 class SamAttention(nn.Module):
     def __init__(self, dim: int, heads: int, grid: int):
         super().__init__()
@@ -253,6 +261,13 @@ class SamEncoder(nn.Module):
         mid, out = s.downsample_channels
         self.net_2 = nn.Conv2d(s.out_chans, mid, kernel_size=3, stride=2, padding=1, bias=False)
         self.net_3 = nn.Conv2d(mid, out, kernel_size=3, stride=2, padding=1, bias=False)
+
+    def use_relative_positions(self, mode: str) -> None:
+        """"folded": every block's relative positions go into its attention kernel; "materialised": a dense
+        bias, the original's order (see SamAttention)."""
+        check_relative_position_mode(mode)
+        for block in self.blocks:
+            block.attn.fold_relative_positions = mode == "folded"
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(pixels)  # [B, H, W, C]

@@ -23,7 +23,9 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_deepseek_v2 import DeepseekV2Config
 from .conversation import format_prompt
-from .deepencoder import ClipVisionModel, LinearProjector, SamEncoder, encode_views, vision_settings
+from .deepencoder import (
+    ClipVisionModel, LinearProjector, SamEncoder, check_relative_position_mode, encode_views, vision_settings,
+)
 from .generation import (
     DEFAULT_LOOP_STOP, ORIGINAL_EVAL_NO_REPEAT_RULE, ORIGINAL_NO_REPEAT_RULE, SERVING_NO_REPEAT_RULE, STOP_EOS,
     STOP_MAX_NEW_TOKENS, STOP_REPETITION, LoopDetector, LoopStopRule, NoRepeatNGramGuard, NoRepeatNGramRule,
@@ -55,8 +57,7 @@ class DeepseekOCRConfig(DeepseekV2Config):
         self.vision_config = vision_config or DEFAULT_VISION_CONFIG
         # "folded": SAM's relative positions go into its attention kernel (deepencoder.folded_relative_attention);
         # "materialised": a dense bias, the original's order of operations, bit-identical to it on the GPU.
-        if sam_relative_positions not in ("folded", "materialised"):
-            raise ValueError(f"sam_relative_positions must be 'folded' or 'materialised', not {sam_relative_positions!r}")
+        check_relative_position_mode(sam_relative_positions)
         self.sam_relative_positions = sam_relative_positions
         self.projector_config = projector_config or {
             "projector_type": "linear", "input_dim": 2048, "n_embed": self.hidden_size,
@@ -97,9 +98,7 @@ class DeepseekOCRModel(ImagePromptMixin, DeepseekV2Model):
         super().__init__(config)
         sam, clip = vision_settings(config.vision_config)
         self.sam_model = SamEncoder(sam)
-        folded = getattr(config, "sam_relative_positions", "folded") == "folded"
-        for block in self.sam_model.blocks:
-            block.attn.fold_relative_positions = folded
+        self.sam_model.use_relative_positions(getattr(config, "sam_relative_positions", "folded"))
         self.vision_model = ClipVisionModel(clip)
         self.projector = LinearProjector(config.projector_config)
         n_embed = config.projector_config["n_embed"]

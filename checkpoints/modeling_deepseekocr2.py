@@ -53,9 +53,7 @@ class DeepseekOCR2Model(ImagePromptMixin, DeepseekV2Model):
         super().__init__(config)
         sam, encoder = vision_settings(config.vision_config)
         self.sam_model = SamEncoder(sam)
-        folded = getattr(config, "sam_relative_positions", "folded") == "folded"  # as the first model's SAM
-        for block in self.sam_model.blocks:
-            block.attn.fold_relative_positions = folded
+        self.sam_model.use_relative_positions(getattr(config, "sam_relative_positions", "folded"))
         self.qwen2_model = QueryEncoder(encoder)
         self.projector = LinearProjector(config.projector_config)
         self.view_seperator = nn.Parameter(torch.zeros(config.projector_config["n_embed"]))  # the checkpoint's spelling
