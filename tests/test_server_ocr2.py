@@ -6,7 +6,7 @@ import pytest
 import input_corpus as corpus
 from cog_server import data_uri
 from conftest import document_image
-from test_server import TASKS, fail, succeed
+from test_server import TASKS, check_task_and_preset, fail, succeed
 
 # Image tokens of an A4 page at 150 dpi: a 1024 global view (256) + 2 × 3 tiles of 768 (144 each) + the separator;
 # one 768 view (stretched) + the separator; one 1024 view (padded) + the separator.
@@ -22,16 +22,7 @@ def page_png():
 @pytest.mark.parametrize("task", TASKS)
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_every_task_and_preset(ocr2_server, page_png, task, preset):
-    inputs = {"image": data_uri(page_png, "page.png"), "task_type": task, "resolution_size": preset,
-              "max_new_tokens": 3}
-    if task == "Locate Object by Reference":
-        inputs["reference_text"] = "the title"
-    output = succeed(ocr2_server, inputs)
-    assert len(output["pages"]) == 1
-    page = output["pages"][0]
-    assert page["image_tokens"] == PRESETS[preset]
-    assert page["generated_tokens"] == 3 and page["width"] == 1240 and page["height"] == 1754
-    assert isinstance(output["text"], str) and isinstance(output["regions"], list)
+    check_task_and_preset(ocr2_server, page_png, task, preset, PRESETS[preset])
 
 
 @pytest.mark.parametrize("preset", REFUSED)
