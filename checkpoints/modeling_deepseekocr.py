@@ -67,7 +67,26 @@ class DeepseekOCRConfig(DeepseekV2Config):
 class ImagePromptMixin:
     """Prompt embeddings with the images in place, for a model whose `encode_views(pixels)` encodes views
     of one size and whose `arrange_image(views, global_features, tile_features)` lays out an image's
-    features for its `<image>` positions (both models share this)."""
+    features for its `<image>` positions (both models share this, and their `view_seperator`)."""
+
+    @property
+    def vision_device(self) -> torch.device:
+        return self.view_seperator.device
+
+    @property
+    def vision_dtype(self) -> torch.dtype:
+        return self.view_seperator.dtype
+
+    def run_vision_towers(self, towers, pixels: torch.Tensor) -> torch.Tensor:
+        """`towers(pixels)` on the views, in the model's device and dtype. On CUDA in bf16 under bf16 autocast,
+        as the originals' `infer()` runs their towers: layer norms then return float32, so residual streams
+        that follow one stay in float32 instead of being rounded to bf16 at every block."""
+        device, dtype = self.vision_device, self.vision_dtype
+        pixels = pixels.to(device=device, dtype=dtype)
+        autocast = device.type == "cuda" and dtype == torch.bfloat16
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            features = towers(pixels)
+        return features.to(dtype)
 
     def embed_image(self, views: ImageViews) -> torch.Tensor:
         """One image's `<image>` embeddings [views.num_tokens, D] (its views encoded on their own)."""
@@ -106,27 +125,12 @@ class DeepseekOCRModel(ImagePromptMixin, DeepseekV2Model):
         self.view_seperator = nn.Parameter(torch.zeros(n_embed))  # the checkpoint's spelling
         self.post_init()
 
-    @property
-    def vision_device(self) -> torch.device:
-        return self.image_newline.device
-
-    @property
-    def vision_dtype(self) -> torch.dtype:
-        return self.image_newline.dtype
-
     def encode_views(self, pixels: torch.Tensor) -> torch.Tensor:
         """Square views of one size [N, 3, S, S] (any number, from any pages) → features [N, (S/64)², D].
-
-        On CUDA in bf16 the towers run under bf16 autocast, as the original runs them: layer norms
-        then return float32, so CLIP's residual stream and SAM's neck stay in float32 until the
-        projector, instead of being rounded to bf16 at every block.
-        """
-        reference = self.image_newline
-        pixels = pixels.to(device=reference.device, dtype=reference.dtype)
-        autocast = reference.is_cuda and reference.dtype == torch.bfloat16
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            features = encode_views(self.sam_model, self.vision_model, self.projector, pixels)
-        return features.to(reference.dtype)
+        Under bf16 autocast on CUDA (`run_vision_towers`), CLIP's residual stream and SAM's neck stay in
+        float32 until the projector, as in the original."""
+        return self.run_vision_towers(
+            lambda views: encode_views(self.sam_model, self.vision_model, self.projector, views), pixels)
 
     def _with_row_ends(self, grid: torch.Tensor) -> torch.Tensor:
         """[rows, cols, D] feature grid → [rows·(cols + 1), D], each row closed by the newline vector."""

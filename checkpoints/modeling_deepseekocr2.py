@@ -59,26 +59,11 @@ class DeepseekOCR2Model(ImagePromptMixin, DeepseekV2Model):
         self.view_seperator = nn.Parameter(torch.zeros(config.projector_config["n_embed"]))  # the checkpoint's spelling
         self.post_init()
 
-    @property
-    def vision_device(self) -> torch.device:
-        return self.view_seperator.device
-
-    @property
-    def vision_dtype(self) -> torch.dtype:
-        return self.view_seperator.dtype
-
     def encode_views(self, pixels: torch.Tensor) -> torch.Tensor:
         """Square views of one size [N, 3, S, S], S 768 or 1024 (any number, from any pages) →
-        query features [N, (S/64)², D].
-
-        On CUDA in bf16 the towers run under bf16 autocast, as the original's `infer()` runs them.
-        """
-        device, dtype = self.vision_device, self.vision_dtype
-        pixels = pixels.to(device=device, dtype=dtype)
-        autocast = device.type == "cuda" and dtype == torch.bfloat16
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            features = encode_views(self.sam_model, self.qwen2_model, self.projector, pixels)
-        return features.to(dtype)
+        query features [N, (S/64)², D], under bf16 autocast on CUDA as the original's `infer()` runs them."""
+        return self.run_vision_towers(
+            lambda views: encode_views(self.sam_model, self.qwen2_model, self.projector, views), pixels)
 
     def arrange_image(self, views: ImageViews, global_features: torch.Tensor,
                       tile_features: Optional[torch.Tensor] = None) -> torch.Tensor:
