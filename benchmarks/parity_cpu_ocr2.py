@@ -7,9 +7,11 @@ Python environment (transformers 4.46.3 and the torchvision it imports; its CUDA
 the CPU and float32), with `generate` wrapped so that the tensors it receives, its first-step logits and its
 greedy tokens (its 20-gram rule) are recorded. Ours gets the same image and views: its input ids, image
 mask, views and grid are compared to the original's, its first-step logits (eager attention), and its
-greedy tokens from the model's plain `generate_tokens` with the original's rule. The last column encodes
-the views of every case together, one batch per view size (as the service's vision pass does), and compares
-the first-step logits that batch gives with the original's.
+greedy tokens from the model's plain `generate_tokens` and from the service's batched engine, both with the
+original's rule (`DEEPSEEK_OCR_REPETITION_RULE=original`); the engine is given every case at once, one job
+each, as concurrent requests reach the service. One more column encodes the views of every case together,
+one batch per view size (as the service's vision pass does), and compares the first-step logits that batch
+gives with the original's.
 
     python benchmarks/parity_cpu_ocr2.py --original /path/to/original-ocr2-code --python /path/to/venv/bin/python
 """
@@ -30,6 +32,9 @@ from benchmarks.parity_cpu import relative_error, run_original  # noqa: E402
 from checkpoints import DeepseekOCR2ForCausalLM  # noqa: E402
 from checkpoints.generation import ORIGINAL_NO_REPEAT_RULE  # noqa: E402
 from conftest import document_image  # noqa: E402
+from ocr_service.engine import OCREngine  # noqa: E402
+from ocr_service.presets import Resolution  # noqa: E402
+from ocr_service.settings import Settings  # noqa: E402
 
 PROMPT = "<image>\n<|grounding|>Convert the document to markdown."
 CASES = [  # (name, width, height, base_size, image_size, crop_mode)
@@ -98,8 +103,14 @@ def main():
     prompts = [model.prepare_inputs(tokenizer, PROMPT, [Image.open(path).convert("RGB")], base, size, crop)
                for _, path, base, size, crop in cases]
     batched = batched_embeddings(model, prompts)
+    settings = Settings.from_env({"DEEPSEEK_OCR_DEVICE": "cpu", "DEEPSEEK_OCR_REPETITION_RULE": "original",
+                                  "DEEPSEEK_OCR_STOP_LOOPS": "0", "DEEPSEEK_OCR_MAX_ROWS": str(len(cases))})
+    engine = OCREngine(args.checkpoint, settings, log=lambda _: None)
+    jobs = [engine.submit([Image.open(path).convert("RGB")], PROMPT, Resolution(base, size, crop), args.tokens)
+            for _, path, base, size, crop in cases]
+    engine_tokens = [job.wait()[0].token_ids for job in jobs]
     rows = []
-    for (name, _, _, _, _), inputs, batch_embeds in zip(cases, prompts, batched):
+    for (name, _, _, _, _), inputs, batch_embeds, engine_ids in zip(cases, prompts, batched, engine_tokens):
         original = theirs[name]
         views = inputs.images[0]
         same_inputs = (torch.equal(inputs.input_ids, original["input_ids"])
@@ -118,18 +129,20 @@ def main():
                      "tiles": views.tiles.shape[0] if views.has_tiles else 0,
                      "logits_rel_error": relative_error(logits, original["logits"]),
                      "batched_vision_logits_rel_error": relative_error(batch_logits, original["logits"]),
-                     "plain_equal": sum(a == b for a, b in zip(plain, expected)), "compared": len(expected),
-                     "same_length": len(plain) == len(expected)})
+                     "plain_equal": sum(a == b for a, b in zip(plain, expected)),
+                     "batched_equal": sum(a == b for a, b in zip(engine_ids, expected)), "compared": len(expected),
+                     "same_length": len(plain) == len(expected) == len(engine_ids)})
         print(json.dumps(rows[-1]), flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     print(f"\nCPU, float32, torch {torch.__version__}; the original: transformers 4.46.3, eager attention\n")
     print("| case | input ids, image mask, global view, tiles, grid | image tokens | first-step logits, relative "
-          "error | same, views batched across cases | greedy tokens equal |\n|---|---|---|---|---|---|")
+          "error | same, views batched across cases | greedy tokens equal, plain / batched engine |\n"
+          "|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['case']} | {'identical' if row['inputs_identical'] else 'DIFFERENT'} | {row['image_tokens']} | "
               f"{row['logits_rel_error']:.1e} | {row['batched_vision_logits_rel_error']:.1e} | "
-              f"{row['plain_equal']}/{row['compared']} |")
+              f"{row['plain_equal']}/{row['compared']} / {row['batched_equal']}/{row['compared']} |")
 
 
 if __name__ == "__main__":
