@@ -28,15 +28,15 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 from benchmarks.common import random_checkpoint  # noqa: E402
-from benchmarks.parity_cpu import relative_error, run_original  # noqa: E402
+from benchmarks.parity_cpu import PROMPT, relative_error, run_original  # noqa: E402
 from checkpoints import DeepseekOCR2ForCausalLM  # noqa: E402
 from checkpoints.generation import ORIGINAL_NO_REPEAT_RULE  # noqa: E402
 from conftest import document_image  # noqa: E402
 from ocr_service.engine import OCREngine  # noqa: E402
 from ocr_service.presets import Resolution  # noqa: E402
 from ocr_service.settings import Settings  # noqa: E402
+from ocr_service.vision import encode_prompts  # noqa: E402
 
-PROMPT = "<image>\n<|grounding|>Convert the document to markdown."
 CASES = [  # (name, width, height, base_size, image_size, crop_mode)
     ("A4 1240x1754, dynamic (2x3 tiles)", 1240, 1754, 1024, 768, True),
     ("wide 2000x600, dynamic", 2000, 600, 1024, 768, True),
@@ -45,31 +45,6 @@ CASES = [  # (name, width, height, base_size, image_size, crop_mode)
     ("A4 1240x1754, global view 1024 only", 1240, 1754, 1024, 1024, False),
     ("900x1200, global view 768 only", 900, 1200, 768, 768, False),
 ]
-
-
-def batched_embeddings(model, prompts: list) -> list:
-    """Each prompt's embeddings, the views of all prompts encoded together, one batch per view size."""
-    inner = model.model
-    groups: dict = {}
-    for p, inputs in enumerate(prompts):
-        views = inputs.images[0]
-        groups.setdefault(views.global_view.shape[-1], []).append(((p, "global"), views.global_view[None]))
-        if views.has_tiles:
-            groups.setdefault(views.tiles.shape[-1], []).append(((p, "tiles"), views.tiles))
-    features = {}
-    for members in groups.values():
-        encoded = inner.encode_views(torch.cat([pixels for _, pixels in members]))
-        start = 0
-        for key, pixels in members:
-            features[key] = encoded[start:start + pixels.shape[0]]
-            start += pixels.shape[0]
-    embeddings = []
-    for p, inputs in enumerate(prompts):
-        embeds = inner.embed_tokens(inputs.input_ids)
-        embeds[inputs.image_mask] = inner.arrange_image(inputs.images[0], features[(p, "global")][0],
-                                                        features.get((p, "tiles")))
-        embeddings.append(embeds)
-    return embeddings
 
 
 @torch.inference_mode()
@@ -102,7 +77,7 @@ def main():
                                                     attn_implementation="eager").eval()
     prompts = [model.prepare_inputs(tokenizer, PROMPT, [Image.open(path).convert("RGB")], base, size, crop)
                for _, path, base, size, crop in cases]
-    batched = batched_embeddings(model, prompts)
+    batched = encode_prompts(model, prompts)  # the service's vision pass: views of one size together
     settings = Settings.from_env({"DEEPSEEK_OCR_DEVICE": "cpu", "DEEPSEEK_OCR_REPETITION_RULE": "original",
                                   "DEEPSEEK_OCR_STOP_LOOPS": "0", "DEEPSEEK_OCR_MAX_ROWS": str(len(cases))})
     engine = OCREngine(args.checkpoint, settings, log=lambda _: None)
