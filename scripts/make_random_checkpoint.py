@@ -51,13 +51,16 @@ DECODER_SIZES = {
     "full": {},
 }
 
+# The tiny SAM both models' tiny vision towers start with (its last width is what the next tower reads).
+TINY_SAM = {"downsample_channels": [32, 48], "global_attn_indexes": [1, 3], "heads": 2, "layers": 4, "width": 32,
+            "out_chans": 16}
+
 TINY_VISION = {
     "image_size": 1024,
     "model_type": "vision",
     "width": {
         "clip-l-14-224": {"heads": 2, "image_size": 224, "layers": 2, "patch_size": 14, "width": 48},
-        "sam_vit_b": {"downsample_channels": [32, 48], "global_attn_indexes": [1, 3], "heads": 2, "layers": 4,
-                      "width": 32, "out_chans": 16},
+        "sam_vit_b": TINY_SAM,
     },
 }
 
@@ -71,8 +74,7 @@ TINY_VISION_OCR2 = {
     "model_type": "vision",
     "width": {
         "qwen2-0-5b": {"dim": 48, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate_size": 96},
-        "sam_vit_b": {"downsample_channels": [32, 48], "global_attn_indexes": [1, 3], "heads": 2, "layers": 4,
-                      "width": 32, "out_chans": 16},
+        "sam_vit_b": TINY_SAM,
     },
 }
 
