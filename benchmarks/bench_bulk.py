@@ -61,14 +61,14 @@ def one_gpu(args, folder: Path, checkpoint: Path) -> dict:
     from ocr_service import bulk
     from ocr_service.engine import OCREngine
     from ocr_service.pipeline import Options, read_document
-    from ocr_service.presets import RESOLUTION_PRESETS, build_prompt
+    from ocr_service.presets import build_prompt, resolution
     from ocr_service.settings import Settings
 
     settings = Settings.from_env()
     started = time.perf_counter()
     engine = OCREngine(checkpoint, settings, ignore_eos=True)
     report = {"load_s": time.perf_counter() - started}
-    preset = RESOLUTION_PRESETS[args.preset]
+    preset = resolution(args.preset)
     prompt = build_prompt(MARKDOWN_TASK)
     images = [page.image for path in sorted(folder.glob("*.pdf"))
               for page in read_document(path, Options(), settings.limits)]
@@ -94,14 +94,10 @@ def with_ray(args, folder: Path, checkpoint: Path) -> dict:
     from ocr_service import bulk
 
     child_json = Path(args.work) / "one-gpu.json"
-    command = [sys.executable, __file__, "--pages", str(args.pages), "--pages-per-pdf", str(args.pages_per_pdf),
-               "--tokens", str(args.tokens), "--preset", args.preset, "--checkpoint", str(checkpoint),
-               "--work", str(Path(args.work) / "child"), "--json", str(child_json), "--skip", *args.skip]
-    if args.smoke:
-        command.append("--smoke")
-    environment = dict(os.environ, CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0])
-    subprocess.run(command, env=environment, check=True)
-    report = {"one_gpu": json.loads(child_json.read_text())}
+    if args.reuse_one_gpu and child_json.exists():
+        report = {"one_gpu": json.loads(child_json.read_text())}
+    else:
+        report = {"one_gpu": one_gpu_child(args, checkpoint, child_json)}
     if args.smoke:
         import ray
 
@@ -109,17 +105,33 @@ def with_ray(args, folder: Path, checkpoint: Path) -> dict:
         ray.init(num_cpus=args.gpus + 1, include_dashboard=False, logging_level="WARNING")
     out = Path(args.work) / "out-ray"
     started = time.time()
+    extra = ["--ray-engine-cpus", str(args.engine_cpus)] if args.engine_cpus else []
+    # --verbose: the engines' own progress lines and Ray Data's statistics in the log
     code, summary = bulk.run_command(bulk.parser().parse_args(
-        bulk_arguments(args, folder, out, checkpoint) + ["--ray", "--ray-engines", str(args.gpus)]))
+        bulk_arguments(args, folder, out, checkpoint) + ["--ray", "--ray-engines", str(args.gpus), "--verbose"]
+        + extra))
     ended = summary.extra["last_commit_at"]
     ready, first = summary.extra["engine_ready_at"], summary.extra["first_document_at"]
-    report["ray"] = {"exit": code, "engines": args.gpus, "pages": summary.pages, "documents": summary.ok,
+    report["ray"] = {"exit": code, "engines": args.gpus, "engine_cpus": args.engine_cpus or "default",
+                     "pages": summary.pages, "documents": summary.ok,
                      "seconds_whole_run": ended - started, "seconds_from_first_document": ended - first,
                      "engines_ready_after_s": [t - started for t in ready],
                      "first_document_after_s": first - started,
                      "pages_s": summary.pages / (ended - first), "pages_s_whole_run": summary.pages / (ended - started)}
     print("ray", json.dumps(report["ray"]), flush=True)
     return report
+
+
+def one_gpu_child(args, checkpoint: Path, child_json: Path) -> dict:
+    """The one-GPU figures, from a child process that sees only the first GPU."""
+    command = [sys.executable, __file__, "--pages", str(args.pages), "--pages-per-pdf", str(args.pages_per_pdf),
+               "--tokens", str(args.tokens), "--preset", args.preset, "--checkpoint", str(checkpoint),
+               "--work", str(Path(args.work) / "child"), "--json", str(child_json), "--skip", *args.skip]
+    if args.smoke:
+        command.append("--smoke")
+    environment = dict(os.environ, CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0])
+    subprocess.run(command, env=environment, check=True)
+    return json.loads(child_json.read_text())
 
 
 def main():
@@ -132,6 +144,9 @@ def main():
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench-bulk"))
     parser.add_argument("--ray", action="store_true")
     parser.add_argument("--gpus", type=int, default=2, help="engines of the Ray run")
+    parser.add_argument("--engine-cpus", type=int, default=None, help="--ray-engine-cpus of the Ray run")
+    parser.add_argument("--reuse-one-gpu", action="store_true",
+                        help="take the one-GPU figures from an earlier run's one-gpu.json in --work")
     parser.add_argument("--skip", nargs="*", default=[], choices=["job"], help="job: no engine-job figure")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny checkpoint, tiny sizes")
     parser.add_argument("--json", type=Path)

@@ -56,6 +56,33 @@ def peak_gib(kind: str) -> float:
     return (torch.cuda.max_memory_allocated() if kind == "allocated" else torch.cuda.max_memory_reserved()) / 2**30
 
 
+def cold_work() -> dict:
+    """Counters of work a warm engine should not do again: Triton kernels compiled so far (each new
+    specialisation of a kernel compiles on the thread that launches it) and pinned host allocations
+    (cudaHostAlloc, slow and serialising). Their difference across a measured run says whether the run
+    paid for either."""
+    from triton.runtime.jit import JITFunction
+
+    from checkpoints import triton_attention, triton_moe, triton_ops
+
+    compiled = 0
+    for module in (triton_attention, triton_moe, triton_ops):
+        for value in vars(module).values():
+            if isinstance(value, JITFunction):
+                compiled += sum(len(caches[0]) for caches in value.device_caches.values())
+    counters = {"triton_compiled": compiled}
+    if torch.cuda.is_available():
+        stats = torch.cuda.host_memory_stats()
+        counters.update({name: value for name, value in stats.items()
+                         if "host_alloc" in name and isinstance(value, (int, float))})
+    return counters
+
+
+def cold_work_since(before: dict) -> dict:
+    after = cold_work()
+    return {name: after[name] - before.get(name, 0) for name in after if after[name] != before.get(name, 0)}
+
+
 def device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
 

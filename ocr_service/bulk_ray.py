@@ -31,7 +31,11 @@ REPOSITORY = Path(__file__).resolve().parent.parent
 READ, SKIPPED = "read", "skipped"
 # Memory a read task reserves for a rendered document (Ray then runs no more readers than memory allows).
 READER_MEMORY = 512 * 2**20
-ENGINE_CPUS = 1  # the engine's own threads (serving, preprocessing) are not counted apart
+# CPUs an engine reserves when the command is not told (--ray-engine-cpus): half its GPU's share of the
+# cluster's CPUs, the other half left to the readers, within these bounds. An engine needs a core for its
+# serving thread, one for its vision thread and about two for preprocessing at its pace; more only adds
+# threads that compete with the readers.
+ENGINE_CPUS_MIN, ENGINE_CPUS_MAX = 2, 8
 ENGINE_START_TIMEOUT_S = 3600
 
 
@@ -178,11 +182,16 @@ def run_with_ray(args, sources, folder, previous, options, settings, run_options
         engines = args.ray_engines or gpus or 1
         if gpus and engines > gpus:
             raise BulkError(f"--ray-engines {engines}: the cluster has {gpus} GPU(s)")
-        if engines * ENGINE_CPUS >= cpus:  # Ray would start the engines and never the readers
-            raise BulkError(f"{engines} engine(s) of {ENGINE_CPUS} CPU each leave none of the cluster's {cpus} CPUs "
-                            "to read documents: use fewer engines or more CPUs")
-        log(f"Ray: {engines} engine(s) on {'GPUs' if gpus else 'CPUs'}, {args.ray_documents_per_engine} documents "
-            f"in flight each")
+        engine_cpus = args.ray_engine_cpus or default_engine_cpus(cpus, gpus, engines)
+        if engines * engine_cpus >= cpus:  # Ray would start the engines and never the readers
+            raise BulkError(f"{engines} engine(s) of {engine_cpus} CPU(s) each leave none of the cluster's {cpus} CPUs "
+                            "to read documents: use fewer engines, a smaller --ray-engine-cpus or more CPUs")
+        # The engine's preprocessing threads fit in what Ray reserved for it, not in the whole node.
+        environment.setdefault("DEEPSEEK_OCR_CPUS", str(engine_cpus))
+        runtime_env["env_vars"].setdefault("DEEPSEEK_OCR_CPUS", environment["DEEPSEEK_OCR_CPUS"])
+        log(f"Ray: {engines} engine(s) on {'GPUs' if gpus else 'CPUs'}, {engine_cpus} CPU(s) each, "
+            f"{args.ray_documents_per_engine} documents in flight each; {cpus - engines * engine_cpus} CPU(s) "
+            "for reading")
         items = [{"document": s.name, "source": s.location, "done_hash": _done_hash(folder, previous.get(s.name),
                                                                                     run_options, args.retry_refused)}
                  for s in sources]
@@ -199,13 +208,23 @@ def run_with_ray(args, sources, folder, previous, options, settings, run_options
                                                   "ignore_eos": args.ignore_eos},
                  compute=ActorPoolStrategy(size=engines, max_tasks_in_flight_per_actor=calls,
                                            max_concurrent_calls_per_actor=calls, enable_true_multi_threading=True),
-                 num_gpus=1 if gpus else 0, num_cpus=ENGINE_CPUS, runtime_env=runtime_env)
+                 num_gpus=1 if gpus else 0, num_cpus=engine_cpus, runtime_env=runtime_env)
         )
         _consume(dataset, summary, folder, previous, run_options, progress, signals, log)
+        if args.verbose and not summary.interrupted:  # where Ray Data spent the time, operator by operator
+            log(str(dataset.stats()))
     finally:
         if started_here:
             ray.shutdown()
     return summary
+
+
+def default_engine_cpus(cpus: int, gpus: int, engines: int) -> int:
+    """CPUs an engine reserves: see ENGINE_CPUS_MIN; on a cluster without GPUs (tests, trials), one."""
+    if not gpus:
+        return 1
+    share = cpus // (2 * max(engines, 1))
+    return max(ENGINE_CPUS_MIN, min(ENGINE_CPUS_MAX, share))
 
 
 def _done_hash(folder, previous, run_options, retry_refused) -> str:

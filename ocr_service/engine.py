@@ -96,6 +96,15 @@ def checkpoint_tensor_shapes(folder: Path) -> dict:
     return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
 
 
+def use_expandable_segments() -> None:
+    """Let the CUDA caching allocator grow segments in place instead of keeping blocks of many sizes: the
+    vision passes, prefills and decode steps allocate tensors of ever-changing sizes, and without this the
+    memory reserved grows past what is allocated (and past the budget the KV cache was sized from). A
+    PYTORCH_CUDA_ALLOC_CONF the user set is left as it is."""
+    if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ and hasattr(torch.cuda.memory, "_set_allocator_settings"):
+        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+
+
 class OCREngine:
     def __init__(self, weights_dir: Path, settings: Optional[Settings] = None,
                  log: Callable[[str], None] = print, ignore_eos: bool = False):
@@ -106,6 +115,8 @@ class OCREngine:
         self.log = log
         self.device = torch.device(settings.device)
         self.dtype = getattr(torch, settings.dtype)
+        if self.device.type == "cuda":
+            use_expandable_segments()
         started = time.monotonic()
         self.tokenizer = PreTrainedTokenizerFast.from_pretrained(str(weights_dir))
         self.eos = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 1
@@ -340,7 +351,7 @@ class ServingLoop:
         self.sync_every = settings.sync_every
         workers = settings.preprocess_workers
         if engine.device.type == "cuda":
-            limit_cpu_threads(workers)
+            limit_cpu_threads(workers, settings.cpus)
         self.preprocessor = Preprocessor(engine.model, engine.tokenizer, workers, engine.dtype,
                                          pin=engine.device.type == "cuda")
         model = engine.model

@@ -38,6 +38,14 @@ def _number(env: Mapping, name: str, default, kind=int, minimum=1):
     return value
 
 
+def available_cores() -> int:
+    """The cores the OS lets this process run on (a container's or taskset's limit, not the host's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def _flag(env: Mapping, name: str, default: bool) -> bool:
     raw = (env.get(name) or "").strip().lower()
     if not raw:
@@ -66,6 +74,7 @@ class Settings:
     max_rows: int = 128  # DEEPSEEK_OCR_MAX_ROWS
     sync_every: int = 16  # DEEPSEEK_OCR_SYNC_EVERY
     prefill_tokens: int = 16384  # DEEPSEEK_OCR_PREFILL_TOKENS
+    cpus: int = 1  # DEEPSEEK_OCR_CPUS (the cores this process's CPU work may use)
     preprocess_workers: int = 1  # DEEPSEEK_OCR_PREPROCESS_WORKERS
     # generation
     repetition_rule: str = "serving"  # DEEPSEEK_OCR_REPETITION_RULE
@@ -84,7 +93,7 @@ class Settings:
         env = os.environ if env is None else env
         device = _text(env, "DEEPSEEK_OCR_DEVICE", None) or _default_device()
         on_gpu = device.startswith("cuda")
-        cores = os.cpu_count() or 1
+        cores = _number(env, "DEEPSEEK_OCR_CPUS", available_cores())
         model = _text(env, "DEEPSEEK_OCR_MODEL", DEFAULT_MODEL, tuple(OFFICIAL_WEIGHTS))
         return cls(
             model=model,
@@ -101,6 +110,7 @@ class Settings:
             max_rows=_number(env, "DEEPSEEK_OCR_MAX_ROWS", 128 if on_gpu else 8),
             sync_every=_number(env, "DEEPSEEK_OCR_SYNC_EVERY", 16),
             prefill_tokens=_number(env, "DEEPSEEK_OCR_PREFILL_TOKENS", 16384, minimum=2048),
+            cpus=cores,
             preprocess_workers=_number(env, "DEEPSEEK_OCR_PREPROCESS_WORKERS",
                                        max(1, min(8, cores - 2)) if on_gpu else 1),
             repetition_rule=_text(env, "DEEPSEEK_OCR_REPETITION_RULE", "serving", ("serving", "original")),

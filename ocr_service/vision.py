@@ -3,8 +3,8 @@ run on the views of many pages (of many predictions) at once, on its own thread 
 
 Preprocessing (resizing, padding, tiling, tokenising) is CPU work done in worker threads. Its torch
 operations would each spread over every core by default, so N workers would run N × cores threads:
-on a GPU host the pool's workers get one intra-op thread each (`limit_cpu_threads`), and the pool's
-size is what bounds the CPU work.
+on a GPU host the workers share the cores the process may use (`DEEPSEEK_OCR_CPUS`) as intra-op threads
+(`limit_cpu_threads`), and the pool's size is what bounds the CPU work.
 
 Encoding runs beside decoding (`VisionWorker`): decoding is bound by memory bandwidth and encoding by
 compute and kernel launches, so on one GPU the two overlap, and a page that arrives while the batch
@@ -61,9 +61,10 @@ def pass_pixels(model, pages: int = 16) -> int:
     return max(views * side ** 2 for side, views in pass_views(model, pages))
 
 
-def limit_cpu_threads(workers: int) -> None:
-    """Keep preprocessing workers × intra-op threads within the cores (GPU hosts: the model is not on the CPU)."""
-    cores = os.cpu_count() or 1
+def limit_cpu_threads(workers: int, cores: int) -> None:
+    """Keep preprocessing workers × intra-op threads within the cores this process may use (GPU hosts: the
+    model is not on the CPU). Oversubscribed OpenMP threads spin while they wait for each other, and the
+    serving thread, which must launch every decode step on time, then waits for a core."""
     torch.set_num_threads(max(1, cores // max(workers, 1)))
 
 

@@ -302,6 +302,16 @@ def test_runs_killed_with_sigterm_then_sigkill_resume_to_every_document_once(cor
             assert document_output(out, name) == document_output(reference, name), name
 
 
+def test_ray_engines_reserve_half_their_gpus_share_of_the_cpus():
+    from ocr_service.bulk_ray import default_engine_cpus
+
+    assert default_engine_cpus(cpus=32, gpus=2, engines=2) == 8  # the other 16 read and render documents
+    assert default_engine_cpus(cpus=16, gpus=1, engines=1) == 8
+    assert default_engine_cpus(cpus=8, gpus=4, engines=4) == 2  # never below what the engine's threads need
+    assert default_engine_cpus(cpus=256, gpus=8, engines=8) == 8  # more would only compete with the readers
+    assert default_engine_cpus(cpus=3, gpus=0, engines=2) == 1  # CPU engines (tests, trials)
+
+
 def test_ray_data_in_local_mode_stops_on_sigterm_and_resumes_to_the_same_outputs(first_run, corpus, tiny_checkpoint,
                                                                                  monkeypatch, tmp_path):
     ray = pytest.importorskip("ray")

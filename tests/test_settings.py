@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from ocr_service.inputs import Limits
-from ocr_service.settings import ENVIRONMENT_VARIABLES, Settings, SettingsError
+from ocr_service.settings import ENVIRONMENT_VARIABLES, Settings, SettingsError, available_cores
 from ocr_service.weights import DEFAULT_URL
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -25,6 +25,17 @@ def test_defaults_on_the_cpu():
 def test_defaults_on_a_gpu():
     settings = Settings.from_env({"DEEPSEEK_OCR_DEVICE": "cuda"})
     assert settings.dtype == "bfloat16" and settings.max_rows == 128 and settings.gpu_memory_gib == 40
+
+
+def test_preprocessing_fits_in_the_cpus_the_process_may_use():
+    # A Ray engine, or a container limited to a few cores, sizes its pool from its share, not the host.
+    settings = Settings.from_env({"DEEPSEEK_OCR_DEVICE": "cuda", "DEEPSEEK_OCR_CPUS": "6"})
+    assert settings.cpus == 6 and settings.preprocess_workers == 4
+    assert Settings.from_env({"DEEPSEEK_OCR_DEVICE": "cuda", "DEEPSEEK_OCR_CPUS": "2"}).preprocess_workers == 1
+    assert Settings.from_env({"DEEPSEEK_OCR_DEVICE": "cuda", "DEEPSEEK_OCR_CPUS": "64"}).preprocess_workers == 8
+    assert Settings.from_env({"DEEPSEEK_OCR_DEVICE": "cpu"}).cpus == available_cores() >= 1
+    with pytest.raises(SettingsError, match="DEEPSEEK_OCR_CPUS"):
+        Settings.from_env({"DEEPSEEK_OCR_CPUS": "0"})
 
 
 def test_values_from_the_environment():
