@@ -24,7 +24,7 @@ import math
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -33,6 +33,7 @@ from typing import Callable, Optional
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 import checkpoints  # noqa: E402
 from checkpoints.generation import (
@@ -43,7 +44,9 @@ from checkpoints.processing_deepseekocr import IMAGE_TOKEN
 
 from .decode_batch import DecodeBatch, Entry
 from .errors import InputError
-from .presets import Resolution, model_presets, resolution as preset_resolution
+from .presets import (
+    DEFAULT_RESOLUTION, DEFAULT_TASK_TYPE, Resolution, build_prompt, model_presets, resolution as preset_resolution,
+)
 from .scheduler import BlockPool, SchedulingPolicy, Stage
 from .settings import Settings
 from .vision import Preprocessor, VisionWorker, limit_cpu_threads, pass_pixels, vision_pass_shapes
@@ -96,15 +99,6 @@ def checkpoint_tensor_shapes(folder: Path) -> dict:
     return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
 
 
-def use_expandable_segments() -> None:
-    """Let the CUDA caching allocator grow segments in place instead of keeping blocks of many sizes: the
-    vision passes, prefills and decode steps allocate tensors of ever-changing sizes, and without this the
-    memory reserved grows past what is allocated (and past the budget the KV cache was sized from). A
-    PYTORCH_CUDA_ALLOC_CONF the user set is left as it is."""
-    if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ and hasattr(torch.cuda.memory, "_set_allocator_settings"):
-        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
-
-
 class OCREngine:
     def __init__(self, weights_dir: Path, settings: Optional[Settings] = None,
                  log: Callable[[str], None] = print, ignore_eos: bool = False):
@@ -115,8 +109,6 @@ class OCREngine:
         self.log = log
         self.device = torch.device(settings.device)
         self.dtype = getattr(torch, settings.dtype)
-        if self.device.type == "cuda":
-            use_expandable_segments()
         started = time.monotonic()
         self.tokenizer = PreTrainedTokenizerFast.from_pretrained(str(weights_dir))
         self.eos = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 1
@@ -344,6 +336,11 @@ class ServingLoop:
     # not for every page queued before it.
     PAGES_PER_VISION_PASS = 16
     ENCODING_PAGES = 32
+    # Pages preprocessed ahead of the encoder, beyond those in the workers' hands: preprocessing is faster
+    # than encoding, and unbounded it would hold every waiting page's views in pinned host memory (the
+    # allocator then pins fresh memory page after page, which is slow and stalls other threads' CUDA calls).
+    PREPROCESSED_AHEAD = 16
+    A4_AT_150_DPI = (1240, 1754)  # the page whose views' pinned memory is reserved at start
 
     def __init__(self, engine: OCREngine, log: Callable[[str], None]):
         self.engine, self.log = engine, log
@@ -363,7 +360,8 @@ class ServingLoop:
         self.batch = DecodeBatch(model, blocks, BLOCK_SIZE, self.max_rows, MAX_SEQUENCE, engine.repetition,
                                  engine.loop_rule, engine.eos)
         self.policy = SchedulingPolicy(BlockPool(blocks, BLOCK_SIZE), self.max_rows, max_waiting=2 * self.max_rows,
-                                       prefill_tokens=settings.prefill_tokens, growth_tokens=self.sync_every + 1)
+                                       prefill_tokens=settings.prefill_tokens, growth_tokens=self.sync_every + 1,
+                                       max_ahead=workers + self.PREPROCESSED_AHEAD)
         # The longest sequence a page may ask for: a row's block table, and the whole pool.
         self.capacity = min(MAX_SEQUENCE, blocks * BLOCK_SIZE - self.sync_every - 1)
         started = time.monotonic()
@@ -372,6 +370,12 @@ class ServingLoop:
             log(f"captured {graphs} CUDA graphs of the decode step in {time.monotonic() - started:.1f} s")
         log(f"KV cache: {blocks} blocks of {BLOCK_SIZE} positions ({blocks * block_bytes / 2**30:.1f} GiB), "
             f"up to {self.max_rows} sequences at once")
+        if engine.device.type == "cuda":
+            started = time.monotonic()
+            pinned = self.preprocessor.reserve_pinned_memory(
+                workers + self.PREPROCESSED_AHEAD + self.ENCODING_PAGES, Image.new("RGB", self.A4_AT_150_DPI, "white"),
+                build_prompt(DEFAULT_TASK_TYPE), engine.resolution(DEFAULT_RESOLUTION))
+            log(f"pinned {pinned / 2**30:.1f} GiB of host memory for pages' views in {time.monotonic() - started:.1f} s")
         self.inbox: "queue.Queue" = queue.Queue()
         self.cache_lengths: dict = {}  # row → positions its sequence holds in the cache, as of the last look
         # seconds the serving thread spent on each kind of device work (logged with the progress)
@@ -402,6 +406,10 @@ class ServingLoop:
         if blocks * BLOCK_SIZE < MAX_SEQUENCE + self.sync_every + 1:
             raise RuntimeError(f"DEEPSEEK_OCR_GPU_MEMORY_GIB={settings.gpu_memory_gib:g} leaves no room for the KV "
                                f"cache (the model and its work need {peak / 2**30:.1f} GiB): raise it")
+        # What is allocated stays within the budget by the sizing above; what the caching allocator keeps
+        # reserved beside it (blocks freed on one stream wait for that stream, sizes vary pass to pass) would
+        # not. As a cap, the allocator gives cached blocks back rather than go beyond the budget.
+        torch.cuda.set_per_process_memory_fraction(budget / total, engine.device)
         return blocks
 
     @torch.inference_mode()
@@ -545,6 +553,9 @@ class ServingLoop:
                 self._close(page.payload.job, _user_error(error, "encoding the page"))
                 continue
             page.payload.embeds = embeds
+            # The views are not needed once encoded: their pinned memory goes back to the allocator's cache
+            # for the next pages rather than staying with the page until it finishes decoding.
+            page.payload.inputs = replace(page.payload.inputs, images=[])
             self.policy.encoded(page)
         in_flight = sum(len(p.pages_in(Stage.ENCODING)) for p in self.policy.predictions)
         pages = self.policy.to_encode(limit=max(0, self.ENCODING_PAGES - in_flight))

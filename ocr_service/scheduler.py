@@ -109,15 +109,18 @@ class SchedulingPolicy:
     """The state of every prediction and page, and the decisions of what to do next.
 
     Limits: `max_rows` sequences decode at once; `max_waiting` pages may be between preprocessing and
-    admission at once; `prefill_tokens` bounds the tokens of one batched prefill (whole prompts only);
+    admission at once, and of them `max_ahead` between preprocessing and the encoder (their views are held
+    in pinned host memory; a prediction's first page is never held back by this bound);
+    `prefill_tokens` bounds the tokens of one batched prefill (whole prompts only);
     `growth_tokens` positions a running sequence must have room for at each synchronisation (the steps
     between two looks at the batch).
     """
 
     def __init__(self, blocks: BlockPool, max_rows: int, max_waiting: int, prefill_tokens: int,
-                 growth_tokens: int):
+                 growth_tokens: int, max_ahead: Optional[int] = None):
         self.blocks = blocks
         self.max_rows, self.max_waiting = max_rows, max_waiting
+        self.max_ahead = max_waiting if max_ahead is None else max_ahead
         self.prefill_tokens, self.growth_tokens = prefill_tokens, growth_tokens
         self.predictions: list = []
         self.rows: list = [None] * max_rows  # rows[i] = the Page decoding in row i
@@ -185,9 +188,20 @@ class SchedulingPolicy:
     # ------------------------------------------------------------------ stages
 
     def to_preprocess(self, free_workers: int) -> list:
-        """Pages to start preprocessing now (bounded by the workers and by pages waiting downstream)."""
+        """Pages to start preprocessing now (bounded by the workers, by pages waiting downstream and by
+        pages not yet handed to the encoder; first pages are picked first and only the first two bounds
+        apply to them, so that a newly arrived prediction never waits for a long job's pages to be encoded)."""
         room = min(free_workers, self.max_waiting - self._waiting())
-        return self._pick(Stage.PREPROCESSING, Stage.QUEUED, max(room, 0))
+        ahead = sum(len(p.pages_in(s)) for p in self.predictions for s in (Stage.PREPROCESSING, Stage.PREPROCESSED))
+        ahead_room = [self.max_ahead - ahead]
+
+        def fits(page: Page) -> bool:  # _pick takes the page iff this says so
+            if page.index == 0:
+                return True
+            ahead_room[0] -= 1
+            return ahead_room[0] >= 0
+
+        return self._pick(Stage.PREPROCESSING, Stage.QUEUED, max(room, 0), fits=fits)
 
     def preprocessed(self, page: Page) -> None:
         if page.stage is Stage.PREPROCESSING:

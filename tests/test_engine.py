@@ -200,3 +200,22 @@ def test_a_failing_device_fails_the_predictions_instead_of_leaving_them_waiting(
 def test_every_stop_reason_has_its_own_device_code():
     assert sorted(STOP_CODES) == sorted(STOP_REASONS)
     assert len(set(STOP_CODES.values()) | {RUNNING}) == len(STOP_REASONS) + 1
+
+
+def test_a_pages_views_are_let_go_once_encoded(tiny_checkpoint, reference, monkeypatch):
+    # On a GPU the views sit in pinned host memory: a page keeping them until it finishes decoding would make
+    # the allocator pin fresh memory for every page of a long job.
+    batched = engine(tiny_checkpoint, max_rows=2, sync_every=5)
+    policy = batched.server.policy
+    views_when_encoded = []
+    encoded = policy.encoded
+
+    def record(page):
+        views_when_encoded.append(len(page.payload.inputs.images))
+        encoded(page)
+
+    monkeypatch.setattr(policy, "encoded", record)
+    images = pages(3)
+    got = batched.submit(images, PROMPT, resolution("Small"), 6).wait(120)
+    assert views_when_encoded == [0, 0, 0]
+    assert [r.token_ids for r in got] == tokens_alone(reference, images, "Small", 6)

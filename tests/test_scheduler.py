@@ -52,6 +52,22 @@ def test_a_newcomer_waits_at_most_one_pick_per_active_prediction():
     assert a.pages_in(Stage.ENCODED)
 
 
+def test_preprocessing_runs_ahead_of_the_encoder_by_a_bounded_number_of_pages_but_never_holds_back_a_first_page():
+    p = SchedulingPolicy(BlockPool(1000, 64), max_rows=4, max_waiting=100, prefill_tokens=100_000, growth_tokens=17,
+                         max_ahead=6)
+    job = p.add("job", [(903, 1024)] * 40)
+    picked = p.to_preprocess(100)
+    # The views of pages not yet encoding sit in pinned memory: the first page, and at most 6 others.
+    assert [page.index for page in picked] == list(range(7))
+    for page in picked:
+        p.preprocessed(page)
+    assert p.to_preprocess(100) == []
+    newcomer = p.add("one page", [(903, 1024)])
+    assert [page.prediction for page in p.to_preprocess(100)] == [newcomer]
+    assert [page.index for page in p.to_encode(4)] == [0, 1, 2, 3]  # 3 + the newcomer's page now ahead: 4
+    assert [page.index for page in p.to_preprocess(100)] == [7, 8] and len(job.pages_in(Stage.QUEUED)) == 31
+
+
 def test_a_first_page_goes_to_the_encoder_even_when_its_queue_is_full():
     p = policy(rows=4, waiting=100)
     job = p.add("job", [(903, 1024)] * 40)
