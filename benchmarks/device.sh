@@ -10,8 +10,9 @@
 #              jsonschema-specifications, referencing, rpds-py); the ray wheel is larger than one call
 #              carries, so it may travel split (split -b 40M RAY.whl .whl/ray-a/RAY.whl.part-, the rest in
 #              .whl/ray-b/, one folder a call: ignored files stay on a warm machine); parts are joined here
-# Steps: kernels (all of bench_kernels' default ops, weighted_sum among them), weighted-sum (that op alone), vision, engine, engine-steps, service, numerics, stages, tests, bulk (one GPU),
-# bulk-ray (2 GPUs); engine-ocr2 and numerics-ocr2 run engine and numerics on DeepSeek-OCR 2.
+# Steps: kernels (bench_kernels' default ops, weighted_sum among them), weighted-sum (that op alone),
+# vision, engine, engine-steps, service, numerics, stages, tests, bulk (one GPU), bulk-ray (2 GPUs);
+# engine-ocr2 and numerics-ocr2 run engine and numerics on DeepSeek-OCR 2.
 #   bash benchmarks/device.sh kernels engine-steps
 set -uo pipefail
 cd "$(dirname "$0")/.."
