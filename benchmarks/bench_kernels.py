@@ -12,6 +12,13 @@ Variants: `triton` (the module's choice), `triton gemv` / `triton grouped` (the 
 forced), `pytorch` (the definition, i.e. the CPU/reference branch run on the GPU), `grouped_mm`
 (the experts through torch._grouped_mm, tokens sorted by expert; Hopper, bfloat16).
 
+`--ops weighted_sum` (in the default list) prints a table of its own: the grouped experts' last step
+(out = Σ_k weight · per_pair + add) under every launch variant of triton_moe.WEIGHTED_SUM_VARIANTS at
+prefill sizes, each variant's GB/s beside this GPU's measured copy bandwidth, whether its bits equal
+the sequential float32 sum (`acc + weight_k · output_k`, k = 0 first, in PyTorch) and how many elements
+differ from the first kernel's (`slot_tile`, whose tl.sum adds in the compiler's order). The fastest
+variant that equals the sequential sum is the candidate for triton_moe.WEIGHTED_SUM_VARIANT.
+
 On the GPU machine (README "Performance"):
     python benchmarks/bench_kernels.py --json bench_kernels.json
 """
@@ -42,6 +49,7 @@ DTYPE = torch.bfloat16
 
 sys.path.insert(0, str(REPO))
 
+from benchmarks.ceilings import measure_ceilings  # noqa: E402
 from checkpoints import fused_moe, fused_ops, paged_attention  # noqa: E402
 from checkpoints import triton_attention, triton_common, triton_moe  # noqa: E402
 
@@ -374,16 +382,68 @@ def bench_routed_experts(table, token_counts):
                    reference_fp32=lambda i: on_pytorch(fused_moe.routed_experts)(*upcast(i)))
 
 
+def sequential_weighted_sum(per_pair, weights, add):
+    """The routed sum in PyTorch float32, slot after slot onto +0: what the Triton variants must equal."""
+    tokens = per_pair.shape[0] // TOP_K
+    outputs, slot_weights = per_pair.view(tokens, TOP_K, -1), weights.view(tokens, TOP_K)
+    acc = torch.zeros(tokens, per_pair.shape[1], dtype=torch.float32, device=per_pair.device)
+    for slot in range(TOP_K):
+        acc = acc + outputs[:, slot].float() * slot_weights[:, slot, None]
+    return (acc.to(per_pair.dtype).float() + add.float()).to(per_pair.dtype)
+
+
+def bench_weighted_sum(table, token_counts):
+    copy_rate = measure_ceilings()["copy_bytes_s"]
+    size_bytes = torch.empty((), dtype=DTYPE).element_size()
+    print(f"\nweighted_sum (K={TOP_K}, D={HIDDEN}, with add): copy bandwidth {copy_rate / 1e9:.0f} GB/s; "
+          f"default variant {triton_moe.WEIGHTED_SUM_VARIANT}", flush=True)
+    print(f"{'tokens':>7} | {'variant':<24} | {'us':>8} | {'GB/s':>6} | {'of copy':>7} | "
+          f"{'= sequential':>12} | differ from slot_tile", flush=True)
+    for tokens in token_counts:
+        per_pair = randn(tokens * TOP_K, HIDDEN, seed=11)
+        weights = torch.rand(tokens * TOP_K, generator=generator_for(12), device="cuda")
+        add = randn(tokens, HIDDEN, seed=13)
+        bytes_moved = tokens * HIDDEN * (TOP_K + 2) * size_bytes + tokens * TOP_K * weights.element_size()
+        sequential = sequential_weighted_sum(per_pair, weights, add)
+        first = triton_moe.weighted_sum(per_pair, weights, TOP_K, add, variant="slot_tile").clone()
+        for name in triton_moe.WEIGHTED_SUM_VARIANTS:
+            row = dict(op="weighted_sum", size=f"N={tokens}", variant=name)
+            try:
+                out = torch.empty_like(add)
+
+                def run(name=name, out=out):
+                    return triton_moe.weighted_sum(per_pair, weights, TOP_K, add, out, variant=name)
+
+                run()
+                row["equals_sequential"] = bool(torch.equal(out.view(torch.int16), sequential.view(torch.int16)))
+                row["differ_from_slot_tile"] = int((out.view(torch.int16) != first.view(torch.int16)).sum())
+                row["eager_us"] = round(table.timer.eager(run, []), 1)
+                row["gb_s"] = round(bytes_moved / (row["eager_us"] * 1e-6) / 1e9, 1)
+                row["of_copy"] = f"{bytes_moved / (row['eager_us'] * 1e-6) / copy_rate:.0%}"
+                print(f"{tokens:>7} | {name:<24} | {row['eager_us']:>8} | {row['gb_s']:>6.0f} | {row['of_copy']:>7} | "
+                      f"{'yes' if row['equals_sequential'] else 'NO':>12} | "
+                      f"{row['differ_from_slot_tile']} of {out.numel()}", flush=True)
+            except Exception as error:  # one failing variant must not stop the table
+                row["note"] = f"FAILED {type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}"
+                print(f"{tokens:>7} | {name:<24} | {row['note']}", flush=True)
+                traceback.print_exc(file=sys.stderr)
+            torch.cuda.synchronize()
+            table.rows.append(row)
+    table.rows.append(dict(op="weighted_sum", size="ceiling", variant="copy", gb_s=round(copy_rate / 1e9, 1)))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path, help="write the rows here as JSON")
-    parser.add_argument("--ops", nargs="+", default=["small", "decode", "experts"],
-                        choices=["small", "decode", "experts"])
+    parser.add_argument("--ops", nargs="+", default=["small", "decode", "experts", "weighted_sum"],
+                        choices=["small", "decode", "experts", "weighted_sum"])
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 32, 256, 16384],
                         help="token counts of the small operations")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64, 128])
     parser.add_argument("--positions", type=int, default=2000, help="cached positions per sequence (±10%%)")
     parser.add_argument("--expert-tokens", type=int, nargs="+", default=[1, 8, 16, 32, 128, 1024, 8192])
+    parser.add_argument("--sum-tokens", type=int, nargs="+", default=[1024, 8192, 14720, 32768],
+                        help="token counts of weighted_sum (14,720: the profiled prefill, 16 prompts of 920 tokens)")
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args()
@@ -403,6 +463,8 @@ def main():
             bench_decode_attention(table, args.batches, args.positions)
         if "experts" in args.ops:
             bench_routed_experts(table, args.expert_tokens)
+        if "weighted_sum" in args.ops:
+            bench_weighted_sum(table, args.sum_tokens)
     if args.json:
         args.json.write_text(json.dumps(dict(device=device.name, torch=torch.__version__,
                                              triton=triton_common.triton.__version__, rows=table.rows), indent=1))

@@ -10,9 +10,10 @@
 #              jsonschema-specifications, referencing, rpds-py); the ray wheel is larger than one call
 #              carries, so it may travel split (split -b 40M RAY.whl .whl/ray-a/RAY.whl.part-, the rest in
 #              .whl/ray-b/, one folder a call: ignored files stay on a warm machine); parts are joined here
-# Steps: kernels, vision, engine, engine-steps, service, numerics, stages, tests, bulk (one GPU),
-# bulk-ray (2 GPUs); engine-ocr2 and numerics-ocr2 run engine and numerics on DeepSeek-OCR 2; jobs runs
-# the 128-page job of each model.
+# Steps: kernels (bench_kernels' default ops, weighted_sum among them), weighted-sum (that op alone),
+# vision, engine, engine-steps, service, numerics, stages, tests, bulk (one GPU), bulk-ray (2 GPUs);
+# engine-ocr2 and numerics-ocr2 run engine and numerics on DeepSeek-OCR 2; jobs runs the 128-page job of
+# each model.
 #   bash benchmarks/device.sh kernels engine-steps
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -44,6 +45,7 @@ for step in "$@"; do
   echo "=== $step ($(date +%T))"
   case "$step" in
     kernels) python3 benchmarks/bench_kernels.py --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" ;;
+    weighted-sum) python3 benchmarks/bench_kernels.py --ops weighted_sum --json "$OUT/weighted-sum.json" 2>&1 | tee "$OUT/weighted-sum.log" ;;
     vision) python3 benchmarks/bench_vision.py --profile "$OUT" --json "$OUT/vision.json" 2>&1 | tee "$OUT/vision.log" ;;
     engine) python3 benchmarks/bench_engine.py "${ORIGINAL[@]}" --profile "$OUT" --json "$OUT/engine.json" 2>&1 | tee "$OUT/engine.log" ;;
     engine-steps) python3 benchmarks/bench_engine.py --skip job --profile "$OUT" --json "$OUT/engine-steps.json" 2>&1 | tee "$OUT/engine-steps.log" ;;

@@ -35,6 +35,27 @@ GROUPED_TILES = {
     32: dict(gate_up=(64, 128, 4, 4), down=(64, 128, 4, 4)),
     128: dict(gate_up=(128, 64, 8, 3), down=(128, 64, 8, 3)),
 }
+# The grouped path's last step, out = Σ_k weight · per_pair (+ add), by named launch configuration
+# (benchmarks/bench_kernels.py --ops weighted_sum times each at prefill sizes). `slot_tile` is the
+# first kernel: one token a program, its K slots a tile padded to a power of two, reduced by tl.sum,
+# whose order on the GPU is the compiler's (a tree across warps, products fused into FMAs). The others
+# are `_weighted_sum_kernel`: BLOCK_T tokens a program, a BLOCK_D tile of D (`whole_row`: every tile
+# of the row, one after another), slots added one after another. Keys: BLOCK_T, BLOCK_D, whole_row,
+# num_warps.
+WEIGHTED_SUM_VARIANTS = {
+    "slot_tile": dict(BLOCK_D=256, num_warps=4),
+    "tokens1_d256_warps1": dict(BLOCK_T=1, BLOCK_D=256, whole_row=False, num_warps=1),
+    "tokens4_d256_warps4": dict(BLOCK_T=4, BLOCK_D=256, whole_row=False, num_warps=4),
+    "tokens8_d256_warps4": dict(BLOCK_T=8, BLOCK_D=256, whole_row=False, num_warps=4),
+    "tokens16_d256_warps8": dict(BLOCK_T=16, BLOCK_D=256, whole_row=False, num_warps=8),
+    "tokens4_d512_warps4": dict(BLOCK_T=4, BLOCK_D=512, whole_row=False, num_warps=4),
+    "tokens8_d512_warps8": dict(BLOCK_T=8, BLOCK_D=512, whole_row=False, num_warps=8),
+    "tokens2_d1024_warps4": dict(BLOCK_T=2, BLOCK_D=1024, whole_row=False, num_warps=4),
+    "tokens1_d2048_warps8": dict(BLOCK_T=1, BLOCK_D=2048, whole_row=False, num_warps=8),
+    "tokens2_row_d256_warps2": dict(BLOCK_T=2, BLOCK_D=256, whole_row=True, num_warps=2),
+    "tokens4_row_d256_warps4": dict(BLOCK_T=4, BLOCK_D=256, whole_row=True, num_warps=4),
+}
+WEIGHTED_SUM_VARIANT = "tokens4_d256_warps4"
 
 
 if triton is not None:
@@ -244,9 +265,9 @@ if triton is not None:
                      acc.to(per_pair_ptr.dtype.element_ty), mask=pair_inside[:, None] & cols_inside[None, :])
 
     @triton.jit
-    def _weighted_sum_kernel(per_pair_ptr, weights_ptr, add_ptr, out_ptr, add_row_stride, top_k, hidden,
-                             HAS_ADD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-        """out[token] = round(Σ_k weight · per_pair[token, k]) (+ add), the sum in float32."""
+    def _weighted_sum_slot_tile_kernel(per_pair_ptr, weights_ptr, add_ptr, out_ptr, add_row_stride, top_k, hidden,
+                                       HAS_ADD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+        """out[token] = round(Σ_k weight · per_pair[token, k]) (+ add), the sum in float32 in tl.sum's order."""
         token = tl.program_id(0).to(tl.int64)
         slot = tl.arange(0, BLOCK_K)
         slot_used = slot < top_k
@@ -262,6 +283,72 @@ if triton is not None:
             routed = (routed.to(tl.float32) + extra).to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + token * hidden + cols, routed, mask=cols_inside)
 
+    @triton.jit
+    def _weighted_sum_kernel(per_pair_ptr, weights_ptr, add_ptr, out_ptr, add_row_stride, tokens, hidden,
+                             TOP_K: tl.constexpr, HAS_ADD: tl.constexpr, BLOCK_T: tl.constexpr,
+                             BLOCK_D: tl.constexpr, ROW_TILES: tl.constexpr):
+        """Program (block of BLOCK_T tokens, ROW_TILES tiles of D): out = round(Σ_k weight · per_pair) (+ add).
+
+        Each product is rounded to float32 and added onto +0 one slot after another, k = 0 first: the
+        bits of PyTorch's `acc = acc + per_pair[:, k].float() * weight[:, k]` in float32, on any device,
+        provided the launch turns FMA contraction off (enable_fp_fusion=False). The K loads of a tile
+        are unrolled (K is a compile-time constant), so all of them can be in flight at once; no
+        padding slot is read.
+        """
+        token = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        token_inside = token < tokens
+        first_pair = token.to(tl.int64) * TOP_K  # [T]; pair · D passes 2³¹ near 280,000 tokens
+        for tile in tl.static_range(ROW_TILES):
+            cols = (tl.program_id(1) * ROW_TILES + tile) * BLOCK_D + tl.arange(0, BLOCK_D)
+            inside = token_inside[:, None] & (cols < hidden)[None, :]
+            acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+            for slot in tl.static_range(TOP_K):
+                pair = first_pair + slot
+                weight = tl.load(weights_ptr + pair, mask=token_inside, other=0.0)
+                output = tl.load(per_pair_ptr + pair[:, None] * hidden + cols[None, :], mask=inside, other=0.0)
+                acc = acc + output.to(tl.float32) * weight[:, None]
+            routed = acc.to(out_ptr.dtype.element_ty)
+            if HAS_ADD:
+                extra = tl.load(add_ptr + token.to(tl.int64)[:, None] * add_row_stride + cols[None, :], mask=inside,
+                                other=0.0)
+                routed = (routed.to(tl.float32) + extra.to(tl.float32)).to(out_ptr.dtype.element_ty)
+            tl.store(out_ptr + token.to(tl.int64)[:, None] * hidden + cols[None, :], routed, mask=inside)
+
+
+def weighted_sum(per_pair: torch.Tensor, weights: torch.Tensor, top_k: int, add: Optional[torch.Tensor] = None,
+                 out: Optional[torch.Tensor] = None, *, variant: Optional[str] = None) -> torch.Tensor:
+    """per_pair [N·K, D] (each token's K expert outputs, slot k of token n in row n·K + k), weights
+    [N·K] float32, add [N, D] or None → out [N, D] = round(Σ_k weight · per_pair) (+ add, after that
+    rounding), in `out` if given (its dtype), else in per_pair's dtype.
+
+    `variant` names an entry of WEIGHTED_SUM_VARIANTS (default WEIGHTED_SUM_VARIANT).
+    """
+    pairs, hidden = per_pair.shape
+    tokens = pairs // top_k
+    if out is None:
+        out = torch.empty(tokens, hidden, dtype=per_pair.dtype, device=per_pair.device)
+    if per_pair.stride(-1) != 1 or per_pair.stride(0) != hidden or not out.is_contiguous():
+        raise ValueError("weighted_sum: per_pair and out must be contiguous")
+    if add is not None and add.stride(-1) != 1:
+        raise ValueError("weighted_sum: add must be contiguous along its last dimension")
+    if tokens == 0:
+        return out
+    name = variant or WEIGHTED_SUM_VARIANT
+    config = dict(WEIGHTED_SUM_VARIANTS[name])
+    add_rows = add if add is not None else out
+    if name == "slot_tile":
+        block_d = min(_next_power_of_2(hidden), config.pop("BLOCK_D"))
+        _weighted_sum_slot_tile_kernel[(tokens, _cdiv(hidden, block_d))](
+            per_pair, weights, add_rows, out, add_rows.stride(0), top_k, hidden,
+            HAS_ADD=add is not None, BLOCK_K=_next_power_of_2(top_k), BLOCK_D=block_d, **config)
+        return out
+    block_t, block_d = config.pop("BLOCK_T"), min(_next_power_of_2(hidden), config.pop("BLOCK_D"))
+    row_tiles = _cdiv(hidden, block_d) if config.pop("whole_row") else 1
+    _weighted_sum_kernel[(_cdiv(tokens, block_t), _cdiv(hidden, block_d * row_tiles))](
+        per_pair, weights, add_rows, out, add_rows.stride(0), tokens, hidden,
+        TOP_K=top_k, HAS_ADD=add is not None, BLOCK_T=block_t, BLOCK_D=block_d, ROW_TILES=row_tiles,
+        enable_fp_fusion=False, **config)
+    return out
 
 
 def _grouped_block_m(pairs: int, experts: int) -> int:
@@ -348,8 +435,4 @@ def routed_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, expert_
         h, w2, sorted_pairs, block_expert, per_pair, w2.stride(0), w2.stride(1), pairs, hidden, inter, experts,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=max(block_kd // depth_divisor, 16), DOT_IN_FP32=_INTERPRETED,
         PRECISION=precision, num_warps=warps, num_stages=stages)
-    block_d = min(_next_power_of_2(hidden), 256)
-    _weighted_sum_kernel[(tokens, _cdiv(hidden, block_d))](
-        per_pair, weights, add_rows, out, add_rows.stride(0), top_k, hidden,
-        HAS_ADD=add is not None, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=4)
-    return out
+    return weighted_sum(per_pair, weights, top_k, add_rows if add is not None else None, out)

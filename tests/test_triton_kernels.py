@@ -231,6 +231,49 @@ def check_routed_experts_grouped_tiles(device):
                 "routed_experts grouped, odd sizes, float32")
 
 
+def sequential_weighted_sum(per_pair, weights, top_k, add, out_dtype):
+    """The grouped path's last step in plain PyTorch float32: acc = +0, then acc + weight · output for
+    slot 0, 1, … in turn (each product rounded to float32), rounded to out_dtype, then + add."""
+    tokens, hidden = per_pair.shape[0] // top_k, per_pair.shape[1]
+    outputs = per_pair.cpu().view(tokens, top_k, hidden).float()
+    slot_weights = weights.cpu().view(tokens, top_k).float()
+    acc = torch.zeros(tokens, hidden)
+    for slot in range(top_k):
+        acc = acc + outputs[:, slot] * slot_weights[:, slot, None]
+    routed = acc.to(out_dtype)
+    return routed if add is None else (routed.float() + add.cpu().float()).to(out_dtype)
+
+
+@check
+def check_weighted_sum_variants(device):
+    """Every launch configuration of the routed sum gives the bits of the sequential float32 sum.
+    Sizes: token counts that leave the last block of tokens partial, D that spans two tiles of 256
+    with the second partial, a token whose outputs are all −0 (the sum must be +0, as from the
+    first kernel's padded slots). The first kernel (`slot_tile`) sums in tl.sum's order, which the
+    interpreter runs in slot order but the GPU does not: bitwise here, within rounding on a GPU."""
+    (kernels,) = load_kernel_modules("triton_moe")
+    generator = torch.Generator().manual_seed(8)
+    for dtype in float_types():
+        for tokens, top_k, hidden in ((13, 6, 80), (5, 3, 300)):
+            per_pair = torch.randn(tokens * top_k, hidden, generator=generator).to(dtype)
+            per_pair[top_k:2 * top_k] = -0.0
+            weights = torch.rand(tokens * top_k, generator=generator)
+            add = torch.randn(tokens, hidden, generator=generator).to(dtype)
+            for extra in (add, None):
+                expected = sequential_weighted_sum(per_pair, weights, top_k, extra, dtype)
+                for name in kernels.WEIGHTED_SUM_VARIANTS:
+                    got = kernels.weighted_sum(per_pair.to(device), weights.to(device), top_k,
+                                               None if extra is None else extra.to(device), variant=name).cpu()
+                    what = (f"weighted_sum {name} N={tokens} K={top_k} D={hidden} {dtype} "
+                            f"add={'yes' if extra is not None else 'None'}")
+                    if name == "slot_tile" and device != "cpu":
+                        assert_close(got, expected, dtype, what)
+                    else:
+                        assert torch.equal(got.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                                           expected.view(torch.int16 if dtype == torch.bfloat16 else torch.int32)), \
+                            f"{what}: not the bits of the sequential float32 sum"
+
+
 # ---------------------------------------------------------------- paged_attention.py
 
 
