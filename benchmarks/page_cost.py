@@ -6,7 +6,8 @@ For one A4 page (`common.a4_page`) under each model's preset (Gundam by default,
   its prefix-LM mask for OCR 2; the projector) and by view (global view, tiles), counted with
   `torch.utils.flop_counter.FlopCounterMode` while each model, built at full size on the meta device, encodes
   the page's views: only shapes flow, so nothing is allocated and nothing is computed. SDPA counts as the
-  matrix products of its math form, masked positions included, as the fused kernels compute them;
+  matrix products of its math form, masked positions included, as the CUDA kernels are counted (on CPU
+  tensors its fused kernel would not be counted at all);
 - the prompt's tokens (image tokens + text, BOS included) and the decoder's prefill FLOPs for that prompt
   (`bench_vision.prefill_flops`, from the decoder's shapes);
 - the decode cost of one generated token at the page's mean position (prompt + half the generated tokens): the
