@@ -11,7 +11,9 @@
 #              carries, so it may travel split (split -b 40M RAY.whl .whl/ray-a/RAY.whl.part-, the rest in
 #              .whl/ray-b/, one folder a call: ignored files stay on a warm machine); parts are joined here
 # Steps: kernels, vision, engine, engine-steps, service, numerics, stages, tests, bulk (one GPU),
-# bulk-ray (2 GPUs); engine-ocr2 and numerics-ocr2 run engine and numerics on DeepSeek-OCR 2.
+# bulk-ray (2 GPUs); engine-ocr2 and numerics-ocr2 run engine and numerics on DeepSeek-OCR 2; vision-ocr2 runs
+# vision on DeepSeek-OCR 2 (kernel tables of its vision pass and prefill under $OUT/ocr2), then page-cost;
+# page-cost counts one page's work for both models (CPU only, seconds; it can run anywhere).
 #   bash benchmarks/device.sh kernels engine-steps
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -49,6 +51,9 @@ for step in "$@"; do
     service) python3 benchmarks/bench_service.py --json "$OUT/service.json" 2>&1 | tee "$OUT/service.log" ;;
     numerics) python3 benchmarks/bench_numerics.py "${ORIGINAL[@]}" --json "$OUT/numerics.json" 2>&1 | tee "$OUT/numerics.log" ;;
     engine-ocr2) python3 benchmarks/bench_engine.py --model ocr2 "${ORIGINAL2[@]}" --profile "$OUT/ocr2" --json "$OUT/engine-ocr2.json" 2>&1 | tee "$OUT/engine-ocr2.log" ;;
+    vision-ocr2) python3 benchmarks/bench_vision.py --model ocr2 --profile "$OUT/ocr2" --json "$OUT/vision-ocr2.json" 2>&1 | tee "$OUT/vision-ocr2.log"
+      python3 benchmarks/page_cost.py --json "$OUT/page-cost.json" 2>&1 | tee "$OUT/page-cost.log" ;;
+    page-cost) python3 benchmarks/page_cost.py --json "$OUT/page-cost.json" 2>&1 | tee "$OUT/page-cost.log" ;;
     numerics-ocr2) python3 benchmarks/bench_numerics.py --model ocr2 "${ORIGINAL2[@]}" --json "$OUT/numerics-ocr2.json" 2>&1 | tee "$OUT/numerics-ocr2.log" ;;
     stages) python3 benchmarks/numerics_stages.py "${ORIGINAL[@]}" --json "$OUT/stages.json" 2>&1 | tee "$OUT/stages.log" ;;
     bulk) python3 benchmarks/bench_bulk.py --json "$OUT/bulk.json" 2>&1 | tee "$OUT/bulk.log" ;;
