@@ -1,19 +1,26 @@
 """The vision encoder and the prefill, alone on the GPU, beside their floors: which way of running the
-towers is fastest, and where the prefill's time goes.
+towers is fastest, and where the prefill's time goes. `--model ocr2` runs DeepSeek-OCR 2 (SAM, then the Qwen2
+encoder under its prefix-LM mask, then the projector; its Gundam mode: a 1024 global view and 768 tiles);
+`--size tiny` runs the script on a tiny checkpoint on the CPU (a smoke test).
 
 Floors come from this GPU's own ceilings, measured at the start (a large bf16 matrix product and a
 device-to-device copy), and from the work counted: the towers' FLOPs with `torch.utils.flop_counter`
 on one page's views, the prefill's from the decoder's shapes.
 
-Vision variants, each on the views of 16 A4 pages (Gundam: 16 global 1024 views and 96 tiles of 640):
+Vision variants, each on the views of 16 A4 pages (Gundam: 16 global 1024 views and 96 tiles, of 640 for
+the first model, of 768 for OCR 2):
 - materialised: SAM's relative positions as a dense bias passed to SDPA (the original's order), eager;
 - folded: the relative positions folded into the attention kernel (`folded_relative_attention`), eager;
 - folded, CUDA graphs: the same captured once per pass shape and replayed;
 - folded, compiled: `torch.compile` of the towers, with --compile (compile time reported).
 Each variant's features are compared with the materialised path's and with a float32 run of the towers.
 
+With --profile FOLDER, kernel tables (torch.profiler, top kernels by CUDA time; CPU time on the CPU) of the
+folded eager vision pass on 4 pages' views (profile_vision_folded.txt) and of one prefill (profile_prefill.txt).
+
 On the device machine (see benchmarks/device.sh):
     python benchmarks/bench_vision.py --json $OUT/vision.json
+    python benchmarks/bench_vision.py --model ocr2 --profile $OUT/ocr2 --json $OUT/vision-ocr2.json
 """
 
 import argparse
@@ -29,16 +36,16 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import PROMPT, a4_page, device_name, peak_gib, random_checkpoint, reset_peak, sync  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    MODEL_CLASSES, MODEL_PRESETS, PROMPT, STAGE_TWO_ENCODERS, a4_page, default_checkpoint, device_name, peak_gib,
+    random_checkpoint, reset_peak, sync,
+)
 from benchmarks.ceilings import measure_ceilings  # noqa: E402
-from checkpoints import DeepseekOCRForCausalLM  # noqa: E402
-from checkpoints.deepencoder import encode_views  # noqa: E402
 from checkpoints.generation import LOOP_STOP_OFF, SERVING_NO_REPEAT_RULE  # noqa: E402
 from ocr_service.decode_batch import DecodeBatch, Entry  # noqa: E402
-from ocr_service.presets import resolution  # noqa: E402
+from ocr_service.presets import Resolution  # noqa: E402
 from ocr_service.vision import Preprocessor  # noqa: E402
 
-GUNDAM = resolution("Gundam (Recommended)")  # the first model's
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU for a smoke run (--size tiny)
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
 
@@ -58,6 +65,20 @@ def timed(fn, repeats: int = 3) -> float:
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def kernel_table(fn, out: Path, row_limit: int) -> str:
+    """`fn()` once under torch.profiler: its kernels by total CUDA time (operators by CPU time on the CPU),
+    written to `out`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = DEVICE == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
+        fn()
+        sync()
+    table = prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=row_limit)
+    out.write_text(table)
+    return table
 
 
 def vision_flops(model, views: list) -> float:
@@ -96,13 +117,17 @@ class GraphedTowers:
         return static_out.clone()  # the next replay overwrites it
 
 
-def vision_variants(model, tokenizer, pages: int, chunks: dict, compile_too: bool, profile_out: Path = None) -> dict:
+def vision_variants(model, model_name: str, tokenizer, pages: int, chunks: dict, compile_too: bool,
+                    profile_out: Path = None) -> dict:
     preprocessor = Preprocessor(model, tokenizer, 1, DTYPE)
-    prompts = [preprocessor._prepare(a4_page(seed=i % 8), PROMPT, GUNDAM) for i in range(pages)]
-    groups = {1024: torch.cat([p.images[0].global_view[None] for p in prompts]).to(DEVICE),
-              640: torch.cat([p.images[0].tiles for p in prompts]).to(DEVICE)}
+    gundam = Resolution(*MODEL_PRESETS[model_name]["Gundam"])
+    prompts = [preprocessor._prepare(a4_page(seed=i % 8), PROMPT, gundam) for i in range(pages)]
+    global_size, tile_size = gundam.base_size, prompts[0].images[0].tiles.shape[-1]
+    groups = {global_size: torch.cat([p.images[0].global_view[None] for p in prompts]).to(DEVICE),
+              tile_size: torch.cat([p.images[0].tiles for p in prompts]).to(DEVICE)}
     inner = model.model
-    one_page = [groups[1024][:1], groups[640][:groups[640].shape[0] // pages]]
+    stage_two_name, compose = STAGE_TWO_ENCODERS[model_name]
+    one_page = [groups[global_size][:1], groups[tile_size][:groups[tile_size].shape[0] // pages]]
     flops = vision_flops(model, one_page)
 
     def run(encode, chunk_of):
@@ -115,12 +140,13 @@ def vision_variants(model, tokenizer, pages: int, chunks: dict, compile_too: boo
     results = {"flops_per_page": flops}
     with torch.inference_mode():
         # float32 reference of the towers (materialised bias, no autocast)
-        sam32, clip32, proj32 = (copy.deepcopy(m).float() for m in (inner.sam_model, inner.vision_model,
-                                                                      inner.projector))
+        sam32, stage_two32, proj32 = (copy.deepcopy(m).float() for m in (inner.sam_model,
+                                                                           getattr(inner, stage_two_name),
+                                                                           inner.projector))
         sam32.use_relative_positions("materialised")
-        reference32 = {size: torch.cat([encode_views(sam32, clip32, proj32, pixels[s:s + 4].float())
+        reference32 = {size: torch.cat([compose(sam32, stage_two32, proj32, pixels[s:s + 4].float())
                                         for s in range(0, pixels.shape[0], 4)]) for size, pixels in groups.items()}
-        del sam32, clip32, proj32
+        del sam32, stage_two32, proj32
         today = lambda size: max(1, 4 * 1024 * 1024 // (size * size))  # noqa: E731  the engine's PASS_PIXELS
         variants = [("materialised, eager", False, inner.encode_views, today)]
         for name, chunk in chunks.items():
@@ -171,17 +197,17 @@ def vision_variants(model, tokenizer, pages: int, chunks: dict, compile_too: boo
         except Exception as error:  # report and go on: the other variants stand
             results["compiled_error"] = repr(error)[:500]
             print("compile failed:", repr(error)[:500], flush=True)
-        if DEVICE == "cuda" and profile_out is not None:
-            from torch.profiler import ProfilerActivity, profile
+        if profile_out is not None:
+            profiled_pages = max(1, pages // 4)
 
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            def four_pages():
                 for pixels in groups.values():
-                    inner.encode_views(pixels[:pixels.shape[0] // 4])
-                sync()
-            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
-            profile_out.write_text(table)
-            print(table[:6000], flush=True)
-        materialised32 = relative_error(base[1024], reference32[1024])
+                    inner.encode_views(pixels[:pixels.shape[0] // pages * profiled_pages])
+
+            table = kernel_table(four_pages, profile_out, 25)
+            print(f"profile of the folded eager vision pass, {profiled_pages} pages' views:\n{table[:6000]}",
+                  flush=True)
+        materialised32 = relative_error(base[global_size], reference32[global_size])
         results["materialised_vs_float32_global"] = materialised32
     return results
 
@@ -213,15 +239,7 @@ def prefill(model, prompts: int, length: int, profile_out: Path = None) -> dict:
         entries.append(Entry(row, embeds, torch.zeros(length, dtype=torch.long), blocks, 16, []))
     with torch.inference_mode():
         seconds = timed(lambda: batch.admit(entries))
-        table = ""
-        if profile_out is not None and DEVICE == "cuda":
-            from torch.profiler import ProfilerActivity, profile
-
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                batch.admit(entries)
-                sync()
-            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=20)
-            profile_out.write_text(table)
+        table = kernel_table(lambda: batch.admit(entries), profile_out, 20) if profile_out is not None else ""
     tokens = prompts * length
     flops = prefill_flops(config, [length] * prompts)
     del batch
@@ -231,28 +249,41 @@ def prefill(model, prompts: int, length: int, profile_out: Path = None) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, default=Path("/tmp/bench-checkpoint"))
+    parser.add_argument("--model", choices=sorted(MODEL_PRESETS), default="ocr",
+                        help="ocr: DeepSeek-OCR; ocr2: DeepSeek-OCR 2")
+    parser.add_argument("--checkpoint", type=Path, help="default: /tmp/bench-checkpoint (ocr), "
+                        "/tmp/bench-ocr2-checkpoint (ocr2); -tiny appended for --size tiny")
     parser.add_argument("--pages", type=int, default=16)
-    parser.add_argument("--size", default="full", help="random checkpoint size: full, or tiny for a CPU smoke run")
-    parser.add_argument("--prefill", type=int, nargs=2, default=[16, 920], metavar=("PROMPTS", "LENGTH"))
+    parser.add_argument("--size", choices=["full", "tiny"], default="full",
+                        help="random checkpoint size: full, or tiny for a CPU smoke run")
+    parser.add_argument("--prefill", type=int, nargs=2, metavar=("PROMPTS", "LENGTH"),
+                        help="default: 16 prompts of an A4 page's Gundam prompt length for the model")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile of the towers (minutes)")
-    parser.add_argument("--profile", type=Path, help="folder for the prefill's kernel profile")
+    parser.add_argument("--profile", type=Path, help="folder for the kernel profiles of the vision pass and the "
+                        "prefill")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     ceilings = measure_ceilings()
     print("ceilings", json.dumps(ceilings), flush=True)
-    random_checkpoint(args.checkpoint, args.size)
+    if args.checkpoint is None:
+        default = default_checkpoint(args.model)
+        args.checkpoint = default if args.size == "full" else default.with_name(default.name + "-tiny")
+    random_checkpoint(args.checkpoint, args.size, args.model)
     from transformers import PreTrainedTokenizerFast
 
-    model = DeepseekOCRForCausalLM.from_pretrained(str(args.checkpoint), dtype=DTYPE).to(DEVICE).eval()
+    model = MODEL_CLASSES[args.model].from_pretrained(str(args.checkpoint), dtype=DTYPE).to(DEVICE).eval()
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(args.checkpoint))
-    chunks = {"passes of 4 MP": lambda size: max(1, 4 * 1024 * 1024 // (size * size)),
-              "one pass per view size": lambda size: 10**6}
-    report = {"device": device_name(), "torch": torch.__version__, "ceilings": ceilings}
-    report["vision"] = vision_variants(model, tokenizer, args.pages, chunks, args.compile,
-                                       args.profile / "profile_vision_folded.txt" if args.profile else None)
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
+    chunks = {"passes of 4 MP": lambda size: max(1, 4 * 1024 * 1024 // (size * size)),
+              "one pass per view size": lambda size: 10**6}
+    report = {"model": args.model, "size": args.size, "device": device_name(), "torch": torch.__version__,
+              "ceilings": ceilings}
+    report["vision"] = vision_variants(model, args.model, tokenizer, args.pages, chunks, args.compile,
+                                       args.profile / "profile_vision_folded.txt" if args.profile else None)
+    if args.prefill is None:
+        a4_prompt = model.prepare_inputs(tokenizer, PROMPT, [a4_page()], *MODEL_PRESETS[args.model]["Gundam"])
+        args.prefill = [16, a4_prompt.input_ids.numel()]
     prompts, length = args.prefill
     report["prefill"] = [prefill(model, prompts, length, args.profile / "profile_prefill.txt" if args.profile else None),
                          prefill(model, max(1, prompts // 4), length)]
@@ -264,7 +295,7 @@ def main():
         args.json.write_text(json.dumps(report, indent=1, default=str))
     vision = report["vision"]
     floor_ms = vision["flops_per_page"] / ceilings["matmul_flops"] * 1e3
-    print(f"\n{report['device']}, torch {torch.__version__}; ceilings: {ceilings['matmul_flops'] / 1e12:.0f} TFLOP/s "
+    print(f"\n--model {args.model}, {report['device']}, torch {torch.__version__}; ceilings: {ceilings['matmul_flops'] / 1e12:.0f} TFLOP/s "
           f"bf16, {ceilings['copy_bytes_s'] / 1e12:.2f} TB/s copy\n")
     print(f"| vision variant ({args.pages} A4 pages, Gundam) | ms a page | first call, s | peak GiB | "
           f"vs materialised | vs float32 |\n|---|---|---|---|---|---|")

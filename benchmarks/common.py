@@ -15,7 +15,8 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from checkpoints import (  # noqa: E402
-    DeepseekOCR2ForCausalLM, DeepseekOCRForCausalLM, processing_deepseekocr, processing_deepseekocr2,
+    DeepseekOCR2ForCausalLM, DeepseekOCRForCausalLM, deepencoder, deepencoder2, processing_deepseekocr,
+    processing_deepseekocr2,
 )
 
 # The benchmarks' --model: its class and its resolution modes, name → (base_size, image_size, crop_mode), as its
@@ -24,6 +25,11 @@ MODEL_CLASSES = {"ocr": DeepseekOCRForCausalLM, "ocr2": DeepseekOCR2ForCausalLM}
 MODEL_PRESETS = {"ocr": dict(processing_deepseekocr.RESOLUTION_MODES),
                  "ocr2": dict(processing_deepseekocr2.RESOLUTION_MODES)}
 PRESETS = MODEL_PRESETS["ocr"]
+# The tower that reads SAM's features, as the inner model names it, and the function composing SAM, it and the
+# projector (both take (sam, stage-2 encoder, projector, pixels)): CLIP-L for the first model, the Qwen2
+# encoder with its learned queries for OCR 2.
+STAGE_TWO_ENCODERS = {"ocr": ("vision_model", deepencoder.encode_views),
+                      "ocr2": ("qwen2_model", deepencoder2.encode_views)}
 PROMPT = "<image>\n<|grounding|>Convert the document to markdown."
 
 
