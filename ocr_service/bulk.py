@@ -219,7 +219,9 @@ class LocalRun:
             if self._engine is None:
                 try:
                     engine = self._load_engine()
-                    self.prompt, self.preset = self.options.prompt_and_preset(engine.special_token_texts)
+                    self.prompt, _ = self.options.prompt_and_preset(engine.special_token_texts)
+                    # the served model's own geometry, or its refusal of the preset for the whole run
+                    self.preset = engine.resolution(self.options.resolution_size)
                 except Exception as error:  # no document can run: the run stops
                     self._engine_error = BulkError(f"the engine could not start: {error}")
                     self.stopping.set()
@@ -339,6 +341,35 @@ def weights_folder(settings: Settings, log: Callable[[str], None]) -> Path:
 
     return ensure_model_weights(REPOSITORY, settings.model, expected_tensors=checkpoint_tensor_shapes, log=log,
                                 **settings.weights_source)
+
+
+def served_model(settings: Settings):
+    """The model (weights.OfficialWeights) the run's engines will serve, known before any of them starts: the
+    one the weights folder's config.json names, else DEEPSEEK_OCR_MODEL's (setup() installs only that model's
+    official weights, verified to be its). None when the folder's config cannot be read here: with --ray it
+    may exist on the engines' nodes only, and an engine that cannot read it fails to start with its own message."""
+    from .weights import OFFICIAL_WEIGHTS, WeightsError, model_in
+
+    if not settings.weights_dir:
+        return OFFICIAL_WEIGHTS[settings.model]
+    try:
+        return model_in(Path(settings.weights_dir))
+    except WeightsError:
+        return None
+
+
+def check_preset_applies(options, settings: Settings) -> None:
+    """InputError (the predictor's: it names resolution_size and the choices that apply) when the model the run
+    will serve has no equivalent of the chosen preset: every document would be refused for it."""
+    model = served_model(settings)
+    if model is None:
+        return
+    import checkpoints
+
+    from .presets import model_presets, resolution
+
+    presets = model_presets(getattr(checkpoints, model.architecture).processing)
+    resolution(options.resolution_size, presets, model.title)
 
 
 def load_engine(settings: Settings, log: Callable[[str], None], ignore_eos: bool = False):
@@ -495,6 +526,7 @@ def run_command(args: argparse.Namespace) -> tuple:
     folder = OutputFolder(args.output)
     try:
         options.prompt_and_preset()
+        check_preset_applies(options, settings)
         sources = list_sources(args.input, exclude=folder.root)
         previous = folder.open()
     except (InputError, BulkError, OSError) as error:

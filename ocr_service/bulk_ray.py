@@ -91,7 +91,9 @@ class OCRActor:
             weights_dir = weights_folder(settings, _log)
         self.engine = OCREngine(weights_dir, settings, log=_log, ignore_eos=ignore_eos)
         self.options, self.timeout = options, timeout
-        self.prompt, self.preset = options.prompt_and_preset(self.engine.special_token_texts)
+        self.prompt, _ = options.prompt_and_preset(self.engine.special_token_texts)
+        # the served model's own geometry; a preset it has no equivalent for stops the engine, not each document
+        self.preset = self.engine.resolution(options.resolution_size)
         self.ready_at = time.time()
         self.first_document_at = None  # when the first document to read arrived (benchmarks)
 

@@ -523,3 +523,95 @@ def test_the_files_folder_is_where_the_markdown_links_figures():
     from checkpoints.grounding import FIGURE_PREFIX
 
     assert FIGURE_PREFIX == FILES_FOLDER + "/"
+
+
+TINY_REFUSED = ("resolution_size 'Tiny' has no equivalent in DeepSeek-OCR 2, the model this service runs; "
+                "choose one of Gundam (Recommended), Small, Base")
+
+
+def test_a_preset_the_served_model_lacks_stops_the_command_before_any_document(tiny_ocr2_checkpoint, tmp_path,
+                                                                               monkeypatch, capsys):
+    corpus = tmp_path / "in"
+    corpus.mkdir()
+    _save(document_image(300, 400), corpus / "page.png")
+    for name, value in ENVIRONMENT.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("DEEPSEEK_OCR_WEIGHTS_DIR", raising=False)
+    monkeypatch.delenv("DEEPSEEK_OCR_MODEL", raising=False)
+
+    def never(*args, **kwargs):
+        raise AssertionError("the check comes before documents are listed and before any engine or Ray starts")
+
+    for name in ("list_sources", "load_engine", "run_with_ray"):
+        monkeypatch.setattr(bulk, name, never)
+    out = tmp_path / "out"
+    # A folder of DeepSeek-OCR 2 weights, here and with --ray (the driver reads the folder's config.json).
+    for extra in ([], ["--ray"]):
+        code = bulk.main([str(corpus), str(out), "--weights-dir", str(tiny_ocr2_checkpoint), "--resolution-size",
+                          "Tiny", *extra])
+        assert code == bulk.EXIT_USAGE
+        assert f"bulk: {TINY_REFUSED}\n" == capsys.readouterr().err
+    # The official weights DEEPSEEK_OCR_MODEL chooses: their model is known without downloading them.
+    monkeypatch.setenv("DEEPSEEK_OCR_MODEL", "deepseek-ocr-2")
+    assert bulk.main([str(corpus), str(out), "--resolution-size", "Large"]) == bulk.EXIT_USAGE
+    assert "resolution_size 'Large' has no equivalent in DeepSeek-OCR 2" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_the_preset_check_passes_what_the_served_model_has(tiny_checkpoint, tiny_ocr2_checkpoint, tmp_path):
+    from ocr_service.presets import RESOLUTIONS
+
+    def settings_with(weights_dir) -> Settings:
+        return Settings.from_env({**ENVIRONMENT, "DEEPSEEK_OCR_WEIGHTS_DIR": str(weights_dir)})
+
+    for choice in ("Gundam (Recommended)", "Small", "Base"):
+        bulk.check_preset_applies(Options(resolution_size=choice), settings_with(tiny_ocr2_checkpoint))
+    for choice in RESOLUTIONS:
+        bulk.check_preset_applies(Options(resolution_size=choice), settings_with(tiny_checkpoint))
+        bulk.check_preset_applies(Options(resolution_size=choice), Settings.from_env(ENVIRONMENT))
+    with pytest.raises(InputError, match="'Tiny' has no equivalent in DeepSeek-OCR 2"):
+        bulk.check_preset_applies(Options(resolution_size="Tiny"),
+                                  Settings.from_env({**ENVIRONMENT, "DEEPSEEK_OCR_MODEL": "deepseek-ocr-2"}))
+    # A folder whose config.json cannot be read here (with --ray it may be on the engines' nodes only): the
+    # engines decide.
+    elsewhere = settings_with(tmp_path / "on-the-workers")
+    assert bulk.served_model(elsewhere) is None
+    bulk.check_preset_applies(Options(resolution_size="Tiny"), elsewhere)
+
+
+def test_an_engine_without_the_preset_stops_the_run_instead_of_refusing_every_document(tiny_ocr2_checkpoint,
+                                                                                       settings, monkeypatch,
+                                                                                       tmp_path):
+    corpus = tmp_path / "in"
+    corpus.mkdir()
+    for index in range(3):
+        _save(document_image(300, 400, seed=index), corpus / f"page-{index}.png")
+    engine = OCREngine(tiny_ocr2_checkpoint, settings, log=lambda _: None)
+    monkeypatch.setattr(bulk, "served_model", lambda settings: None)  # as when only the engines can read the folder
+    out = tmp_path / "out"
+    code = run_in_process(monkeypatch, SubmitSpy(engine), corpus, out)  # ARGUMENTS choose Tiny
+    assert code == bulk.EXIT_USAGE
+    assert f"the engine could not start: {TINY_REFUSED}" in (out / "bulk.log").read_text(encoding="utf-8")
+    assert manifest_lines(out) == []
+
+
+def test_a_ray_engine_without_the_preset_stops_the_pipeline(tiny_ocr2_checkpoint, monkeypatch, tmp_path):
+    ray = pytest.importorskip("ray")
+    corpus = tmp_path / "in"
+    corpus.mkdir()
+    for index in range(2):
+        _save(document_image(300, 400, seed=index), corpus / f"page-{index}.png")
+    for name, value in ENVIRONMENT.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setattr(bulk, "served_model", lambda settings: None)  # the driver cannot tell: the engines do
+    out = tmp_path / "out"
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    try:
+        code = bulk.main([str(corpus), str(out), "--weights-dir", str(tiny_ocr2_checkpoint), *ARGUMENTS, "--ray"])
+    finally:
+        ray.shutdown()
+    assert code == bulk.EXIT_USAGE
+    log = (out / "bulk.log").read_text(encoding="utf-8")
+    assert "the Ray pipeline failed" in log and TINY_REFUSED in log
+    assert manifest_lines(out) == []

@@ -40,6 +40,12 @@ def test_official_ocr2_config_builds_every_official_ocr2_tensor_and_nothing_else
     assert parameters == facts["parameters"] == 3_389_119_360
     # The official index's total size is not twice the parameter count: see checkpoint-facts.json.
     assert facts["index_total_size"] - 2 * parameters == facts["bytes_beyond_bf16"] == 1_010_688
+    # The candidate explanation: bf16 query tables of the encoder's width for 512, 640 and 1280 pixel views
+    # (8², 10² and 20² queries), which the code does not build.
+    width = reference["model.qwen2_model.query_1024.weight"][1]
+    assert (8 ** 2 + 10 ** 2 + 20 ** 2) * width * 2 == facts["bytes_beyond_bf16"]
+    assert not any(name.startswith("model.qwen2_model.query_") for name in set(reference) - {
+        "model.qwen2_model.query_768.weight", "model.qwen2_model.query_1024.weight"})
     # The decoder is the first model's, name for name and shape for shape.
     first = reference_tensor_shapes()
     decoder = {n: s for n, s in first.items() if n.startswith(("model.layers.", "model.embed_tokens", "model.norm",
@@ -47,18 +53,44 @@ def test_official_ocr2_config_builds_every_official_ocr2_tensor_and_nothing_else
     assert {n: reference[n] for n in decoder} == decoder
 
 
-def test_ocr2_random_checkpoint_has_the_official_names(tiny_ocr2_checkpoint):
-    """The tiny model has fewer layers and experts, the same tensor names otherwise."""
+def test_ocr2_random_checkpoint_has_the_official_names_and_dtype(tiny_ocr2_checkpoint):
+    """The tiny model has fewer layers and experts, the same tensor names and dtype otherwise."""
     import re
 
-    from safetensors import safe_open
+    from ocr_service.weights import _tensor_entries
 
     def patterns(names):
         return {re.sub(r"\.\d+\.", ".N.", name) for name in names}
 
-    with safe_open(str(tiny_ocr2_checkpoint / "model-00001-of-000001.safetensors"), "pt") as handle:
-        names = set(handle.keys())
-    assert patterns(names) == patterns(reference_tensor_shapes(REFERENCE / "deepseek-ocr-2"))
+    tensors, problem = _tensor_entries(tiny_ocr2_checkpoint / "model-00001-of-000001.safetensors")
+    assert problem is None
+    assert patterns(tensors) == patterns(reference_tensor_shapes(REFERENCE / "deepseek-ocr-2"))
+    facts = json.loads((REFERENCE / "deepseek-ocr-2" / "checkpoint-facts.json").read_text())
+    assert {info["dtype"] for info in tensors.values()} == {facts["tensor_dtype"]}
+
+
+def test_ocr2_float32_tensors_load_cast_into_a_bf16_model(tiny_ocr2_checkpoint, tmp_path):
+    """The weight check tolerates F32 tensors beside BF16 ones: loading casts them to the model's dtype."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shard = "model-00001-of-000001.safetensors"
+    folder = tmp_path / "mixed"
+    shutil.copytree(tiny_ocr2_checkpoint, folder)
+    tensors = load_file(str(folder / shard))
+    widened = ["model.qwen2_model.query_768.weight", "model.qwen2_model.query_1024.weight", "model.view_seperator",
+               "model.sam_model.blocks.0.attn.rel_pos_h"]
+    # float32 values that bf16 cannot hold, so that the cast is visible
+    expected = {name: tensors[name].float() + 1e-3 for name in widened}
+    tensors.update(expected)
+    save_file(tensors, str(folder / shard), metadata={"format": "pt"})
+    model = DeepseekOCR2ForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    state = model.state_dict()
+    for name, value in expected.items():
+        assert state[name].dtype == torch.bfloat16, name
+        assert torch.equal(state[name], value.to(torch.bfloat16)), name
+    assert torch.equal(state["lm_head.weight"], tensors["lm_head.weight"])
 
 
 def test_tiny_checkpoint_loads_through_automodel_with_remote_code(tiny_checkpoint, tiny_tokenizer, tiny_model):
