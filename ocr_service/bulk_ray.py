@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -79,23 +80,39 @@ def read_pages(row: dict, options, limits) -> dict:
 
 
 class OCRActor:
-    """One engine; Ray calls it from several threads at once, one document per call."""
+    """One engine; Ray calls it from several threads at once, one document per call.
+
+    The engine loads on a thread of its own, started by the constructor: Ray Data hands documents out only
+    once every engine of the pool is constructed, and a constructor that loaded the model would keep the
+    readers idle for as long (tens of seconds). This way documents are read and rendered while the models
+    load, and each engine finds its share waiting when it is ready."""
 
     def __init__(self, environment: dict, options, timeout: float, ignore_eos: bool):
-        from .bulk import weights_folder
-        from .engine import OCREngine
-        from .settings import Settings
-
-        settings = Settings.from_env({**os.environ, **environment})
-        with _node_lock(Path(tempfile.gettempdir()) / "deepseek-ocr-weights.lock"):  # one download per node
-            weights_dir = weights_folder(settings, _log)
-        self.engine = OCREngine(weights_dir, settings, log=_log, ignore_eos=ignore_eos)
         self.options, self.timeout = options, timeout
-        self.prompt, _ = options.prompt_and_preset(self.engine.special_token_texts)
-        # the served model's own geometry; a preset it has no equivalent for stops the engine, not each document
-        self.preset = self.engine.resolution(options.resolution_size)
-        self.ready_at = time.time()
-        self.first_document_at = None  # when the first document to read arrived (benchmarks)
+        self.engine = self.prompt = self.preset = self.ready_at = self.start_error = None
+        self.first_document_at = None  # when the engine could first work on a document (benchmarks)
+        self.started = threading.Event()
+        threading.Thread(target=self._start, args=(environment, ignore_eos), name="bulk-engine-start",
+                         daemon=True).start()
+
+    def _start(self, environment: dict, ignore_eos: bool) -> None:
+        try:
+            from .bulk import weights_folder
+            from .engine import OCREngine
+            from .settings import Settings
+
+            settings = Settings.from_env({**os.environ, **environment})
+            with _node_lock(Path(tempfile.gettempdir()) / "deepseek-ocr-weights.lock"):  # one download per node
+                weights_dir = weights_folder(settings, _log)
+            self.engine = OCREngine(weights_dir, settings, log=_log, ignore_eos=ignore_eos)
+            self.prompt, _ = self.options.prompt_and_preset(self.engine.special_token_texts)
+            # the served model's own geometry; a preset it has no equivalent for stops the run, not each document
+            self.preset = self.engine.resolution(self.options.resolution_size)
+            self.ready_at = time.time()
+        except BaseException as error:  # every call raises it: the pipeline, and with it the run, stops
+            self.start_error = error
+        finally:
+            self.started.set()
 
     def __call__(self, row: dict) -> dict:
         from PIL import Image
@@ -105,9 +122,13 @@ class OCRActor:
 
         out = dict(document=row["document"], source=row["source"], status=row["status"], error=row["error"],
                    content_hash=row["content_hash"], bytes=row["bytes"], pages=len(row["page_numbers"]), tokens=0,
-                   seconds=0.0, stop_reasons=[], files=[], engine_ready_at=self.ready_at, first_document_at=None)
+                   seconds=0.0, stop_reasons=[], files=[], engine_ready_at=None, first_document_at=None)
         if row["status"] != READ:
             return out
+        self.started.wait()
+        if self.start_error is not None:
+            raise BulkError(f"the engine could not start: {self.start_error}") from self.start_error
+        out["engine_ready_at"] = self.ready_at
         self.first_document_at = self.first_document_at or time.time()
         out["first_document_at"] = self.first_document_at
         pages = [Page(Image.frombytes("RGB", (int(size[0]), int(size[1])), pixels), int(number))
@@ -248,7 +269,8 @@ def _consume(dataset, summary, folder, previous, run_options, progress, signals,
         if signals.count:
             raise Interrupted()
         for row in dataset.iter_rows():
-            ready.add(row["engine_ready_at"])
+            if row["engine_ready_at"] is not None:
+                ready.add(row["engine_ready_at"])
             if row["first_document_at"] is not None:
                 first_document.append(row["first_document_at"])
             _commit(row, summary, folder, previous, run_options, progress)
