@@ -341,6 +341,7 @@ class ServingLoop:
     # allocator then pins fresh memory page after page, which is slow and stalls other threads' CUDA calls).
     PREPROCESSED_AHEAD = 16
     A4_AT_150_DPI = (1240, 1754)  # the page whose views' pinned memory is reserved at start
+    SLOW_ROUND_S = 1.0
 
     def __init__(self, engine: OCREngine, log: Callable[[str], None]):
         self.engine, self.log = engine, log
@@ -380,7 +381,7 @@ class ServingLoop:
         self.cache_lengths: dict = {}  # row → positions its sequence holds in the cache, as of the last look
         # seconds the serving thread spent on each kind of device work (logged with the progress)
         self.busy_s = {"prefill": 0.0, "decode": 0.0}
-        self.vision = VisionWorker(model, engine.translate_oom, max_pages_per_pass=self.PAGES_PER_VISION_PASS)
+        self.vision = VisionWorker(model, engine.translate_oom, max_pages_per_pass=self.PAGES_PER_VISION_PASS, log=log)
         self._last_progress = time.monotonic()
         self.thread = threading.Thread(target=self._run, name="deepseek-ocr-serving", daemon=True)
         self.thread.start()
@@ -409,7 +410,7 @@ class ServingLoop:
         # What is allocated stays within the budget by the sizing above; what the caching allocator keeps
         # reserved beside it (blocks freed on one stream wait for that stream, sizes vary pass to pass) would
         # not. As a cap, the allocator gives cached blocks back rather than go beyond the budget.
-        torch.cuda.set_per_process_memory_fraction(budget / total, engine.device)
+        torch.cuda.set_per_process_memory_fraction(budget / total, torch.cuda.current_device() if engine.device.index is None else engine.device.index)
         return blocks
 
     @torch.inference_mode()
@@ -470,15 +471,24 @@ class ServingLoop:
 
     def _round(self) -> None:
         self._take_messages(wait=not self._has_work())
+        started = time.monotonic()
         self._expire()
         self._preprocess()
+        preprocessed = time.monotonic()
         self._encode()
+        encoded = time.monotonic()
         self._admit()
+        admitted = time.monotonic()
         if any(p is not None for p in self.policy.rows):
             self._decode()
         elif self._has_work():
             time.sleep(0.002)  # only CPU work in flight: let it progress
         self.policy.forget_finished()
+        ended = time.monotonic()
+        if ended - started > self.SLOW_ROUND_S:  # a round is a few decode steps: say where a long one went
+            self.log(f"slow round ({ended - started:.2f} s): preprocessing {preprocessed - started:.2f} s, handing "
+                     f"pages to the encoder {encoded - preprocessed:.2f} s, prefill {admitted - encoded:.2f} s, "
+                     f"decode {ended - admitted:.2f} s")
 
     def _take_messages(self, wait: bool) -> None:
         try:

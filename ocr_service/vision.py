@@ -159,8 +159,11 @@ class VisionWorker:
     memory is not reused before the caller's work on them is done.
     """
 
-    def __init__(self, model, translate_oom: Callable, max_pages_per_pass: int = 16):
-        self.model, self.translate_oom = model, translate_oom
+    SLOW_PASS_S = 2.0
+
+    def __init__(self, model, translate_oom: Callable, max_pages_per_pass: int = 16,
+                 log: Callable[[str], None] = lambda line: None):
+        self.model, self.translate_oom, self.log = model, translate_oom, log
         self.max_pages_per_pass = max_pages_per_pass
         device = model.model.vision_device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -213,7 +216,10 @@ class VisionWorker:
         started = time.monotonic()
         for result in self._encode(items):
             self.results.put(result)
-        self.busy_s += time.monotonic() - started
+        elapsed = time.monotonic() - started
+        self.busy_s += elapsed
+        if elapsed > self.SLOW_PASS_S:
+            self.log(f"slow vision pass: {len(items)} page(s) of priority {first[0]} in {elapsed:.2f} s")
 
     def _encode(self, items: list) -> list:
         try:
@@ -222,6 +228,7 @@ class VisionWorker:
         except Exception as error:
             if len(items) == 1:
                 return [(items[0][0], None, error)]
+            self.log(f"a vision pass of {len(items)} pages failed ({error}): encoding them one by one")
         results = []
         for key, inputs in items:  # find whose page failed: one by one
             try:
