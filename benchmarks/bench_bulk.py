@@ -65,6 +65,10 @@ def one_gpu(args, folder: Path, checkpoint: Path) -> dict:
     from ocr_service.settings import Settings
 
     settings = Settings.from_env()
+    if args.preprocessed_ahead is not None:  # a trial of the engine's bound (pinned views vs encoder passes)
+        from ocr_service.engine import ServingLoop
+
+        ServingLoop.PREPROCESSED_AHEAD = args.preprocessed_ahead
     started = time.perf_counter()
     engine = OCREngine(checkpoint, settings, ignore_eos=True)
     report = {"load_s": time.perf_counter() - started}
@@ -145,6 +149,8 @@ def main():
     parser.add_argument("--ray", action="store_true")
     parser.add_argument("--gpus", type=int, default=2, help="engines of the Ray run")
     parser.add_argument("--engine-cpus", type=int, default=None, help="--ray-engine-cpus of the Ray run")
+    parser.add_argument("--preprocessed-ahead", type=int, default=None,
+                        help="one GPU: ServingLoop.PREPROCESSED_AHEAD for this run (a trial)")
     parser.add_argument("--reuse-one-gpu", action="store_true",
                         help="take the one-GPU figures from an earlier run's one-gpu.json in --work")
     parser.add_argument("--skip", nargs="*", default=[], choices=["job"], help="job: no engine-job figure")
