@@ -109,6 +109,12 @@ class OCREngine:
         self.log = log
         self.device = torch.device(settings.device)
         self.dtype = getattr(torch, settings.dtype)
+        if self.device.type == "cuda" and settings.vision == "fast":
+            # SDPA's cuDNN kernels build an execution plan for every new shape; the vision passes and prefills
+            # change shape all the time (pages a pass, prompts a prefill), and each new plan stalls the pass
+            # that meets it. Flash and memory-efficient attention have no plans. The original's order
+            # (DEEPSEEK_OCR_VISION=original) keeps PyTorch's choice, which is what the original runs with.
+            torch.backends.cuda.enable_cudnn_sdp(False)
         started = time.monotonic()
         self.tokenizer = PreTrainedTokenizerFast.from_pretrained(str(weights_dir))
         self.eos = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 1
