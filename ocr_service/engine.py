@@ -416,7 +416,8 @@ class ServingLoop:
         # What is allocated stays within the budget by the sizing above; what the caching allocator keeps
         # reserved beside it (blocks freed on one stream wait for that stream, sizes vary pass to pass) would
         # not. As a cap, the allocator gives cached blocks back rather than go beyond the budget.
-        torch.cuda.set_per_process_memory_fraction(budget / total, torch.cuda.current_device() if engine.device.index is None else engine.device.index)
+        device_index = torch.cuda.current_device() if engine.device.index is None else engine.device.index
+        torch.cuda.set_per_process_memory_fraction(budget / total, device_index)
         return blocks
 
     @torch.inference_mode()

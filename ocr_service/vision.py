@@ -16,7 +16,6 @@ original's order (a dense bias of (side/16)⁴ values per head and view) calls s
 """
 
 import itertools
-import os
 import queue
 import threading
 import time

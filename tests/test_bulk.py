@@ -302,6 +302,18 @@ def test_runs_killed_with_sigterm_then_sigkill_resume_to_every_document_once(cor
             assert document_output(out, name) == document_output(reference, name), name
 
 
+def run_in_local_ray(ray, monkeypatch, corpus, out, weights) -> int:
+    """The command with --ray in this process, on a local Ray of 2 CPUs (ray.init here): its exit status."""
+    for name, value in ENVIRONMENT.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    try:
+        return bulk.main([str(corpus), str(out), "--weights-dir", str(weights), *ARGUMENTS, "--ray"])
+    finally:
+        ray.shutdown()
+
+
 def test_ray_engines_reserve_half_their_gpus_share_of_the_cpus():
     from ocr_service.bulk_ray import default_engine_cpus
 
@@ -330,14 +342,7 @@ def test_ray_data_in_local_mode_stops_on_sigterm_and_resumes_to_the_same_outputs
     (out / stale).mkdir(parents=True, exist_ok=True)
     (out / stale / "output.json").write_text("{}")
     # The rerun, through Ray in this process (ray.init on this machine): every document once, the same outputs.
-    for name, value in ENVIRONMENT.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    try:
-        code = bulk.main([str(corpus), str(out), "--weights-dir", str(tiny_checkpoint), *ARGUMENTS, "--ray"])
-    finally:
-        ray.shutdown()
+    code = run_in_local_ray(ray, monkeypatch, corpus, out, tiny_checkpoint)
     assert code == bulk.EXIT_FAILED
     lines = manifest_lines(out)
     assert lines[:len(stopped)] == stopped
@@ -601,16 +606,9 @@ def test_a_ray_engine_without_the_preset_stops_the_pipeline(tiny_ocr2_checkpoint
     corpus.mkdir()
     for index in range(2):
         _save(document_image(300, 400, seed=index), corpus / f"page-{index}.png")
-    for name, value in ENVIRONMENT.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setattr(bulk, "served_model", lambda settings: None)  # the driver cannot tell: the engines do
     out = tmp_path / "out"
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    try:
-        code = bulk.main([str(corpus), str(out), "--weights-dir", str(tiny_ocr2_checkpoint), *ARGUMENTS, "--ray"])
-    finally:
-        ray.shutdown()
+    code = run_in_local_ray(ray, monkeypatch, corpus, out, tiny_ocr2_checkpoint)
     assert code == bulk.EXIT_USAGE
     log = (out / "bulk.log").read_text(encoding="utf-8")
     assert "the Ray pipeline failed" in log and TINY_REFUSED in log
