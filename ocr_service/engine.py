@@ -384,7 +384,6 @@ class ServingLoop:
                 build_prompt(DEFAULT_TASK_TYPE), engine.resolution(DEFAULT_RESOLUTION))
             log(f"pinned {pinned / 2**30:.1f} GiB of host memory for pages' views in {time.monotonic() - started:.1f} s")
         self.inbox: "queue.Queue" = queue.Queue()
-        self.cache_lengths: dict = {}  # row → positions its sequence holds in the cache, as of the last look
         # seconds the serving thread spent on each kind of device work (logged with the progress)
         self.busy_s = {"prefill": 0.0, "decode": 0.0}
         self.vision = VisionWorker(model, engine.translate_oom, max_pages_per_pass=self.PAGES_PER_VISION_PASS, log=log)
@@ -526,7 +525,6 @@ class ServingLoop:
             return
         for row in self.policy.close(job.prediction):
             self.batch.clear(row)
-            self.cache_lengths.pop(row, None)
         for page in job.prediction.pages:
             page.payload.embeds = None
         job.complete(error)
@@ -604,13 +602,11 @@ class ServingLoop:
                     self._admission_failed(admission.page, entry, error)
         now = time.monotonic()
         states = self.batch.read(max(a.row for a in admissions) + 1)
-        for admission in admissions:
-            page = admission.page
-            if page.stage is not Stage.RUNNING:
-                continue
-            self.cache_lengths[admission.row] = states[admission.row].cache_length
-            if page.payload.first_token_at is None:
-                page.payload.first_token_at = now
+        admitted = [a for a in admissions if a.page.stage is Stage.RUNNING]
+        self.policy.observed({a.row: states[a.row].cache_length for a in admitted})
+        for admission in admitted:
+            if admission.page.payload.first_token_at is None:
+                admission.page.payload.first_token_at = now
 
     def _entry(self, page, row: int) -> Entry:
         inputs = page.payload.inputs
@@ -622,21 +618,15 @@ class ServingLoop:
         self.policy.admission_failed(page)
         self._close(page.payload.job, _user_error(error, "reading the prompt"))
 
-    def _live_rows(self) -> int:
-        occupied = [i for i, page in enumerate(self.policy.rows) if page is not None]
-        return occupied[-1] + 1 if occupied else 0
-
     def _decode(self) -> None:
-        grown, preempted = self.policy.grow({row: self.cache_lengths[row] for row, page in
-                                             enumerate(self.policy.rows) if page is not None})
+        grown, preempted = self.policy.grow()
         for page, row in preempted:
             page.generated_tokens = self.batch.generated_tokens(row)
             self.batch.clear(row)
-            self.cache_lengths.pop(row, None)
             self.log(f"cache full: a page with {len(page.generated_tokens)} tokens waits for room (preempted)")
         for row in grown:
             self.batch.set_blocks(row, self.policy.rows[row].blocks)
-        live = self._live_rows()
+        live = self.policy.live_rows()
         if live == 0:
             return
         started = time.monotonic()
@@ -644,14 +634,13 @@ class ServingLoop:
         states = self.batch.read(live)
         now = time.monotonic()
         self.busy_s["decode"] += now - started
+        self.policy.observed({row: state.cache_length for row, state in enumerate(states)})
         for row, state in enumerate(states):
             page = self.policy.rows[row]
-            if page is None:
-                continue
-            self.cache_lengths[row] = state.cache_length
-            if state.stop_reason is not None:
+            if page is not None and state.stop_reason is not None:
                 self._retire(page, row, state.stop_reason, now)
-        self._compact()
+        for source, target in self.policy.compact():  # live rows at the front: steps run a smaller batch
+            self.batch.move(source, target)
         self._report_progress(states)
 
     def _retire(self, page, row: int, stop_reason: str, now: float) -> None:
@@ -669,29 +658,10 @@ class ServingLoop:
             payload.first_token_at - job.submitted, now - job.submitted)
         self.policy.finish(page)
         self.batch.clear(row)
-        self.cache_lengths.pop(row, None)
         payload.embeds = payload.inputs = None
         if job.prediction.finished and not job.prediction.closed:
             job.prediction.closed = True
             job.complete()
-
-    def _compact(self) -> None:
-        """Keep the live rows at the front when nothing waits to fill the holes, so steps run a smaller batch."""
-        waiting = any(p.pages_in(Stage.ENCODED) for p in self.policy.predictions if not p.closed)
-        if waiting:
-            return
-        rows = self.policy.rows
-        while True:
-            live = self._live_rows()
-            hole = next((i for i in range(live) if rows[i] is None), None)
-            if hole is None:
-                return
-            source = live - 1
-            page = rows[source]
-            self.batch.move(source, hole)
-            rows[hole], rows[source] = page, None
-            page.row = hole
-            self.cache_lengths[hole] = self.cache_lengths.pop(source)
 
     def _report_progress(self, states) -> None:
         now = time.monotonic()
@@ -719,7 +689,6 @@ class ServingLoop:
             self.policy = SchedulingPolicy(BlockPool(self.policy.blocks.capacity, BLOCK_SIZE), self.max_rows,
                                            self.policy.max_waiting, self.policy.prefill_tokens,
                                            self.policy.growth_tokens)
-        self.cache_lengths.clear()
         self.policy.forget_finished()
 
     def busy_seconds(self) -> dict:

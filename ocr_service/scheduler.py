@@ -45,6 +45,7 @@ class Page:
     stage: Stage = Stage.QUEUED
     row: Optional[int] = None
     blocks: list = field(default_factory=list)
+    cache_length: int = 0  # positions it holds in the cache, as the device last reported (0 when not running)
     generated_tokens: list = field(default_factory=list)  # kept across a preemption (resumed from)
     admitted: int = 0  # the policy's clock at its (latest) admission
     payload: Any = None  # the engine's data for this page (inputs, embeddings, results)
@@ -154,6 +155,7 @@ class SchedulingPolicy:
         if page.blocks:
             self.blocks.give_back(page.blocks)
             page.blocks = []
+        page.cache_length = 0
         page.stage = Stage.DONE
 
     def forget_finished(self) -> list:
@@ -257,22 +259,27 @@ class SchedulingPolicy:
 
     # ------------------------------------------------------------------ growth and preemption
 
-    def grow(self, cache_lengths: dict) -> tuple:
-        """Make room for the next synchronisation interval. `cache_lengths[row]`: the positions the sequence
-        in that row holds in the cache now. Returns (rows whose block list grew, [(preempted page, its row)]).
+    def observed(self, cache_lengths: dict) -> None:
+        """What the device read at a synchronisation point: `cache_lengths[row]`, the positions the sequence in
+        that row holds in the cache now (rows that hold no page are ignored)."""
+        for row, length in cache_lengths.items():
+            page = self.rows[row]
+            if page is not None:
+                page.cache_length = length
+
+    def grow(self) -> tuple:
+        """Make room for the next synchronisation interval, from the cache lengths last `observed`. Returns
+        (rows whose block list grew, [(preempted page, its row)]).
 
         Sequences are served oldest admission first; when the pool runs dry the victim is the newest
         sequence of the prediction holding the most rows (it gives its blocks back and waits, ENCODED,
         to be admitted again with the tokens it has).
         """
         grown, preempted = [], []
-        order = sorted((row for row in cache_lengths if self.rows[row] is not None),
-                       key=lambda row: self.rows[row].admitted)
-        for row in order:
-            page = self.rows[row]
-            if page is None or page.stage is not Stage.RUNNING:
+        for page in sorted((p for p in self.rows if p is not None), key=lambda p: p.admitted):
+            if page.stage is not Stage.RUNNING:
                 continue  # preempted meanwhile
-            need = self.blocks.blocks_for(cache_lengths[row] + self.growth_tokens) - len(page.blocks)
+            need = self.blocks.blocks_for(page.cache_length + self.growth_tokens) - len(page.blocks)
             while need > self.blocks.free:
                 victim = self._victim()
                 preempted.append((victim, self._preempt(victim)))
@@ -282,7 +289,7 @@ class SchedulingPolicy:
                 continue
             if need > 0:
                 page.blocks += self.blocks.take(need)
-                grown.append(row)
+                grown.append(page.row)
         return grown, preempted
 
     def _victim(self) -> Page:
@@ -298,8 +305,39 @@ class SchedulingPolicy:
         page.row = None
         self.blocks.give_back(page.blocks)
         page.blocks = []
+        page.cache_length = 0
         page.stage = Stage.ENCODED
         return row
+
+    # ------------------------------------------------------------------ rows
+
+    def live_rows(self) -> int:
+        """Rows a decode step must run: up to the last one that holds a page."""
+        occupied = [i for i, page in enumerate(self.rows) if page is not None]
+        return occupied[-1] + 1 if occupied else 0
+
+    def compact(self) -> list:
+        """Keep the live rows at the front when no page waits to fill the holes, so steps run a smaller batch:
+        the page in the last live row moves to the first free one, until no row is free below the last live
+        one. Returns the moves, [(source row, target row)] in order, for the engine to make on the device."""
+        if any(p.pages_in(Stage.ENCODED) for p in self.predictions if not p.closed):
+            return []
+        moves = []
+        while True:
+            live = self.live_rows()
+            hole = next((i for i in range(live) if self.rows[i] is None), None)
+            if hole is None:
+                return moves
+            self.move(live - 1, hole)
+            moves.append((live - 1, hole))
+
+    def move(self, source: int, target: int) -> None:
+        """The page in row `source` moves to the free row `target`, with all it holds (blocks, cache length)."""
+        page = self.rows[source]
+        if page is None or self.rows[target] is not None:
+            raise RuntimeError(f"cannot move row {source} to row {target}")
+        self.rows[target], self.rows[source] = page, None
+        page.row = target
 
     # ------------------------------------------------------------------ state, for tests and logs
 
