@@ -322,7 +322,9 @@ class Job:
 
 @dataclass
 class PagePayload:
-    """What the serving loop keeps for a page between stages."""
+    """What the serving loop keeps for a page between stages: its data, which the serving loop alone writes.
+    Where the page is (its stage, row, blocks, cache length, the tokens it resumes from) is the policy's record
+    (`scheduler.Page`, whose `payload` this is), which only the policy writes."""
 
     job: Job
     future: object = None  # preprocessing in the CPU pool
@@ -507,9 +509,7 @@ class ServingLoop:
                 job.complete(JobCancelled("the prediction was cancelled"))
             elif kind == "submit":
                 pages = [(size, job.max_new_tokens) for size in job.prompt_sizes]
-                job.prediction = self.policy.add(id(job), pages)
-                for page in job.prediction.pages:
-                    page.payload = PagePayload(job)
+                job.prediction = self.policy.add(id(job), pages, payloads=[PagePayload(job) for _ in pages])
             elif kind == "cancel" and job.prediction is not None:
                 self._close(job, JobCancelled("the prediction was cancelled"))
                 self.log(f"cancelled: {len(job.images)} page(s) left the engine")
@@ -549,8 +549,7 @@ class ServingLoop:
                 self._close(page.payload.job, _user_error(error, "preparing the page"))
                 continue
             page.payload.future = None
-            page.prompt_tokens = int(page.payload.inputs.input_ids.numel())  # the estimate's check
-            self.policy.preprocessed(page)
+            self.policy.preprocessed(page, prompt_tokens=int(page.payload.inputs.input_ids.numel()))
         # as many pages in the pool as it has workers: a newly arrived page never queues behind others there
         free = self.preprocessor.workers - sum(
             1 for pred in self.policy.predictions for p in pred.pages_in(Stage.PREPROCESSING))
@@ -621,7 +620,7 @@ class ServingLoop:
     def _decode(self) -> None:
         grown, preempted = self.policy.grow()
         for page, row in preempted:
-            page.generated_tokens = self.batch.generated_tokens(row)
+            self.policy.preempted(page, self.batch.generated_tokens(row))
             self.batch.clear(row)
             self.log(f"cache full: a page with {len(page.generated_tokens)} tokens waits for room (preempted)")
         for row in grown:
@@ -660,7 +659,7 @@ class ServingLoop:
         self.batch.clear(row)
         payload.embeds = payload.inputs = None
         if job.prediction.finished and not job.prediction.closed:
-            job.prediction.closed = True
+            self.policy.close(job.prediction)  # every page done: it holds nothing, and leaves
             job.complete()
 
     def _report_progress(self, states) -> None:

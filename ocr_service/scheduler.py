@@ -17,6 +17,10 @@ the pool and it waits to be admitted again, resuming from the tokens it had (its
 Nothing is ever written to a block another sequence owns.
 
 The engine (`engine.py`) owns the device and asks this object what to do; this object never waits.
+Each page has one record (`Page`) and each prediction one (`Prediction`), and only this module writes
+them: the engine reads them, and reports what happened on its side (a page preprocessed or encoded, the
+cache lengths the device read, the tokens a preempted page had) through the methods named for those
+events. `Page.payload` is the engine's own (its inputs, embeddings, results), which this module never reads.
 """
 
 import itertools
@@ -48,7 +52,7 @@ class Page:
     cache_length: int = 0  # positions it holds in the cache, as the device last reported (0 when not running)
     generated_tokens: list = field(default_factory=list)  # kept across a preemption (resumed from)
     admitted: int = 0  # the policy's clock at its (latest) admission
-    payload: Any = None  # the engine's data for this page (inputs, embeddings, results)
+    payload: Any = None  # the engine's data for this page (inputs, embeddings, results): the engine writes it
 
     @property
     def context_tokens(self) -> int:
@@ -62,7 +66,7 @@ class Prediction:
     pages: list = field(default_factory=list)
     order: int = 0  # when it arrived, on the policy's clock
     last_pick: dict = field(default_factory=dict)  # stage → the policy's clock when it last had a page picked
-    closed: bool = False  # cancelled, failed or timed out: its remaining pages are dropped
+    closed: bool = False  # it has left (completed, cancelled, failed or timed out): nothing of it is picked
 
     def pages_in(self, stage: Stage) -> list:
         return [p for p in self.pages if p.stage is stage]
@@ -129,16 +133,18 @@ class SchedulingPolicy:
 
     # ------------------------------------------------------------------ intake and exits
 
-    def add(self, prediction_id, pages: list) -> Prediction:
-        """`pages`: (prompt_tokens, max_new_tokens) per page, in order."""
+    def add(self, prediction_id, pages: list, payloads: Optional[list] = None) -> Prediction:
+        """`pages`: (prompt_tokens, max_new_tokens) per page, in order; `payloads`: the engine's data for each."""
         prediction = Prediction(prediction_id, order=next(self._clock))
-        prediction.pages = [Page(prediction, i, prompt, new) for i, (prompt, new) in enumerate(pages)]
+        payloads = payloads if payloads is not None else [None] * len(pages)
+        prediction.pages = [Page(prediction, i, prompt, new, payload=payload)
+                            for i, ((prompt, new), payload) in enumerate(zip(pages, payloads))]
         self.predictions.append(prediction)
         return prediction
 
     def close(self, prediction: Prediction) -> list:
-        """Cancel, fail or time out a prediction: every page it has leaves its stage and frees what it holds.
-        Returns the rows that were freed (the engine must stop decoding them)."""
+        """A prediction leaves (completed, cancelled, failed or timed out): every page it has leaves its stage
+        and frees what it holds. Returns the rows that were freed (the engine must stop decoding them)."""
         prediction.closed = True
         freed = []
         for page in prediction.pages:
@@ -205,7 +211,10 @@ class SchedulingPolicy:
 
         return self._pick(Stage.PREPROCESSING, Stage.QUEUED, max(room, 0), fits=fits)
 
-    def preprocessed(self, page: Page) -> None:
+    def preprocessed(self, page: Page, prompt_tokens: Optional[int] = None) -> None:
+        """Its views and ids are ready; `prompt_tokens`: its prompt's tokens as counted then (the estimate's check)."""
+        if prompt_tokens is not None:
+            page.prompt_tokens = prompt_tokens
         if page.stage is Stage.PREPROCESSING:
             page.stage = Stage.PREPROCESSED
 
@@ -273,7 +282,7 @@ class SchedulingPolicy:
 
         Sequences are served oldest admission first; when the pool runs dry the victim is the newest
         sequence of the prediction holding the most rows (it gives its blocks back and waits, ENCODED,
-        to be admitted again with the tokens it has).
+        to be admitted again with the tokens it has: the engine reports them with `preempted`).
         """
         grown, preempted = [], []
         for page in sorted((p for p in self.rows if p is not None), key=lambda p: p.admitted):
@@ -291,6 +300,11 @@ class SchedulingPolicy:
                 page.blocks += self.blocks.take(need)
                 grown.append(page.row)
         return grown, preempted
+
+    def preempted(self, page: Page, generated_tokens: list) -> None:
+        """The tokens a page `grow` preempted had generated (read from its row before the row is cleared): it
+        resumes from them when admitted again."""
+        page.generated_tokens = list(generated_tokens)
 
     def _victim(self) -> Page:
         running = [p for p in self.rows if p is not None]

@@ -153,7 +153,7 @@ def test_a_preempted_page_resumes_with_its_tokens_when_room_comes_back():
     _, preempted = p.grow()
     (page, row), = preempted
     assert page.cache_length == 0  # it holds nothing in the cache any more
-    page.generated_tokens = list(range(50))
+    p.preempted(page, list(range(50)))
     assert page.context_tokens == 100 + 49
     p.finish(first.page if page is second.page else second.page)
     again = p.to_admit()
@@ -207,6 +207,28 @@ def test_no_compaction_while_a_page_waits_for_a_row():
     assert [page is None for page in p.rows] == [True, False, False]
     with pytest.raises(RuntimeError):
         p.move(0, 1)  # nothing in row 0 to move
+
+
+def test_the_measured_prompt_replaces_the_estimate_and_payloads_stay_with_their_pages():
+    p = policy()
+    a = p.add("a", [(100, 10), (100, 10)], payloads=["first", "second"])
+    assert [page.payload for page in a.pages] == ["first", "second"]
+    first, second = p.to_preprocess(2)
+    p.preprocessed(first, prompt_tokens=120)
+    p.preprocessed(second)
+    assert (first.stage, first.context_tokens) == (Stage.PREPROCESSED, 120)
+    assert (second.stage, second.context_tokens) == (Stage.PREPROCESSED, 100)
+
+
+def test_a_completed_prediction_is_closed_and_holds_nothing():
+    p = policy(blocks=100, rows=2)
+    a = p.add("a", [(100, 10)])
+    advance_to_encoded(p)
+    (admission,) = p.to_admit()
+    p.finish(admission.page)
+    assert a.finished and not a.closed
+    assert p.close(a) == [] and a.closed
+    assert p.holdings()["blocks"] == 0 and p.forget_finished() == [a]
 
 
 def test_closing_a_prediction_frees_its_rows_blocks_and_waiting_pages():
