@@ -340,8 +340,8 @@ class ServingLoop:
     # Vision passes of up to 16 pages, 32 pages handed to the worker at once so that it never waits for the
     # next round between passes (smaller passes cost long jobs throughput: the README has the figures). A
     # prediction's first page is handed over beyond that bound and goes ahead of queued pages of long jobs
-    # (see SchedulingPolicy.to_encode and VisionWorker), so a newcomer waits for at most the pass under way,
-    # not for every page queued before it.
+    # (the rule: SchedulingPolicy.goes_first), so a newcomer waits for at most the pass under way, not for
+    # every page queued before it.
     PAGES_PER_VISION_PASS = 16
     ENCODING_PAGES = 32
     # Pages preprocessed ahead of the encoder, beyond those in the workers' hands: preprocessing is faster
@@ -572,7 +572,7 @@ class ServingLoop:
             self.policy.encoded(page)
         in_flight = sum(len(p.pages_in(Stage.ENCODING)) for p in self.policy.predictions)
         pages = self.policy.to_encode(limit=max(0, self.ENCODING_PAGES - in_flight))
-        self.vision.submit([(0 if page.index == 0 else 1, page, page.payload.inputs) for page in pages])
+        self.vision.submit([(self.policy.vision_priority(page), page, page.payload.inputs) for page in pages])
 
     def _admit(self) -> None:
         admissions = self.policy.to_admit()

@@ -193,18 +193,34 @@ class SchedulingPolicy:
         return sum(len(p.pages_in(s)) for p in self.predictions
                    for s in (Stage.PREPROCESSING, Stage.PREPROCESSED, Stage.ENCODING, Stage.ENCODED))
 
+    # ------------------------------------------------------------------ a prediction's first page first
+
+    FIRST_PAGE_VISION_PRIORITY, OTHER_PAGE_VISION_PRIORITY = 0, 1
+
+    @staticmethod
+    def goes_first(page: Page) -> bool:
+        """A prediction's first page is what its first token waits on: so that a newly arrived prediction never
+        waits for a long job's pages, it is not held back by the bound on pages preprocessed ahead of the
+        encoder (`to_preprocess`), it is handed to the encoder beyond the encoder's limit (`to_encode`), and
+        the encoder takes it ahead of other queued pages (`vision_priority`)."""
+        return page.index == 0
+
+    def vision_priority(self, page: Page) -> int:
+        """The vision encoder's priority for `page` (a lower value is encoded first, in passes of one value)."""
+        return self.FIRST_PAGE_VISION_PRIORITY if self.goes_first(page) else self.OTHER_PAGE_VISION_PRIORITY
+
     # ------------------------------------------------------------------ stages
 
     def to_preprocess(self, free_workers: int) -> list:
         """Pages to start preprocessing now (bounded by the workers, by pages waiting downstream and by
-        pages not yet handed to the encoder; first pages are picked first and only the first two bounds
-        apply to them, so that a newly arrived prediction never waits for a long job's pages to be encoded)."""
+        pages not yet handed to the encoder; a newly arrived prediction's page is picked first, by the round
+        robin, and only the first two bounds apply to a first page: see `goes_first`)."""
         room = min(free_workers, self.max_waiting - self._waiting())
         ahead = sum(len(p.pages_in(s)) for p in self.predictions for s in (Stage.PREPROCESSING, Stage.PREPROCESSED))
         ahead_room = [self.max_ahead - ahead]
 
         def fits(page: Page) -> bool:  # _pick takes the page iff this says so
-            if page.index == 0:
+            if self.goes_first(page):
                 return True
             ahead_room[0] -= 1
             return ahead_room[0] >= 0
@@ -220,14 +236,14 @@ class SchedulingPolicy:
 
     def to_encode(self, limit: int) -> list:
         """Pages whose views to encode next (they move to ENCODING): every prediction's first page that is
-        ready, then others round robin up to `limit` in all.
+        ready (`goes_first`), then others round robin up to `limit` in all.
 
         The limit keeps the encoder's queue short, so that pages of different predictions interleave here
         rather than queue there. A first page is what a newly arrived prediction waits on and the encoder
         takes it ahead of its queue; held back by the limit, it would wait for the passes of other
         predictions' pages queued before it."""
         firsts = [page for prediction in self.predictions if not prediction.closed
-                  for page in prediction.pages_in(Stage.PREPROCESSED) if page.index == 0]
+                  for page in prediction.pages_in(Stage.PREPROCESSED) if self.goes_first(page)]
         for page in firsts:
             page.stage = Stage.ENCODING
             page.prediction.last_pick[Stage.ENCODING] = next(self._clock)

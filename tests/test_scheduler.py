@@ -209,6 +209,13 @@ def test_no_compaction_while_a_page_waits_for_a_row():
         p.move(0, 1)  # nothing in row 0 to move
 
 
+def test_a_predictions_first_page_goes_first_at_the_encoder():
+    p = policy()
+    a = p.add("a", [(100, 10)] * 3)
+    assert [p.goes_first(page) for page in a.pages] == [True, False, False]
+    assert [p.vision_priority(page) for page in a.pages] == [0, 1, 1]  # lower first
+
+
 def test_the_measured_prompt_replaces_the_estimate_and_payloads_stay_with_their_pages():
     p = policy()
     a = p.add("a", [(100, 10), (100, 10)], payloads=["first", "second"])
