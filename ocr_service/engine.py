@@ -594,6 +594,8 @@ class ServingLoop:
                 self._admission_failed(admissions[0].page, entries[0], error)
                 return
             for admission, entry in zip(admissions, entries):  # find whose prompt failed: one by one
+                if admission.page.stage is not Stage.RUNNING:
+                    continue  # its prediction failed meanwhile: its row and blocks went back to the pool
                 try:
                     with self.engine.translate_oom("reading the prompt"):
                         self.batch.admit([entry])
