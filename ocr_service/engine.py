@@ -322,7 +322,9 @@ class Job:
 
 @dataclass
 class PagePayload:
-    """What the serving loop keeps for a page between stages."""
+    """What the serving loop keeps for a page between stages: its data, which the serving loop alone writes.
+    Where the page is (its stage, row, blocks, cache length, the tokens it resumes from) is the policy's record
+    (`scheduler.Page`, whose `payload` this is), which only the policy writes."""
 
     job: Job
     future: object = None  # preprocessing in the CPU pool
@@ -338,8 +340,8 @@ class ServingLoop:
     # Vision passes of up to 16 pages, 32 pages handed to the worker at once so that it never waits for the
     # next round between passes (smaller passes cost long jobs throughput: the README has the figures). A
     # prediction's first page is handed over beyond that bound and goes ahead of queued pages of long jobs
-    # (see SchedulingPolicy.to_encode and VisionWorker), so a newcomer waits for at most the pass under way,
-    # not for every page queued before it.
+    # (the rule: SchedulingPolicy.goes_first), so a newcomer waits for at most the pass under way, not for
+    # every page queued before it.
     PAGES_PER_VISION_PASS = 16
     ENCODING_PAGES = 32
     # Pages preprocessed ahead of the encoder, beyond those in the workers' hands: preprocessing is faster
@@ -384,7 +386,6 @@ class ServingLoop:
                 build_prompt(DEFAULT_TASK_TYPE), engine.resolution(DEFAULT_RESOLUTION))
             log(f"pinned {pinned / 2**30:.1f} GiB of host memory for pages' views in {time.monotonic() - started:.1f} s")
         self.inbox: "queue.Queue" = queue.Queue()
-        self.cache_lengths: dict = {}  # row → positions its sequence holds in the cache, as of the last look
         # seconds the serving thread spent on each kind of device work (logged with the progress)
         self.busy_s = {"prefill": 0.0, "decode": 0.0}
         self.vision = VisionWorker(model, engine.translate_oom, max_pages_per_pass=self.PAGES_PER_VISION_PASS, log=log)
@@ -509,9 +510,7 @@ class ServingLoop:
                 job.complete(JobCancelled("the prediction was cancelled"))
             elif kind == "submit":
                 pages = [(size, job.max_new_tokens) for size in job.prompt_sizes]
-                job.prediction = self.policy.add(id(job), pages)
-                for page in job.prediction.pages:
-                    page.payload = PagePayload(job)
+                job.prediction = self.policy.add(id(job), pages, payloads=[PagePayload(job) for _ in pages])
             elif kind == "cancel" and job.prediction is not None:
                 self._close(job, JobCancelled("the prediction was cancelled"))
                 self.log(f"cancelled: {len(job.images)} page(s) left the engine")
@@ -527,7 +526,6 @@ class ServingLoop:
             return
         for row in self.policy.close(job.prediction):
             self.batch.clear(row)
-            self.cache_lengths.pop(row, None)
         for page in job.prediction.pages:
             page.payload.embeds = None
         job.complete(error)
@@ -552,8 +550,7 @@ class ServingLoop:
                 self._close(page.payload.job, _user_error(error, "preparing the page"))
                 continue
             page.payload.future = None
-            page.prompt_tokens = int(page.payload.inputs.input_ids.numel())  # the estimate's check
-            self.policy.preprocessed(page)
+            self.policy.preprocessed(page, prompt_tokens=int(page.payload.inputs.input_ids.numel()))
         # as many pages in the pool as it has workers: a newly arrived page never queues behind others there
         free = self.preprocessor.workers - sum(
             1 for pred in self.policy.predictions for p in pred.pages_in(Stage.PREPROCESSING))
@@ -576,7 +573,7 @@ class ServingLoop:
             self.policy.encoded(page)
         in_flight = sum(len(p.pages_in(Stage.ENCODING)) for p in self.policy.predictions)
         pages = self.policy.to_encode(limit=max(0, self.ENCODING_PAGES - in_flight))
-        self.vision.submit([(0 if page.index == 0 else 1, page, page.payload.inputs) for page in pages])
+        self.vision.submit([(self.policy.vision_priority(page), page, page.payload.inputs) for page in pages])
 
     def _admit(self) -> None:
         admissions = self.policy.to_admit()
@@ -598,6 +595,8 @@ class ServingLoop:
                 self._admission_failed(admissions[0].page, entries[0], error)
                 return
             for admission, entry in zip(admissions, entries):  # find whose prompt failed: one by one
+                if admission.page.stage is not Stage.RUNNING:
+                    continue  # its prediction failed meanwhile: its row and blocks went back to the pool
                 try:
                     with self.engine.translate_oom("reading the prompt"):
                         self.batch.admit([entry])
@@ -605,13 +604,11 @@ class ServingLoop:
                     self._admission_failed(admission.page, entry, error)
         now = time.monotonic()
         states = self.batch.read(max(a.row for a in admissions) + 1)
-        for admission in admissions:
-            page = admission.page
-            if page.stage is not Stage.RUNNING:
-                continue
-            self.cache_lengths[admission.row] = states[admission.row].cache_length
-            if page.payload.first_token_at is None:
-                page.payload.first_token_at = now
+        admitted = [a for a in admissions if a.page.stage is Stage.RUNNING]
+        self.policy.observed({a.row: states[a.row].cache_length for a in admitted})
+        for admission in admitted:
+            if admission.page.payload.first_token_at is None:
+                admission.page.payload.first_token_at = now
 
     def _entry(self, page, row: int) -> Entry:
         inputs = page.payload.inputs
@@ -623,21 +620,15 @@ class ServingLoop:
         self.policy.admission_failed(page)
         self._close(page.payload.job, _user_error(error, "reading the prompt"))
 
-    def _live_rows(self) -> int:
-        occupied = [i for i, page in enumerate(self.policy.rows) if page is not None]
-        return occupied[-1] + 1 if occupied else 0
-
     def _decode(self) -> None:
-        grown, preempted = self.policy.grow({row: self.cache_lengths[row] for row, page in
-                                             enumerate(self.policy.rows) if page is not None})
+        grown, preempted = self.policy.grow()
         for page, row in preempted:
-            page.generated_tokens = self.batch.generated_tokens(row)
+            self.policy.preempted(page, self.batch.generated_tokens(row))
             self.batch.clear(row)
-            self.cache_lengths.pop(row, None)
             self.log(f"cache full: a page with {len(page.generated_tokens)} tokens waits for room (preempted)")
         for row in grown:
             self.batch.set_blocks(row, self.policy.rows[row].blocks)
-        live = self._live_rows()
+        live = self.policy.live_rows()
         if live == 0:
             return
         started = time.monotonic()
@@ -645,14 +636,13 @@ class ServingLoop:
         states = self.batch.read(live)
         now = time.monotonic()
         self.busy_s["decode"] += now - started
+        self.policy.observed({row: state.cache_length for row, state in enumerate(states)})
         for row, state in enumerate(states):
             page = self.policy.rows[row]
-            if page is None:
-                continue
-            self.cache_lengths[row] = state.cache_length
-            if state.stop_reason is not None:
+            if page is not None and state.stop_reason is not None:
                 self._retire(page, row, state.stop_reason, now)
-        self._compact()
+        for source, target in self.policy.compact():  # live rows at the front: steps run a smaller batch
+            self.batch.move(source, target)
         self._report_progress(states)
 
     def _retire(self, page, row: int, stop_reason: str, now: float) -> None:
@@ -670,29 +660,10 @@ class ServingLoop:
             payload.first_token_at - job.submitted, now - job.submitted)
         self.policy.finish(page)
         self.batch.clear(row)
-        self.cache_lengths.pop(row, None)
         payload.embeds = payload.inputs = None
         if job.prediction.finished and not job.prediction.closed:
-            job.prediction.closed = True
+            self.policy.close(job.prediction)  # every page done: it holds nothing, and leaves
             job.complete()
-
-    def _compact(self) -> None:
-        """Keep the live rows at the front when nothing waits to fill the holes, so steps run a smaller batch."""
-        waiting = any(p.pages_in(Stage.ENCODED) for p in self.policy.predictions if not p.closed)
-        if waiting:
-            return
-        rows = self.policy.rows
-        while True:
-            live = self._live_rows()
-            hole = next((i for i in range(live) if rows[i] is None), None)
-            if hole is None:
-                return
-            source = live - 1
-            page = rows[source]
-            self.batch.move(source, hole)
-            rows[hole], rows[source] = page, None
-            page.row = hole
-            self.cache_lengths[hole] = self.cache_lengths.pop(source)
 
     def _report_progress(self, states) -> None:
         now = time.monotonic()
@@ -720,7 +691,6 @@ class ServingLoop:
             self.policy = SchedulingPolicy(BlockPool(self.policy.blocks.capacity, BLOCK_SIZE), self.max_rows,
                                            self.policy.max_waiting, self.policy.prefill_tokens,
                                            self.policy.growth_tokens)
-        self.cache_lengths.clear()
         self.policy.forget_finished()
 
     def busy_seconds(self) -> dict:

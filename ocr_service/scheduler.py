@@ -17,6 +17,10 @@ the pool and it waits to be admitted again, resuming from the tokens it had (its
 Nothing is ever written to a block another sequence owns.
 
 The engine (`engine.py`) owns the device and asks this object what to do; this object never waits.
+Each page has one record (`Page`) and each prediction one (`Prediction`), and only this module writes
+them: the engine reads them, and reports what happened on its side (a page preprocessed or encoded, the
+cache lengths the device read, the tokens a preempted page had) through the methods named for those
+events. `Page.payload` is the engine's own (its inputs, embeddings, results), which this module never reads.
 """
 
 import itertools
@@ -45,9 +49,10 @@ class Page:
     stage: Stage = Stage.QUEUED
     row: Optional[int] = None
     blocks: list = field(default_factory=list)
+    cache_length: int = 0  # positions it holds in the cache, as the device last reported (0 when not running)
     generated_tokens: list = field(default_factory=list)  # kept across a preemption (resumed from)
     admitted: int = 0  # the policy's clock at its (latest) admission
-    payload: Any = None  # the engine's data for this page (inputs, embeddings, results)
+    payload: Any = None  # the engine's data for this page (inputs, embeddings, results): the engine writes it
 
     @property
     def context_tokens(self) -> int:
@@ -61,7 +66,7 @@ class Prediction:
     pages: list = field(default_factory=list)
     order: int = 0  # when it arrived, on the policy's clock
     last_pick: dict = field(default_factory=dict)  # stage → the policy's clock when it last had a page picked
-    closed: bool = False  # cancelled, failed or timed out: its remaining pages are dropped
+    closed: bool = False  # it has left (completed, cancelled, failed or timed out): nothing of it is picked
 
     def pages_in(self, stage: Stage) -> list:
         return [p for p in self.pages if p.stage is stage]
@@ -128,16 +133,18 @@ class SchedulingPolicy:
 
     # ------------------------------------------------------------------ intake and exits
 
-    def add(self, prediction_id, pages: list) -> Prediction:
-        """`pages`: (prompt_tokens, max_new_tokens) per page, in order."""
+    def add(self, prediction_id, pages: list, payloads: Optional[list] = None) -> Prediction:
+        """`pages`: (prompt_tokens, max_new_tokens) per page, in order; `payloads`: the engine's data for each."""
         prediction = Prediction(prediction_id, order=next(self._clock))
-        prediction.pages = [Page(prediction, i, prompt, new) for i, (prompt, new) in enumerate(pages)]
+        payloads = payloads if payloads is not None else [None] * len(pages)
+        prediction.pages = [Page(prediction, i, prompt, new, payload=payload)
+                            for i, ((prompt, new), payload) in enumerate(zip(pages, payloads))]
         self.predictions.append(prediction)
         return prediction
 
     def close(self, prediction: Prediction) -> list:
-        """Cancel, fail or time out a prediction: every page it has leaves its stage and frees what it holds.
-        Returns the rows that were freed (the engine must stop decoding them)."""
+        """A prediction leaves (completed, cancelled, failed or timed out): every page it has leaves its stage
+        and frees what it holds. Returns the rows that were freed (the engine must stop decoding them)."""
         prediction.closed = True
         freed = []
         for page in prediction.pages:
@@ -154,6 +161,7 @@ class SchedulingPolicy:
         if page.blocks:
             self.blocks.give_back(page.blocks)
             page.blocks = []
+        page.cache_length = 0
         page.stage = Stage.DONE
 
     def forget_finished(self) -> list:
@@ -185,38 +193,57 @@ class SchedulingPolicy:
         return sum(len(p.pages_in(s)) for p in self.predictions
                    for s in (Stage.PREPROCESSING, Stage.PREPROCESSED, Stage.ENCODING, Stage.ENCODED))
 
+    # ------------------------------------------------------------------ a prediction's first page first
+
+    FIRST_PAGE_VISION_PRIORITY, OTHER_PAGE_VISION_PRIORITY = 0, 1
+
+    @staticmethod
+    def goes_first(page: Page) -> bool:
+        """A prediction's first page is what its first token waits on: so that a newly arrived prediction never
+        waits for a long job's pages, it is not held back by the bound on pages preprocessed ahead of the
+        encoder (`to_preprocess`), it is handed to the encoder beyond the encoder's limit (`to_encode`), and
+        the encoder takes it ahead of other queued pages (`vision_priority`)."""
+        return page.index == 0
+
+    def vision_priority(self, page: Page) -> int:
+        """The vision encoder's priority for `page` (a lower value is encoded first, in passes of one value)."""
+        return self.FIRST_PAGE_VISION_PRIORITY if self.goes_first(page) else self.OTHER_PAGE_VISION_PRIORITY
+
     # ------------------------------------------------------------------ stages
 
     def to_preprocess(self, free_workers: int) -> list:
         """Pages to start preprocessing now (bounded by the workers, by pages waiting downstream and by
-        pages not yet handed to the encoder; first pages are picked first and only the first two bounds
-        apply to them, so that a newly arrived prediction never waits for a long job's pages to be encoded)."""
+        pages not yet handed to the encoder; a newly arrived prediction's page is picked first, by the round
+        robin, and only the first two bounds apply to a first page: see `goes_first`)."""
         room = min(free_workers, self.max_waiting - self._waiting())
         ahead = sum(len(p.pages_in(s)) for p in self.predictions for s in (Stage.PREPROCESSING, Stage.PREPROCESSED))
         ahead_room = [self.max_ahead - ahead]
 
         def fits(page: Page) -> bool:  # _pick takes the page iff this says so
-            if page.index == 0:
+            if self.goes_first(page):
                 return True
             ahead_room[0] -= 1
             return ahead_room[0] >= 0
 
         return self._pick(Stage.PREPROCESSING, Stage.QUEUED, max(room, 0), fits=fits)
 
-    def preprocessed(self, page: Page) -> None:
+    def preprocessed(self, page: Page, prompt_tokens: Optional[int] = None) -> None:
+        """Its views and ids are ready; `prompt_tokens`: its prompt's tokens as counted then (the estimate's check)."""
+        if prompt_tokens is not None:
+            page.prompt_tokens = prompt_tokens
         if page.stage is Stage.PREPROCESSING:
             page.stage = Stage.PREPROCESSED
 
     def to_encode(self, limit: int) -> list:
         """Pages whose views to encode next (they move to ENCODING): every prediction's first page that is
-        ready, then others round robin up to `limit` in all.
+        ready (`goes_first`), then others round robin up to `limit` in all.
 
         The limit keeps the encoder's queue short, so that pages of different predictions interleave here
         rather than queue there. A first page is what a newly arrived prediction waits on and the encoder
         takes it ahead of its queue; held back by the limit, it would wait for the passes of other
         predictions' pages queued before it."""
         firsts = [page for prediction in self.predictions if not prediction.closed
-                  for page in prediction.pages_in(Stage.PREPROCESSED) if page.index == 0]
+                  for page in prediction.pages_in(Stage.PREPROCESSED) if self.goes_first(page)]
         for page in firsts:
             page.stage = Stage.ENCODING
             page.prediction.last_pick[Stage.ENCODING] = next(self._clock)
@@ -257,22 +284,27 @@ class SchedulingPolicy:
 
     # ------------------------------------------------------------------ growth and preemption
 
-    def grow(self, cache_lengths: dict) -> tuple:
-        """Make room for the next synchronisation interval. `cache_lengths[row]`: the positions the sequence
-        in that row holds in the cache now. Returns (rows whose block list grew, [(preempted page, its row)]).
+    def observed(self, cache_lengths: dict) -> None:
+        """What the device read at a synchronisation point: `cache_lengths[row]`, the positions the sequence in
+        that row holds in the cache now (rows that hold no page are ignored)."""
+        for row, length in cache_lengths.items():
+            page = self.rows[row]
+            if page is not None:
+                page.cache_length = length
+
+    def grow(self) -> tuple:
+        """Make room for the next synchronisation interval, from the cache lengths last `observed`. Returns
+        (rows whose block list grew, [(preempted page, its row)]).
 
         Sequences are served oldest admission first; when the pool runs dry the victim is the newest
         sequence of the prediction holding the most rows (it gives its blocks back and waits, ENCODED,
-        to be admitted again with the tokens it has).
+        to be admitted again with the tokens it has: the engine reports them with `preempted`).
         """
         grown, preempted = [], []
-        order = sorted((row for row in cache_lengths if self.rows[row] is not None),
-                       key=lambda row: self.rows[row].admitted)
-        for row in order:
-            page = self.rows[row]
-            if page is None or page.stage is not Stage.RUNNING:
+        for page in sorted((p for p in self.rows if p is not None), key=lambda p: p.admitted):
+            if page.stage is not Stage.RUNNING:
                 continue  # preempted meanwhile
-            need = self.blocks.blocks_for(cache_lengths[row] + self.growth_tokens) - len(page.blocks)
+            need = self.blocks.blocks_for(page.cache_length + self.growth_tokens) - len(page.blocks)
             while need > self.blocks.free:
                 victim = self._victim()
                 preempted.append((victim, self._preempt(victim)))
@@ -282,8 +314,13 @@ class SchedulingPolicy:
                 continue
             if need > 0:
                 page.blocks += self.blocks.take(need)
-                grown.append(row)
+                grown.append(page.row)
         return grown, preempted
+
+    def preempted(self, page: Page, generated_tokens: list) -> None:
+        """The tokens a page `grow` preempted had generated (read from its row before the row is cleared): it
+        resumes from them when admitted again."""
+        page.generated_tokens = list(generated_tokens)
 
     def _victim(self) -> Page:
         running = [p for p in self.rows if p is not None]
@@ -298,8 +335,39 @@ class SchedulingPolicy:
         page.row = None
         self.blocks.give_back(page.blocks)
         page.blocks = []
+        page.cache_length = 0
         page.stage = Stage.ENCODED
         return row
+
+    # ------------------------------------------------------------------ rows
+
+    def live_rows(self) -> int:
+        """Rows a decode step must run: up to the last one that holds a page."""
+        occupied = [i for i, page in enumerate(self.rows) if page is not None]
+        return occupied[-1] + 1 if occupied else 0
+
+    def compact(self) -> list:
+        """Keep the live rows at the front when no page waits to fill the holes, so steps run a smaller batch:
+        the page in the last live row moves to the first free one, until no row is free below the last live
+        one. Returns the moves, [(source row, target row)] in order, for the engine to make on the device."""
+        if any(p.pages_in(Stage.ENCODED) for p in self.predictions if not p.closed):
+            return []
+        moves = []
+        while True:
+            live = self.live_rows()
+            hole = next((i for i in range(live) if self.rows[i] is None), None)
+            if hole is None:
+                return moves
+            self.move(live - 1, hole)
+            moves.append((live - 1, hole))
+
+    def move(self, source: int, target: int) -> None:
+        """The page in row `source` moves to the free row `target`, with all it holds (blocks, cache length)."""
+        page = self.rows[source]
+        if page is None or self.rows[target] is not None:
+            raise RuntimeError(f"cannot move row {source} to row {target}")
+        self.rows[target], self.rows[source] = page, None
+        page.row = target
 
     # ------------------------------------------------------------------ state, for tests and logs
 

@@ -150,7 +150,7 @@ class VisionWorker:
     `submit(items)` queues (priority, key, PromptInputs); `finished()` returns (key, embeddings or None,
     error or None) for every page done since the last call. Each pass takes queued pages of the lowest
     priority value there is, and only of that value, up to `max_pages_per_pass`, in one batched pass (the
-    engine gives a prediction's first page priority 0 and its others 1: a page that just arrived goes
+    priorities are the caller's: the serving policy's `vision_priority` puts a prediction's first page
     ahead of a long job's queued pages, in a pass of its own kind, so it waits for at most the pass under
     way and its own pass is not a long job's). If a pass fails, its pages are encoded one by one so that
     the error lands on the page that caused it.

@@ -11,6 +11,7 @@ from ocr_service.decode_batch import RUNNING, STOP_CODES
 from ocr_service.engine import MAX_SEQUENCE, JobCancelled, OCREngine
 from ocr_service.errors import InputError
 from ocr_service.presets import resolution
+from ocr_service.scheduler import Stage
 from ocr_service.settings import Settings
 
 PROMPT = "<image>\nFree OCR."
@@ -219,3 +220,31 @@ def test_a_pages_views_are_let_go_once_encoded(tiny_checkpoint, reference, monke
     got = batched.submit(images, PROMPT, resolution("Small"), 6).wait(120)
     assert views_when_encoded == [0, 0, 0]
     assert [r.token_ids for r in got] == tokens_alone(reference, images, "Small", 6)
+
+
+def test_a_failed_prompt_takes_its_predictions_other_pages_out_of_the_page_by_page_retry(tiny_checkpoint,
+                                                                                        monkeypatch):
+    """A batched prefill that fails is retried page by page; once a page's failure closes its prediction, that
+    prediction's other pages in the prefill hold no row or blocks any more and must not reach the device."""
+    batched = engine(tiny_checkpoint, max_rows=4)
+    policy, batch = batched.server.policy, batched.server.batch
+    real_to_admit, real_admit = policy.to_admit, batch.admit
+    rows_held_at_admission = []
+
+    def to_admit():  # both pages in one prefill
+        return real_to_admit() if sum(len(p.pages_in(Stage.ENCODED)) for p in policy.predictions) >= 2 else []
+
+    def admit(entries):
+        pages_there = [policy.rows[entry.row] for entry in entries]
+        rows_held_at_admission.append([page is not None for page in pages_there])
+        if any(page is not None and page.index == 0 for page in pages_there):
+            raise RuntimeError("injected failure in the first page's prompt")
+        real_admit(entries)
+
+    monkeypatch.setattr(policy, "to_admit", to_admit)
+    monkeypatch.setattr(batch, "admit", admit)
+    job = batched.submit(pages(2), PROMPT, resolution("Tiny"), 5)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        job.wait(60)
+    assert rows_held_at_admission == [[True, True], [True]]  # the batch, then the first page alone
+    assert wait_idle(batched.server) == {"rows": 0, "blocks": 0, "waiting": 0, "predictions": 0}

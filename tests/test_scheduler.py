@@ -130,11 +130,11 @@ def test_growth_hands_out_blocks_and_preempts_the_newest_of_the_largest_holder_w
     admitted = p.to_admit()  # 2 blocks each: 6 of 10
     assert len(admitted) == 3
     rows = {adm.page: adm.row for adm in admitted}
-    cache_lengths = {row: 100 for row in rows.values()}
-    grown, preempted = p.grow(cache_lengths)
+    p.observed({row: 100 for row in rows.values()})
+    grown, preempted = p.grow()
     assert grown == [] and preempted == []  # 100 + 17 fits in 2 blocks
-    cache_lengths = {row: 200 for row in rows.values()}  # each needs ceil(217 / 64) = 4 blocks: 12 > 10
-    grown, preempted = p.grow(cache_lengths)
+    p.observed({row: 200 for row in rows.values()})  # each needs ceil(217 / 64) = 4 blocks: 12 > 10
+    grown, preempted = p.grow()
     victim = b.pages[1]
     assert [page for page, _ in preempted] == [victim]
     assert victim.stage is Stage.ENCODED and victim.blocks == [] and victim.row is None
@@ -149,15 +149,93 @@ def test_a_preempted_page_resumes_with_its_tokens_when_room_comes_back():
     a = p.add("a", [(100, 1000)] * 2)
     advance_to_encoded(p)
     first, second = p.to_admit()
-    _, preempted = p.grow({first.row: 200, second.row: 200})
+    p.observed({first.row: 200, second.row: 200})
+    _, preempted = p.grow()
     (page, row), = preempted
-    page.generated_tokens = list(range(50))
+    assert page.cache_length == 0  # it holds nothing in the cache any more
+    p.preempted(page, list(range(50)))
     assert page.context_tokens == 100 + 49
     p.finish(first.page if page is second.page else second.page)
     again = p.to_admit()
     assert [adm.page for adm in again] == [page]
     assert len(page.blocks) == p.blocks.blocks_for(149 + 17)
     assert a.pages[0].stage is not Stage.QUEUED
+
+
+def test_growth_follows_the_cache_lengths_the_device_reported():
+    p = policy(blocks=100, rows=4, block_size=64, growth=17)
+    a = p.add("a", [(100, 1000)] * 3)
+    advance_to_encoded(p)
+    admitted = p.to_admit()  # ceil((100 + 17) / 64) = 2 blocks each
+    assert all(page.cache_length == 0 for page in a.pages)  # nothing reported yet
+    p.observed({admitted[0].row: 101, admitted[1].row: 101, admitted[2].row: 101, 3: 500})  # row 3 holds no page
+    assert [page.cache_length for page in a.pages] == [101, 101, 101] and p.rows[3] is None
+    assert p.grow() == ([], [])
+    p.observed({admitted[1].row: 120})  # only this sequence outgrew its blocks: ceil(137 / 64) = 3
+    assert p.grow() == ([admitted[1].row], [])
+    assert [len(page.blocks) for page in a.pages] == [2, 3, 2]
+    p.finish(a.pages[1])
+    assert a.pages[1].cache_length == 0 and p.blocks.free == 100 - 4
+
+
+def test_compaction_moves_a_page_with_its_state_and_growth_follows_it():
+    p = policy(blocks=100, rows=4, block_size=64, growth=17)
+    a = p.add("a", [(100, 1000)] * 3)
+    advance_to_encoded(p)
+    admitted = p.to_admit()
+    assert [adm.row for adm in admitted] == [0, 1, 2]
+    last = admitted[2].page
+    p.observed({0: 110, 1: 110, 2: 130})
+    blocks, admitted_at = list(last.blocks), last.admitted
+    p.finish(admitted[1].page)
+    assert p.live_rows() == 3
+    assert p.compact() == [(2, 1)]
+    assert p.rows[1] is last and p.rows[2] is None and last.row == 1 and p.live_rows() == 2
+    assert (last.blocks, last.cache_length, last.admitted, last.stage) == (blocks, 130, admitted_at, Stage.RUNNING)
+    assert p.grow() == ([1], [])  # ceil((130 + 17) / 64) = 3 blocks, in its new row
+    assert p.compact() == []  # no hole below the last live row
+    assert a.pages[0].row == 0
+
+
+def test_no_compaction_while_a_page_waits_for_a_row():
+    p = policy(blocks=100, rows=3, block_size=64, growth=17)
+    p.add("a", [(100, 1000)] * 4)
+    advance_to_encoded(p)
+    admitted = p.to_admit()
+    p.finish(admitted[0].page)  # a hole, and a page ENCODED that will fill it
+    assert p.compact() == []
+    assert [page is None for page in p.rows] == [True, False, False]
+    with pytest.raises(RuntimeError):
+        p.move(0, 1)  # nothing in row 0 to move
+
+
+def test_a_predictions_first_page_goes_first_at_the_encoder():
+    p = policy()
+    a = p.add("a", [(100, 10)] * 3)
+    assert [p.goes_first(page) for page in a.pages] == [True, False, False]
+    assert [p.vision_priority(page) for page in a.pages] == [0, 1, 1]  # lower first
+
+
+def test_the_measured_prompt_replaces_the_estimate_and_payloads_stay_with_their_pages():
+    p = policy()
+    a = p.add("a", [(100, 10), (100, 10)], payloads=["first", "second"])
+    assert [page.payload for page in a.pages] == ["first", "second"]
+    first, second = p.to_preprocess(2)
+    p.preprocessed(first, prompt_tokens=120)
+    p.preprocessed(second)
+    assert (first.stage, first.context_tokens) == (Stage.PREPROCESSED, 120)
+    assert (second.stage, second.context_tokens) == (Stage.PREPROCESSED, 100)
+
+
+def test_a_completed_prediction_is_closed_and_holds_nothing():
+    p = policy(blocks=100, rows=2)
+    a = p.add("a", [(100, 10)])
+    advance_to_encoded(p)
+    (admission,) = p.to_admit()
+    p.finish(admission.page)
+    assert a.finished and not a.closed
+    assert p.close(a) == [] and a.closed
+    assert p.holdings()["blocks"] == 0 and p.forget_finished() == [a]
 
 
 def test_closing_a_prediction_frees_its_rows_blocks_and_waiting_pages():
