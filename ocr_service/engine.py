@@ -690,7 +690,7 @@ class ServingLoop:
                 job.complete(error)
             self.policy = SchedulingPolicy(BlockPool(self.policy.blocks.capacity, BLOCK_SIZE), self.max_rows,
                                            self.policy.max_waiting, self.policy.prefill_tokens,
-                                           self.policy.growth_tokens)
+                                           self.policy.growth_tokens, self.policy.max_ahead)
         self.policy.forget_finished()
 
     def busy_seconds(self) -> dict:
