@@ -35,15 +35,13 @@ GROUPED_TILES = {
     32: dict(gate_up=(64, 128, 4, 4), down=(64, 128, 4, 4)),
     128: dict(gate_up=(128, 64, 8, 3), down=(128, 64, 8, 3)),
 }
-# The grouped path's last step, out = Σ_k weight · per_pair (+ add), by named launch configuration
-# (benchmarks/bench_kernels.py --ops weighted_sum times each at prefill sizes). `slot_tile` is the
-# first kernel: one token a program, its K slots a tile padded to a power of two, reduced by tl.sum,
-# whose order on the GPU is the compiler's (a tree across warps, products fused into FMAs). The others
-# are `_weighted_sum_kernel`: BLOCK_T tokens a program, a BLOCK_D tile of D (`whole_row`: every tile
-# of the row, one after another), slots added one after another. Keys: BLOCK_T, BLOCK_D, whole_row,
-# num_warps.
+# The grouped path's last step, out = Σ_k weight · per_pair (+ add), `_weighted_sum_kernel` by named launch
+# configuration (benchmarks/bench_kernels.py --ops weighted_sum times each at prefill sizes; the default
+# was the fastest there, with most others within a few percent): BLOCK_T tokens a program, a BLOCK_D tile of
+# D (`whole_row`: every tile of the row, one after another), slots added one after another. Keys: BLOCK_T,
+# BLOCK_D, whole_row, num_warps. (The first kernel, one token a program with its slots padded to a tile and
+# reduced by tl.sum, ran at a tenth of the bandwidth: benchmarks/results/h200-2026-11-30b/weighted-sum.log.)
 WEIGHTED_SUM_VARIANTS = {
-    "slot_tile": dict(BLOCK_D=256, num_warps=4),
     "tokens1_d256_warps1": dict(BLOCK_T=1, BLOCK_D=256, whole_row=False, num_warps=1),
     "tokens4_d256_warps4": dict(BLOCK_T=4, BLOCK_D=256, whole_row=False, num_warps=4),
     "tokens8_d256_warps4": dict(BLOCK_T=8, BLOCK_D=256, whole_row=False, num_warps=4),
@@ -265,25 +263,6 @@ if triton is not None:
                      acc.to(per_pair_ptr.dtype.element_ty), mask=pair_inside[:, None] & cols_inside[None, :])
 
     @triton.jit
-    def _weighted_sum_slot_tile_kernel(per_pair_ptr, weights_ptr, add_ptr, out_ptr, add_row_stride, top_k, hidden,
-                                       HAS_ADD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-        """out[token] = round(Σ_k weight · per_pair[token, k]) (+ add), the sum in float32 in tl.sum's order."""
-        token = tl.program_id(0).to(tl.int64)
-        slot = tl.arange(0, BLOCK_K)
-        slot_used = slot < top_k
-        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        cols_inside = cols < hidden
-        pair = token * top_k + slot
-        outputs = tl.load(per_pair_ptr + pair[:, None] * hidden + cols[None, :],
-                          mask=slot_used[:, None] & cols_inside[None, :], other=0.0).to(tl.float32)
-        weight = tl.load(weights_ptr + pair, mask=slot_used, other=0.0).to(tl.float32)
-        routed = tl.sum(outputs * weight[:, None], axis=0).to(out_ptr.dtype.element_ty)
-        if HAS_ADD:
-            extra = tl.load(add_ptr + token * add_row_stride + cols, mask=cols_inside, other=0.0).to(tl.float32)
-            routed = (routed.to(tl.float32) + extra).to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + token * hidden + cols, routed, mask=cols_inside)
-
-    @triton.jit
     def _weighted_sum_kernel(per_pair_ptr, weights_ptr, add_ptr, out_ptr, add_row_stride, tokens, hidden,
                              TOP_K: tl.constexpr, HAS_ADD: tl.constexpr, BLOCK_T: tl.constexpr,
                              BLOCK_D: tl.constexpr, ROW_TILES: tl.constexpr):
@@ -336,12 +315,6 @@ def weighted_sum(per_pair: torch.Tensor, weights: torch.Tensor, top_k: int, add:
     name = variant or WEIGHTED_SUM_VARIANT
     config = dict(WEIGHTED_SUM_VARIANTS[name])
     add_rows = add if add is not None else out
-    if name == "slot_tile":
-        block_d = min(_next_power_of_2(hidden), config.pop("BLOCK_D"))
-        _weighted_sum_slot_tile_kernel[(tokens, _cdiv(hidden, block_d))](
-            per_pair, weights, add_rows, out, add_rows.stride(0), top_k, hidden,
-            HAS_ADD=add is not None, BLOCK_K=_next_power_of_2(top_k), BLOCK_D=block_d, **config)
-        return out
     block_t, block_d = config.pop("BLOCK_T"), min(_next_power_of_2(hidden), config.pop("BLOCK_D"))
     row_tiles = _cdiv(hidden, block_d) if config.pop("whole_row") else 1
     _weighted_sum_kernel[(_cdiv(tokens, block_t), _cdiv(hidden, block_d * row_tiles))](

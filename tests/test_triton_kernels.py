@@ -248,9 +248,7 @@ def sequential_weighted_sum(per_pair, weights, top_k, add, out_dtype):
 def check_weighted_sum_variants(device):
     """Every launch configuration of the routed sum gives the bits of the sequential float32 sum.
     Sizes: token counts that leave the last block of tokens partial, D that spans two tiles of 256
-    with the second partial, a token whose outputs are all −0 (the sum must be +0, as from the
-    first kernel's padded slots). The first kernel (`slot_tile`) sums in tl.sum's order, which the
-    interpreter runs in slot order but the GPU does not: bitwise here, within rounding on a GPU."""
+    with the second partial, a token whose outputs are all −0 (the sum must be +0: it starts from +0)."""
     (kernels,) = load_kernel_modules("triton_moe")
     generator = torch.Generator().manual_seed(8)
     for dtype in float_types():
@@ -266,12 +264,9 @@ def check_weighted_sum_variants(device):
                                                None if extra is None else extra.to(device), variant=name).cpu()
                     what = (f"weighted_sum {name} N={tokens} K={top_k} D={hidden} {dtype} "
                             f"add={'yes' if extra is not None else 'None'}")
-                    if name == "slot_tile" and device != "cpu":
-                        assert_close(got, expected, dtype, what)
-                    else:
-                        assert torch.equal(got.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
-                                           expected.view(torch.int16 if dtype == torch.bfloat16 else torch.int32)), \
-                            f"{what}: not the bits of the sequential float32 sum"
+                    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+                    assert torch.equal(got.view(bits), expected.view(bits)), \
+                        f"{what}: not the bits of the sequential float32 sum"
 
 
 # ---------------------------------------------------------------- paged_attention.py
