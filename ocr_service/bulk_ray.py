@@ -211,7 +211,6 @@ def run_with_ray(args, sources, folder, previous, options, settings, run_options
                             "to read documents: use fewer engines, a smaller --ray-engine-cpus or more CPUs")
         # The engine's preprocessing threads fit in what Ray reserved for it, not in the whole node.
         environment.setdefault("DEEPSEEK_OCR_CPUS", str(engine_cpus))
-        runtime_env["env_vars"].setdefault("DEEPSEEK_OCR_CPUS", environment["DEEPSEEK_OCR_CPUS"])
         log(f"Ray: {engines} engine(s) on {'GPUs' if gpus else 'CPUs'}, {engine_cpus} CPU(s) each, "
             f"{args.ray_documents_per_engine} documents in flight each; {cpus - engines * engine_cpus} CPU(s) "
             "for reading")

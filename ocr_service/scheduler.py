@@ -217,13 +217,14 @@ class SchedulingPolicy:
         robin, and only the first two bounds apply to a first page: see `goes_first`)."""
         room = min(free_workers, self.max_waiting - self._waiting())
         ahead = sum(len(p.pages_in(s)) for p in self.predictions for s in (Stage.PREPROCESSING, Stage.PREPROCESSED))
-        ahead_room = [self.max_ahead - ahead]
+        ahead_room = self.max_ahead - ahead
 
         def fits(page: Page) -> bool:  # _pick takes the page iff this says so
+            nonlocal ahead_room
             if self.goes_first(page):
                 return True
-            ahead_room[0] -= 1
-            return ahead_room[0] >= 0
+            ahead_room -= 1
+            return ahead_room >= 0
 
         return self._pick(Stage.PREPROCESSING, Stage.QUEUED, max(room, 0), fits=fits)
 
