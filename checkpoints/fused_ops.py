@@ -24,9 +24,10 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 
 def use_triton(tensor: torch.Tensor) -> bool:
-    """Triton kernels for CUDA tensors when Triton is importable, unless DEEPSEEK_OCR_TRITON=0."""
-    return (tensor.is_cuda and triton_ops is not None and triton_ops.available()
-            and os.environ.get("DEEPSEEK_OCR_TRITON", "1") != "0")
+    """Triton kernels for CUDA tensors when Triton is importable, unless DEEPSEEK_OCR_TRITON=0 or the code is
+    being compiled (torch.compile generates its own kernels from the definitions, fused with their neighbours)."""
+    return (tensor.is_cuda and triton_ops is not None and not torch.compiler.is_compiling()
+            and triton_ops.available() and os.environ.get("DEEPSEEK_OCR_TRITON", "1") != "0")
 
 
 # ---------------------------------------------------------------- RMSNorm with the residual add

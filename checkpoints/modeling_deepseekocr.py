@@ -132,6 +132,11 @@ class DeepseekOCRModel(ImagePromptMixin, DeepseekV2Model):
         return self.run_vision_towers(
             lambda views: encode_views(self.sam_model, self.vision_model, self.projector, views), pixels)
 
+    def repeated_vision_blocks(self) -> list:
+        """The towers' blocks that repeat with one structure (SAM's blocks, CLIP-L's layers): where nearly all
+        of the vision pass's work is, and what a compiler can compile once per kind and reuse."""
+        return [*self.sam_model.blocks, *self.vision_model.transformer.layers]
+
     def _with_row_ends(self, grid: torch.Tensor) -> torch.Tensor:
         """[rows, cols, D] feature grid → [rows·(cols + 1), D], each row closed by the newline vector."""
         rows, _, dim = grid.shape

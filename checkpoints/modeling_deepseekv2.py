@@ -106,8 +106,12 @@ class FusedWeights:
         return module, attr, getattr(module, attr)
 
     def get(self) -> torch.Tensor:
-        first = self._parameter(self.names[0])[2]
         fused = self.tensor
+        if fused is not None and torch.compiler.is_compiling():
+            # A compiler cannot compare data pointers; the parts were fused when the model first ran eagerly
+            # (compiled code is traced after that, and a model is not moved once compiled).
+            return fused
+        first = self._parameter(self.names[0])[2]
         if fused is not None and fused.device == first.device and fused.dtype == first.dtype \
                 and fused.data_ptr() == first.data_ptr():
             return fused
