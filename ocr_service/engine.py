@@ -50,6 +50,7 @@ from .presets import (
 from .scheduler import BlockPool, SchedulingPolicy, Stage
 from .settings import Settings
 from .vision import Preprocessor, VisionWorker, limit_cpu_threads, pass_pixels, vision_pass_shapes
+from .vision_compile import compile_vision_towers
 from .weights import model_in
 
 BLOCK_SIZE = 64  # cache positions per block
@@ -109,7 +110,7 @@ class OCREngine:
         self.log = log
         self.device = torch.device(settings.device)
         self.dtype = getattr(torch, settings.dtype)
-        if self.device.type == "cuda" and settings.vision == "fast":
+        if self.device.type == "cuda" and settings.vision != "original":
             # SDPA's cuDNN kernels build an execution plan for every new shape; the vision passes and prefills
             # change shape all the time (pages a pass, prompts a prefill), and each new plan stalls the pass
             # that meets it. Flash and memory-efficient attention have no plans. The original's order
@@ -140,6 +141,27 @@ class OCREngine:
             self.server = ServingLoop(self, log)
         log(f"{self.served.title} loaded on {self.device} ({settings.dtype}, {settings.engine} engine) "
             f"in {time.monotonic() - started:.1f} s")
+
+    @property
+    def limits_cpu_threads(self) -> bool:
+        """On a GPU host the preprocessing workers share the process's cores as their threads (`limit_cpu_threads`);
+        on the CPU the model itself needs them."""
+        return self.device.type == "cuda"
+
+    @property
+    def compiles_vision(self) -> bool:
+        """The batched engine compiles the vision towers at load on CUDA (DEEPSEEK_OCR_VISION=compiled)."""
+        return self.device.type == "cuda" and self.settings.vision == "compiled"
+
+    def compile_vision(self) -> Optional[dict]:
+        """The towers compiled at load (`vision_compile.py`); if compiling fails the engine serves them eagerly,
+        slower but the same model, and says so."""
+        try:
+            return compile_vision_towers(self.model, log=self.log)
+        except Exception as error:  # the compiler's failure must not keep the service from starting
+            self.log(f"compiling the vision towers failed ({type(error).__name__}: {str(error)[:300]}); "
+                     "encoding with the eager towers (DEEPSEEK_OCR_VISION=fast does so without trying)")
+            return None
 
     @property
     def special_token_texts(self) -> list:
@@ -356,8 +378,14 @@ class ServingLoop:
         settings = engine.settings
         self.sync_every = settings.sync_every
         workers = settings.preprocess_workers
-        if engine.device.type == "cuda":
+        if engine.limits_cpu_threads:
             limit_cpu_threads(workers, settings.cpus)
+        # After the thread limit: Dynamo's guards include the number of CPU threads, and compiled graphs would
+        # not be used (every pass eager) once it changed. Before the memory profile: it measures the passes
+        # as they will run.
+        self.vision_compile: Optional[dict] = None  # seconds, graphs and view sizes of the compile (None: eager)
+        if engine.compiles_vision:
+            self.vision_compile = engine.compile_vision()
         self.preprocessor = Preprocessor(engine.model, engine.tokenizer, workers, engine.dtype,
                                          pin=engine.device.type == "cuda")
         model = engine.model

@@ -80,7 +80,7 @@ class Settings:
     repetition_rule: str = "serving"  # DEEPSEEK_OCR_REPETITION_RULE
     stop_loops: bool = True  # DEEPSEEK_OCR_STOP_LOOPS
     rotary: str = "float32"  # DEEPSEEK_OCR_ROTARY
-    vision: str = "fast"  # DEEPSEEK_OCR_VISION
+    vision: str = "compiled"  # DEEPSEEK_OCR_VISION
     # requests
     max_pages: int = 50  # DEEPSEEK_OCR_MAX_PAGES
     max_pixels: int = 64_000_000  # DEEPSEEK_OCR_MAX_PIXELS
@@ -116,7 +116,7 @@ class Settings:
             repetition_rule=_text(env, "DEEPSEEK_OCR_REPETITION_RULE", "serving", ("serving", "original")),
             stop_loops=_flag(env, "DEEPSEEK_OCR_STOP_LOOPS", True),
             rotary=_text(env, "DEEPSEEK_OCR_ROTARY", "float32", ("float32", "original")),
-            vision=_text(env, "DEEPSEEK_OCR_VISION", "fast", ("fast", "original")),
+            vision=_text(env, "DEEPSEEK_OCR_VISION", "compiled", ("compiled", "fast", "original")),
             max_pages=_number(env, "DEEPSEEK_OCR_MAX_PAGES", 50),
             max_pixels=_number(env, "DEEPSEEK_OCR_MAX_PIXELS", 64_000_000),
             pdf_dpi=_number(env, "DEEPSEEK_OCR_PDF_DPI", 144),
