@@ -5,7 +5,8 @@ error, overlap of the top 10) and greedy agreement over the first tokens (the or
 20-gram rule on both sides, no loop stop), for our model as served (float32 rotary frequencies, Triton
 kernels, SDPA), as served with the original's bf16 rounding of the frequencies
 (`rope_inv_freq_dtype="bfloat16"`), and computed in the original's order (that rounding, eager
-attention, PyTorch's operations); beside it, for scale, how far our bf16 logits and the original's are
+attention, PyTorch's operations), and as served with the vision towers' blocks compiled (the default,
+`DEEPSEEK_OCR_VISION=compiled`; on the CPU the compile's plumbing only, backend "eager"); beside it, for scale, how far our bf16 logits and the original's are
 from our float32 ones.
 
 On the device machine (see README "Parity with the original"):
@@ -36,6 +37,7 @@ from benchmarks.common import (  # noqa: E402
 )
 from checkpoints.generation import ORIGINAL_NO_REPEAT_RULE  # noqa: E402
 from checkpoints.modeling_deepseekv2 import RotaryEmbedding  # noqa: E402
+from ocr_service.vision_compile import compile_vision_towers, uncompile_vision_towers  # noqa: E402
 
 ORIGINAL_DRIVER = r'''
 tokens, image_path, out_path = int(sys.argv[3]), sys.argv[4], sys.argv[5]
@@ -146,6 +148,11 @@ def main():
     model.model.sam_model.use_relative_positions("folded")
     os.environ.pop("DEEPSEEK_OCR_TRITON")
     model.config._attn_implementation = "sdpa"
+    # As served by default (DEEPSEEK_OCR_VISION=compiled): the same, with the towers' blocks compiled.
+    set_rotary(model, "float32")
+    compile_vision_towers(model, backend="inductor" if DEVICE == "cuda" else "eager")
+    ours_compiled = ours(model, tokenizer, image, args.tokens, presets)
+    uncompile_vision_towers(model)
     del model
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
@@ -153,8 +160,11 @@ def main():
     ours_fp32 = ours(reference, tokenizer, image, 0, presets)
     del reference
     for name in presets:
-        row = {"bf16_vs_fp32": compare(ours_f32_rotary[name], ours_fp32[name])["rel_error"]}
+        row = {"bf16_vs_fp32": compare(ours_f32_rotary[name], ours_fp32[name])["rel_error"],
+               "compiled_vs_fp32": compare(ours_compiled[name], ours_fp32[name])["rel_error"],
+               "compiled_vs_served": compare(ours_compiled[name], ours_f32_rotary[name])}
         if name in theirs:
+            row["compiled_vision"] = compare(ours_compiled[name], theirs[name])
             row["original_vs_fp32"] = compare(theirs[name], ours_fp32[name])["rel_error"]
             row["rotary_float32"] = compare(ours_f32_rotary[name], theirs[name])
             row["rotary_original"] = compare(ours_bf16_rotary[name], theirs[name])
@@ -165,14 +175,17 @@ def main():
         args.json.write_text(json.dumps(rows, indent=1))
     print(f"\n{model_class.__name__}, {args.size} random weights, {device_name()}, torch {torch.__version__}, bf16, "
           f"A4 page 1240x1754, {args.tokens} greedy tokens (original's 20-gram rule)\n")
-    head = ["preset", "ours bf16 vs fp32", "original vs fp32", "served: logits rel err", "top-10", "greedy same",
+    head = ["preset", "ours bf16 vs fp32", "compiled vision vs fp32", "original vs fp32",
+            "served: logits rel err", "top-10", "greedy same",
             "served, original rotary: logits rel err", "top-10", "greedy same",
-            "original's order: logits rel err", "top-10", "greedy same"]
+            "original's order: logits rel err", "top-10", "greedy same",
+            "compiled vision: logits rel err", "top-10", "greedy same"]
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for name, row in rows.items():
         original = row.get("original_vs_fp32")
-        cells = [name, f"{row['bf16_vs_fp32']:.2%}", "-" if original is None else f"{original:.2%}"]
-        for mode in ("rotary_float32", "rotary_original", "rotary_original_eager"):
+        cells = [name, f"{row['bf16_vs_fp32']:.2%}", f"{row['compiled_vs_fp32']:.2%}",
+                 "-" if original is None else f"{original:.2%}"]
+        for mode in ("rotary_float32", "rotary_original", "rotary_original_eager", "compiled_vision"):
             c = row.get(mode)
             cells += ([f"{c['rel_error']:.2%}", f"{c['top10']}/10", f"{c['same_prefix']}/{c['compared']}"]
                       if c else ["-", "-", "-"])

@@ -12,7 +12,9 @@ the first model, of 768 for OCR 2):
 - materialised: SAM's relative positions as a dense bias passed to SDPA (the original's order), eager;
 - folded: the relative positions folded into the attention kernel (`folded_relative_attention`), eager;
 - folded, CUDA graphs: the same captured once per pass shape and replayed;
-- folded, compiled: `torch.compile` of the towers, with --compile (compile time reported).
+- folded, compiled blocks (served): the towers' repeated blocks compiled as the engine compiles them at load
+  (`DEEPSEEK_OCR_VISION=compiled`, `ocr_service/vision_compile.py`; "first call" is the compile's seconds);
+- folded, compiled: `torch.compile` of the whole towers, with --compile (compile time reported).
 Each variant's features are compared with the materialised path's and with a float32 run of the towers.
 
 With --profile FOLDER, kernel tables (torch.profiler, top kernels by CUDA time; CPU time on the CPU) of the
@@ -29,6 +31,7 @@ import json
 import math
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -45,6 +48,7 @@ from checkpoints.generation import LOOP_STOP_OFF, SERVING_NO_REPEAT_RULE  # noqa
 from ocr_service.decode_batch import DecodeBatch, Entry  # noqa: E402
 from ocr_service.presets import Resolution  # noqa: E402
 from ocr_service.vision import Preprocessor  # noqa: E402
+from ocr_service.vision_compile import compile_vision_towers, uncompile_vision_towers  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU for a smoke run (--size tiny)
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
@@ -174,6 +178,29 @@ def vision_variants(model, model_name: str, tokenizer, pages: int, chunks: dict,
             print(name, json.dumps(row), flush=True)
         graphed.graphs.clear()
         model.model.sam_model.use_relative_positions("folded")
+        compiled_table = ""
+        try:  # the served path (DEEPSEEK_OCR_VISION=compiled): the towers' blocks compiled, as the engine does
+            compiled_report = compile_vision_towers(model, backend="inductor" if DEVICE == "cuda" else "eager")
+            for name, chunk in chunks.items():
+                reset_peak()
+                out = run(inner.encode_views, chunk)
+                seconds = timed(lambda: run(inner.encode_views, chunk))
+                row = {"ms_per_page": seconds / pages * 1e3, "first_call_s": compiled_report["seconds"],
+                       "graphs": compiled_report["graphs"], "peak_gib": peak_gib("allocated"),
+                       "vs_materialised": max(relative_error(out[s], base[s]) for s in out),
+                       "vs_float32": max(relative_error(out[s], reference32[s]) for s in out)}
+                results[f"folded, compiled blocks (served), {name}"] = row
+                print(f"folded, compiled blocks (served), {name}", json.dumps(row), flush=True)
+            if profile_out is not None:
+                compiled_table = kernel_table(lambda: run(inner.encode_views, chunks["one pass per view size"]),
+                                              profile_out.with_name("profile_vision_compiled.txt"), 25)
+        except Exception as error:  # report and go on: the other variants stand
+            results["compiled_blocks_error"] = repr(error)[:500]
+            print("compiling the blocks failed:", traceback.format_exc()[-6000:], flush=True)
+        uncompile_vision_towers(model)
+        torch.compiler.set_stance("default")
+        if compiled_table:
+            print(f"profile of the compiled vision pass, {pages} pages' views:\n{compiled_table[:6000]}", flush=True)
         try:
             if not compile_too or DEVICE != "cuda":
                 raise RuntimeError("compiled variant not asked for (--compile, CUDA only)")
