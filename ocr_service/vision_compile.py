@@ -68,6 +68,8 @@ def compile_vision_towers(model, backend: str = "inductor", log: Callable[[str],
     blocks = inner.repeated_vision_blocks()
     for block in blocks:
         _compile_block(block, backend)
+    log(f"compiling the vision towers' {len(blocks)} blocks for views of {', '.join(map(str, sides))} pixels (on "
+        "the H200 ~100 s the first time on a machine, ~20 s from Inductor's cache; DEEPSEEK_OCR_VISION=fast skips it)")
     graphs_before, started = compiled_graphs(), time.monotonic()
     try:
         # A process may load a second model (tests do): its warm-up must compile, whatever the stance left.
