@@ -160,6 +160,16 @@ def vision_variants(model, model_name: str, tokenizer, pages: int, chunks: dict,
             for name, chunk in chunks.items():
                 variants.append((f"folded, CUDA graphs, {name}", True, graphed, chunk))
         base = None
+
+        def record(name: str, out: dict, seconds: float, first_s: float, **extra) -> None:
+            """A variant's row: its time a page, and its features' distance from the dense-bias path and float32."""
+            row = {"ms_per_page": seconds / pages * 1e3, "first_call_s": first_s, **extra,
+                   "peak_gib": peak_gib("allocated"),
+                   "vs_materialised": max(relative_error(out[s], base[s]) for s in out),
+                   "vs_float32": max(relative_error(out[s], reference32[s]) for s in out)}
+            results[name] = row
+            print(name, json.dumps(row), flush=True)
+
         for name, folded, encode, chunk_of in variants:
             inner.sam_model.use_relative_positions("folded" if folded else "materialised")
             reset_peak()
@@ -170,12 +180,7 @@ def vision_variants(model, model_name: str, tokenizer, pages: int, chunks: dict,
             seconds = timed(lambda: run(encode, chunk_of))
             if base is None:
                 base = out
-            row = {"ms_per_page": seconds / pages * 1e3, "first_call_s": first_s,
-                   "peak_gib": peak_gib("allocated"),
-                   "vs_materialised": max(relative_error(out[s], base[s]) for s in out),
-                   "vs_float32": max(relative_error(out[s], reference32[s]) for s in out)}
-            results[name] = row
-            print(name, json.dumps(row), flush=True)
+            record(name, out, seconds, first_s)
         graphed.graphs.clear()
         model.model.sam_model.use_relative_positions("folded")
         compiled_table = ""
@@ -185,12 +190,8 @@ def vision_variants(model, model_name: str, tokenizer, pages: int, chunks: dict,
                 reset_peak()
                 out = run(inner.encode_views, chunk)
                 seconds = timed(lambda: run(inner.encode_views, chunk))
-                row = {"ms_per_page": seconds / pages * 1e3, "first_call_s": compiled_report["seconds"],
-                       "graphs": compiled_report["graphs"], "peak_gib": peak_gib("allocated"),
-                       "vs_materialised": max(relative_error(out[s], base[s]) for s in out),
-                       "vs_float32": max(relative_error(out[s], reference32[s]) for s in out)}
-                results[f"folded, compiled blocks (served), {name}"] = row
-                print(f"folded, compiled blocks (served), {name}", json.dumps(row), flush=True)
+                record(f"folded, compiled blocks (served), {name}", out, seconds, compiled_report["seconds"],
+                       graphs=compiled_report["graphs"])
             if profile_out is not None:
                 compiled_table = kernel_table(lambda: run(inner.encode_views, chunks["one pass per view size"]),
                                               profile_out.with_name("profile_vision_compiled.txt"), 25)

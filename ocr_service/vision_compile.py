@@ -9,9 +9,9 @@ compiling costs a few graphs instead of the towers unrolled (the whole towers to
 H200), and nearly all the work is inside the blocks.
 
 The number of views in a call is dynamic (it varies with the pages in a pass); each view size has graphs of its
-own (`_compile_block`). Everything is compiled at load: every view
-size the model's resolution modes use is run once with one view and once with two (Dynamo compiles a dimension
-of 1 apart), so that no prediction waits for a compile. After that, a shape or state no compiled graph fits
+own (`_compile_block`). Everything is compiled at load: every view size the model's resolution modes use is run
+once with one view and once with two (Dynamo compiles a dimension of 1 apart), so that no prediction waits for
+a compile. After that, a shape or state no compiled graph fits
 runs eagerly instead of compiling (`eager_on_recompile`): a prediction is never stalled for a minute, at worst
 it runs at the eager speed.
 
@@ -56,11 +56,7 @@ def compile_vision_towers(model, backend: str = "inductor", log: Callable[[str],
     import torch._dynamo
 
     inner = model.model
-    config = torch._dynamo.config
-    if hasattr(config, "recompile_limit"):
-        config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
-    else:  # older spelling
-        config.cache_size_limit = max(config.cache_size_limit, RECOMPILE_LIMIT)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     device, dtype = inner.vision_device, inner.vision_dtype
     sides = sides or view_sides(model)
     with torch.inference_mode():  # once eagerly: what the model sets up on its first run (fused weights) is not traced
