@@ -78,19 +78,48 @@ def one_gpu(args, folder: Path, checkpoint: Path) -> dict:
               for page in read_document(path, Options(), settings.limits)]
     engine.run_pages(images[:2], prompt, preset, 4)  # warm-up
     if "job" not in args.skip:
+        before = engine.server.work_done()
         started = time.perf_counter()
         results = engine.run_pages(images, prompt, preset, args.tokens)
         elapsed = time.perf_counter() - started
         report["job"] = {"pages": len(images), "seconds": elapsed, "pages_s": len(images) / elapsed,
-                         "tokens": sum(len(r.token_ids) for r in results)}
+                         "tokens": sum(len(r.token_ids) for r in results), **work_since(engine, before, len(images))}
         print("job", json.dumps(report["job"]), flush=True)
     bulk.load_engine = lambda *unused, **unused_too: engine  # the command runs on the engine loaded above
-    out = Path(args.work) / "out-one-gpu"
-    code, summary = bulk.run_command(bulk.parser().parse_args(bulk_arguments(args, folder, out, checkpoint)))
-    report["bulk"] = {"exit": code, "pages": summary.pages, "documents": summary.ok, "seconds": summary.seconds,
-                      "pages_s": summary.pages_per_second, "tokens": summary.tokens}
+    report["bulk"] = run_bulk(args, engine, folder, Path(args.work) / "out-one-gpu", checkpoint)
     print("bulk", json.dumps(report["bulk"]), flush=True)
+    if "foreground" not in args.skip:
+        # A trial: the documents submitted as predictions are (their first pages put first at the encoder), as
+        # the command did before its documents ran in the background.
+        from ocr_service import pipeline
+
+        as_background = pipeline.submit_document
+        pipeline.submit_document = lambda *arguments, **unused: as_background(*arguments, background=False)
+        try:
+            report["bulk_foreground"] = run_bulk(args, engine, folder, Path(args.work) / "out-foreground", checkpoint)
+        finally:
+            pipeline.submit_document = as_background
+        print("bulk, documents as predictions", json.dumps(report["bulk_foreground"]), flush=True)
     return report
+
+
+def work_since(engine, before: dict, pages: int) -> dict:
+    """What the engine did since `before` (`work_done`): busy seconds, vision passes' mean size, prefill rate."""
+    work = {key: value - before[key] for key, value in engine.server.work_done().items()}
+    return {"busy_s": {stage: round(work[f"{stage}_s"], 2) for stage in ("encode", "prefill", "decode")},
+            "encode_ms_per_page": work["encode_s"] / pages * 1e3,
+            "vision_pages_per_pass": work["vision_pages"] / max(work["vision_passes"], 1),
+            "prefill_tokens_s": work["prefill_tokens"] / max(work["prefill_s"], 1e-9)}
+
+
+def run_bulk(args, engine, folder: Path, out: Path, checkpoint: Path) -> dict:
+    from ocr_service import bulk
+
+    before = engine.server.work_done()
+    code, summary = bulk.run_command(bulk.parser().parse_args(bulk_arguments(args, folder, out, checkpoint)))
+    return {"exit": code, "pages": summary.pages, "documents": summary.ok, "seconds": summary.seconds,
+            "pages_s": summary.pages_per_second, "tokens": summary.tokens,
+            **work_since(engine, before, max(summary.pages, 1))}
 
 
 def with_ray(args, folder: Path, checkpoint: Path) -> dict:
@@ -130,7 +159,8 @@ def one_gpu_child(args, checkpoint: Path, child_json: Path) -> dict:
     """The one-GPU figures, from a child process that sees only the first GPU."""
     command = [sys.executable, __file__, "--pages", str(args.pages), "--pages-per-pdf", str(args.pages_per_pdf),
                "--tokens", str(args.tokens), "--preset", args.preset, "--checkpoint", str(checkpoint),
-               "--work", str(Path(args.work) / "child"), "--json", str(child_json), "--skip", *args.skip]
+               "--work", str(Path(args.work) / "child"), "--json", str(child_json),
+               "--skip", *args.skip, "foreground"]  # the trial is the one-GPU run's own
     if args.smoke:
         command.append("--smoke")
     environment = dict(os.environ, CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0])
@@ -153,7 +183,8 @@ def main():
                         help="one GPU: ServingLoop.PREPROCESSED_AHEAD for this run (a trial)")
     parser.add_argument("--reuse-one-gpu", action="store_true",
                         help="take the one-GPU figures from an earlier run's one-gpu.json in --work")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["job"], help="job: no engine-job figure")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["job", "foreground"],
+                        help="job: no engine-job figure; foreground: no trial of the documents as predictions")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny checkpoint, tiny sizes")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -169,7 +200,7 @@ def main():
     size = (620, 877) if args.smoke else (1240, 1754)
     if not folder.exists():
         make_pdfs(folder, args.pages, args.pages_per_pdf, size)
-    for stale in ("out-one-gpu", "out-ray"):  # every run measures every document
+    for stale in ("out-one-gpu", "out-foreground", "out-ray"):  # every run measures every document
         subprocess.run(["rm", "-rf", str(Path(args.work) / stale)], check=True)
     report = with_ray(args, folder, checkpoint) if args.ray else one_gpu(args, folder, checkpoint)
     report.update(device=device_name(), pages=args.pages, pages_per_pdf=args.pages_per_pdf, tokens=args.tokens,
@@ -191,6 +222,10 @@ def print_table(report: dict, args) -> None:
         print(f"| engine job, {job['pages']} pages at once | {job['pages_s']:.2f} | 1.00 | |")
         print(f"| bulk command, one engine | {local['pages_s']:.2f} | {local['pages_s'] / job['pages_s']:.3f} of the "
               f"job | ≥ 0.95 |")
+        trial = single.get("bulk_foreground")
+        if trial:
+            print(f"| trial: its documents as predictions (first pages first at the encoder) | {trial['pages_s']:.2f} | "
+                  f"{trial['pages_s'] / job['pages_s']:.3f} of the job | |")
     else:
         print(f"| bulk command, one engine | {local['pages_s']:.2f} | 1.00 | |")
     if "ray" in report:

@@ -11,7 +11,7 @@
 #              carries, so it may travel split (split -b 40M RAY.whl .whl/ray-a/RAY.whl.part-, the rest in
 #              .whl/ray-b/, one folder a call: ignored files stay on a warm machine); parts are joined here
 # Steps: kernels (bench_kernels' default ops, weighted_sum among them), weighted-sum (that op alone),
-# vision, engine, engine-steps, service, numerics, stages, tests, bulk (one GPU), bulk-ray (2 GPUs);
+# vision, engine, engine-rows256 (engine with 256 rows and a 110 GiB budget: its jobs and a 256-row step), engine-steps, service, numerics, stages, tests, bulk (one GPU), bulk-ray (2 GPUs);
 # engine-ocr2 and numerics-ocr2 run engine and numerics on DeepSeek-OCR 2; jobs runs the 128-page job of
 # each model; vision-ocr2 runs vision on DeepSeek-OCR 2 (kernel tables of its vision pass and prefill under
 # $OUT/ocr2), then page-cost; page-cost counts one page's work for both models (CPU only, seconds).
@@ -49,12 +49,13 @@ for step in "$@"; do
     weighted-sum) python3 benchmarks/bench_kernels.py --ops weighted_sum --json "$OUT/weighted-sum.json" 2>&1 | tee "$OUT/weighted-sum.log" ;;
     vision) python3 benchmarks/bench_vision.py --profile "$OUT" --json "$OUT/vision.json" 2>&1 | tee "$OUT/vision.log" ;;
     engine) python3 benchmarks/bench_engine.py "${ORIGINAL[@]}" --profile "$OUT" --json "$OUT/engine.json" 2>&1 | tee "$OUT/engine.log" ;;
+    engine-rows256) DEEPSEEK_OCR_GPU_MEMORY_GIB=110 python3 benchmarks/bench_engine.py "${ORIGINAL[@]}" --batches 32 64 128 256 --profile "$OUT" --json "$OUT/engine-rows256.json" 2>&1 | tee "$OUT/engine-rows256.log" ;;
     engine-steps) python3 benchmarks/bench_engine.py --skip job --profile "$OUT" --json "$OUT/engine-steps.json" 2>&1 | tee "$OUT/engine-steps.log" ;;
     service) python3 benchmarks/bench_service.py --json "$OUT/service.json" 2>&1 | tee "$OUT/service.log" ;;
     numerics) python3 benchmarks/bench_numerics.py "${ORIGINAL[@]}" --json "$OUT/numerics.json" 2>&1 | tee "$OUT/numerics.log" ;;
     engine-ocr2) python3 benchmarks/bench_engine.py --model ocr2 "${ORIGINAL2[@]}" --profile "$OUT/ocr2" --json "$OUT/engine-ocr2.json" 2>&1 | tee "$OUT/engine-ocr2.log" ;;
     jobs) for model in ocr ocr2; do  # both models' 128-page job in one run (their pages/s side by side)
-            python3 benchmarks/bench_engine.py --model $model --skip steps agreement --json "$OUT/job-$model.json" 2>&1 | tee "$OUT/job-$model.log"
+            python3 benchmarks/bench_engine.py --model $model --skip steps agreement --job-pages 128 --json "$OUT/job-$model.json" 2>&1 | tee "$OUT/job-$model.log"
           done ;;
     vision-ocr2) python3 benchmarks/bench_vision.py --model ocr2 --profile "$OUT/ocr2" --json "$OUT/vision-ocr2.json" 2>&1 | tee "$OUT/vision-ocr2.log"
       python3 benchmarks/page_cost.py --json "$OUT/page-cost.json" 2>&1 | tee "$OUT/page-cost.log" ;;

@@ -179,17 +179,21 @@ class LocalRun:
         self._pending = iter(sources)
         self._jobs: set = set()
         self._started = time.monotonic()
+        self._changed = threading.Event()  # a document left the engine or a reader stopped
         self._finishers = ThreadPoolExecutor(max_workers=self.budget.limit, thread_name_prefix="bulk-finish")
 
     def run(self, poll: Optional[Callable[[], None]] = None) -> Summary:
-        """Until every document is done or dropped; `poll` is called every 0.2 s meanwhile (from this
+        """Until every document is done or dropped; `poll` is called at least every 0.2 s meanwhile (from this
         thread, where signal handlers run)."""
         threads = [threading.Thread(target=self._read_loop, name=f"bulk-read-{i}", daemon=True)
                    for i in range(self.readers)]
         for thread in threads:
             thread.start()
-        while any(thread.is_alive() for thread in threads) or self.in_flight():
-            time.sleep(0.2)
+        while True:
+            self._changed.clear()
+            if not (any(thread.is_alive() for thread in threads) or self.in_flight()):
+                break
+            self._changed.wait(0.2)  # woken at once when the last document is done: the run's time is exact
             if poll is not None:
                 poll()
         self._finishers.shutdown(wait=True)
@@ -249,6 +253,12 @@ class LocalRun:
         self.progress.update(snapshot, message)
 
     def _read_loop(self) -> None:
+        try:
+            self._read_documents()
+        finally:
+            self._changed.set()
+
+    def _read_documents(self) -> None:
         while not self.stopping.is_set():
             with self._lock:
                 source = next(self._pending, None)
@@ -284,7 +294,7 @@ class LocalRun:
         if not self.budget.acquire(len(pages), self.stopping):
             return  # stopping: this document waits for the next run
         try:
-            job = submit_document(engine, pages, self.prompt, self.preset, self.options)
+            job = submit_document(engine, pages, self.prompt, self.preset, self.options, background=True)
         except InputError as error:
             self.budget.release(len(pages))
             self._commit_failure(source, content_hash, size, REFUSED, str(error), pages=len(pages))
@@ -326,6 +336,7 @@ class LocalRun:
             self.budget.release(len(pages))
             with self._lock:
                 self._jobs.discard(job)
+            self._changed.set()
 
     def _commit_failure(self, source, content_hash, size, status: str, error: str, pages: int = 0) -> None:
         entry = record(source, status, content_hash, size, self.run_options, pages=pages, error=error)

@@ -135,8 +135,8 @@ class OCRActor:
                  for number, size, pixels
                  in zip(row["page_numbers"], row["page_sizes"], row["page_pixels"])]
         try:
-            results = wait_for(submit_document(self.engine, pages, self.prompt, self.preset, self.options),
-                               self.timeout)
+            job = submit_document(self.engine, pages, self.prompt, self.preset, self.options, background=True)
+            results = wait_for(job, self.timeout)
         except InputError as error:
             out.update(status=REFUSED, error=str(error))
             return out

@@ -204,19 +204,20 @@ class OCREngine:
             raise InputError(f"max_new_tokens={max_new_tokens} does not fit: this page's prompt takes "
                              f"{prompt_tokens} of the {limit} tokens a page can hold; use max_new_tokens ≤ {room}")
 
-    def submit(self, images: list, prompt: str, resolution, max_new_tokens: int) -> "Job":
-        job = self.prepare(images, prompt, resolution, max_new_tokens)
+    def submit(self, images: list, prompt: str, resolution, max_new_tokens: int, background: bool = False) -> "Job":
+        job = self.prepare(images, prompt, resolution, max_new_tokens, background)
         self.start(job)
         return job
 
-    def prepare(self, images: list, prompt: str, resolution, max_new_tokens: int) -> "Job":
+    def prepare(self, images: list, prompt: str, resolution, max_new_tokens: int, background: bool = False) -> "Job":
         """A job for these pages, checked to fit, not started: its caller holds it before anything runs, so that
-        a cancellation can reach it however early it comes."""
+        a cancellation can reach it however early it comes. `background`: nobody waits on its first token (a
+        bulk run's document), so its first page is not put ahead of other pages (`SchedulingPolicy.goes_first`)."""
         resolution = self.model_resolution(resolution)
         sizes = [self.prompt_tokens(prompt, image.size, resolution) for image in images]
         for size in sizes:
             self.check_fits(size, max_new_tokens)
-        return Job(self, images, prompt, resolution, max_new_tokens, sizes)
+        return Job(self, images, prompt, resolution, max_new_tokens, sizes, background)
 
     def start(self, job: "Job") -> None:
         """Hands the job to the serving thread (the reference path: runs it here). A job cancelled before the
@@ -257,9 +258,9 @@ class Job:
     """The pages of one prediction on their way through the engine."""
 
     def __init__(self, engine: OCREngine, images: list, prompt: str, resolution, max_new_tokens: int,
-                 prompt_sizes: list):
+                 prompt_sizes: list, background: bool = False):
         self.engine, self.images, self.prompt, self.resolution = engine, images, prompt, resolution
-        self.max_new_tokens, self.prompt_sizes = max_new_tokens, prompt_sizes
+        self.max_new_tokens, self.prompt_sizes, self.background = max_new_tokens, prompt_sizes, background
         self.submitted = time.monotonic()
         self.results: list = [None] * len(images)
         self.error: Optional[BaseException] = None
@@ -416,6 +417,7 @@ class ServingLoop:
         self.inbox: "queue.Queue" = queue.Queue()
         # seconds the serving thread spent on each kind of device work (logged with the progress)
         self.busy_s = {"prefill": 0.0, "decode": 0.0}
+        self.prefilled_tokens = 0  # prompt tokens (and resumed tokens) read by prefills
         self.vision = VisionWorker(model, engine.translate_oom, max_pages_per_pass=self.PAGES_PER_VISION_PASS, log=log)
         self._last_progress = time.monotonic()
         self.thread = threading.Thread(target=self._run, name="deepseek-ocr-serving", daemon=True)
@@ -538,7 +540,8 @@ class ServingLoop:
                 job.complete(JobCancelled("the prediction was cancelled"))
             elif kind == "submit":
                 pages = [(size, job.max_new_tokens) for size in job.prompt_sizes]
-                job.prediction = self.policy.add(id(job), pages, payloads=[PagePayload(job) for _ in pages])
+                job.prediction = self.policy.add(id(job), pages, payloads=[PagePayload(job) for _ in pages],
+                                                 background=job.background)
             elif kind == "cancel" and job.prediction is not None:
                 self._close(job, JobCancelled("the prediction was cancelled"))
                 self.log(f"cancelled: {len(job.images)} page(s) left the engine")
@@ -612,6 +615,7 @@ class ServingLoop:
             self._prefill(admissions)
         finally:
             self.busy_s["prefill"] += time.monotonic() - started
+            self.prefilled_tokens += sum(a.page.context_tokens for a in admissions)
 
     def _prefill(self, admissions: list) -> None:
         entries = [self._entry(a.page, a.row) for a in admissions]
@@ -699,8 +703,10 @@ class ServingLoop:
             self._last_progress = now
             held = self.policy.holdings()
             busy = ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in self.busy_seconds().items())
+            passes = self.vision.passes
             self.log(f"decoding {held['rows']} page(s), {held['waiting']} waiting, "
-                     f"{held['blocks']}/{self.policy.blocks.capacity} cache blocks in use; busy so far: {busy}")
+                     f"{held['blocks']}/{self.policy.blocks.capacity} cache blocks in use; busy so far: {busy} "
+                     f"({passes} vision passes of {self.vision.pages / max(passes, 1):.1f} pages)")
 
     def _fail_everything(self, error: Exception) -> None:
         if isinstance(error, torch.OutOfMemoryError):
@@ -724,6 +730,13 @@ class ServingLoop:
     def busy_seconds(self) -> dict:
         """Seconds of device work so far: vision encoding (beside the rest), prefill, decode."""
         return {"encode": self.vision.busy_s, **self.busy_s}
+
+    def work_done(self) -> dict:
+        """Counts so far, for benchmarks to take differences of: busy seconds per stage (`busy_seconds`), vision
+        passes and the pages they held, prompt tokens prefilled."""
+        return {**{f"{stage}_s": seconds for stage, seconds in self.busy_seconds().items()},
+                "vision_passes": self.vision.passes, "vision_pages": self.vision.pages,
+                "prefill_tokens": self.prefilled_tokens}
 
     def holdings(self) -> dict:
         """What the engine holds now (rows, blocks, pages waiting, predictions): all zero when idle."""

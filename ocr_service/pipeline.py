@@ -54,9 +54,10 @@ def read_document(path: Path, options: Options, limits: Limits) -> list:
     return load_pages(path, pages=options.pages or None, **limits.as_kwargs())
 
 
-def submit_document(engine, pages: list, prompt: str, preset, options: Options):
-    """The engine's Job for the pages (InputError when a page cannot fit the engine)."""
-    return engine.submit([page.image for page in pages], prompt, preset, options.max_new_tokens)
+def submit_document(engine, pages: list, prompt: str, preset, options: Options, background: bool = False):
+    """The engine's Job for the pages (InputError when a page cannot fit the engine); `background`: one of a bulk
+    run's documents, whose first page nobody waits on (`OCREngine.prepare`)."""
+    return engine.submit([page.image for page in pages], prompt, preset, options.max_new_tokens, background)
 
 
 def wait_for(job, timeout: Optional[float]) -> list:

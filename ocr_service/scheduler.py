@@ -67,6 +67,7 @@ class Prediction:
     order: int = 0  # when it arrived, on the policy's clock
     last_pick: dict = field(default_factory=dict)  # stage → the policy's clock when it last had a page picked
     closed: bool = False  # it has left (completed, cancelled, failed or timed out): nothing of it is picked
+    background: bool = False  # nobody waits on its first token (a bulk run's document): see `goes_first`
 
     def pages_in(self, stage: Stage) -> list:
         return [p for p in self.pages if p.stage is stage]
@@ -133,9 +134,10 @@ class SchedulingPolicy:
 
     # ------------------------------------------------------------------ intake and exits
 
-    def add(self, prediction_id, pages: list, payloads: Optional[list] = None) -> Prediction:
-        """`pages`: (prompt_tokens, max_new_tokens) per page, in order; `payloads`: the engine's data for each."""
-        prediction = Prediction(prediction_id, order=next(self._clock))
+    def add(self, prediction_id, pages: list, payloads: Optional[list] = None, background: bool = False) -> Prediction:
+        """`pages`: (prompt_tokens, max_new_tokens) per page, in order; `payloads`: the engine's data for each;
+        `background`: nobody waits on its first token (`goes_first`)."""
+        prediction = Prediction(prediction_id, order=next(self._clock), background=background)
         payloads = payloads if payloads is not None else [None] * len(pages)
         prediction.pages = [Page(prediction, i, prompt, new, payload=payload)
                             for i, ((prompt, new), payload) in enumerate(zip(pages, payloads))]
@@ -202,8 +204,12 @@ class SchedulingPolicy:
         """A prediction's first page is what its first token waits on: so that a newly arrived prediction never
         waits for a long job's pages, it is not held back by the bound on pages preprocessed ahead of the
         encoder (`to_preprocess`), it is handed to the encoder beyond the encoder's limit (`to_encode`), and
-        the encoder takes it ahead of other queued pages (`vision_priority`)."""
-        return page.index == 0
+        the encoder takes it ahead of other queued pages (`vision_priority`).
+
+        Not so for a background prediction (the bulk command's documents, where the run's throughput is what
+        is waited on): its first page would only cut the encoder's passes short (a pass holds pages of one
+        priority), and a run of many documents would pay for a small pass per document."""
+        return page.index == 0 and not page.prediction.background
 
     def vision_priority(self, page: Page) -> int:
         """The vision encoder's priority for `page` (a lower value is encoded first, in passes of one value)."""

@@ -170,6 +170,7 @@ class VisionWorker:
         self._order = itertools.count()  # ties in priority: first come, first served
         self.results: "queue.Queue" = queue.Queue()
         self.busy_s = 0.0  # seconds spent encoding
+        self.passes = self.pages = 0  # passes run and the pages they held (their mean size: is the encoder fed?)
         # On the CPU there is nothing to overlap (the same cores decode), and a second thread allocating
         # the towers' large temporaries gets its own malloc arena: the process's memory only grows. There
         # the caller's thread encodes, at submit.
@@ -217,6 +218,8 @@ class VisionWorker:
             self.results.put(result)
         elapsed = time.monotonic() - started
         self.busy_s += elapsed
+        self.passes += 1
+        self.pages += len(items)
         if elapsed > self.SLOW_PASS_S:
             self.log(f"slow vision pass: {len(items)} page(s) of priority {first[0]} in {elapsed:.2f} s")
 

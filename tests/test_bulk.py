@@ -94,8 +94,8 @@ class SubmitSpy:
         original = engine.prepare
 
         # Every job is made by `prepare` (`submit` is prepare + start; the predictor calls the two apart).
-        def prepare(images, prompt, preset, max_new_tokens):
-            job = original(images, prompt, preset, max_new_tokens)
+        def prepare(images, prompt, preset, max_new_tokens, background=False):
+            job = original(images, prompt, preset, max_new_tokens, background)
             self.calls.append({"pages": pages_digest(images), "prompt": prompt, "preset": preset,
                                "max_new_tokens": max_new_tokens, "job": job})
             return job
@@ -143,7 +143,8 @@ def first_run(corpus, engine, tmp_path_factory):
     out = tmp_path_factory.mktemp("bulk-out")
     with pytest.MonkeyPatch.context() as monkeypatch:
         code = run_in_process(monkeypatch, engine, corpus, out)
-    return {"out": out, "code": code, "calls": engine.take()}
+    backgrounds = {call["job"].background for call in engine.calls}
+    return {"out": out, "code": code, "backgrounds": backgrounds, "calls": engine.take()}
 
 
 def test_every_document_is_in_the_manifest_once_with_clear_errors(first_run):
@@ -170,6 +171,15 @@ def test_every_document_is_in_the_manifest_once_with_clear_errors(first_run):
                                                      max_pixels=64_000_000, pdf_dpi=144, repetition_rule="serving",
                                                      stop_loops=True)
     assert not (out / STAGING).exists()
+
+
+def test_bulk_documents_run_in_the_background_and_predictions_do_not(first_run, corpus, engine, settings,
+                                                                      monkeypatch):
+    # Nobody waits on a bulk document's first token: its first page must not cut the encoder's passes short.
+    assert first_run["backgrounds"] == {True}
+    predict_directly(engine.engine, settings, monkeypatch, corpus / "scans" / "c.png", **TASK)
+    assert [call["job"].background for call in engine.calls] == [False]
+    engine.take()
 
 
 def predict_directly(engine, settings, monkeypatch, path: Path, **inputs):

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from checkpoints.deepencoder import (
-    ClipAttention, ClipLayer, ClipMLP, ClipSettings, ClipVisionModel, LinearProjector, SamAttention, SamBlock,
-    SamEncoder, SamSettings, encode_views, merge_windows, partition_windows, relative_positions,
+    ClipAttention, ClipLayer, ClipMLP, ClipSettings, ClipVisionModel, LinearProjector, PatchEmbed, SamAttention,
+    SamBlock, SamEncoder, SamSettings, encode_views, merge_windows, partition_windows, relative_positions,
 )
 from checkpoints.fused_ops import quick_gelu
 
@@ -368,6 +368,19 @@ def test_the_config_chooses_how_sam_applies_its_relative_positions(tiny_checkpoi
     model = DeepseekOCRForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32,
                                                    sam_relative_positions=setting)
     assert {block.attn.fold_relative_positions for block in model.model.sam_model.blocks} == {folded}
+    assert model.model.sam_model.patch_embed.as_matmul is folded  # the fast path's patch embedding too
+
+
+@pytest.mark.parametrize("as_matmul", [True, False], ids=["matrix product", "convolution"])
+def test_the_patch_embedding_is_the_stride_16_convolution_either_way(as_matmul):
+    torch.manual_seed(5)
+    embed = PatchEmbed(16, 24)
+    embed.as_matmul = as_matmul
+    pixels = torch.randn(2, 3, 64, 48)
+    expected = F.conv2d(pixels, embed.proj.weight, embed.proj.bias, stride=16).permute(0, 2, 3, 1)
+    out = embed(pixels)
+    assert out.shape == (2, 4, 3, 24)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_an_unknown_relative_position_mode_is_refused():

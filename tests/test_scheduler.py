@@ -216,6 +216,20 @@ def test_a_predictions_first_page_goes_first_at_the_encoder():
     assert [p.vision_priority(page) for page in a.pages] == [0, 1, 1]  # lower first
 
 
+def test_a_background_predictions_first_page_waits_its_turn():
+    # A bulk run's documents: no first page jumps the encoder's queue or its limit, so passes stay full.
+    p = policy(waiting=100)
+    job = p.add("job", [(100, 10)] * 4)
+    document = p.add("document", [(100, 10)] * 3, background=True)
+    assert [p.goes_first(page) for page in document.pages] == [False] * 3
+    assert {p.vision_priority(page) for page in job.pages[1:] + document.pages} == {1}
+    for page in p.to_preprocess(100):
+        p.preprocessed(page)
+    encoding = p.to_encode(limit=2)
+    assert encoding == [job.pages[0], document.pages[0]]  # the job's first page beyond the limit, then round robin
+    assert [page.stage for page in document.pages] == [Stage.ENCODING, Stage.PREPROCESSED, Stage.PREPROCESSED]
+
+
 def test_the_measured_prompt_replaces_the_estimate_and_payloads_stay_with_their_pages():
     p = policy()
     a = p.add("a", [(100, 10), (100, 10)], payloads=["first", "second"])
