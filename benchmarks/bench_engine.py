@@ -176,7 +176,7 @@ def profile_step(engine: OCREngine, batch: int, positions: int, out: Path) -> No
 def vision_pass(engine: OCREngine, pages: int, out: Path = None) -> dict:
     """Preprocessing and batched vision encoding of `pages` A4 pages (Gundam), timed apart, with an optional
     kernel profile of the encoding."""
-    from ocr_service.vision import encode_prompts
+    from ocr_service.vision import encode_prompts, views_for_towers
 
     model, gundam = engine.model, engine.resolution(GUNDAM)
     images = [a4_page(seed=i % 8) for i in range(pages)]
@@ -202,9 +202,8 @@ def vision_pass(engine: OCREngine, pages: int, out: Path = None) -> dict:
         print(f"profile of encoding 4 pages:\n{table[:5000]}", flush=True)
     # The work of one page, counted on the eager towers (a compiled graph's kernels are not seen by the counter)
     with torch.compiler.set_stance("force_eager"):
-        flops = vision_flops(model, [view[None] if view.dim() == 3 else view for view in
-                                     (prompts[0].images[0].global_view, prompts[0].images[0].tiles)
-                                     if view is not None])
+        views = [prompts[0].images[0].global_view[None], prompts[0].images[0].tiles]
+        flops = vision_flops(model, [views_for_towers(model, v.to(engine.device)) for v in views if v is not None])
     return {"preprocess_ms_per_page": preprocess_s / pages * 1e3, "encode_ms_per_page": encode_s / pages * 1e3,
             "flops_per_page": flops}
 
@@ -273,7 +272,8 @@ def main():
     parser.add_argument("--original-tokens", type=int, default=128)
     parser.add_argument("--original-timeout", type=int, default=300)
     parser.add_argument("--profile", type=Path, help="folder for kernel profiles of one step (batch 1 and 128)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["job", "agreement", "steps"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["job", "agreement", "steps", "priority-trial"],
+                        help="priority-trial: no second run of the jobs with the vision stream at the decode's priority")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     ceilings = measure_ceilings()
@@ -310,6 +310,19 @@ def main():
             ours["jobs"][str(pages)] = page_job(engine, pages, args.job_tokens)
             print("job", json.dumps(ours["jobs"][str(pages)]), flush=True)
         ours["job"] = ours["jobs"][str(args.job_pages[0])]  # the first size: what page_cost.py reads
+        if "priority-trial" not in args.skip and engine.device.type == "cuda":
+            # A trial: the vision passes on a stream of the decode's own priority (VisionWorker.STREAM_PRIORITY)
+            vision = engine.server.vision
+            served_stream = vision.stream
+            vision.stream = torch.cuda.Stream(engine.device, priority=0)
+            ours["jobs_vision_priority_0"] = {}
+            try:
+                for pages in args.job_pages:
+                    ours["jobs_vision_priority_0"][str(pages)] = page_job(engine, pages, args.job_tokens)
+                    print("job, vision at priority 0", json.dumps(ours["jobs_vision_priority_0"][str(pages)]),
+                          flush=True)
+            finally:
+                vision.stream = served_stream
     if "agreement" not in args.skip:
         ours["agreement"] = agreement(engine, args.agreement_pages, 64)
     report = {"model": args.model, "size": args.size, "ours": ours, "original": theirs, "device": device_name(),
@@ -363,6 +376,10 @@ def main():
         print(f"| … peak GPU memory, GiB (allocated / reserved) | {job['peak_allocated_gib']:.1f} / "
               f"{job['peak_reserved_gib']:.1f} | {theirs.get('peak_gib', float('nan')):.1f} (batch 1) | – | "
               f"within the default budget |")
+    for pages, job in ours.get("jobs_vision_priority_0", {}).items():
+        print(f"| trial: {pages}-page job with the vision passes at the decode's stream priority, pages/s | "
+              f"{job['pages_s']:.2f} (vision {job['encode_ms_per_page']:.1f} ms a page, prefill "
+              f"{job['prefill_tokens_s']:,.0f} tokens/s) | – | – | |")
     if "agreement" in ours:
         agree = ours["agreement"]
         print(f"| bf16 greedy tokens, batched engine = plain generate_tokens | {agree['same']}/{agree['compared']} "

@@ -47,7 +47,7 @@ from benchmarks.ceilings import measure_ceilings  # noqa: E402
 from checkpoints.generation import LOOP_STOP_OFF, SERVING_NO_REPEAT_RULE  # noqa: E402
 from ocr_service.decode_batch import DecodeBatch, Entry  # noqa: E402
 from ocr_service.presets import Resolution  # noqa: E402
-from ocr_service.vision import Preprocessor  # noqa: E402
+from ocr_service.vision import Preprocessor, views_for_towers  # noqa: E402
 from ocr_service.vision_compile import compile_vision_towers, uncompile_vision_towers  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU for a smoke run (--size tiny)
@@ -123,12 +123,13 @@ class GraphedTowers:
 
 def vision_variants(model, model_name: str, tokenizer, pages: int, chunks: dict, compile_too: bool,
                     profile_out: Path = None) -> dict:
-    preprocessor = Preprocessor(model, tokenizer, 1, DTYPE)
+    preprocessor = Preprocessor(model, tokenizer, 1)
     gundam = Resolution(*MODEL_PRESETS[model_name]["Gundam"])
     prompts = [preprocessor._prepare(a4_page(seed=i % 8), PROMPT, gundam) for i in range(pages)]
     global_size, tile_size = gundam.base_size, prompts[0].images[0].tiles.shape[-1]
     groups = {global_size: torch.cat([p.images[0].global_view[None] for p in prompts]).to(DEVICE),
               tile_size: torch.cat([p.images[0].tiles for p in prompts]).to(DEVICE)}
+    groups = {size: views_for_towers(model, pixels) for size, pixels in groups.items()}  # normalised, as served
     inner = model.model
     stage_two_name, compose = STAGE_TWO_ENCODERS[model_name]
     one_page = [groups[global_size][:1], groups[tile_size][:groups[tile_size].shape[0] // pages]]

@@ -55,7 +55,7 @@ for step in "$@"; do
     numerics) python3 benchmarks/bench_numerics.py "${ORIGINAL[@]}" --json "$OUT/numerics.json" 2>&1 | tee "$OUT/numerics.log" ;;
     engine-ocr2) python3 benchmarks/bench_engine.py --model ocr2 "${ORIGINAL2[@]}" --profile "$OUT/ocr2" --json "$OUT/engine-ocr2.json" 2>&1 | tee "$OUT/engine-ocr2.log" ;;
     jobs) for model in ocr ocr2; do  # both models' 128-page job in one run (their pages/s side by side)
-            python3 benchmarks/bench_engine.py --model $model --skip steps agreement --job-pages 128 --json "$OUT/job-$model.json" 2>&1 | tee "$OUT/job-$model.log"
+            python3 benchmarks/bench_engine.py --model $model --skip steps agreement priority-trial --job-pages 128 --json "$OUT/job-$model.json" 2>&1 | tee "$OUT/job-$model.log"
           done ;;
     vision-ocr2) python3 benchmarks/bench_vision.py --model ocr2 --profile "$OUT/ocr2" --json "$OUT/vision-ocr2.json" 2>&1 | tee "$OUT/vision-ocr2.log"
       python3 benchmarks/page_cost.py --json "$OUT/page-cost.json" 2>&1 | tee "$OUT/page-cost.log" ;;

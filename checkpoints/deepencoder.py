@@ -102,7 +102,8 @@ class PatchEmbed(nn.Module):
         batch, channels, height, width = x.shape
         p = self.proj.kernel_size[0]
         patches = x.reshape(batch, channels, height // p, p, width // p, p).permute(0, 2, 4, 1, 3, 5)
-        patches = patches.reshape(batch, height // p, width // p, channels * p * p)  # each in (channel, row, column) order
+        # each patch's values in (channel, row, column) order, the order of the kernel's weights
+        patches = patches.reshape(batch, height // p, width // p, channels * p * p)
         return F.linear(patches, self.proj.weight.reshape(self.proj.out_channels, -1), self.proj.bias)
 
 

@@ -225,8 +225,10 @@ class DeepseekOCRForCausalLM(DeepseekV2PreTrainedModel):
         return processing.image_token_count(base_size, image_size, crop_mode, grid)
 
     def prepare_inputs(self, tokenizer, prompt: str, images: Sequence[Image.Image], base_size: int = 1024,
-                       image_size: int = 640, crop_mode: bool = True) -> PromptInputs:
-        return build_prompt_inputs(tokenizer, prompt, images, base_size, image_size, crop_mode)
+                       image_size: int = 640, crop_mode: bool = True, raw_pixels: bool = False) -> PromptInputs:
+        """The prompt's token ids and its images' views; `raw_pixels`: the views as uint8 pixels, which the
+        caller normalises where it likes (the serving engine does on the GPU: `normalise_by_table`)."""
+        return build_prompt_inputs(tokenizer, prompt, images, base_size, image_size, crop_mode, raw_pixels=raw_pixels)
 
     @torch.inference_mode()
     def generate_tokens(

@@ -90,8 +90,9 @@ class DeepseekOCR2ForCausalLM(DeepseekOCRForCausalLM):
             nn.init.normal_(module.view_seperator, std=1 / math.sqrt(module.view_seperator.shape[0]))
 
     def prepare_inputs(self, tokenizer, prompt: str, images: Sequence[Image.Image], base_size: int = BASE_SIZE,
-                       image_size: int = TILE_SIZE, crop_mode: bool = True) -> PromptInputs:
-        return build_prompt_inputs(tokenizer, prompt, images, base_size, image_size, crop_mode)
+                       image_size: int = TILE_SIZE, crop_mode: bool = True, raw_pixels: bool = False) -> PromptInputs:
+        """As the first model's, with this model's views."""
+        return build_prompt_inputs(tokenizer, prompt, images, base_size, image_size, crop_mode, raw_pixels=raw_pixels)
 
     def infer(self, tokenizer, prompt: str = "", image_file: str = "", output_path: str = "",
               base_size: int = BASE_SIZE, image_size: int = TILE_SIZE, crop_mode: bool = True,

@@ -77,13 +77,40 @@ def choose_tile_grid(width: int, height: int, tile_size: int, min_tiles=MIN_TILE
     return best
 
 
-def to_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB PIL image → normalised float32 tensor [3, H, W] in [-1, 1]."""
+def to_pixels(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image → its uint8 pixels [3, H, W]."""
     data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-    pixels = data.view(image.height, image.width, 3).permute(2, 0, 1).float().div(255)
+    return data.view(image.height, image.width, 3).permute(2, 0, 1).contiguous()
+
+
+def normalise(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels [..., 3, H, W] → float32 in [-1, 1], channel by channel."""
     mean = torch.tensor(NORM_MEAN).view(3, 1, 1)
     std = torch.tensor(NORM_STD).view(3, 1, 1)
-    return (pixels - mean) / std
+    return (pixels.float().div(255) - mean) / std
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image → normalised float32 tensor [3, H, W] in [-1, 1]."""
+    return normalise(to_pixels(image))
+
+
+def normalisation_table() -> torch.Tensor:
+    """float32 [3, 256]: what `normalise` makes of each value of each channel, computed by `normalise` itself.
+    A view kept as uint8 pixels is normalised later by looking its values up here (`normalise_by_table`):
+    the same numbers, bit for bit, wherever the lookup runs."""
+    values = torch.arange(256, dtype=torch.uint8).view(1, 1, 256).expand(3, 1, 256)
+    return normalise(values)[:, 0, :]
+
+
+def normalise_by_table(pixels: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels [N, 3, H, W] → `table`'s values [N, 3, H, W] in its dtype and on its device (the pixels
+    must be there too): `normalise` without its arithmetic, for views normalised on the GPU."""
+    out = torch.empty(pixels.shape, dtype=table.dtype, device=table.device)
+    for channel in range(3):
+        indices = pixels[:, channel].reshape(-1).int()
+        out[:, channel] = table[channel].index_select(0, indices).view(out[:, channel].shape)
+    return out
 
 
 def pad_to_square(image: Image.Image, size: int) -> Image.Image:
@@ -102,7 +129,8 @@ def cut_tiles(image: Image.Image, grid: tuple[int, int], tile_size: int) -> list
 
 @dataclass
 class ImageViews:
-    """The views of one image, ready for the vision tower."""
+    """The views of one image, ready for the vision tower: normalised float32, or uint8 pixels that the
+    caller normalises (`prepare_image(..., raw_pixels=True)`)."""
 
     global_view: torch.Tensor  # [3, S, S]
     tiles: Optional[torch.Tensor]  # [cols·rows, 3, t, t] or None
@@ -127,20 +155,23 @@ def image_token_count(base_size: int, image_size: int, crop_mode: bool, grid=(1,
     return count
 
 
-def prepare_image(image: Image.Image, base_size: int, image_size: int, crop_mode: bool) -> ImageViews:
-    """Build the views of an RGB image for a preset (base_size, image_size, crop_mode)."""
+def prepare_image(image: Image.Image, base_size: int, image_size: int, crop_mode: bool,
+                  raw_pixels: bool = False) -> ImageViews:
+    """Build the views of an RGB image for a preset (base_size, image_size, crop_mode); `raw_pixels`: as uint8
+    pixels, for the caller to normalise (`normalise_by_table`)."""
+    convert = to_pixels if raw_pixels else to_tensor
     image = image.convert("RGB")
     if crop_mode:
         width, height = image.size
         tiled = width > TILING_THRESHOLD or height > TILING_THRESHOLD
         grid = choose_tile_grid(width, height, image_size) if tiled else (1, 1)
-        tiles = torch.stack([to_tensor(t) for t in cut_tiles(image, grid, image_size)]) if tiled else None
-        global_view = to_tensor(pad_to_square(image, base_size))
+        tiles = torch.stack([convert(t) for t in cut_tiles(image, grid, image_size)]) if tiled else None
+        global_view = convert(pad_to_square(image, base_size))
     else:
         grid, tiles = (1, 1), None
         if image_size <= TILING_THRESHOLD:  # small views are stretched, not padded
             image = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
-        global_view = to_tensor(pad_to_square(image, image_size))
+        global_view = convert(pad_to_square(image, image_size))
     return ImageViews(global_view, tiles, grid, image_token_count(base_size, image_size, crop_mode, grid))
 
 
@@ -152,12 +183,13 @@ class PromptInputs:
 
 
 def build_prompt_inputs(tokenizer, prompt: str, images: Sequence[Image.Image], base_size: int,
-                        image_size: int, crop_mode: bool, prepare: Optional[Callable] = None) -> PromptInputs:
+                        image_size: int, crop_mode: bool, prepare: Optional[Callable] = None,
+                        raw_pixels: bool = False) -> PromptInputs:
     """Tokenise a prompt whose `<image>` placeholders are filled by `images`, in order.
 
     Text pieces are encoded without special tokens added; BOS goes first and no EOS is added.
-    `prepare(image, base_size, image_size, crop_mode)` builds an image's views (this model's
-    `prepare_image` by default; DeepSeek-OCR 2 passes its own).
+    `prepare(image, base_size, image_size, crop_mode, raw_pixels)` builds an image's views (this model's
+    `prepare_image` by default; DeepSeek-OCR 2 passes its own); `raw_pixels`: views as uint8 pixels.
     """
     prepare = prepare or prepare_image
     pieces = prompt.strip().split(IMAGE_TOKEN)
@@ -169,7 +201,7 @@ def build_prompt_inputs(tokenizer, prompt: str, images: Sequence[Image.Image], b
         ids += text_ids
         mask += [False] * len(text_ids)
         if i < len(images):
-            view = prepare(images[i], base_size, image_size, crop_mode)
+            view = prepare(images[i], base_size, image_size, crop_mode, raw_pixels)
             views.append(view)
             ids += [IMAGE_TOKEN_ID] * view.num_tokens
             mask += [True] * view.num_tokens

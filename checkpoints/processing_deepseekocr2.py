@@ -22,7 +22,7 @@ from PIL import Image
 
 from . import processing_deepseekocr as first_model
 from .processing_deepseekocr import (DOWNSAMPLE_RATIO, PATCH_SIZE, ImageViews, PromptInputs, cut_tiles,
-                                     pad_to_square, to_tensor)
+                                     normalisation_table, normalise_by_table, pad_to_square, to_pixels, to_tensor)
 
 BASE_SIZE = 1024
 TILE_SIZE = 768
@@ -79,32 +79,34 @@ def image_token_count(base_size: int, image_size: int, crop_mode: bool, grid=(1,
 
 
 def prepare_image(image: Image.Image, base_size: int = BASE_SIZE, image_size: int = TILE_SIZE,
-                  crop_mode: bool = True) -> ImageViews:
-    """Build the views of an image for (base_size, image_size, crop_mode)."""
+                  crop_mode: bool = True, raw_pixels: bool = False) -> ImageViews:
+    """Build the views of an image for (base_size, image_size, crop_mode); `raw_pixels`: as uint8 pixels (see
+    the first model's `prepare_image`)."""
     check_resolution(base_size, image_size, crop_mode)
+    convert = to_pixels if raw_pixels else to_tensor
     image = image.convert("RGB")
     grid, tiles = (1, 1), None
     if crop_mode:
         width, height = image.size
         if width > TILING_THRESHOLD or height > TILING_THRESHOLD:
             grid = choose_tile_grid(width, height)
-            tiles = torch.stack([to_tensor(t) for t in cut_tiles(image, grid, TILE_SIZE)])
-        global_view = to_tensor(pad_to_square(image, base_size))
+            tiles = torch.stack([convert(t) for t in cut_tiles(image, grid, TILE_SIZE)])
+        global_view = convert(pad_to_square(image, base_size))
     else:
         if image_size <= TILING_THRESHOLD:  # the 768 view is stretched, the 1024 view padded
             image = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
-        global_view = to_tensor(pad_to_square(image, image_size))
+        global_view = convert(pad_to_square(image, image_size))
     return ImageViews(global_view, tiles, grid, image_token_count(base_size, image_size, crop_mode, grid))
 
 
 def build_prompt_inputs(tokenizer, prompt: str, images: Sequence[Image.Image], base_size: int = BASE_SIZE,
-                        image_size: int = TILE_SIZE, crop_mode: bool = True) -> PromptInputs:
+                        image_size: int = TILE_SIZE, crop_mode: bool = True, raw_pixels: bool = False) -> PromptInputs:
     """Tokenise a prompt whose `<image>` placeholders are filled by `images` (BOS first, no EOS), as the
     first model does, with this model's views and token counts."""
     return first_model.build_prompt_inputs(tokenizer, prompt, images, base_size, image_size, crop_mode,
-                                           prepare=prepare_image)
+                                           prepare=prepare_image, raw_pixels=raw_pixels)
 
 
 __all__ = ["BASE_SIZE", "TILE_SIZE", "MIN_TILES", "MAX_TILES", "TILING_THRESHOLD", "VIEW_SIZES", "RESOLUTION_MODES",
            "ImageViews", "PromptInputs", "build_prompt_inputs", "check_resolution", "choose_tile_grid",
-           "image_token_count", "prepare_image", "tokens_per_view"]
+           "image_token_count", "normalisation_table", "normalise_by_table", "prepare_image", "tokens_per_view"]

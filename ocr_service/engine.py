@@ -387,8 +387,7 @@ class ServingLoop:
         self.vision_compile: Optional[dict] = None  # seconds, graphs and view sizes of the compile (None: eager)
         if engine.compiles_vision:
             self.vision_compile = engine.compile_vision()
-        self.preprocessor = Preprocessor(engine.model, engine.tokenizer, workers, engine.dtype,
-                                         pin=engine.device.type == "cuda")
+        self.preprocessor = Preprocessor(engine.model, engine.tokenizer, workers, pin=engine.device.type == "cuda")
         model = engine.model
         config = model.config
         block_bytes = PagedKVCache.bytes_per_block(config.num_hidden_layers, config.num_key_value_heads,

@@ -112,7 +112,7 @@ class Settings:
             prefill_tokens=_number(env, "DEEPSEEK_OCR_PREFILL_TOKENS", 16384, minimum=2048),
             cpus=cores,
             preprocess_workers=_number(env, "DEEPSEEK_OCR_PREPROCESS_WORKERS",
-                                       max(1, min(8, cores - 2)) if on_gpu else 1),
+                                       max(1, min(12, cores - 2)) if on_gpu else 1),
             repetition_rule=_text(env, "DEEPSEEK_OCR_REPETITION_RULE", "serving", ("serving", "original")),
             stop_loops=_flag(env, "DEEPSEEK_OCR_STOP_LOOPS", True),
             rotary=_text(env, "DEEPSEEK_OCR_ROTARY", "float32", ("float32", "original")),

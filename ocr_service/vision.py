@@ -69,12 +69,13 @@ def limit_cpu_threads(workers: int, cores: int) -> None:
 
 class Preprocessor:
     """A bounded pool that turns (image, prompt, preset) into PromptInputs (views and token ids) by the model's
-    own `prepare_inputs`, the views already in the model's dtype (the original rounds its pixels to bf16 too)
-    and, for a GPU, in pinned memory: the pixel work is done here, in parallel, and the vision pass only copies
-    them to the device."""
+    own `prepare_inputs`, the views as uint8 pixels and, for a GPU, in pinned memory: the resizing and cutting
+    is done here, in parallel; the vision pass copies the pixels to the device (half the bytes of bf16) and
+    normalises them there by the model's own table (`views_for_towers`), which gives the numbers the
+    original computes on the CPU, bit for bit, without a CPU pass over every pixel in float32."""
 
-    def __init__(self, model, tokenizer, workers: int, dtype: torch.dtype = torch.float32, pin: bool = False):
-        self.model, self.tokenizer, self.dtype, self.pin = model, tokenizer, dtype, pin
+    def __init__(self, model, tokenizer, workers: int, pin: bool = False):
+        self.model, self.tokenizer, self.pin = model, tokenizer, pin
         self.workers = max(1, workers)
         self.pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="deepseek-ocr-preprocess")
 
@@ -83,7 +84,7 @@ class Preprocessor:
 
     def _prepare(self, image, prompt: str, resolution) -> PromptInputs:
         inputs = self.model.prepare_inputs(self.tokenizer, prompt, [image], resolution.base_size,
-                                           resolution.image_size, resolution.crop_mode)
+                                           resolution.image_size, resolution.crop_mode, raw_pixels=True)
         for views in inputs.images:
             views.global_view = self._ready(views.global_view)
             if views.has_tiles:
@@ -105,8 +106,24 @@ class Preprocessor:
         return reserved
 
     def _ready(self, pixels: torch.Tensor) -> torch.Tensor:
-        pixels = pixels.to(self.dtype)
         return pixels.pin_memory() if self.pin else pixels
+
+
+_NORMALISATION_TABLES: dict = {}  # (processing module, device, dtype) → the model's normalisation table there
+
+
+def views_for_towers(model, views: torch.Tensor) -> torch.Tensor:
+    """Views [N, 3, S, S] as the towers take them: uint8 pixels normalised by the model's table on their device
+    in the model's dtype (the same numbers as the model's CPU normalisation, then rounded to that dtype), or
+    views already normalised, in that dtype."""
+    inner = model.model
+    dtype = inner.vision_dtype
+    if views.dtype != torch.uint8:
+        return views.to(dtype)
+    key = (model.processing.__name__, views.device, dtype)
+    if key not in _NORMALISATION_TABLES:
+        _NORMALISATION_TABLES[key] = model.processing.normalisation_table().to(views.device, dtype)
+    return model.processing.normalise_by_table(views, _NORMALISATION_TABLES[key])
 
 
 @torch.inference_mode()
@@ -124,10 +141,10 @@ def encode_prompts(model, prompts: Sequence[PromptInputs], call_pixels: Optional
                 groups.setdefault(views.tiles.shape[-1], []).append(((p, i, "tiles"), views.tiles))
     features = {}
     for size, members in groups.items():
-        # each view copied as it is (the Preprocessor leaves them pinned, in the model's dtype), joined there
-        pixels = torch.cat([v.to(device, dtype, non_blocking=True) for _, v in members])
+        # each view copied as it is (the Preprocessor leaves them pinned, as uint8 pixels), joined there
+        pixels = torch.cat([v.to(device, non_blocking=True) for _, v in members])
         per_pass = max(1, call_pixels // (size * size))
-        encoded = torch.cat([inner.encode_views(pixels[start:start + per_pass])
+        encoded = torch.cat([inner.encode_views(views_for_towers(model, pixels[start:start + per_pass]))
                              for start in range(0, pixels.shape[0], per_pass)])
         start = 0
         for key, views in members:
@@ -159,13 +176,17 @@ class VisionWorker:
     """
 
     SLOW_PASS_S = 2.0
+    # CUDA stream priority of the passes (lower is higher; the serving thread's stream has 0): ahead of the
+    # decode steps and prefills, block by block, so that a page's encoding is not stretched by the batch
+    # decoding beside it (pages reach the decoder sooner as a job starts, and a newcomer's first page too).
+    STREAM_PRIORITY = -1
 
     def __init__(self, model, translate_oom: Callable, max_pages_per_pass: int = 16,
                  log: Callable[[str], None] = lambda line: None):
         self.model, self.translate_oom, self.log = model, translate_oom, log
         self.max_pages_per_pass = max_pages_per_pass
         device = model.model.vision_device
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.stream = torch.cuda.Stream(device, priority=self.STREAM_PRIORITY) if device.type == "cuda" else None
         self.requests: "queue.PriorityQueue" = queue.PriorityQueue()
         self._order = itertools.count()  # ties in priority: first come, first served
         self.results: "queue.Queue" = queue.Queue()

@@ -5,8 +5,8 @@ import torch
 from PIL import Image
 
 from checkpoints.processing_deepseekocr import (
-    IMAGE_TOKEN_ID, build_prompt_inputs, candidate_grids, choose_tile_grid, image_token_count, prepare_image,
-    to_tensor,
+    IMAGE_TOKEN_ID, build_prompt_inputs, candidate_grids, choose_tile_grid, image_token_count, normalisation_table,
+    normalise_by_table, prepare_image, to_tensor,
 )
 from conftest import document_image
 
@@ -82,6 +82,22 @@ def test_normalisation_and_padding_colour():
     assert torch.allclose(views.global_view[:, 0, 0], torch.full((3,), grey))
     # Tiny stretches to the square: no border.
     assert torch.allclose(prepare_image(image, 512, 512, False).global_view[:, 0, 0], tensor[:, 0, 0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_raw_pixels_normalised_by_the_table_are_the_normalised_views_bit_for_bit(dtype):
+    # The serving engine ships uint8 pixels and normalises them on the GPU by this table: the same numbers.
+    image = document_image(1240, 1754, seed=3)
+    normalised = prepare_image(image, 1024, 640, True)
+    raw = prepare_image(image, 1024, 640, True, raw_pixels=True)
+    assert raw.global_view.dtype == raw.tiles.dtype == torch.uint8 and raw.grid == normalised.grid
+    table = normalisation_table().to(dtype)
+    assert torch.equal(normalise_by_table(raw.global_view[None], table)[0], normalised.global_view.to(dtype))
+    assert torch.equal(normalise_by_table(raw.tiles, table), normalised.tiles.to(dtype))
+    every_value = torch.arange(256, dtype=torch.uint8).repeat(3, 1).view(1, 3, 16, 16)
+    assert torch.equal(normalise_by_table(every_value, normalisation_table()),
+                       torch.stack([to_tensor(Image.new("RGB", (16, 16), (v, v, v)))[:, 0, 0] for v in range(256)],
+                                   dim=1).view(1, 3, 16, 16))
 
 
 def test_tiles_are_cut_row_major_from_the_stretched_image():

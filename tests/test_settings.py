@@ -32,7 +32,7 @@ def test_preprocessing_fits_in_the_cpus_the_process_may_use():
     settings = Settings.from_env({"DEEPSEEK_OCR_DEVICE": "cuda", "DEEPSEEK_OCR_CPUS": "6"})
     assert settings.cpus == 6 and settings.preprocess_workers == 4
     assert Settings.from_env({"DEEPSEEK_OCR_DEVICE": "cuda", "DEEPSEEK_OCR_CPUS": "2"}).preprocess_workers == 1
-    assert Settings.from_env({"DEEPSEEK_OCR_DEVICE": "cuda", "DEEPSEEK_OCR_CPUS": "64"}).preprocess_workers == 8
+    assert Settings.from_env({"DEEPSEEK_OCR_DEVICE": "cuda", "DEEPSEEK_OCR_CPUS": "64"}).preprocess_workers == 12
     assert Settings.from_env({"DEEPSEEK_OCR_DEVICE": "cpu"}).cpus == available_cores() >= 1
     with pytest.raises(SettingsError, match="DEEPSEEK_OCR_CPUS"):
         Settings.from_env({"DEEPSEEK_OCR_CPUS": "0"})

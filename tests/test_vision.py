@@ -1,0 +1,52 @@
+"""The vision side of the engine (`ocr_service/vision.py`) on the CPU with tiny checkpoints: views shipped as
+uint8 pixels and normalised where the towers run give what the model's own normalised views give."""
+
+import pytest
+import torch
+
+from conftest import document_image
+from ocr_service.presets import Resolution
+from ocr_service.vision import Preprocessor, encode_prompts, views_for_towers
+
+PROMPT = "<image>\nFree OCR."
+
+
+@pytest.fixture(scope="module", params=["ocr", "ocr2"])
+def model_and_tokenizer(request, tiny_checkpoint, tiny_ocr2_checkpoint):
+    import checkpoints
+    from transformers import PreTrainedTokenizerFast
+
+    folder = tiny_checkpoint if request.param == "ocr" else tiny_ocr2_checkpoint
+    cls = checkpoints.DeepseekOCRForCausalLM if request.param == "ocr" else checkpoints.DeepseekOCR2ForCausalLM
+    return cls.from_pretrained(str(folder), dtype=torch.float32).eval(), PreTrainedTokenizerFast.from_pretrained(
+        str(folder))
+
+
+def gundam(model) -> Resolution:
+    return Resolution(*model.processing.RESOLUTION_MODES["Gundam"])
+
+
+def test_the_preprocessor_ships_uint8_pixels_that_the_towers_see_normalised(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    preset = gundam(model)
+    image = document_image(900, 1300, seed=4)
+    shipped = Preprocessor(model, tokenizer, 1)._prepare(image, PROMPT, preset)
+    own = model.prepare_inputs(tokenizer, PROMPT, [image], preset.base_size, preset.image_size, preset.crop_mode)
+    raw, normalised = shipped.images[0], own.images[0]
+    assert raw.global_view.dtype == raw.tiles.dtype == torch.uint8
+    assert torch.equal(shipped.input_ids, own.input_ids)
+    assert torch.equal(views_for_towers(model, raw.global_view[None]), normalised.global_view[None])
+    assert torch.equal(views_for_towers(model, raw.tiles), normalised.tiles)
+    assert torch.equal(views_for_towers(model, normalised.tiles), normalised.tiles)  # normalised views pass through
+
+
+def test_encoding_shipped_pixels_equals_encoding_the_models_own_views(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    preset = gundam(model)
+    images = [document_image(900, 1300, seed=5), document_image(700, 500, seed=6)]
+    preprocessor = Preprocessor(model, tokenizer, 1)
+    shipped = [preprocessor._prepare(image, PROMPT, preset) for image in images]
+    own = [model.prepare_inputs(tokenizer, PROMPT, [image], preset.base_size, preset.image_size, preset.crop_mode)
+           for image in images]
+    for from_pixels, from_views in zip(encode_prompts(model, shipped), encode_prompts(model, own)):
+        assert torch.equal(from_pixels, from_views)
