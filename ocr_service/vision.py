@@ -176,10 +176,10 @@ class VisionWorker:
     """
 
     SLOW_PASS_S = 2.0
-    # CUDA stream priority of the passes (lower is higher; the serving thread's stream has 0): ahead of the
-    # decode steps and prefills, block by block, so that a page's encoding is not stretched by the batch
-    # decoding beside it (pages reach the decoder sooner as a job starts, and a newcomer's first page too).
-    STREAM_PRIORITY = -1
+    # CUDA stream priority of the passes (lower is higher): the decode's own (0). Ahead of the decode steps
+    # (-1), the 128-page job ran no faster and the 256-page job slower (13.53 vs 13.55, 16.67 vs 16.03 pages/s,
+    # bench_engine's trial on the H200).
+    STREAM_PRIORITY = 0
 
     def __init__(self, model, translate_oom: Callable, max_pages_per_pass: int = 16,
                  log: Callable[[str], None] = lambda line: None):
