@@ -285,7 +285,10 @@ def main():
     random_checkpoint(args.checkpoint, size=args.size, model=args.model)
     theirs = run_original(args, args.checkpoint) if args.original else {}
 
-    settings = Settings.from_env().replace(stop_loops=False, max_rows=max(args.batches + [128]))
+    settings = Settings.from_env()
+    card = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
+    default_rows, _ = settings.rows_and_budget(card)  # the rows this card gets by default, or as set
+    settings = settings.replace(stop_loops=False, max_rows=max(args.batches + [default_rows]))
     started = time.perf_counter()
     engine = OCREngine(args.checkpoint, settings, ignore_eos=True)
     load_s = time.perf_counter() - started

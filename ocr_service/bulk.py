@@ -161,8 +161,8 @@ class LocalRun:
     document in flight waits for its pages, assembles the result and commits it."""
 
     def __init__(self, load_engine: Callable, sources: list, folder: OutputFolder, previous: dict, options,
-                 settings: Settings, run_options: dict, progress: Progress, readers: int, pages_in_flight: int,
-                 retry_refused: bool = False):
+                 settings: Settings, run_options: dict, progress: Progress, readers: int,
+                 pages_in_flight: Optional[int], retry_refused: bool = False):
         """`load_engine()` gives the engine; it is called when the first document needs it (a rerun that
         finds everything done never loads the model)."""
         self._load_engine, self.sources, self.folder, self.previous = load_engine, sources, folder, previous
@@ -171,7 +171,8 @@ class LocalRun:
         self._engine = None
         self._engine_error: Optional[BulkError] = None
         self._engine_lock = threading.Lock()
-        self.budget = PageBudget(pages_in_flight)
+        self._pages_in_flight = pages_in_flight  # None: set when the engine is loaded (`engine`)
+        self.budget = PageBudget(pages_in_flight or 1)
         self.summary = Summary(listed=len(sources))
         self.stopping = threading.Event()  # no new document
         self.abandoning = threading.Event()  # documents in flight leave the engine
@@ -180,7 +181,7 @@ class LocalRun:
         self._jobs: set = set()
         self._started = time.monotonic()
         self._changed = threading.Event()  # a document left the engine or a reader stopped
-        self._finishers = ThreadPoolExecutor(max_workers=self.budget.limit, thread_name_prefix="bulk-finish")
+        self._finishers: Optional[ThreadPoolExecutor] = None  # a thread per document in flight, made with the engine
 
     def run(self, poll: Optional[Callable[[], None]] = None) -> Summary:
         """Until every document is done or dropped; `poll` is called at least every 0.2 s meanwhile (from this
@@ -196,7 +197,8 @@ class LocalRun:
             self._changed.wait(0.2)  # woken at once when the last document is done: the run's time is exact
             if poll is not None:
                 poll()
-        self._finishers.shutdown(wait=True)
+        if self._finishers is not None:
+            self._finishers.shutdown(wait=True)
         if self._engine_error is not None:
             raise self._engine_error
         self.summary.seconds = time.monotonic() - self._started
@@ -231,6 +233,9 @@ class LocalRun:
                     self.stopping.set()
                     raise self._engine_error from None
                 self._engine = engine
+                if self._pages_in_flight is None:  # the default: twice the rows this engine decodes at once
+                    self.budget.limit = 2 * getattr(engine.server, "max_rows", 1)
+                self._finishers = ThreadPoolExecutor(max_workers=self.budget.limit, thread_name_prefix="bulk-finish")
             return self._engine
 
     def in_flight(self) -> int:
@@ -414,7 +419,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--weights-dir", help="a folder holding the weights (else DEEPSEEK_OCR_WEIGHTS_DIR, else "
                                            "checkpoints/, downloaded if needed)")
     run.add_argument("--pages-in-flight", type=_bounded(1, 10**6), default=None,
-                     help="pages held at once, rendered or in the engine (default: twice DEEPSEEK_OCR_MAX_ROWS)")
+                     help="pages held at once, rendered or in the engine (default: twice the engine's decode rows, "
+                          "DEEPSEEK_OCR_MAX_ROWS)")
     run.add_argument("--readers", type=_bounded(1, 256), default=min(4, os.cpu_count() or 1),
                      help="threads reading and rendering documents ahead")
     run.add_argument("--retry-refused", action="store_true",
@@ -576,7 +582,7 @@ def run_with_ray(*arguments) -> Summary:
 
 
 def run_here(args, sources, folder, previous, options, settings, run_options, progress, log, signals) -> Summary:
-    pages_in_flight = args.pages_in_flight or 2 * settings.max_rows
+    pages_in_flight = args.pages_in_flight  # None: twice the engine's rows, once it is loaded
     run = LocalRun(lambda: load_engine(settings, log.engine, ignore_eos=args.ignore_eos), sources, folder, previous, options, settings, run_options, progress, args.readers,
                    pages_in_flight, args.retry_refused)
 

@@ -392,8 +392,10 @@ class ServingLoop:
         config = model.config
         block_bytes = PagedKVCache.bytes_per_block(config.num_hidden_layers, config.num_key_value_heads,
                                                    config.head_dim, BLOCK_SIZE, engine.dtype)
+        card_bytes = (torch.cuda.get_device_properties(engine.device).total_memory
+                      if engine.device.type == "cuda" else None)
+        self.max_rows, self.budget_gib = settings.rows_and_budget(card_bytes)
         blocks = self._cache_blocks(block_bytes)
-        self.max_rows = settings.max_rows
         self.batch = DecodeBatch(model, blocks, BLOCK_SIZE, self.max_rows, MAX_SEQUENCE, engine.repetition,
                                  engine.loop_rule, engine.eos)
         self.policy = SchedulingPolicy(BlockPool(blocks, BLOCK_SIZE), self.max_rows, max_waiting=2 * self.max_rows,
@@ -406,7 +408,8 @@ class ServingLoop:
         if graphs:
             log(f"captured {graphs} CUDA graphs of the decode step in {time.monotonic() - started:.1f} s")
         log(f"KV cache: {blocks} blocks of {BLOCK_SIZE} positions ({blocks * block_bytes / 2**30:.1f} GiB), "
-            f"up to {self.max_rows} sequences at once")
+            f"up to {self.max_rows} sequences at once"
+            + (f", within a {self.budget_gib:g} GiB budget" if engine.device.type == "cuda" else ""))
         if engine.device.type == "cuda":
             started = time.monotonic()
             pinned = self.preprocessor.reserve_pinned_memory(
@@ -428,7 +431,7 @@ class ServingLoop:
         """Blocks of KV cache the memory budget leaves after the weights, the largest vision pass and
         the largest prefill (measured by running them once), and the graphs' buffers."""
         engine, settings = self.engine, self.engine.settings
-        useful = settings.max_rows * math.ceil(MAX_SEQUENCE / BLOCK_SIZE)  # every row at its longest
+        useful = self.max_rows * math.ceil(MAX_SEQUENCE / BLOCK_SIZE)  # every row at its longest
         if engine.device.type != "cuda":
             blocks = min(useful, int(settings.cpu_cache_gib * 2**30 // block_bytes))
             if blocks * BLOCK_SIZE <= 2 * (self.sync_every + 1):
@@ -436,12 +439,12 @@ class ServingLoop:
                                    f"block(s) of {BLOCK_SIZE} positions: too few for any page; raise it")
             return blocks
         total = torch.cuda.get_device_properties(engine.device).total_memory
-        budget = min(settings.gpu_memory_gib * 2**30, 0.92 * total)
+        budget = min(self.budget_gib * 2**30, 0.92 * total)
         peak = self._profile_peak()
         free_for_cache = budget - peak - HEADROOM_GIB * 2**30
         blocks = min(useful, int(free_for_cache // block_bytes))
         if blocks * BLOCK_SIZE < MAX_SEQUENCE + self.sync_every + 1:
-            raise RuntimeError(f"DEEPSEEK_OCR_GPU_MEMORY_GIB={settings.gpu_memory_gib:g} leaves no room for the KV "
+            raise RuntimeError(f"DEEPSEEK_OCR_GPU_MEMORY_GIB={self.budget_gib:g} leaves no room for the KV "
                                f"cache (the model and its work need {peak / 2**30:.1f} GiB): raise it")
         # What is allocated stays within the budget by the sizing above; what the caching allocator keeps
         # reserved beside it (blocks freed on one stream wait for that stream, sizes vary pass to pass) would

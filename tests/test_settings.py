@@ -24,7 +24,18 @@ def test_defaults_on_the_cpu():
 
 def test_defaults_on_a_gpu():
     settings = Settings.from_env({"DEEPSEEK_OCR_DEVICE": "cuda"})
-    assert settings.dtype == "bfloat16" and settings.max_rows == 128 and settings.gpu_memory_gib == 40
+    assert settings.dtype == "bfloat16" and settings.max_rows is None and settings.gpu_memory_gib is None
+
+
+def test_rows_and_memory_follow_the_card_unless_set():
+    gib = 2**30
+    default = Settings.from_env({"DEEPSEEK_OCR_DEVICE": "cuda"})
+    assert default.rows_and_budget(80 * gib) == (128, 40.0)  # an 80 GB card, and smaller ones
+    assert default.rows_and_budget(141 * gib) == (256, 110.0)  # an H200: the measured faster setting
+    assert Settings.from_env({"DEEPSEEK_OCR_DEVICE": "cpu"}).rows_and_budget(None)[0] == 8
+    chosen = Settings.from_env({"DEEPSEEK_OCR_DEVICE": "cuda", "DEEPSEEK_OCR_MAX_ROWS": "64",
+                                "DEEPSEEK_OCR_GPU_MEMORY_GIB": "30"})
+    assert chosen.rows_and_budget(141 * gib) == (64, 30.0) and chosen.rows_and_budget(24 * gib) == (64, 30.0)
 
 
 def test_preprocessing_fits_in_the_cpus_the_process_may_use():
