@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 # As bench_engine.py runs the engine: no loop stop (random weights loop), every page its full token count.
 os.environ["DEEPSEEK_OCR_STOP_LOOPS"] = "0"
 
-from benchmarks.common import a4_page, device_name, random_checkpoint  # noqa: E402
+from benchmarks.common import a4_page, device_name, random_checkpoint, work_since  # noqa: E402
 
 MARKDOWN_TASK = "Convert to Markdown"
 
@@ -101,15 +101,6 @@ def one_gpu(args, folder: Path, checkpoint: Path) -> dict:
             pipeline.submit_document = as_background
         print("bulk, documents as predictions", json.dumps(report["bulk_foreground"]), flush=True)
     return report
-
-
-def work_since(engine, before: dict, pages: int) -> dict:
-    """What the engine did since `before` (`work_done`): busy seconds, vision passes' mean size, prefill rate."""
-    work = {key: value - before[key] for key, value in engine.server.work_done().items()}
-    return {"busy_s": {stage: round(work[f"{stage}_s"], 2) for stage in ("encode", "prefill", "decode")},
-            "encode_ms_per_page": work["encode_s"] / pages * 1e3,
-            "vision_pages_per_pass": work["vision_pages"] / max(work["vision_passes"], 1),
-            "prefill_tokens_s": work["prefill_tokens"] / max(work["prefill_s"], 1e-9)}
 
 
 def run_bulk(args, engine, folder: Path, out: Path, checkpoint: Path) -> dict:

@@ -34,7 +34,7 @@ from benchmarks.bench_vision import prefill, vision_flops  # noqa: E402
 from benchmarks.ceilings import measure_ceilings  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     MODEL_PRESETS, PROMPT, a4_page, default_checkpoint, device_name, peak_gib, random_checkpoint, reset_peak,
-    run_original_driver, sync,
+    run_original_driver, sync, work_since,
 )
 from checkpoints.generation import SERVING_NO_REPEAT_RULE  # noqa: E402
 from ocr_service.decode_batch import Entry  # noqa: E402
@@ -221,17 +221,13 @@ def page_job(engine: OCREngine, pages: int, tokens: int) -> dict:
     started = time.perf_counter()
     results = engine.run_pages(images, PROMPT, gundam, tokens)
     elapsed = time.perf_counter() - started
-    work = {key: value - before[key] for key, value in engine.server.work_done().items()}
     produced = sum(len(r.token_ids) for r in results)
     return {"pages": pages, "pages_s": pages / elapsed, "seconds": elapsed, "tokens": produced,
             "tok_s": produced / elapsed,
             "peak_allocated_gib": peak_gib("allocated"),
             "peak_reserved_gib": peak_gib("reserved"),
             "first_token_p50_s": sorted(r.first_token_s for r in results)[len(results) // 2],
-            "busy_s": {stage: work[f"{stage}_s"] for stage in ("encode", "prefill", "decode")},
-            "encode_ms_per_page": work["encode_s"] / pages * 1e3,
-            "vision_pages_per_pass": work["vision_pages"] / max(work["vision_passes"], 1),
-            "prefill_tokens_s": work["prefill_tokens"] / max(work["prefill_s"], 1e-9)}
+            **work_since(engine, before, pages)}
 
 
 def agreement(engine: OCREngine, pages: int, tokens: int) -> dict:

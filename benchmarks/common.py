@@ -151,3 +151,14 @@ def random_checkpoint(folder: Path, size: str = "full", model: str = "ocr") -> P
 def default_checkpoint(model: str) -> Path:
     """Where a benchmark writes its full-size random checkpoint of `model`, one folder per model."""
     return Path("/tmp/bench-checkpoint" if model == "ocr" else f"/tmp/bench-{model}-checkpoint")
+
+
+def work_since(engine, before: dict, pages: int) -> dict:
+    """What the engine did since `before` (its `work_done()` then) for `pages` pages: busy seconds by stage (the
+    encoder works beside prefill and decode), vision milliseconds a page, vision passes' mean size, prompt tokens
+    prefilled per second of prefill."""
+    work = {key: value - before[key] for key, value in engine.server.work_done().items()}
+    return {"busy_s": {stage: round(work[f"{stage}_s"], 2) for stage in ("encode", "prefill", "decode")},
+            "encode_ms_per_page": work["encode_s"] / pages * 1e3,
+            "vision_pages_per_pass": work["vision_pages"] / max(work["vision_passes"], 1),
+            "prefill_tokens_s": work["prefill_tokens"] / max(work["prefill_s"], 1e-9)}
