@@ -412,6 +412,10 @@ class ServingLoop:
             + (f", within a {self.budget_gib:g} GiB budget" if engine.device.type == "cuda" else ""))
         if engine.device.type == "cuda":
             started = time.monotonic()
+            self.warm_admission()
+            log(f"ran a prefill of dummy prompts in {time.monotonic() - started:.1f} s (its kernels ready for the "
+                "first prediction)")
+            started = time.monotonic()
             pinned = self.preprocessor.reserve_pinned_memory(
                 workers + self.PREPROCESSED_AHEAD + self.ENCODING_PAGES, Image.new("RGB", self.A4_AT_150_DPI, "white"),
                 build_prompt(DEFAULT_TASK_TYPE), engine.resolution(DEFAULT_RESOLUTION))
@@ -424,6 +428,33 @@ class ServingLoop:
         self._last_progress = time.monotonic()
         self.thread = threading.Thread(target=self._run, name="deepseek-ocr-serving", daemon=True)
         self.thread.start()
+
+    # A4 Gundam pages' prompts are ~920 tokens; a batched prefill admits several at once.
+    WARM_PROMPTS, WARM_PROMPT_TOKENS = 2, 920
+
+    @torch.inference_mode()
+    def warm_admission(self) -> None:
+        """One batched prefill of dummy prompts the size of the first pages', through the real admission, then
+        cleared (every row and block is free again): on a fresh machine the first real prefill took ~2 s of
+        Triton compiling (the start's memory profile runs one prefill, but of other sizes and with dummy
+        routing), which the first prediction would otherwise wait for. Random embeddings, from a generator of
+        its own (the process's random state stays as it was), spread the tokens over the experts as real pages do."""
+        engine = self.engine
+        generator = torch.Generator(engine.device).manual_seed(0)
+        hidden = engine.model.config.hidden_size
+        entries = []
+        for row in range(min(self.WARM_PROMPTS, self.max_rows)):
+            blocks = self.policy.blocks.take(self.policy.blocks.blocks_for(self.WARM_PROMPT_TOKENS + 1))
+            embeds = torch.randn(self.WARM_PROMPT_TOKENS, hidden, generator=generator, device=engine.device,
+                                 dtype=engine.dtype) * 0.02
+            entries.append(Entry(row, embeds, torch.zeros(self.WARM_PROMPT_TOKENS, dtype=torch.long), blocks, 1, []))
+        try:
+            self.batch.admit(entries)
+            self.batch.read(len(entries))
+        finally:
+            for entry in entries:
+                self.batch.clear(entry.row)
+                self.policy.blocks.give_back(entry.blocks)
 
     # ------------------------------------------------------------------ memory
 

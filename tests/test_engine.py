@@ -4,6 +4,7 @@ tokens while sequences join and leave, blocks are reused and the cache runs out;
 import time
 
 import pytest
+import torch
 
 from checkpoints.generation import STOP_EOS, STOP_REASONS
 from conftest import document_image
@@ -201,6 +202,23 @@ def test_a_failing_device_fails_the_predictions_instead_of_leaving_them_waiting(
 def test_every_stop_reason_has_its_own_device_code():
     assert sorted(STOP_CODES) == sorted(STOP_REASONS)
     assert len(set(STOP_CODES.values()) | {RUNNING}) == len(STOP_REASONS) + 1
+
+
+def test_the_prefill_warm_up_leaves_nothing_behind(tiny_checkpoint, reference):
+    # On a GPU the engine runs a prefill of dummy prompts at start, so that its kernels are compiled before the
+    # first prediction: afterwards every row and block is free, the process's random state untouched, and the
+    # first prediction's tokens those of the reference.
+    batched = engine(tiny_checkpoint, max_rows=2, sync_every=5)
+    serving = batched.server
+    free, random_state = serving.policy.blocks.free, torch.get_rng_state()
+    serving.warm_admission()
+    assert serving.policy.blocks.free == free and torch.equal(torch.get_rng_state(), random_state)
+    assert [serving.batch.generated_tokens(row) for row in range(2)] == [[], []]
+    assert [state.cache_length for state in serving.batch.read(2)] == [0, 0]
+    images = pages(2)
+    got = batched.run_pages(images, PROMPT, resolution("Small"), 6, timeout=120)
+    assert [r.token_ids for r in got] == tokens_alone(reference, images, "Small", 6)
+    assert wait_idle(serving) == {"rows": 0, "blocks": 0, "waiting": 0, "predictions": 0}
 
 
 def test_a_pages_views_are_let_go_once_encoded(tiny_checkpoint, reference, monkeypatch):
