@@ -392,9 +392,9 @@ class ServingLoop:
         config = model.config
         block_bytes = PagedKVCache.bytes_per_block(config.num_hidden_layers, config.num_key_value_heads,
                                                    config.head_dim, BLOCK_SIZE, engine.dtype)
-        card_bytes = (torch.cuda.get_device_properties(engine.device).total_memory
-                      if engine.device.type == "cuda" else None)
-        self.max_rows, self.budget_gib = settings.rows_and_budget(card_bytes)
+        self.card_bytes = (torch.cuda.get_device_properties(engine.device).total_memory
+                           if engine.device.type == "cuda" else None)  # None: not on a GPU
+        self.max_rows, self.budget_gib = settings.rows_and_budget(self.card_bytes)
         blocks = self._cache_blocks(block_bytes)
         self.batch = DecodeBatch(model, blocks, BLOCK_SIZE, self.max_rows, MAX_SEQUENCE, engine.repetition,
                                  engine.loop_rule, engine.eos)
@@ -469,7 +469,7 @@ class ServingLoop:
                 raise RuntimeError(f"DEEPSEEK_OCR_CPU_CACHE_GIB={settings.cpu_cache_gib:g} holds {blocks} cache "
                                    f"block(s) of {BLOCK_SIZE} positions: too few for any page; raise it")
             return blocks
-        total = torch.cuda.get_device_properties(engine.device).total_memory
+        total = self.card_bytes
         budget = min(self.budget_gib * 2**30, 0.92 * total)
         peak = self._profile_peak()
         free_for_cache = budget - peak - HEADROOM_GIB * 2**30
