@@ -110,6 +110,9 @@ def run_bulk(args, engine, folder: Path, out: Path, checkpoint: Path) -> dict:
     code, summary = bulk.run_command(bulk.parser().parse_args(bulk_arguments(args, folder, out, checkpoint)))
     return {"exit": code, "pages": summary.pages, "documents": summary.ok, "seconds": summary.seconds,
             "pages_s": summary.pages_per_second, "tokens": summary.tokens,
+            # the bulk's own costs at both ends: reading the first documents, writing the last
+            "first_document_s": summary.extra.get("first_submitted_s"),
+            "after_last_page_s": summary.seconds - summary.extra.get("last_decoded_s", summary.seconds),
             **work_since(engine, before, max(summary.pages, 1))}
 
 

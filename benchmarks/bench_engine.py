@@ -24,6 +24,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -208,16 +209,17 @@ def vision_pass(engine: OCREngine, pages: int, out: Path = None) -> dict:
             "flops_per_page": flops}
 
 
-def page_job(engine: OCREngine, pages: int, tokens: int) -> dict:
+def page_job(engine: OCREngine, pages: int, tokens: int, on_start: Callable[[], None] = lambda: None) -> dict:
     """One job of `pages` A4 pages, with what the engine did during it: busy seconds per stage (the encoder
     works beside prefill and decode), vision passes and their mean size, prompt tokens prefilled per second
-    of prefill."""
+    of prefill. `on_start()` is called as the job is submitted."""
     images = [a4_page(seed=i % 8) for i in range(pages)]
     gundam = engine.resolution(GUNDAM)
     engine.run_pages(images[:2], PROMPT, gundam, 4)  # warm-up
     sync()
     reset_peak()
     before = engine.server.work_done()
+    on_start()
     started = time.perf_counter()
     results = engine.run_pages(images, PROMPT, gundam, tokens)
     elapsed = time.perf_counter() - started
@@ -270,6 +272,12 @@ def main():
     parser.add_argument("--profile", type=Path, help="folder for kernel profiles of one step (batch 1 and 128)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["job", "agreement", "steps", "priority-trial"],
                         help="priority-trial: no second run of the jobs with the vision stream ahead of the decode's")
+    parser.add_argument("--switch-interval-trial", type=float, metavar="MS",
+                        help="a trial: the largest job once more with Python's thread switch interval at MS ms "
+                             "(5 by default; the serving, vision and preprocessing threads share one interpreter)")
+    parser.add_argument("--timeline", type=Path, help="folder: the largest job once more with a window of it "
+                        "under the profiler (benchmarks/timeline.py), its trace and GPU time by stage")
+    parser.add_argument("--timeline-window", type=float, nargs=2, default=[3.0, 2.0], metavar=("START_S", "LENGTH_S"))
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     ceilings = measure_ceilings()
@@ -323,6 +331,30 @@ def main():
                           flush=True)
             finally:
                 vision.stream = served_stream
+    if args.switch_interval_trial:
+        pages = max(args.job_pages)
+        served_interval = sys.getswitchinterval()
+        sys.setswitchinterval(args.switch_interval_trial / 1e3)
+        try:
+            ours["job_switch_interval_trial"] = {"switch_interval_ms": args.switch_interval_trial,
+                                                 **page_job(engine, pages, args.job_tokens)}
+        finally:
+            sys.setswitchinterval(served_interval)
+        print(f"job, thread switch interval {args.switch_interval_trial:g} ms",
+              json.dumps(ours["job_switch_interval_trial"]), flush=True)
+    if args.timeline:
+        from benchmarks.timeline import print_summary, profile_window
+
+        args.timeline.mkdir(parents=True, exist_ok=True)
+        pages = max(args.job_pages)
+        start_s, length_s = args.timeline_window
+        ours["timeline"] = profile_window(lambda started: page_job(engine, pages, args.job_tokens, started),
+                                          start_s, length_s,
+                                          args.timeline / f"timeline-job{pages}.json.gz")
+        try:
+            print_summary(ours["timeline"], f"a {pages}-page job, {length_s:g} s from {start_s:g} s")
+        except Exception as error:  # the trace is kept: it can be read again elsewhere
+            print(f"reading the timeline failed: {error!r}", flush=True)
     if "agreement" not in args.skip:
         ours["agreement"] = agreement(engine, args.agreement_pages, 64)
     report = {"model": args.model, "size": args.size, "ours": ours, "original": theirs, "device": device_name(),
@@ -368,6 +400,8 @@ def main():
               f"{original_pages:.3f} (one page at a time) | – | {job_targets.get(pages, '')} |")
         print(f"| … its prefill, prompt tokens per second of prefill | {job['prefill_tokens_s']:,.0f} | – | – | "
               f"≥ 150,000 |")
+        print(f"| … its prefills: {job['prefills']}, {job['pages_per_prefill']:.1f} pages and "
+              f"{job['prefill_ms_each']:.0f} ms each | – | – | – | |")
         print(f"| … its vision encoding beside decoding, ms a page (passes of {job['vision_pages_per_pass']:.1f} pages "
               f"on average) | {job['encode_ms_per_page']:.1f} | – | – | |")
         busy = job["busy_s"]
@@ -380,6 +414,11 @@ def main():
         print(f"| trial: {pages}-page job with the vision passes at a higher stream priority than decode, pages/s | "
               f"{job['pages_s']:.2f} (vision {job['encode_ms_per_page']:.1f} ms a page, prefill "
               f"{job['prefill_tokens_s']:,.0f} tokens/s) | – | – | |")
+    if "job_switch_interval_trial" in ours:
+        job = ours["job_switch_interval_trial"]
+        print(f"| trial: {job['pages']}-page job with Python's thread switch interval at {job['switch_interval_ms']:g} "
+              f"ms, pages/s | {job['pages_s']:.2f} (prefill {job['prefill_tokens_s']:,.0f} tokens/s, "
+              f"{job['prefill_ms_each']:.0f} ms each) | – | – | |")
     if "agreement" in ours:
         agree = ours["agreement"]
         print(f"| bf16 greedy tokens, batched engine = plain generate_tokens | {agree['same']}/{agree['compared']} "

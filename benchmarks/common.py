@@ -156,9 +156,11 @@ def default_checkpoint(model: str) -> Path:
 def work_since(engine, before: dict, pages: int) -> dict:
     """What the engine did since `before` (its `work_done()` then) for `pages` pages: busy seconds by stage (the
     encoder works beside prefill and decode), vision milliseconds a page, vision passes' mean size, prompt tokens
-    prefilled per second of prefill."""
+    prefilled per second of prefill, prefills run and their mean time and size."""
     work = {key: value - before[key] for key, value in engine.server.work_done().items()}
     return {"busy_s": {stage: round(work[f"{stage}_s"], 2) for stage in ("encode", "prefill", "decode")},
             "encode_ms_per_page": work["encode_s"] / pages * 1e3,
             "vision_pages_per_pass": work["vision_pages"] / max(work["vision_passes"], 1),
-            "prefill_tokens_s": work["prefill_tokens"] / max(work["prefill_s"], 1e-9)}
+            "prefill_tokens_s": work["prefill_tokens"] / max(work["prefill_s"], 1e-9),
+            "prefills": work["prefills"], "prefill_ms_each": work["prefill_s"] / max(work["prefills"], 1) * 1e3,
+            "pages_per_prefill": pages / max(work["prefills"], 1)}

@@ -11,7 +11,8 @@
 #              carries, so it may travel split (split -b 40M RAY.whl .whl/ray-a/RAY.whl.part-, the rest in
 #              .whl/ray-b/, one folder a call: ignored files stay on a warm machine); parts are joined here
 # Steps: kernels (bench_kernels' default ops, weighted_sum among them), weighted-sum (that op alone),
-# vision, engine, engine-rows256 (engine with 256 rows and a 110 GiB budget: its jobs and a 256-row step), engine-steps, service, numerics, stages, tests, bulk (one GPU), bulk-ray (2 GPUs);
+# vision, engine, timeline (the jobs, a trial of a shorter thread switch interval, and a window of the 256-page
+# job under the profiler: GPU time by stream and stage, benchmarks/timeline.py), engine-rows256 (engine with 256 rows and a 110 GiB budget: its jobs and a 256-row step), engine-steps, service, numerics, stages, tests, bulk (one GPU), bulk-ray (2 GPUs);
 # engine-ocr2 and numerics-ocr2 run engine and numerics on DeepSeek-OCR 2; jobs runs the 128-page job of
 # each model; vision-ocr2 runs vision on DeepSeek-OCR 2 (kernel tables of its vision pass and prefill under
 # $OUT/ocr2), then page-cost; page-cost counts one page's work for both models (CPU only, seconds).
@@ -50,6 +51,7 @@ for step in "$@"; do
     vision) python3 benchmarks/bench_vision.py --profile "$OUT" --json "$OUT/vision.json" 2>&1 | tee "$OUT/vision.log" ;;
     engine) python3 benchmarks/bench_engine.py "${ORIGINAL[@]}" --profile "$OUT" --json "$OUT/engine.json" 2>&1 | tee "$OUT/engine.log" ;;
     engine-rows256) DEEPSEEK_OCR_GPU_MEMORY_GIB=110 python3 benchmarks/bench_engine.py "${ORIGINAL[@]}" --batches 32 64 128 256 --profile "$OUT" --json "$OUT/engine-rows256.json" 2>&1 | tee "$OUT/engine-rows256.log" ;;
+    timeline) python3 benchmarks/bench_engine.py --skip steps agreement priority-trial --switch-interval-trial 0.5 --timeline "$OUT" --json "$OUT/timeline.json" 2>&1 | tee "$OUT/timeline.log" ;;
     engine-steps) python3 benchmarks/bench_engine.py --skip job --profile "$OUT" --json "$OUT/engine-steps.json" 2>&1 | tee "$OUT/engine-steps.log" ;;
     service) python3 benchmarks/bench_service.py --json "$OUT/service.json" 2>&1 | tee "$OUT/service.log" ;;
     numerics) python3 benchmarks/bench_numerics.py "${ORIGINAL[@]}" --json "$OUT/numerics.json" 2>&1 | tee "$OUT/numerics.log" ;;
@@ -62,7 +64,7 @@ for step in "$@"; do
     page-cost) python3 benchmarks/page_cost.py --json "$OUT/page-cost.json" 2>&1 | tee "$OUT/page-cost.log" ;;
     numerics-ocr2) python3 benchmarks/bench_numerics.py --model ocr2 "${ORIGINAL2[@]}" --json "$OUT/numerics-ocr2.json" 2>&1 | tee "$OUT/numerics-ocr2.log" ;;
     stages) python3 benchmarks/numerics_stages.py "${ORIGINAL[@]}" --json "$OUT/stages.json" 2>&1 | tee "$OUT/stages.log" ;;
-    bulk) python3 benchmarks/bench_bulk.py --json "$OUT/bulk.json" 2>&1 | tee "$OUT/bulk.log" ;;
+    bulk) python3 benchmarks/bench_bulk.py ${BULK_ARGS:-} --json "$OUT/bulk.json" 2>&1 | tee "$OUT/bulk.log" ;;
     bulk-ray) install_ray; python3 benchmarks/bench_bulk.py --ray --gpus 2 --json "$OUT/bulk-ray.json" 2>&1 | tee "$OUT/bulk-ray.log" ;;
     tests) python3 -m pytest -q -x tests/test_triton_kernels.py tests/test_generation.py tests/test_loop_stop.py 2>&1 | tee "$OUT/tests.log" ;;
     *) echo "unknown step $step" ;;

@@ -306,6 +306,8 @@ class LocalRun:
             return
         with self._lock:
             self._jobs.add(job)
+            # seconds from the start to the first document in the engine (what reading and rendering delay)
+            self.summary.extra.setdefault("first_submitted_s", time.monotonic() - self._started)
         if self.abandoning.is_set():
             job.cancel()
         self._finishers.submit(self._finish, source, content_hash, size, pages, job)
@@ -317,6 +319,8 @@ class LocalRun:
         try:
             try:
                 results = wait_for(job, self.settings.request_timeout_s)
+                with self._lock:  # the last document's pages decoded; what follows is writing it
+                    self.summary.extra["last_decoded_s"] = time.monotonic() - self._started
             except JobCancelled:
                 return  # abandoned: not committed
             except InputError as error:

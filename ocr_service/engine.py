@@ -49,7 +49,10 @@ from .presets import (
 )
 from .scheduler import BlockPool, SchedulingPolicy, Stage
 from .settings import Settings
-from .vision import Preprocessor, VisionWorker, limit_cpu_threads, pass_pixels, vision_pass_shapes
+from .vision import (
+    PREFILL_RANGE, DECODE_RANGE, Preprocessor, VisionWorker, limit_cpu_threads, pass_pixels, record_function,
+    vision_pass_shapes,
+)
 from .vision_compile import compile_vision_towers
 from .weights import model_in
 
@@ -424,6 +427,7 @@ class ServingLoop:
         # seconds the serving thread spent on each kind of device work (logged with the progress)
         self.busy_s = {"prefill": 0.0, "decode": 0.0}
         self.prefilled_tokens = 0  # prompt tokens (and resumed tokens) read by prefills
+        self.prefills = 0  # batched prefills run (their mean size: are admissions batched?)
         self.vision = VisionWorker(model, engine.translate_oom, max_pages_per_pass=self.PAGES_PER_VISION_PASS, log=log)
         self._last_progress = time.monotonic()
         self.thread = threading.Thread(target=self._run, name="deepseek-ocr-serving", daemon=True)
@@ -645,10 +649,12 @@ class ServingLoop:
             return
         started = time.monotonic()
         try:
-            self._prefill(admissions)
+            with record_function(PREFILL_RANGE):
+                self._prefill(admissions)
         finally:
             self.busy_s["prefill"] += time.monotonic() - started
             self.prefilled_tokens += sum(a.page.context_tokens for a in admissions)
+            self.prefills += 1
 
     def _prefill(self, admissions: list) -> None:
         entries = [self._entry(a.page, a.row) for a in admissions]
@@ -697,8 +703,9 @@ class ServingLoop:
         if live == 0:
             return
         started = time.monotonic()
-        self.batch.run(live, self.sync_every)
-        states = self.batch.read(live)
+        with record_function(DECODE_RANGE):
+            self.batch.run(live, self.sync_every)
+            states = self.batch.read(live)
         now = time.monotonic()
         self.busy_s["decode"] += now - started
         self.policy.observed({row: state.cache_length for row, state in enumerate(states)})
@@ -766,10 +773,10 @@ class ServingLoop:
 
     def work_done(self) -> dict:
         """Counts so far, for benchmarks to take differences of: busy seconds per stage (`busy_seconds`), vision
-        passes and the pages they held, prompt tokens prefilled."""
+        passes and the pages they held, prompt tokens prefilled and the prefills that read them."""
         return {**{f"{stage}_s": seconds for stage, seconds in self.busy_seconds().items()},
                 "vision_passes": self.vision.passes, "vision_pages": self.vision.pages,
-                "prefill_tokens": self.prefilled_tokens}
+                "prefill_tokens": self.prefilled_tokens, "prefills": self.prefills}
 
     def holdings(self) -> dict:
         """What the engine holds now (rows, blocks, pages waiting, predictions): all zero when idle."""

@@ -26,6 +26,11 @@ import torch
 
 from checkpoints.processing_deepseekocr import PromptInputs
 
+# Names of the stages' spans as a profiler sees them (the serving thread's prefills and decode rounds, the
+# vision worker's passes): benchmarks/timeline.py reads a job's GPU time by stage from them.
+VISION_RANGE, PREFILL_RANGE, DECODE_RANGE = "ocr.vision_pass", "ocr.prefill", "ocr.decode"
+record_function = torch.profiler.record_function
+
 # Pixels of views given to the towers in one call, with SAM's dense bias (the original's order): four
 # 1024×1024 views, or ten 640×640 tiles.
 MATERIALISED_PASS_PIXELS = 4 * 1024 * 1024
@@ -235,7 +240,9 @@ class VisionWorker:
                 break
             items.append(queued[2:])
         started = time.monotonic()
-        for result in self._encode(items):
+        with record_function(VISION_RANGE):
+            results = self._encode(items)
+        for result in results:
             self.results.put(result)
         elapsed = time.monotonic() - started
         self.busy_s += elapsed
