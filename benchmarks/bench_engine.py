@@ -272,6 +272,9 @@ def main():
     parser.add_argument("--profile", type=Path, help="folder for kernel profiles of one step (batch 1 and 128)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["job", "agreement", "steps", "priority-trial"],
                         help="priority-trial: no second run of the jobs with the vision stream ahead of the decode's")
+    parser.add_argument("--serving-priority-trial", action="store_true",
+                        help="a trial: the largest job once more with prefills and decode steps on a stream of "
+                             "higher priority than the vision worker's")
     parser.add_argument("--switch-interval-trial", type=float, metavar="MS",
                         help="a trial: the largest job once more with Python's thread switch interval at MS ms "
                              "(5 by default; the serving, vision and preprocessing threads share one interpreter)")
@@ -331,6 +334,16 @@ def main():
                           flush=True)
             finally:
                 vision.stream = served_stream
+    if args.serving_priority_trial and engine.device.type == "cuda":
+        # A trial: prefills and decode steps on a stream of higher priority than the vision worker's
+        pages = max(args.job_pages)
+        served_stream = engine.server.stream
+        engine.server.stream = torch.cuda.Stream(engine.device, priority=-1)  # taken at the next round
+        try:
+            ours["job_serving_priority_high"] = page_job(engine, pages, args.job_tokens)
+        finally:
+            engine.server.stream = served_stream
+        print("job, prefill and decode ahead of vision", json.dumps(ours["job_serving_priority_high"]), flush=True)
     if args.switch_interval_trial:
         pages = max(args.job_pages)
         served_interval = sys.getswitchinterval()
@@ -414,6 +427,11 @@ def main():
         print(f"| trial: {pages}-page job with the vision passes at a higher stream priority than decode, pages/s | "
               f"{job['pages_s']:.2f} (vision {job['encode_ms_per_page']:.1f} ms a page, prefill "
               f"{job['prefill_tokens_s']:,.0f} tokens/s) | – | – | |")
+    if "job_serving_priority_high" in ours:
+        job = ours["job_serving_priority_high"]
+        print(f"| trial: {job['pages']}-page job with prefills and decode steps at a higher stream priority than "
+              f"vision, pages/s | {job['pages_s']:.2f} (prefill {job['prefill_tokens_s']:,.0f} tokens/s, "
+              f"{job['prefill_ms_each']:.0f} ms each; vision {job['encode_ms_per_page']:.1f} ms a page) | – | – | |")
     if "job_switch_interval_trial" in ours:
         job = ours["job_switch_interval_trial"]
         print(f"| trial: {job['pages']}-page job with Python's thread switch interval at {job['switch_interval_ms']:g} "

@@ -10,6 +10,7 @@ Each rule has two implementations that decide the same thing:
 Shapes in comments: B rows, S history length, V vocabulary, W window, P longest loop period.
 """
 
+import copy
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Union
@@ -349,12 +350,23 @@ class BatchedLoopDetector:
         self.looping[rows] = False
 
     def update(self, next_tokens: torch.Tensor, active: Optional[torch.Tensor] = None,
-               first_row: int = 0) -> torch.Tensor:
-        """Record one generated token for rows first_row .. first_row + b - 1.
+               first_row: int = 0, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Record one generated token for rows first_row .. first_row + b - 1, or for the rows of the index
+        tensor `rows` [b].
 
         next_tokens [b] long; active [b] bool, False for rows whose sequence has already ended (their
-        state is left as it is). Returns those rows' `looping` [b] (a view).
+        state is left as it is). Returns those rows' `looping` [b] (a view of the state for a range of
+        rows, a copy for an index).
         """
+        if rows is not None:  # the same update on a copy of those rows, written back
+            state = [tensor.index_select(0, rows) for tensor in self.tensors()]
+            rows_state = copy.copy(self)  # the rule and its constants shared, the state its own
+            (rows_state.recent, rows_state.runs, rows_state.credits, rows_state.generated, rows_state.looping,
+             rows_state.keep_lengths) = state
+            looping = rows_state.update(next_tokens, active)
+            for tensor, value in zip(self.tensors(), state):
+                tensor.index_copy_(0, rows, value)
+            return looping
         rows = slice(first_row, first_row + next_tokens.shape[0])
         looping = self.looping[rows]  # [b]
         if not self.rule.enabled:

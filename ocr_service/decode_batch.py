@@ -169,58 +169,88 @@ class DecodeBatch:
     @torch.inference_mode()
     def admit(self, entries: list) -> None:
         """Prefill several sequences in one pass (their prompts packed, each attending to itself) and
-        set up their rows; a fresh sequence gets its first token here."""
-        device = self.device
-        packed, positions, slots, lengths, last = [], [], [], [], []
-        for entry in entries:
-            self.set_blocks(entry.row, entry.blocks)
+        set up their rows; a fresh sequence gets its first token here.
+
+        Nothing here waits for the device: every integer the admission needs goes up in one copy from pinned
+        memory before the prefill is launched, and the rows are started from device tensors. (A copy from
+        pageable memory waits for every kernel queued before it on this stream; behind a vision pass on the
+        other stream, each such copy waited for that pass, and admitting a dozen pages took the whole pass.)"""
+        block_size, width = self.block_size, self.history.shape[1]
+        packed, positions, slots, lengths = [], [], [], []
+        tables = torch.zeros(len(entries), self.block_tables.shape[1], dtype=torch.long)
+        histories = torch.full((len(entries), width), -1, dtype=torch.long)  # each row's ids, then -1
+        for index, entry in enumerate(entries):
             context = entry.embeds
             if entry.generated_tokens:  # resuming: recompute the cache of the tokens it had, but the last
-                resumed = torch.tensor(entry.generated_tokens[:-1], dtype=torch.long, device=device)
+                resumed = self._upload(torch.tensor(entry.generated_tokens[:-1], dtype=torch.long))
                 context = torch.cat([context, self.model.model.embed_tokens(resumed).to(context.dtype)])
             length = context.shape[0]
             table = torch.tensor(entry.blocks, dtype=torch.long)
+            tables[index, :len(entry.blocks)] = table
+            ids = torch.cat([entry.prompt_ids.long(), torch.tensor(entry.generated_tokens, dtype=torch.long)])
+            histories[index, :ids.shape[0]] = ids
             span = torch.arange(length)
-            slots.append(table[span // self.block_size] * self.block_size + span % self.block_size)
+            slots.append(table[span // block_size] * block_size + span % block_size)
             packed.append(context)
             positions.append(span)
             lengths.append(length)
-            last.append(sum(lengths) - 1)
-        self.cache.batch = PagedBatch(positions=torch.cat(positions).to(device), slots=torch.cat(slots).to(device),
-                                      prompt_lengths=tuple(lengths))
-        logits = self.model.forward_paged(torch.cat(packed).to(self.dtype), self.cache,
-                                          torch.tensor(last, device=device))  # [n, V]
+        prompt_lengths = torch.tensor([entry.prompt_ids.shape[0] for entry in entries])
+        rows_host = torch.tensor([entry.row for entry in entries])
+        last = torch.tensor(lengths).cumsum(0) - 1
+        columns = [tables, histories, torch.cat(positions), torch.cat(slots), last, rows_host, prompt_lengths,
+                   torch.tensor(lengths), torch.tensor([entry.max_new_tokens for entry in entries])]
+        uploaded = self._upload(torch.cat([column.reshape(-1) for column in columns]))
+        tables, histories, positions, slots, last, rows, prompt_lengths, cache_lengths, limits = [
+            part.view(column.shape) for part, column in zip(uploaded.split([c.numel() for c in columns]), columns)]
+        self.block_tables.index_copy_(0, rows, tables.int())
+        self.history.index_copy_(0, rows, histories)
+        self.cache.batch = PagedBatch(positions=positions, slots=slots, prompt_lengths=tuple(lengths))
+        logits = self.model.forward_paged(torch.cat(packed).to(self.dtype), self.cache, last)  # [n, V]
+        self.prompt_lengths.index_copy_(0, rows, prompt_lengths)
+        self.limits.index_copy_(0, rows, limits)
+        self.positions.index_copy_(0, rows, cache_lengths)
+        fresh = [index for index, entry in enumerate(entries) if not entry.generated_tokens]
+        if fresh:
+            if len(fresh) < len(entries):  # some resume (after a preemption: rare)
+                pick = self._upload(torch.tensor(fresh))
+                logits, rows, prompt_lengths, limits = (t.index_select(0, pick) for t in (logits, rows, prompt_lengths,
+                                                                                          limits))
+            self._start_fresh_rows(rows, logits, prompt_lengths, limits)
         for index, entry in enumerate(entries):
-            self._start_row(entry, logits[index:index + 1], lengths[index])
+            if entry.generated_tokens:
+                self._resume_row(entry)
 
-    def _start_row(self, entry: Entry, logits: torch.Tensor, cache_length: int) -> None:
-        row, prompt = entry.row, entry.prompt_ids.to(self.device)
-        ids = torch.cat([prompt, torch.tensor(entry.generated_tokens, dtype=torch.long, device=self.device)])
-        self.history[row].fill_(-1)
-        self.history[row, :ids.shape[0]] = ids
-        self.prompt_lengths[row] = prompt.shape[0]
-        self.limits[row] = entry.max_new_tokens
-        self.positions[row] = cache_length
-        if entry.generated_tokens:  # resuming: its next input is the last token it had chosen
-            self.lengths[row] = ids.shape[0]
-            self.tokens[row] = entry.generated_tokens[-1]
-            self.stop_codes[row] = RUNNING
-            self._restore_loop_state(row, entry.generated_tokens)
-            return
-        self.lengths[row] = prompt.shape[0]
-        rows = slice(row, row + 1)
-        logits = mask_repeated_ngrams(logits, self.history[rows, :-1], self.lengths[rows], self.prompt_lengths[rows],
-                                      self.repetition)
-        first = logits.argmax(dim=-1)  # [1]
-        self.history[row, prompt.shape[0]] = first[0]
-        self.lengths[row] = prompt.shape[0] + 1
-        self.tokens[row] = first[0]
+    def _upload(self, host: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the device, without waiting for this stream's queued kernels (from pinned memory)."""
+        if self.device.type != "cuda":
+            return host.to(self.device)
+        return host.pin_memory().to(self.device, non_blocking=True)
+
+    def _start_fresh_rows(self, rows: torch.Tensor, logits: torch.Tensor, prompt_lengths: torch.Tensor,
+                          limits: torch.Tensor) -> None:
+        """Rows [n] just prefilled from their prompts: each row's first token from its logits [n, V] (the
+        repetition guard, then the greedy choice), its lengths, loop detector and stop state."""
+        logits = mask_repeated_ngrams(logits, self.history.index_select(0, rows)[:, :-1], prompt_lengths,
+                                      prompt_lengths, self.repetition)
+        first = logits.argmax(dim=-1)  # [n]
+        self.history[rows, prompt_lengths] = first
+        self.lengths.index_copy_(0, rows, prompt_lengths + 1)
+        self.tokens.index_copy_(0, rows, first)
         if self.loops is not None:
-            self.loops.reset(row)
-            self.loops.update(first, first_row=row)  # one token is never a loop
-        limit_reached = torch.tensor(entry.max_new_tokens <= 1, device=self.device)
-        self.stop_codes[row] = torch.where(first[0] == self.eos, STOP_CODES[STOP_EOS],
-                                           torch.where(limit_reached, STOP_CODES[STOP_MAX_NEW_TOKENS], RUNNING))
+            self.loops.reset(rows)
+            self.loops.update(first, rows=rows)  # one token is never a loop
+        stop = torch.where(first == self.eos, STOP_CODES[STOP_EOS],
+                           torch.where(limits <= 1, STOP_CODES[STOP_MAX_NEW_TOKENS], RUNNING))
+        self.stop_codes.index_copy_(0, rows, stop)
+
+    def _resume_row(self, entry: Entry) -> None:
+        """A row prefilled from its prompt and the tokens it had generated: its next input is the last token it
+        had chosen, and its loop detector is as it was."""
+        row, tokens = entry.row, entry.generated_tokens
+        self.lengths[row] = entry.prompt_ids.shape[0] + len(tokens)
+        self.tokens[row] = tokens[-1]
+        self.stop_codes[row] = RUNNING
+        self._restore_loop_state(row, tokens)
 
     def _restore_loop_state(self, row: int, tokens: list) -> None:
         """A resumed row's loop detector, as it was: the host detector replays the tokens and its counters
@@ -242,7 +272,7 @@ class DecodeBatch:
         """A row's block table: its blocks in order, the rest the scratch block."""
         table = torch.zeros(self.block_tables.shape[1], dtype=torch.int32)
         table[:len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
-        self.block_tables[row] = table.to(self.device)
+        self.block_tables[row] = self._upload(table)
 
     # ------------------------------------------------------------------ synchronisation points
 

@@ -369,6 +369,8 @@ class ServingLoop:
     # (the rule: SchedulingPolicy.goes_first), so a newcomer waits for at most the pass under way, not for
     # every page queued before it.
     PAGES_PER_VISION_PASS = 16
+    # CUDA stream priority of the prefills and decode steps (lower is higher; the vision worker's is 0).
+    STREAM_PRIORITY = 0
     ENCODING_PAGES = 32
     # Pages preprocessed ahead of the encoder, beyond those in the workers' hands: preprocessing is faster
     # than encoding, and unbounded it would hold every waiting page's views in pinned host memory (the
@@ -429,6 +431,8 @@ class ServingLoop:
         self.prefilled_tokens = 0  # prompt tokens (and resumed tokens) read by prefills
         self.prefills = 0  # batched prefills run (their mean size: are admissions batched?)
         self.vision = VisionWorker(model, engine.translate_oom, max_pages_per_pass=self.PAGES_PER_VISION_PASS, log=log)
+        self.stream = (torch.cuda.Stream(engine.device, priority=self.STREAM_PRIORITY)
+                       if engine.device.type == "cuda" else None)
         self._last_progress = time.monotonic()
         self.thread = threading.Thread(target=self._run, name="deepseek-ocr-serving", daemon=True)
         self.thread.start()
@@ -534,6 +538,8 @@ class ServingLoop:
     @torch.inference_mode()  # inference mode is per thread: this one needs it too
     def _run(self) -> None:
         while True:
+            if self.stream is not None:
+                torch.cuda.set_stream(self.stream)  # per thread: prefills and decode steps go there
             try:
                 self._round()
             except Exception as error:  # the engine's own failure: every job in flight fails with it

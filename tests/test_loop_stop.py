@@ -310,6 +310,30 @@ def test_batched_detector_decides_like_the_host_one(rule):
     assert loops > 20
 
 
+def test_batched_detector_updates_rows_named_by_an_index_like_a_range_of_rows():
+    # The engine starts the rows it admits together, wherever they are, with one update by index.
+    rng = random.Random(3)
+    rows, vocab = 5, 3
+    by_range, by_index = BatchedLoopDetector(SMALL_RULE, rows), BatchedLoopDetector(SMALL_RULE, rows)
+    order = torch.tensor([3, 0, 4, 1, 2])
+    loops = 0
+    for step in range(400):
+        tokens = torch.tensor([rng.randrange(vocab) if rng.random() < 0.3 else step % 2 for _ in range(rows)])
+        active = torch.tensor([rng.random() < 0.9 for _ in range(rows)])
+        looping = by_range.update(tokens, active)
+        split = rng.randrange(1, rows)
+        for part in (order[:split], order[split:]):  # two index updates: each row once, in another order
+            assert torch.equal(by_index.update(tokens[part], active[part], rows=part), looping[part].clone())
+        for expected, actual in zip(by_range.tensors(), by_index.tensors()):
+            assert torch.equal(expected, actual), step
+        finished = [row for row in range(rows) if bool(by_range.looping[row])]
+        loops += len(finished)
+        if finished:
+            by_range.reset(torch.tensor(finished))
+            by_index.reset(torch.tensor(finished))
+    assert loops > 10
+
+
 def test_batched_detector_on_real_pages_and_loops(tiny_tokenizer):
     pages = [make_page(tiny_tokenizer) for make_page in REAL_PAGES]
     phrase = text(tiny_tokenizer, "Sales rose by ten percent. ")
