@@ -209,6 +209,35 @@ def vision_pass(engine: OCREngine, pages: int, out: Path = None) -> dict:
             "flops_per_page": flops}
 
 
+TRIALS = {
+    "serving-priority-high": "prefills and decode steps on a stream of higher priority than the vision worker's",
+    "no-launch-turn": "the vision worker and the serving thread launching at the same time (no launch turn)",
+    "preprocess-workers-4": "4 preprocessing workers",
+}
+
+
+def start_trial(engine: OCREngine, trial: str) -> Callable[[], None]:
+    """Changes the running engine for a trial (taken from its next round on); returns what puts it back."""
+    import contextlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    server = engine.server
+    if trial == "serving-priority-high":
+        served = server.stream
+        server.stream = torch.cuda.Stream(engine.device, priority=-1)
+        return lambda: setattr(server, "stream", served)
+    if trial == "no-launch-turn":
+        served = server.launch_turn
+        server.launch_turn = server.vision.launch_turn = contextlib.nullcontext()
+        return lambda: (setattr(server, "launch_turn", served), setattr(server.vision, "launch_turn", served))
+    if trial == "preprocess-workers-4":
+        preprocessor = server.preprocessor
+        served = preprocessor.pool, preprocessor.workers
+        preprocessor.pool, preprocessor.workers = ThreadPoolExecutor(4, thread_name_prefix="trial-preprocess"), 4
+        return lambda: (setattr(preprocessor, "pool", served[0]), setattr(preprocessor, "workers", served[1]))
+    raise ValueError(trial)
+
+
 def page_job(engine: OCREngine, pages: int, tokens: int, on_start: Callable[[], None] = lambda: None) -> dict:
     """One job of `pages` A4 pages, with what the engine did during it: busy seconds per stage (the encoder
     works beside prefill and decode), vision passes and their mean size, prompt tokens prefilled per second
@@ -272,9 +301,9 @@ def main():
     parser.add_argument("--profile", type=Path, help="folder for kernel profiles of one step (batch 1 and 128)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["job", "agreement", "steps", "priority-trial"],
                         help="priority-trial: no second run of the jobs with the vision stream ahead of the decode's")
-    parser.add_argument("--serving-priority-trial", action="store_true",
-                        help="a trial: the largest job once more with prefills and decode steps on a stream of "
-                             "higher priority than the vision worker's")
+    parser.add_argument("--trial", nargs="*", default=[], choices=sorted(TRIALS),
+                        help="the largest job once more with one thing changed: " + "; ".join(
+                            f"{name}: {what}" for name, what in TRIALS.items()))
     parser.add_argument("--switch-interval-trial", type=float, metavar="MS",
                         help="a trial: the largest job once more with Python's thread switch interval at MS ms "
                              "(5 by default; the serving, vision and preprocessing threads share one interpreter)")
@@ -334,16 +363,15 @@ def main():
                           flush=True)
             finally:
                 vision.stream = served_stream
-    if args.serving_priority_trial and engine.device.type == "cuda":
-        # A trial: prefills and decode steps on a stream of higher priority than the vision worker's
+    for trial in args.trial:
+        # Trials, each on the largest job: something the serving loop does, changed for one job and put back
         pages = max(args.job_pages)
-        served_stream = engine.server.stream
-        engine.server.stream = torch.cuda.Stream(engine.device, priority=-1)  # taken at the next round
+        undo = start_trial(engine, trial)
         try:
-            ours["job_serving_priority_high"] = page_job(engine, pages, args.job_tokens)
+            ours.setdefault("trials", {})[trial] = page_job(engine, pages, args.job_tokens)
         finally:
-            engine.server.stream = served_stream
-        print("job, prefill and decode ahead of vision", json.dumps(ours["job_serving_priority_high"]), flush=True)
+            undo()
+        print(f"job, trial {trial}", json.dumps(ours["trials"][trial]), flush=True)
     if args.switch_interval_trial:
         pages = max(args.job_pages)
         served_interval = sys.getswitchinterval()
@@ -427,11 +455,10 @@ def main():
         print(f"| trial: {pages}-page job with the vision passes at a higher stream priority than decode, pages/s | "
               f"{job['pages_s']:.2f} (vision {job['encode_ms_per_page']:.1f} ms a page, prefill "
               f"{job['prefill_tokens_s']:,.0f} tokens/s) | – | – | |")
-    if "job_serving_priority_high" in ours:
-        job = ours["job_serving_priority_high"]
-        print(f"| trial: {job['pages']}-page job with prefills and decode steps at a higher stream priority than "
-              f"vision, pages/s | {job['pages_s']:.2f} (prefill {job['prefill_tokens_s']:,.0f} tokens/s, "
-              f"{job['prefill_ms_each']:.0f} ms each; vision {job['encode_ms_per_page']:.1f} ms a page) | – | – | |")
+    for trial, job in ours.get("trials", {}).items():
+        print(f"| trial: {job['pages']}-page job, {TRIALS[trial]}, pages/s | {job['pages_s']:.2f} (prefill "
+              f"{job['prefill_tokens_s']:,.0f} tokens/s, {job['prefill_ms_each']:.0f} ms each; vision "
+              f"{job['encode_ms_per_page']:.1f} ms a page, passes of {job['vision_pages_per_pass']:.1f}) | – | – | |")
     if "job_switch_interval_trial" in ours:
         job = ours["job_switch_interval_trial"]
         print(f"| trial: {job['pages']}-page job with Python's thread switch interval at {job['switch_interval_ms']:g} "

@@ -11,7 +11,7 @@
 #              carries, so it may travel split (split -b 40M RAY.whl .whl/ray-a/RAY.whl.part-, the rest in
 #              .whl/ray-b/, one folder a call: ignored files stay on a warm machine); parts are joined here
 # Steps: kernels (bench_kernels' default ops, weighted_sum among them), weighted-sum (that op alone),
-# vision, engine, timeline (the jobs, a trial of prefill and decode at a higher stream priority, and a window of the 256-page
+# vision, engine, timeline (the jobs, trials of the serving loop's choices, and a window of the 256-page
 # job under the profiler: GPU time by stream and stage, benchmarks/timeline.py), engine-rows256 (engine with 256 rows and a 110 GiB budget: its jobs and a 256-row step), engine-steps, service, numerics, stages, tests, bulk (one GPU), bulk-ray (2 GPUs);
 # engine-ocr2 and numerics-ocr2 run engine and numerics on DeepSeek-OCR 2; jobs runs the 128-page job of
 # each model; vision-ocr2 runs vision on DeepSeek-OCR 2 (kernel tables of its vision pass and prefill under
@@ -51,7 +51,7 @@ for step in "$@"; do
     vision) python3 benchmarks/bench_vision.py --profile "$OUT" --json "$OUT/vision.json" 2>&1 | tee "$OUT/vision.log" ;;
     engine) python3 benchmarks/bench_engine.py "${ORIGINAL[@]}" --profile "$OUT" --json "$OUT/engine.json" 2>&1 | tee "$OUT/engine.log" ;;
     engine-rows256) DEEPSEEK_OCR_GPU_MEMORY_GIB=110 python3 benchmarks/bench_engine.py "${ORIGINAL[@]}" --batches 32 64 128 256 --profile "$OUT" --json "$OUT/engine-rows256.json" 2>&1 | tee "$OUT/engine-rows256.log" ;;
-    timeline) python3 benchmarks/bench_engine.py --skip steps priority-trial --serving-priority-trial --timeline "$OUT" --json "$OUT/timeline.json" 2>&1 | tee "$OUT/timeline.log" ;;
+    timeline) python3 benchmarks/bench_engine.py --skip steps priority-trial --trial serving-priority-high no-launch-turn preprocess-workers-4 --switch-interval-trial 0.2 --timeline "$OUT" --json "$OUT/timeline.json" 2>&1 | tee "$OUT/timeline.log" ;;
     engine-steps) python3 benchmarks/bench_engine.py --skip job --profile "$OUT" --json "$OUT/engine-steps.json" 2>&1 | tee "$OUT/engine-steps.log" ;;
     service) python3 benchmarks/bench_service.py --json "$OUT/service.json" 2>&1 | tee "$OUT/service.log" ;;
     numerics) python3 benchmarks/bench_numerics.py "${ORIGINAL[@]}" --json "$OUT/numerics.json" 2>&1 | tee "$OUT/numerics.log" ;;

@@ -430,7 +430,11 @@ class ServingLoop:
         self.busy_s = {"prefill": 0.0, "decode": 0.0}
         self.prefilled_tokens = 0  # prompt tokens (and resumed tokens) read by prefills
         self.prefills = 0  # batched prefills run (their mean size: are admissions batched?)
-        self.vision = VisionWorker(model, engine.translate_oom, max_pages_per_pass=self.PAGES_PER_VISION_PASS, log=log)
+        # Held while this thread launches a prefill or decode steps, and by the vision worker while it launches
+        # the towers: the two take turns at the interpreter (VisionWorker).
+        self.launch_turn = threading.Lock()
+        self.vision = VisionWorker(model, engine.translate_oom, max_pages_per_pass=self.PAGES_PER_VISION_PASS, log=log,
+                                   launch_turn=self.launch_turn)
         self.stream = (torch.cuda.Stream(engine.device, priority=self.STREAM_PRIORITY)
                        if engine.device.type == "cuda" else None)
         self._last_progress = time.monotonic()
@@ -665,7 +669,7 @@ class ServingLoop:
     def _prefill(self, admissions: list) -> None:
         entries = [self._entry(a.page, a.row) for a in admissions]
         try:
-            with self.engine.translate_oom("reading the prompts"):
+            with self.engine.translate_oom("reading the prompts"), self.launch_turn:
                 self.batch.admit(entries)
         except Exception as error:
             if len(entries) == 1:
@@ -675,7 +679,7 @@ class ServingLoop:
                 if admission.page.stage is not Stage.RUNNING:
                     continue  # its prediction failed meanwhile: its row and blocks went back to the pool
                 try:
-                    with self.engine.translate_oom("reading the prompt"):
+                    with self.engine.translate_oom("reading the prompt"), self.launch_turn:
                         self.batch.admit([entry])
                 except Exception as error:
                     self._admission_failed(admission.page, entry, error)
@@ -710,7 +714,8 @@ class ServingLoop:
             return
         started = time.monotonic()
         with record_function(DECODE_RANGE):
-            self.batch.run(live, self.sync_every)
+            with self.launch_turn:
+                self.batch.run(live, self.sync_every)
             states = self.batch.read(live)
         now = time.monotonic()
         self.busy_s["decode"] += now - started
