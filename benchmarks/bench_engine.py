@@ -213,13 +213,13 @@ TRIALS = {
     "serving-priority-high": "prefills and decode steps on a stream of higher priority than the vision worker's",
     "no-launch-turn": "the vision worker and the serving thread launching at the same time (no launch turn)",
     "preprocess-workers-4": "4 preprocessing workers",
-    "preprocess-threads": "preprocessing in threads of the serving process (not processes of their own)",
 }
 
 
 def start_trial(engine: OCREngine, trial: str) -> Callable[[], None]:
     """Changes the running engine for a trial (taken from its next round on); returns what puts it back."""
     import contextlib
+    from concurrent.futures import ThreadPoolExecutor
 
     server = engine.server
     if trial == "serving-priority-high":
@@ -230,14 +230,11 @@ def start_trial(engine: OCREngine, trial: str) -> Callable[[], None]:
         served = server.launch_turn
         server.launch_turn = server.vision.launch_turn = contextlib.nullcontext()
         return lambda: (setattr(server, "launch_turn", served), setattr(server.vision, "launch_turn", served))
-    if trial in ("preprocess-workers-4", "preprocess-threads"):
-        from ocr_service.vision import Preprocessor
-
-        served = server.preprocessor
-        workers = 4 if trial == "preprocess-workers-4" else served.workers
-        server.preprocessor = Preprocessor(engine.model, engine.tokenizer, workers, pin=served.pin,
-                                           processes=served.processes and trial != "preprocess-threads")
-        return lambda: (server.preprocessor.close(), setattr(server, "preprocessor", served))
+    if trial == "preprocess-workers-4":
+        preprocessor = server.preprocessor
+        served = preprocessor.pool, preprocessor.workers
+        preprocessor.pool, preprocessor.workers = ThreadPoolExecutor(4, thread_name_prefix="trial-preprocess"), 4
+        return lambda: (setattr(preprocessor, "pool", served[0]), setattr(preprocessor, "workers", served[1]))
     raise ValueError(trial)
 
 

@@ -392,11 +392,7 @@ class ServingLoop:
         self.vision_compile: Optional[dict] = None  # seconds, graphs and view sizes of the compile (None: eager)
         if engine.compiles_vision:
             self.vision_compile = engine.compile_vision()
-        on_gpu = engine.device.type == "cuda"
-        started = time.monotonic()
-        self.preprocessor = Preprocessor(engine.model, engine.tokenizer, workers, pin=on_gpu, processes=on_gpu)
-        if on_gpu:
-            log(f"started {workers} preprocessing processes in {time.monotonic() - started:.1f} s")
+        self.preprocessor = Preprocessor(engine.model, engine.tokenizer, workers, pin=engine.device.type == "cuda")
         model = engine.model
         config = model.config
         block_bytes = PagedKVCache.bytes_per_block(config.num_hidden_layers, config.num_key_value_heads,

@@ -17,15 +17,13 @@ original's order (a dense bias of (side/16)⁴ values per head and view) calls s
 
 import contextlib
 import itertools
-import multiprocessing
 import queue
 import threading
 import time
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional, Sequence
 
 import torch
-import torch.multiprocessing  # noqa: F401 (tensors sent between processes go through shared memory)
 
 from checkpoints.processing_deepseekocr import PromptInputs
 
@@ -75,75 +73,24 @@ def limit_cpu_threads(workers: int, cores: int) -> None:
     torch.set_num_threads(max(1, cores // max(workers, 1)))
 
 
-_WORKER: dict = {}  # in a preprocessing process: the model's processing module and the tokenizer
-
-
-def _start_preprocessing_process(processing_module: str, tokenizer) -> None:
-    import importlib
-
-    torch.set_num_threads(1)  # a process per page in flight: one core each
-    _WORKER["processing"], _WORKER["tokenizer"] = importlib.import_module(processing_module), tokenizer
-
-
-def _prepare_in_process(image, prompt: str, base_size: int, image_size: int, crop_mode: bool) -> PromptInputs:
-    # What the model's `prepare_inputs` is: its processing module's `build_prompt_inputs` (tests compare them)
-    return _WORKER["processing"].build_prompt_inputs(_WORKER["tokenizer"], prompt, [image], base_size, image_size,
-                                                     crop_mode, raw_pixels=True)
-
-
-def _process_started() -> bool:
-    return bool(_WORKER)
-
-
 class Preprocessor:
     """A bounded pool that turns (image, prompt, preset) into PromptInputs (views and token ids) by the model's
     own `prepare_inputs`, the views as uint8 pixels and, for a GPU, in pinned memory: the resizing and cutting
     is done here, in parallel; the vision pass copies the pixels to the device (half the bytes of bf16) and
     normalises them there by the model's own table (`views_for_towers`), which gives the numbers the
-    original computes on the CPU, bit for bit, without a CPU pass over every pixel in float32.
+    original computes on the CPU, bit for bit, without a CPU pass over every pixel in float32."""
 
-    With `processes` (a GPU host) the pool's workers are processes of their own, which send the views back
-    through shared memory; they are pinned here. As threads, twelve workers held the interpreter lock often
-    enough that the two threads that launch the GPU's work (serving, vision) waited for it at nearly every
-    operator: in a 256-page job four workers made the prefills faster and twelve were needed to keep the encoder
-    fed (README "Performance"). Spawned, not forked: the serving process has CUDA running."""
-
-    def __init__(self, model, tokenizer, workers: int, pin: bool = False, processes: bool = False):
-        self.model, self.tokenizer, self.pin, self.processes = model, tokenizer, pin, processes
+    def __init__(self, model, tokenizer, workers: int, pin: bool = False):
+        self.model, self.tokenizer, self.pin = model, tokenizer, pin
         self.workers = max(1, workers)
-        if processes:
-            self.pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                            initializer=_start_preprocessing_process,
-                                            initargs=(model.processing.__name__, tokenizer))
-            # every process started now (each imports torch: seconds), not by the first pages
-            for started in [self.pool.submit(_process_started) for _ in range(self.workers)]:
-                started.result()
-        else:
-            self.pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="deepseek-ocr-preprocess")
+        self.pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="deepseek-ocr-preprocess")
 
-    def submit(self, image, prompt: str, resolution) -> Future:
-        if not self.processes:
-            return self.pool.submit(self._prepare, image, prompt, resolution)
-        ready = Future()
-
-        def pin(prepared: Future) -> None:  # in the pool's own thread, as each page comes back
-            try:
-                ready.set_result(self._pinned(prepared.result()))
-            except BaseException as error:
-                ready.set_exception(error)
-
-        self.pool.submit(_prepare_in_process, image, prompt, resolution.base_size, resolution.image_size,
-                         resolution.crop_mode).add_done_callback(pin)
-        return ready
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
+    def submit(self, image, prompt: str, resolution):
+        return self.pool.submit(self._prepare, image, prompt, resolution)
 
     def _prepare(self, image, prompt: str, resolution) -> PromptInputs:
-        return self._pinned(self.model.prepare_inputs(self.tokenizer, prompt, [image], resolution.base_size,
-                                                      resolution.image_size, resolution.crop_mode, raw_pixels=True))
-
-    def _pinned(self, inputs: PromptInputs) -> PromptInputs:
+        inputs = self.model.prepare_inputs(self.tokenizer, prompt, [image], resolution.base_size,
+                                           resolution.image_size, resolution.crop_mode, raw_pixels=True)
         for views in inputs.images:
             views.global_view = self._ready(views.global_view)
             if views.has_tiles:

@@ -50,30 +50,3 @@ def test_encoding_shipped_pixels_equals_encoding_the_models_own_views(model_and_
            for image in images]
     for from_pixels, from_views in zip(encode_prompts(model, shipped), encode_prompts(model, own)):
         assert torch.equal(from_pixels, from_views)
-
-
-def test_preprocessing_processes_give_what_the_model_prepares_in_this_process(model_and_tokenizer):
-    # A GPU host preprocesses in processes of its own (the views come back through shared memory); a refused
-    # page's error comes back as it would here.
-    model, tokenizer = model_and_tokenizer
-    preset = gundam(model)
-    images = [document_image(900, 1300, seed=7), document_image(640, 480, seed=8)]
-    in_processes = Preprocessor(model, tokenizer, 2, processes=True)
-    try:
-        futures = [in_processes.submit(image, PROMPT, preset) for image in images]
-        refused = in_processes.submit(document_image(900, 1300, seed=9), "no image token here", preset)
-        for future, image in zip(futures, images):
-            shipped, own = future.result(timeout=120), Preprocessor(model, tokenizer, 1)._prepare(image, PROMPT, preset)
-            assert torch.equal(shipped.input_ids, own.input_ids)
-            assert torch.equal(shipped.image_mask, own.image_mask)
-            for came, made in zip(shipped.images, own.images):
-                assert torch.equal(came.global_view, made.global_view)
-                assert (came.tiles is None) == (made.tiles is None)
-                assert came.tiles is None or torch.equal(came.tiles, made.tiles)
-        with pytest.raises(Exception) as raised:
-            refused.result(timeout=120)
-        with pytest.raises(Exception) as here:
-            Preprocessor(model, tokenizer, 1)._prepare(document_image(900, 1300, seed=9), "no image token here", preset)
-        assert type(raised.value) is type(here.value) and str(raised.value) == str(here.value)
-    finally:
-        in_processes.close()
