@@ -18,7 +18,7 @@ sequence, head and split of the sequence, then a reduction of the splits), or wi
 blocks and a masked SDPA elsewhere, which is the definition.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -41,10 +41,25 @@ class PagedBatch:
     seq_lens: Optional[torch.Tensor] = None  # [B] int32
     # Prefill only: the packed prompts' lengths, in order (host integers: they shape the computation).
     prompt_lengths: Optional[tuple] = None
+    _length_groups: Optional[list] = field(default=None, repr=False)  # made by the first layer, read by the rest
 
     @property
     def is_prefill(self) -> bool:
         return self.prompt_lengths is not None
+
+    def length_groups(self, device) -> list:
+        """(length, prompts, index [prompts · length] of their packed tokens) for each prompt length: the
+        same for every layer, so made once per forward (a prefill of a dozen pages launched ~170 operators
+        a forward building them layer after layer)."""
+        if self._length_groups is None:
+            starts, by_length = 0, {}
+            for length in self.prompt_lengths:
+                by_length.setdefault(length, []).append(starts)
+                starts += length
+            self._length_groups = [
+                (length, len(group), torch.cat([torch.arange(s, s + length, device=device) for s in group]))
+                for length, group in by_length.items()]
+        return self._length_groups
 
 
 class PagedKVCache:
@@ -70,7 +85,7 @@ class PagedKVCache:
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         store_kv(keys, values, k, v, batch.slots)
         if batch.is_prefill:
-            return prefill_attention(q, k, v, batch.prompt_lengths)
+            return prefill_attention(q, k, v, batch.length_groups(q.device))
         return paged_decode_attention(q, keys, values, batch.block_tables, batch.seq_lens)
 
 
@@ -86,21 +101,15 @@ def store_kv(keys: torch.Tensor, values: torch.Tensor, k: torch.Tensor, v: torch
     values[blocks, :, offsets] = v
 
 
-def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: tuple) -> torch.Tensor:
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length_groups: list) -> torch.Tensor:
     """Causal attention of packed prompts over their own tokens: q [T, H, Dh], k/v [T, Hkv, Dh] → [T, H, Dh].
 
-    Prompts of the same length (pages of one preset and tile grid) share one SDPA call.
+    Prompts of the same length (pages of one preset and tile grid) share one SDPA call: `length_groups` is
+    `PagedBatch.length_groups`.
     """
     out = torch.empty_like(q)
-    starts = [0]
-    for length in lengths:
-        starts.append(starts[-1] + length)
-    by_length: dict = {}
-    for index, length in enumerate(lengths):
-        by_length.setdefault(length, []).append(starts[index])
-    for length, group_starts in by_length.items():
-        index = torch.cat([torch.arange(s, s + length, device=q.device) for s in group_starts])
-        shape = (len(group_starts), length)
+    for length, prompts, index in length_groups:
+        shape = (prompts, length)
         qs = q[index].unflatten(0, shape).transpose(1, 2)  # [G, H, L, Dh]
         ks = k[index].unflatten(0, shape).transpose(1, 2)
         vs = v[index].unflatten(0, shape).transpose(1, 2)
