@@ -145,6 +145,18 @@ def summarise(trace: dict) -> dict:
                    for stage, intervals in by_stage.items()},
     }
     summary["gpu_idle_ms"] = summary["window_ms"] - summary["gpu_busy_ms"]
+    # The GPU's idle stretches, by the stage ranges open meanwhile (which threads had work in hand and were
+    # not launching it)
+    open_ranges = sorted((s, e, name) for thread in ranges.values() for s, e, name in thread)
+    idle_by = defaultdict(float)
+    reach = None
+    for start, end in sorted(everything):
+        if reach is not None and start > reach:
+            middle = (reach + start) / 2
+            key = "+".join(sorted({name for s, e, name in open_ranges if s <= middle <= e})) or "none"
+            idle_by[key] += (start - reach) * ms
+        reach = end if reach is None else max(reach, end)
+    summary["gpu_idle_ms_by_open_stages"] = {key: round(value, 1) for key, value in sorted(idle_by.items())}
     vision = by_stage.get("ocr.vision_pass", [])
     serving = by_stage.get("ocr.prefill", []) + by_stage.get("ocr.decode", [])
     summary["vision_with_serving_ms"] = _overlap(vision, serving) * ms
@@ -168,6 +180,9 @@ def print_summary(summary: dict, label: str) -> None:
     print(f"timeline of {label}: window {summary.get('window_ms', 0):.0f} ms, GPU busy {summary.get('gpu_busy_ms', 0):.0f} "
           f"ms, idle {summary.get('gpu_idle_ms', 0):.0f} ms, encoder and serving kernels at once "
           f"{summary.get('vision_with_serving_ms', 0):.0f} ms", flush=True)
+    if summary.get("gpu_idle_ms_by_open_stages"):
+        print("  GPU idle while these stages' ranges were open, ms: " + ", ".join(
+            f"{key} {value:.0f}" for key, value in summary["gpu_idle_ms_by_open_stages"].items()), flush=True)
     for stage, numbers in summary.get("stages", {}).items():
         line = (f"  {stage}: {numbers['kernels']} kernels, {numbers['kernel_ms']:.0f} ms of kernels, busy "
                 f"{numbers['busy_ms']:.0f} ms")
@@ -178,3 +193,9 @@ def print_summary(summary: dict, label: str) -> None:
         print(line, flush=True)
         for milliseconds, name in numbers["top"][:5]:
             print(f"      {milliseconds:8.2f} ms  {name}", flush=True)
+
+
+if __name__ == "__main__":  # a stored trace read again: python -m benchmarks.timeline TRACE.json.gz
+    import sys
+
+    print_summary(summarise(load(Path(sys.argv[1]))), sys.argv[1])
