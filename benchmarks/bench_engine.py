@@ -17,6 +17,10 @@ On the device machine (see README "Performance"):
 1024 global view and 768 tiles). `--original` holds the original remote-code .py files of that model
 (fetched, never committed) and `--original-site` a site-packages folder with transformers 4.46.3 for them;
 the original runs in a subprocess. `--size tiny` runs the whole script on a tiny checkpoint (a CPU smoke test).
+
+`--trial NAME ...` runs the largest job once more for each named change to the serving loop (`TRIALS`), in
+the same process and run as the job it is compared with; `--timeline DIR` runs it once more with a window of it
+under the profiler (`benchmarks/timeline.py`: GPU time by stream and engine stage, the trace kept in DIR).
 """
 
 import argparse
