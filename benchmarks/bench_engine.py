@@ -217,6 +217,8 @@ TRIALS = {
     "serving-priority-high": "prefills and decode steps on a stream of higher priority than the vision worker's",
     "no-launch-turn": "the vision worker and the serving thread launching at the same time (no launch turn)",
     "preprocess-workers-4": "4 preprocessing workers",
+    # (5 ms by default; the serving, vision and preprocessing threads share one interpreter)
+    "switch-interval-0.2ms": "Python's thread switch interval at 0.2 ms",
 }
 
 
@@ -239,6 +241,10 @@ def start_trial(engine: OCREngine, trial: str) -> Callable[[], None]:
         served = preprocessor.pool, preprocessor.workers
         preprocessor.pool, preprocessor.workers = ThreadPoolExecutor(4, thread_name_prefix="trial-preprocess"), 4
         return lambda: (setattr(preprocessor, "pool", served[0]), setattr(preprocessor, "workers", served[1]))
+    if trial == "switch-interval-0.2ms":
+        served = sys.getswitchinterval()
+        sys.setswitchinterval(0.0002)
+        return lambda: sys.setswitchinterval(served)
     raise ValueError(trial)
 
 
@@ -308,9 +314,6 @@ def main():
     parser.add_argument("--trial", nargs="*", default=[], choices=sorted(TRIALS),
                         help="the largest job once more with one thing changed: " + "; ".join(
                             f"{name}: {what}" for name, what in TRIALS.items()))
-    parser.add_argument("--switch-interval-trial", type=float, metavar="MS",
-                        help="a trial: the largest job once more with Python's thread switch interval at MS ms "
-                             "(5 by default; the serving, vision and preprocessing threads share one interpreter)")
     parser.add_argument("--timeline", type=Path, help="folder: the largest job once more with a window of it "
                         "under the profiler (benchmarks/timeline.py), its trace and GPU time by stage")
     parser.add_argument("--timeline-window", type=float, nargs=2, default=[3.0, 2.0], metavar=("START_S", "LENGTH_S"))
@@ -376,17 +379,6 @@ def main():
         finally:
             undo()
         print(f"job, trial {trial}", json.dumps(ours["trials"][trial]), flush=True)
-    if args.switch_interval_trial:
-        pages = max(args.job_pages)
-        served_interval = sys.getswitchinterval()
-        sys.setswitchinterval(args.switch_interval_trial / 1e3)
-        try:
-            ours["job_switch_interval_trial"] = {"switch_interval_ms": args.switch_interval_trial,
-                                                 **page_job(engine, pages, args.job_tokens)}
-        finally:
-            sys.setswitchinterval(served_interval)
-        print(f"job, thread switch interval {args.switch_interval_trial:g} ms",
-              json.dumps(ours["job_switch_interval_trial"]), flush=True)
     if args.timeline:
         from benchmarks.timeline import print_summary, profile_window
 
@@ -463,11 +455,6 @@ def main():
         print(f"| trial: {job['pages']}-page job, {TRIALS[trial]}, pages/s | {job['pages_s']:.2f} (prefill "
               f"{job['prefill_tokens_s']:,.0f} tokens/s, {job['prefill_ms_each']:.0f} ms each; vision "
               f"{job['encode_ms_per_page']:.1f} ms a page, passes of {job['vision_pages_per_pass']:.1f}) | – | – | |")
-    if "job_switch_interval_trial" in ours:
-        job = ours["job_switch_interval_trial"]
-        print(f"| trial: {job['pages']}-page job with Python's thread switch interval at {job['switch_interval_ms']:g} "
-              f"ms, pages/s | {job['pages_s']:.2f} (prefill {job['prefill_tokens_s']:,.0f} tokens/s, "
-              f"{job['prefill_ms_each']:.0f} ms each) | – | – | |")
     if "agreement" in ours:
         agree = ours["agreement"]
         print(f"| bf16 greedy tokens, batched engine = plain generate_tokens | {agree['same']}/{agree['compared']} "
