@@ -16,7 +16,7 @@ Shapes in comments: R rows, S positions per sequence, V vocabulary, D hidden.
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -49,6 +49,21 @@ class Entry:
 
 
 @dataclass
+class MemoryBudget:
+    """What the decode batch's KV cache may take. On a GPU (`gpu_gib` set): the process's whole budget there,
+    weights and the largest vision pass and prefill included, on a card of `card_bytes`; on the CPU:
+    `cpu_cache_gib` of cache."""
+
+    cpu_cache_gib: float
+    gpu_gib: Optional[float] = None
+    card_bytes: Optional[int] = None
+    # Kept free beyond the measured peak: the captured graphs' buffers, and what the caching allocator holds
+    # beyond what is allocated, which grows with two streams allocating side by side (sized from what a long
+    # many-page job reserved beyond its allocations).
+    headroom_gib: float = 5.0
+
+
+@dataclass
 class RowState:
     """What the host reads of a row at a synchronisation point."""
 
@@ -62,6 +77,9 @@ class DecodeBatch:
                  use_cuda_graphs: Optional[bool] = None):
         config = model.config
         self.model = model
+        self.num_blocks = num_blocks  # of the cache's pool (block 0, the scratch block, beside them)
+        self.block_bytes = PagedKVCache.bytes_per_block(config.num_hidden_layers, config.num_key_value_heads,
+                                                        config.head_dim, block_size, model.lm_head.weight.dtype)
         self.device = model.lm_head.weight.device
         self.dtype = model.lm_head.weight.dtype
         self.max_rows, self.max_seq_len, self.block_size = max_rows, max_seq_len, block_size
@@ -85,6 +103,42 @@ class DecodeBatch:
         self.use_cuda_graphs = self.device.type == "cuda" if use_cuda_graphs is None else use_cuda_graphs
         self._graphs: dict = {}
         self._pool = None
+
+    # ------------------------------------------------------------------ the cache's size
+
+    @classmethod
+    def within_budget(cls, model, budget: MemoryBudget, block_size: int, max_rows: int, max_seq_len: int,
+                      growth_tokens: int, prefill_tokens: int, other_work: Callable[[], None],
+                      **batch_options) -> "DecodeBatch":
+        """A batch whose KV cache takes what `budget` leaves: on a GPU, after the weights and the peak of
+        `other_work()` (what runs beside the decode: the largest vision pass) and of the largest prefill
+        (`prefill_tokens`), each measured by running it once, and the budget's headroom; never more than every
+        row at its longest. On a GPU the budget also becomes the allocator's cap. `growth_tokens`: what a
+        sequence grows by between two looks at it (a pool that cannot hold one sequence that long is refused,
+        naming the setting to raise). `batch_options`: the rest of `DecodeBatch`'s arguments."""
+        config = model.config
+        dtype, device = model.lm_head.weight.dtype, model.lm_head.weight.device
+        block_bytes = PagedKVCache.bytes_per_block(config.num_hidden_layers, config.num_key_value_heads,
+                                                   config.head_dim, block_size, dtype)
+        useful = max_rows * math.ceil(max_seq_len / block_size)  # every row at its longest
+        if budget.gpu_gib is None:
+            blocks = min(useful, int(budget.cpu_cache_gib * 2**30 // block_bytes))
+            if blocks * block_size <= 2 * growth_tokens:
+                raise RuntimeError(f"DEEPSEEK_OCR_CPU_CACHE_GIB={budget.cpu_cache_gib:g} holds {blocks} cache "
+                                   f"block(s) of {block_size} positions: too few for any page; raise it")
+            return cls(model, blocks, block_size, max_rows, max_seq_len, **batch_options)
+        limit = min(budget.gpu_gib * 2**30, 0.92 * budget.card_bytes)
+        peak = _peak_beside_cache(model, block_size, max_seq_len, prefill_tokens, other_work)
+        blocks = min(useful, int((limit - peak - budget.headroom_gib * 2**30) // block_bytes))
+        if blocks * block_size < max_seq_len + growth_tokens:
+            raise RuntimeError(f"DEEPSEEK_OCR_GPU_MEMORY_GIB={budget.gpu_gib:g} leaves no room for the KV "
+                               f"cache (the model and its work need {peak / 2**30:.1f} GiB): raise it")
+        # What is allocated stays within the budget by the sizing above; what the caching allocator keeps
+        # reserved beside it (blocks freed on one stream wait for that stream, sizes vary pass to pass) would
+        # not. As a cap, the allocator gives cached blocks back rather than go beyond the budget.
+        device_index = torch.cuda.current_device() if device.index is None else device.index
+        torch.cuda.set_per_process_memory_fraction(limit / budget.card_bytes, device_index)
+        return cls(model, blocks, block_size, max_rows, max_seq_len, **batch_options)
 
     # ------------------------------------------------------------------ the decode step
 
@@ -311,3 +365,35 @@ class DecodeBatch:
         for tensor in self._state() + [self.prompt_lengths, self.limits, self.block_tables]:
             tensor[target] = tensor[source]
         self.clear(source)
+
+
+@torch.inference_mode()
+def _peak_beside_cache(model, block_size: int, max_seq_len: int, prefill_tokens: int,
+                       other_work: Callable[[], None]) -> int:
+    """GPU bytes the weights, `other_work()` and a prefill of `prefill_tokens` take at their peaks (the two run
+    on two streams side by side: their peaks add), measured by running each on dummy inputs."""
+    config = model.config
+    dtype, device = model.lm_head.weight.dtype, model.lm_head.weight.device
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    other_work()
+    torch.cuda.synchronize()
+    beside = torch.cuda.max_memory_allocated() - base
+    torch.cuda.reset_peak_memory_stats()
+    blocks = math.ceil(prefill_tokens / block_size) + 1
+    cache = PagedKVCache(config.num_hidden_layers, blocks, config.num_key_value_heads, config.head_dim,
+                         block_size, dtype, device)
+    cache_bytes = cache.keys.numel() * cache.keys.element_size() * 2
+    model.model.rotary.table(max_seq_len, device, dtype)
+    lengths = [1300] * (prefill_tokens // 1300) + [prefill_tokens % 1300]
+    positions = torch.cat([torch.arange(n) for n in lengths if n]).to(device)
+    cache.batch = PagedBatch(positions=positions, slots=torch.arange(prefill_tokens, device=device) + block_size,
+                             prompt_lengths=tuple(n for n in lengths if n))
+    embeds = torch.zeros(prefill_tokens, config.hidden_size, device=device, dtype=dtype)
+    model.forward_paged(embeds, cache, torch.tensor([prefill_tokens - 1], device=device))
+    torch.cuda.synchronize()
+    prefill = torch.cuda.max_memory_allocated() - base - cache_bytes
+    del cache, embeds
+    torch.cuda.empty_cache()
+    return base + beside + prefill

@@ -20,7 +20,6 @@ model's plain `generate_tokens` (the readable reference path).
 import contextlib
 import json
 import os
-import math
 import queue
 import threading
 import time
@@ -39,10 +38,9 @@ import checkpoints  # noqa: E402
 from checkpoints.generation import (
     DEFAULT_LOOP_STOP, LOOP_STOP_OFF, ORIGINAL_NO_REPEAT_RULE, SERVING_NO_REPEAT_RULE, STOP_EOS, STOP_REPETITION,
 )
-from checkpoints.paged_attention import PagedBatch, PagedKVCache
 from checkpoints.processing_deepseekocr import IMAGE_TOKEN
 
-from .decode_batch import DecodeBatch, Entry
+from .decode_batch import DecodeBatch, Entry, MemoryBudget
 from .errors import InputError
 from .presets import (
     DEFAULT_RESOLUTION, DEFAULT_TASK_TYPE, Resolution, build_prompt, model_presets, resolution as preset_resolution,
@@ -61,10 +59,6 @@ MAX_NEW_TOKENS = 8192
 # Longest sequence a row can hold: the longest prompt of either model (the first model's Gundam 3×3 tiles,
 # 1,203 image tokens, plus the text of a Locate prompt with its longest reference) and MAX_NEW_TOKENS.
 MAX_SEQUENCE = MAX_NEW_TOKENS + 2048
-# Kept free beyond the measured peak: the captured graphs' buffers, and what the caching allocator holds
-# beyond what is allocated, which grows with two streams allocating side by side (sized from what a long
-# many-page job reserved beyond its allocations).
-HEADROOM_GIB = 5.0
 
 
 @dataclass
@@ -394,15 +388,16 @@ class ServingLoop:
             self.vision_compile = engine.compile_vision()
         self.preprocessor = Preprocessor(engine.model, engine.tokenizer, workers, pin=engine.device.type == "cuda")
         model = engine.model
-        config = model.config
-        block_bytes = PagedKVCache.bytes_per_block(config.num_hidden_layers, config.num_key_value_heads,
-                                                   config.head_dim, BLOCK_SIZE, engine.dtype)
         self.card_bytes = (torch.cuda.get_device_properties(engine.device).total_memory
                            if engine.device.type == "cuda" else None)  # None: not on a GPU
         self.max_rows, self.budget_gib = settings.rows_and_budget(self.card_bytes)
-        blocks = self._cache_blocks(block_bytes)
-        self.batch = DecodeBatch(model, blocks, BLOCK_SIZE, self.max_rows, MAX_SEQUENCE, engine.repetition,
-                                 engine.loop_rule, engine.eos)
+        on_gpu = engine.device.type == "cuda"
+        budget = MemoryBudget(settings.cpu_cache_gib, self.budget_gib if on_gpu else None, self.card_bytes)
+        self.batch = DecodeBatch.within_budget(
+            model, budget, BLOCK_SIZE, self.max_rows, MAX_SEQUENCE, growth_tokens=self.sync_every + 1,
+            prefill_tokens=settings.prefill_tokens, other_work=self._largest_vision_pass,
+            repetition=engine.repetition, loop_rule=engine.loop_rule, eos_token_id=engine.eos)
+        blocks, block_bytes = self.batch.num_blocks, self.batch.block_bytes
         self.policy = SchedulingPolicy(BlockPool(blocks, BLOCK_SIZE), self.max_rows, max_waiting=2 * self.max_rows,
                                        prefill_tokens=settings.prefill_tokens, growth_tokens=self.sync_every + 1,
                                        max_ahead=workers + self.PREPROCESSED_AHEAD)
@@ -470,64 +465,13 @@ class ServingLoop:
 
     # ------------------------------------------------------------------ memory
 
-    def _cache_blocks(self, block_bytes: int) -> int:
-        """Blocks of KV cache the memory budget leaves after the weights, the largest vision pass and
-        the largest prefill (measured by running them once), and the graphs' buffers."""
-        engine, settings = self.engine, self.engine.settings
-        useful = self.max_rows * math.ceil(MAX_SEQUENCE / BLOCK_SIZE)  # every row at its longest
-        if engine.device.type != "cuda":
-            blocks = min(useful, int(settings.cpu_cache_gib * 2**30 // block_bytes))
-            if blocks * BLOCK_SIZE <= 2 * (self.sync_every + 1):
-                raise RuntimeError(f"DEEPSEEK_OCR_CPU_CACHE_GIB={settings.cpu_cache_gib:g} holds {blocks} cache "
-                                   f"block(s) of {BLOCK_SIZE} positions: too few for any page; raise it")
-            return blocks
-        total = self.card_bytes
-        budget = min(self.budget_gib * 2**30, 0.92 * total)
-        peak = self._profile_peak()
-        free_for_cache = budget - peak - HEADROOM_GIB * 2**30
-        blocks = min(useful, int(free_for_cache // block_bytes))
-        if blocks * BLOCK_SIZE < MAX_SEQUENCE + self.sync_every + 1:
-            raise RuntimeError(f"DEEPSEEK_OCR_GPU_MEMORY_GIB={self.budget_gib:g} leaves no room for the KV "
-                               f"cache (the model and its work need {peak / 2**30:.1f} GiB): raise it")
-        # What is allocated stays within the budget by the sizing above; what the caching allocator keeps
-        # reserved beside it (blocks freed on one stream wait for that stream, sizes vary pass to pass) would
-        # not. As a cap, the allocator gives cached blocks back rather than go beyond the budget.
-        device_index = torch.cuda.current_device() if engine.device.index is None else engine.device.index
-        torch.cuda.set_per_process_memory_fraction(budget / total, device_index)
-        return blocks
-
-    @torch.inference_mode()
-    def _profile_peak(self) -> int:
-        """Peak memory with the weights, one vision pass and one full prefill at once (they run on two
-        streams side by side), measured by running each on dummy inputs."""
-        engine = self.engine
-        model, settings = engine.model, engine.settings
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        for views in vision_pass_shapes(model, self.PAGES_PER_VISION_PASS, pass_pixels(model)):
-            model.model.encode_views(torch.zeros(views, device=engine.device, dtype=engine.dtype))
-        torch.cuda.synchronize()
-        vision = torch.cuda.max_memory_allocated() - base
-        torch.cuda.reset_peak_memory_stats()
-        tokens = settings.prefill_tokens
-        blocks = math.ceil(tokens / BLOCK_SIZE) + 1
-        config = model.config
-        cache = PagedKVCache(config.num_hidden_layers, blocks, config.num_key_value_heads, config.head_dim,
-                             BLOCK_SIZE, engine.dtype, engine.device)
-        cache_bytes = cache.keys.numel() * cache.keys.element_size() * 2
-        model.model.rotary.table(MAX_SEQUENCE, engine.device, engine.dtype)
-        lengths = [1300] * (tokens // 1300) + [tokens % 1300]
-        positions = torch.cat([torch.arange(n) for n in lengths if n]).to(engine.device)
-        cache.batch = PagedBatch(positions=positions, slots=torch.arange(tokens, device=engine.device) + BLOCK_SIZE,
-                                 prompt_lengths=tuple(n for n in lengths if n))
-        embeds = torch.zeros(tokens, config.hidden_size, device=engine.device, dtype=engine.dtype)
-        model.forward_paged(embeds, cache, torch.tensor([tokens - 1], device=engine.device))
-        torch.cuda.synchronize()
-        prefill = torch.cuda.max_memory_allocated() - base - cache_bytes
-        del cache, embeds
-        torch.cuda.empty_cache()
-        return base + vision + prefill
+    def _largest_vision_pass(self) -> None:
+        """The vision encoder's largest calls, on dummy views: what runs beside the decode batch (its memory is
+        measured as the cache is sized, `DecodeBatch.within_budget`)."""
+        model, engine = self.engine.model, self.engine
+        with torch.inference_mode():
+            for views in vision_pass_shapes(model, self.PAGES_PER_VISION_PASS, pass_pixels(model)):
+                model.model.encode_views(torch.zeros(views, device=engine.device, dtype=engine.dtype))
 
     # ------------------------------------------------------------------ requests from other threads
 
