@@ -78,8 +78,7 @@ class DecodeBatch:
         config = model.config
         self.model = model
         self.num_blocks = num_blocks  # of the cache's pool (block 0, the scratch block, beside them)
-        self.block_bytes = PagedKVCache.bytes_per_block(config.num_hidden_layers, config.num_key_value_heads,
-                                                        config.head_dim, block_size, model.lm_head.weight.dtype)
+        self.block_bytes = _block_bytes(model, block_size)
         self.device = model.lm_head.weight.device
         self.dtype = model.lm_head.weight.dtype
         self.max_rows, self.max_seq_len, self.block_size = max_rows, max_seq_len, block_size
@@ -116,10 +115,8 @@ class DecodeBatch:
         row at its longest. On a GPU the budget also becomes the allocator's cap. `growth_tokens`: what a
         sequence grows by between two looks at it (a pool that cannot hold one sequence that long is refused,
         naming the setting to raise). `batch_options`: the rest of `DecodeBatch`'s arguments."""
-        config = model.config
-        dtype, device = model.lm_head.weight.dtype, model.lm_head.weight.device
-        block_bytes = PagedKVCache.bytes_per_block(config.num_hidden_layers, config.num_key_value_heads,
-                                                   config.head_dim, block_size, dtype)
+        device = model.lm_head.weight.device
+        block_bytes = _block_bytes(model, block_size)
         useful = max_rows * math.ceil(max_seq_len / block_size)  # every row at its longest
         if budget.gpu_gib is None:
             blocks = min(useful, int(budget.cpu_cache_gib * 2**30 // block_bytes))
@@ -365,6 +362,13 @@ class DecodeBatch:
         for tensor in self._state() + [self.prompt_lengths, self.limits, self.block_tables]:
             tensor[target] = tensor[source]
         self.clear(source)
+
+
+def _block_bytes(model, block_size: int) -> int:
+    """Bytes of one cache block of `model`'s decoder, every layer's keys and values."""
+    config = model.config
+    return PagedKVCache.bytes_per_block(config.num_hidden_layers, config.num_key_value_heads, config.head_dim,
+                                        block_size, model.lm_head.weight.dtype)
 
 
 @torch.inference_mode()

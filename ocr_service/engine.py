@@ -392,17 +392,18 @@ class ServingLoop:
                            if engine.device.type == "cuda" else None)  # None: not on a GPU
         self.max_rows, self.budget_gib = settings.rows_and_budget(self.card_bytes)
         on_gpu = engine.device.type == "cuda"
+        growth = self.sync_every + 1  # tokens a sequence may grow by between two looks at it
         budget = MemoryBudget(settings.cpu_cache_gib, self.budget_gib if on_gpu else None, self.card_bytes)
         self.batch = DecodeBatch.within_budget(
-            model, budget, BLOCK_SIZE, self.max_rows, MAX_SEQUENCE, growth_tokens=self.sync_every + 1,
+            model, budget, BLOCK_SIZE, self.max_rows, MAX_SEQUENCE, growth_tokens=growth,
             prefill_tokens=settings.prefill_tokens, other_work=self._largest_vision_pass,
             repetition=engine.repetition, loop_rule=engine.loop_rule, eos_token_id=engine.eos)
         blocks, block_bytes = self.batch.num_blocks, self.batch.block_bytes
         self.policy = SchedulingPolicy(BlockPool(blocks, BLOCK_SIZE), self.max_rows, max_waiting=2 * self.max_rows,
-                                       prefill_tokens=settings.prefill_tokens, growth_tokens=self.sync_every + 1,
+                                       prefill_tokens=settings.prefill_tokens, growth_tokens=growth,
                                        max_ahead=workers + self.PREPROCESSED_AHEAD)
         # The longest sequence a page may ask for: a row's block table, and the whole pool.
-        self.capacity = min(MAX_SEQUENCE, blocks * BLOCK_SIZE - self.sync_every - 1)
+        self.capacity = min(MAX_SEQUENCE, blocks * BLOCK_SIZE - growth)
         started = time.monotonic()
         graphs = self.batch.capture_all()
         if graphs:
