@@ -376,6 +376,7 @@ class ServingLoop:
     def __init__(self, engine: OCREngine, log: Callable[[str], None]):
         self.engine, self.log = engine, log
         settings = engine.settings
+        on_gpu = engine.device.type == "cuda"
         self.sync_every = settings.sync_every
         workers = settings.preprocess_workers
         if engine.limits_cpu_threads:
@@ -386,12 +387,11 @@ class ServingLoop:
         self.vision_compile: Optional[dict] = None  # seconds, graphs and view sizes of the compile (None: eager)
         if engine.compiles_vision:
             self.vision_compile = engine.compile_vision()
-        self.preprocessor = Preprocessor(engine.model, engine.tokenizer, workers, pin=engine.device.type == "cuda")
+        self.preprocessor = Preprocessor(engine.model, engine.tokenizer, workers, pin=on_gpu)
         model = engine.model
         self.card_bytes = (torch.cuda.get_device_properties(engine.device).total_memory
-                           if engine.device.type == "cuda" else None)  # None: not on a GPU
+                           if on_gpu else None)  # None: not on a GPU
         self.max_rows, self.budget_gib = settings.rows_and_budget(self.card_bytes)
-        on_gpu = engine.device.type == "cuda"
         growth = self.sync_every + 1  # tokens a sequence may grow by between two looks at it
         budget = MemoryBudget(settings.cpu_cache_gib, self.budget_gib if on_gpu else None, self.card_bytes)
         self.batch = DecodeBatch.within_budget(
@@ -410,8 +410,8 @@ class ServingLoop:
             log(f"captured {graphs} CUDA graphs of the decode step in {time.monotonic() - started:.1f} s")
         log(f"KV cache: {blocks} blocks of {BLOCK_SIZE} positions ({blocks * block_bytes / 2**30:.1f} GiB), "
             f"up to {self.max_rows} sequences at once"
-            + (f", within a {self.budget_gib:g} GiB budget" if engine.device.type == "cuda" else ""))
-        if engine.device.type == "cuda":
+            + (f", within a {self.budget_gib:g} GiB budget" if on_gpu else ""))
+        if on_gpu:
             started = time.monotonic()
             self.warm_admission()
             log(f"ran a prefill of dummy prompts in {time.monotonic() - started:.1f} s (its kernels ready for the "
@@ -432,7 +432,7 @@ class ServingLoop:
         self.vision = VisionWorker(model, engine.translate_oom, max_pages_per_pass=self.PAGES_PER_VISION_PASS, log=log,
                                    launch_turn=self.launch_turn)
         self.stream = (torch.cuda.Stream(engine.device, priority=self.STREAM_PRIORITY)
-                       if engine.device.type == "cuda" else None)
+                       if on_gpu else None)
         self._last_progress = time.monotonic()
         self.thread = threading.Thread(target=self._run, name="deepseek-ocr-serving", daemon=True)
         self.thread.start()
