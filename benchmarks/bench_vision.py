@@ -11,9 +11,11 @@ Vision variants, each on the views of 16 A4 pages (Gundam: 16 global 1024 views 
 the first model, of 768 for OCR 2):
 - materialised: SAM's relative positions as a dense bias passed to SDPA (the original's order), eager;
 - folded: the relative positions folded into the attention kernel (`folded_relative_attention`), eager;
-- folded, CUDA graphs: the same captured once per pass shape and replayed;
+- folded, CUDA graphs: the same replayed as the engine replays them (`GraphedTowers`: graphs of powers of two
+  of views, captured at the first call, whose seconds are in "first call");
 - folded, compiled blocks (served): the towers' repeated blocks compiled as the engine compiles them at load
-  (`DEEPSEEK_OCR_VISION=compiled`, `ocr_service/vision_compile.py`; "first call" is the compile's seconds);
+  (`DEEPSEEK_OCR_VISION=compiled`, `ocr_service/vision_compile.py`; "first call" is the compile's seconds),
+  and those replayed as CUDA graphs, the engine's default (`DEEPSEEK_OCR_VISION_GRAPHS`);
 - folded, compiled: `torch.compile` of the whole towers, with --compile (compile time reported).
 Each variant's features are compared with the materialised path's and with a float32 run of the towers.
 
@@ -49,6 +51,7 @@ from ocr_service.decode_batch import DecodeBatch, Entry  # noqa: E402
 from ocr_service.presets import Resolution  # noqa: E402
 from ocr_service.vision import Preprocessor, views_for_towers  # noqa: E402
 from ocr_service.vision_compile import compile_vision_towers, uncompile_vision_towers  # noqa: E402
+from ocr_service.vision_graphs import GraphedTowers  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU for a smoke run (--size tiny)
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
@@ -95,32 +98,6 @@ def vision_flops(model, views: list) -> float:
     return float(counter.get_total_flops())
 
 
-class GraphedTowers:
-    """encode_views captured as one CUDA graph per input shape, replayed on a static input buffer."""
-
-    def __init__(self, inner):
-        self.inner, self.graphs, self.pool = inner, {}, None
-
-    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        key = tuple(pixels.shape)
-        if key not in self.graphs:
-            static_in = pixels.clone()
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                self.inner.encode_views(static_in)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                static_out = self.inner.encode_views(static_in)
-            self.pool = graph.pool()
-            self.graphs[key] = (graph, static_in, static_out)
-        graph, static_in, static_out = self.graphs[key]
-        static_in.copy_(pixels)
-        graph.replay()
-        return static_out.clone()  # the next replay overwrites it
-
-
 def vision_variants(model, model_name: str, tokenizer, pages: int, chunks: dict, compile_too: bool,
                     profile_out: Path = None) -> dict:
     preprocessor = Preprocessor(model, tokenizer, 1)
@@ -134,6 +111,20 @@ def vision_variants(model, model_name: str, tokenizer, pages: int, chunks: dict,
     stage_two_name, compose = STAGE_TWO_ENCODERS[model_name]
     one_page = [groups[global_size][:1], groups[tile_size][:groups[tile_size].shape[0] // pages]]
     flops = vision_flops(model, one_page)
+
+    def graphed(encode_chunks_of):
+        """The towers as the engine replays them (`GraphedTowers`), captured at the first call for calls of
+        `encode_chunks_of(size)` views."""
+        towers = None
+
+        def encode(pixels):
+            nonlocal towers
+            if towers is None:
+                towers = GraphedTowers(model, {size: min(encode_chunks_of(size), views.shape[0])
+                                               for size, views in groups.items()})
+                towers.capture()
+            return towers(pixels)
+        return encode
 
     def run(encode, chunk_of):
         out = {}
@@ -156,10 +147,9 @@ def vision_variants(model, model_name: str, tokenizer, pages: int, chunks: dict,
         variants = [("materialised, eager", False, inner.encode_views, today)]
         for name, chunk in chunks.items():
             variants.append((f"folded, eager, {name}", True, inner.encode_views, chunk))
-        graphed = GraphedTowers(inner)
         if DEVICE == "cuda":
             for name, chunk in chunks.items():
-                variants.append((f"folded, CUDA graphs, {name}", True, graphed, chunk))
+                variants.append((f"folded, CUDA graphs, {name}", True, graphed(chunk), chunk))
         base = None
 
         def record(name: str, out: dict, seconds: float, first_s: float, **extra) -> None:
@@ -182,7 +172,7 @@ def vision_variants(model, model_name: str, tokenizer, pages: int, chunks: dict,
             if base is None:
                 base = out
             record(name, out, seconds, first_s)
-        graphed.graphs.clear()
+        variants.clear()  # the graphs' memory
         model.model.sam_model.use_relative_positions("folded")
         compiled_table = ""
         try:  # the served path (DEEPSEEK_OCR_VISION=compiled): the towers' blocks compiled, as the engine does
@@ -193,6 +183,16 @@ def vision_variants(model, model_name: str, tokenizer, pages: int, chunks: dict,
                 seconds = timed(lambda: run(inner.encode_views, chunk))
                 record(f"folded, compiled blocks (served), {name}", out, seconds, compiled_report["seconds"],
                        graphs=compiled_report["graphs"])
+            if DEVICE == "cuda":  # and replayed as CUDA graphs, as the engine does by default
+                chunk = chunks["one pass per view size"]
+                encode = graphed(chunk)
+                started = time.perf_counter()
+                out = run(encode, chunk)
+                sync()
+                first_s = time.perf_counter() - started
+                seconds = timed(lambda: run(encode, chunk))
+                record("folded, compiled blocks, CUDA graphs (served), one pass per view size", out, seconds, first_s)
+                del encode
             if profile_out is not None:
                 compiled_table = kernel_table(lambda: run(inner.encode_views, chunks["one pass per view size"]),
                                               profile_out.with_name("profile_vision_compiled.txt"), 25)

@@ -51,7 +51,7 @@ for step in "$@"; do
     vision) python3 benchmarks/bench_vision.py --profile "$OUT" --json "$OUT/vision.json" 2>&1 | tee "$OUT/vision.log" ;;
     engine) python3 benchmarks/bench_engine.py "${ORIGINAL[@]}" --profile "$OUT" --json "$OUT/engine.json" 2>&1 | tee "$OUT/engine.log" ;;
     engine-rows256) DEEPSEEK_OCR_GPU_MEMORY_GIB=110 python3 benchmarks/bench_engine.py "${ORIGINAL[@]}" --batches 32 64 128 256 --profile "$OUT" --json "$OUT/engine-rows256.json" 2>&1 | tee "$OUT/engine-rows256.log" ;;
-    timeline) python3 benchmarks/bench_engine.py --skip steps priority-trial --trial serving-priority-high no-launch-turn preprocess-workers-4 switch-interval-0.2ms --timeline "$OUT" --json "$OUT/timeline.json" 2>&1 | tee "$OUT/timeline.log" ;;
+    timeline) python3 benchmarks/bench_engine.py --skip steps priority-trial --trial ${TRIALS:-vision-towers-called no-launch-turn} --timeline "$OUT" --json "$OUT/timeline.json" 2>&1 | tee "$OUT/timeline.log" ;;
     engine-steps) python3 benchmarks/bench_engine.py --skip job --profile "$OUT" --json "$OUT/engine-steps.json" 2>&1 | tee "$OUT/engine-steps.log" ;;
     service) python3 benchmarks/bench_service.py --json "$OUT/service.json" 2>&1 | tee "$OUT/service.log" ;;
     numerics) python3 benchmarks/bench_numerics.py "${ORIGINAL[@]}" --json "$OUT/numerics.json" 2>&1 | tee "$OUT/numerics.log" ;;
@@ -66,7 +66,7 @@ for step in "$@"; do
     stages) python3 benchmarks/numerics_stages.py "${ORIGINAL[@]}" --json "$OUT/stages.json" 2>&1 | tee "$OUT/stages.log" ;;
     bulk) python3 benchmarks/bench_bulk.py ${BULK_ARGS:-} --json "$OUT/bulk.json" 2>&1 | tee "$OUT/bulk.log" ;;
     bulk-ray) install_ray; python3 benchmarks/bench_bulk.py --ray --gpus 2 --json "$OUT/bulk-ray.json" 2>&1 | tee "$OUT/bulk-ray.log" ;;
-    tests) python3 -m pytest -q -x tests/test_triton_kernels.py tests/test_generation.py tests/test_loop_stop.py 2>&1 | tee "$OUT/tests.log" ;;
+    tests) python3 -m pytest -q -x tests/test_triton_kernels.py tests/test_generation.py tests/test_loop_stop.py tests/test_vision_graphs.py 2>&1 | tee "$OUT/tests.log" ;;
     *) echo "unknown step $step" ;;
   esac
 done

@@ -52,6 +52,7 @@ from .vision import (
     vision_pass_shapes,
 )
 from .vision_compile import compile_vision_towers
+from .vision_graphs import GraphedTowers
 from .weights import model_in
 
 BLOCK_SIZE = 64  # cache positions per block
@@ -149,6 +150,13 @@ class OCREngine:
     def compiles_vision(self) -> bool:
         """The batched engine compiles the vision towers at load on CUDA (DEEPSEEK_OCR_VISION=compiled)."""
         return self.device.type == "cuda" and self.settings.vision == "compiled"
+
+    @property
+    def graphs_vision(self) -> bool:
+        """The batched engine replays the vision towers as CUDA graphs on CUDA (DEEPSEEK_OCR_VISION_GRAPHS), unless
+        they run in the original's order: its bit-identity holds for its own calls of the towers."""
+        return (self.device.type == "cuda" and self.settings.vision_graphs
+                and self.settings.vision != "original")
 
     def compile_vision(self) -> Optional[dict]:
         """The towers compiled at load (`vision_compile.py`); if compiling fails the engine serves them eagerly,
@@ -385,10 +393,16 @@ class ServingLoop:
         # not be used (every pass eager) once it changed. Before the memory profile: it measures the passes
         # as they will run.
         self.vision_compile: Optional[dict] = None  # seconds, graphs and view sizes of the compile (None: eager)
+        self.vision_graphs: Optional[dict] = None  # graphs captured of the towers and their seconds (None: none)
         if engine.compiles_vision:
             self.vision_compile = engine.compile_vision()
         self.preprocessor = Preprocessor(engine.model, engine.tokenizer, workers, pin=on_gpu)
         model = engine.model
+        # What the vision worker calls on a pass's views of one size: the towers as CUDA graphs (captured while
+        # the cache is sized, `_largest_vision_pass`), or None: the model's encode_views, as it is.
+        self.towers: Optional[GraphedTowers] = None
+        if engine.graphs_vision:
+            self.towers = GraphedTowers(model, self._most_views_per_call())
         self.card_bytes = (torch.cuda.get_device_properties(engine.device).total_memory
                            if on_gpu else None)  # None: not on a GPU
         self.max_rows, self.budget_gib = settings.rows_and_budget(self.card_bytes)
@@ -430,7 +444,7 @@ class ServingLoop:
         # the towers: the two take turns at the interpreter (VisionWorker).
         self.launch_turn = threading.Lock()
         self.vision = VisionWorker(model, engine.translate_oom, max_pages_per_pass=self.PAGES_PER_VISION_PASS, log=log,
-                                   launch_turn=self.launch_turn)
+                                   launch_turn=self.launch_turn, towers=self.towers)
         self.stream = (torch.cuda.Stream(engine.device, priority=self.STREAM_PRIORITY)
                        if on_gpu else None)
         self._last_progress = time.monotonic()
@@ -468,11 +482,23 @@ class ServingLoop:
 
     def _largest_vision_pass(self) -> None:
         """The vision encoder's largest calls, on dummy views: what runs beside the decode batch (its memory is
-        measured as the cache is sized, `DecodeBatch.within_budget`)."""
+        measured as the cache is sized, `DecodeBatch.within_budget`). Graphed towers are captured here: their
+        pool is that memory."""
         model, engine = self.engine.model, self.engine
+        if self.towers is not None:
+            self.vision_graphs = self.towers.capture(self.log)
+            return
         with torch.inference_mode():
             for views in vision_pass_shapes(model, self.PAGES_PER_VISION_PASS, pass_pixels(model)):
                 model.model.encode_views(torch.zeros(views, device=engine.device, dtype=engine.dtype))
+
+    def _most_views_per_call(self) -> dict:
+        """side → the most views of that side one call of the towers holds in a pass."""
+        most: dict = {}
+        model = self.engine.model
+        for views, _, side, _ in vision_pass_shapes(model, self.PAGES_PER_VISION_PASS, pass_pixels(model)):
+            most[side] = max(most.get(side, 0), views)
+        return most
 
     # ------------------------------------------------------------------ requests from other threads
 

@@ -134,11 +134,15 @@ def views_for_towers(model, views: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def encode_prompts(model, prompts: Sequence[PromptInputs], call_pixels: Optional[int] = None,
-                   launch_turn=contextlib.nullcontext()) -> list:
+                   launch_turn=contextlib.nullcontext(), towers: Optional[Callable] = None) -> list:
     """Prompt embeddings [T, D] for each prompt, its images encoded together with the other prompts' views.
-    Each call of the towers is launched holding `launch_turn` (`VisionWorker`)."""
+    Each call of the towers (`towers`, by default the model's `encode_views`; `GraphedTowers` in the engine on
+    a GPU) is launched holding `launch_turn` (`VisionWorker`). Nothing here waits for the GPU: the token ids
+    and image positions travel in one upload from pinned memory, and the image features are written at
+    positions, not through a boolean mask (which reads the mask back to count it)."""
     call_pixels = call_pixels or pass_pixels(model, max(len(prompts), 1))
     inner = model.model
+    towers = towers or inner.encode_views
     device, dtype = inner.vision_device, inner.vision_dtype
     # (size → list of (key, views [n, 3, S, S])); key = (prompt index, image index, "global" | "tiles")
     groups: dict = {}
@@ -155,21 +159,37 @@ def encode_prompts(model, prompts: Sequence[PromptInputs], call_pixels: Optional
         calls = []
         for start in range(0, pixels.shape[0], per_pass):
             with launch_turn:
-                calls.append(inner.encode_views(views_for_towers(model, pixels[start:start + per_pass])))
+                calls.append(towers(views_for_towers(model, pixels[start:start + per_pass])))
         encoded = torch.cat(calls)
         start = 0
         for key, views in members:
             features[key] = encoded[start:start + views.shape[0]]
             start += views.shape[0]
-    embeddings = []
-    for p, prompt in enumerate(prompts):
-        embeds = inner.embed_tokens(prompt.input_ids.to(device))
+    ids, positions = _ids_and_image_positions(prompts, pin=device.type == "cuda")
+    ids, positions = ids.to(device, non_blocking=True), positions.to(device, non_blocking=True)
+    embeds = inner.embed_tokens(ids)  # every prompt's tokens, one after another
+    arranged = [inner.arrange_image(views, features[(p, i, "global")][0], features.get((p, i, "tiles")))
+                for p, prompt in enumerate(prompts) for i, views in enumerate(prompt.images)]
+    if arranged:
+        embeds.index_copy_(0, positions, torch.cat(arranged).to(embeds.dtype))
+    return list(embeds.split([int(prompt.input_ids.numel()) for prompt in prompts]))
+
+
+def _ids_and_image_positions(prompts: Sequence[PromptInputs], pin: bool) -> tuple:
+    """The prompts' token ids one after another, and the positions there of their `<image>` tokens (in the
+    order their images' embeddings come), as one int64 host tensor cut in two (pinned for an asynchronous
+    upload when `pin`)."""
+    ids = torch.cat([prompt.input_ids.reshape(-1).long() for prompt in prompts])
+    offsets, positions = 0, []
+    for prompt in prompts:
         if prompt.images:
-            arranged = [inner.arrange_image(views, features[(p, i, "global")][0], features.get((p, i, "tiles")))
-                        for i, views in enumerate(prompt.images)]
-            embeds[prompt.image_mask.to(device)] = torch.cat(arranged).to(dtype)
-        embeddings.append(embeds)
-    return embeddings
+            positions.append(prompt.image_mask.reshape(-1).nonzero()[:, 0] + offsets)
+        offsets += prompt.input_ids.numel()
+    positions = torch.cat(positions) if positions else ids.new_empty(0)
+    both = torch.cat([ids, positions])
+    if pin:
+        both = both.pin_memory()
+    return both[:ids.numel()], both[ids.numel():]
 
 
 class VisionWorker:
@@ -199,9 +219,11 @@ class VisionWorker:
     STREAM_PRIORITY = 0
 
     def __init__(self, model, translate_oom: Callable, max_pages_per_pass: int = 16,
-                 log: Callable[[str], None] = lambda line: None, launch_turn=contextlib.nullcontext()):
+                 log: Callable[[str], None] = lambda line: None, launch_turn=contextlib.nullcontext(),
+                 towers: Optional[Callable] = None):
         self.model, self.translate_oom, self.log = model, translate_oom, log
         self.launch_turn = launch_turn
+        self.towers = towers  # what encodes a call's views (None: the model's encode_views)
         self.max_pages_per_pass = max_pages_per_pass
         device = model.model.vision_device
         self.stream = torch.cuda.Stream(device, priority=self.STREAM_PRIORITY) if device.type == "cuda" else None
@@ -283,8 +305,8 @@ class VisionWorker:
     def _encode_on_stream(self, prompts: list) -> list:
         with self.translate_oom("encoding the images"):
             if self.stream is None:
-                return encode_prompts(self.model, prompts)
+                return encode_prompts(self.model, prompts, towers=self.towers)
             with torch.cuda.stream(self.stream):
-                embeddings = encode_prompts(self.model, prompts, launch_turn=self.launch_turn)
+                embeddings = encode_prompts(self.model, prompts, launch_turn=self.launch_turn, towers=self.towers)
             self.stream.synchronize()  # complete before another stream reads them
             return embeddings

@@ -50,3 +50,22 @@ def test_encoding_shipped_pixels_equals_encoding_the_models_own_views(model_and_
            for image in images]
     for from_pixels, from_views in zip(encode_prompts(model, shipped), encode_prompts(model, own)):
         assert torch.equal(from_pixels, from_views)
+
+
+def test_a_batched_pass_gives_each_prompt_the_models_own_embeddings(model_and_tokenizer):
+    """encode_prompts writes the image features by position, all prompts in one tensor: each prompt's rows
+    are its own token embeddings where it has text and its image's features (in the model's order) where it
+    has `<image>` tokens, as the model's own embed_prompt gives them."""
+    model, tokenizer = model_and_tokenizer
+    preset = gundam(model)
+    images = [document_image(900, 1300, seed=7), document_image(640, 480, seed=8), document_image(1200, 800, seed=9)]
+    prompts = [model.prepare_inputs(tokenizer, PROMPT, [image], preset.base_size, preset.image_size, preset.crop_mode)
+               for image in images]
+    batched = encode_prompts(model, prompts)
+    assert [e.shape[0] for e in batched] == [p.input_ids.numel() for p in prompts]
+    with torch.inference_mode():
+        for embeds, prompt in zip(batched, prompts):
+            own = model.model.embed_prompt(prompt.input_ids[None], prompt.image_mask[None], [prompt.images])[0]
+            text = ~prompt.image_mask
+            assert torch.equal(embeds[text], own[text])
+            torch.testing.assert_close(embeds[prompt.image_mask], own[prompt.image_mask], rtol=1e-5, atol=1e-5)

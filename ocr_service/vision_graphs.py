@@ -1,0 +1,104 @@
+"""The vision towers replayed as CUDA graphs, captured at load for every view size the model's modes use.
+
+Inside a job the GPU ran the vision passes and the prefills faster than two Python threads, sharing one
+interpreter, could launch them: a pass of ~11 pages is ~1,100 kernel launches and ~650 operators (the
+compiled blocks' guards among them), and in a profiled window of the 256-page job the GPU idled 32% of the
+time, much of it while a pass was being launched (benchmarks/results/h200-2026-11-30e). Replayed, a call of
+the towers is one copy into the graph's input, one replay and one copy out.
+
+A graph is fixed to its number of views, and the number of views in a call varies (pages a pass, tiles a
+page). Graphs are captured for each power of two up to the most views a call holds, and a call of N views
+replays the graphs of N's binary digits (96 tiles: 64 + 32), so no view is computed twice and none is
+padded. The graphs of all sizes share one memory pool: they run one after another on one stream, and each
+replay's output is copied out before the next replay (whose intermediates may lie where that output was).
+Each size has one input buffer that its graphs read from its front, so the inputs take one call's worth.
+
+Sizes not captured (none of the model's modes) run the towers as they are.
+"""
+
+import time
+from typing import Callable, Optional
+
+import torch
+
+
+def view_chunks(views: int, largest: int) -> list:
+    """The graph sizes that make up a call of `views` views: `largest` (a power of two) as often as it fits,
+    then the binary digits of the rest, largest first."""
+    if largest < 1 or largest & (largest - 1):
+        raise ValueError(f"the largest graph must hold a power of two views, not {largest}")
+    chunks = [largest] * (views // largest)
+    rest = views % largest
+    size = largest
+    while rest:
+        size //= 2
+        if rest >= size:
+            chunks.append(size)
+            rest -= size
+    return chunks
+
+
+def powers_of_two_up_to(most: int) -> list:
+    """1, 2, 4, … up to the largest power of two ≤ `most`."""
+    sizes, size = [], 1
+    while size <= most:
+        sizes.append(size)
+        size *= 2
+    return sizes
+
+
+class GraphedTowers:
+    """`model.model.encode_views` as CUDA graphs: `towers(views)` takes normalised views [N, 3, S, S] in the
+    towers' dtype on their device and returns what `encode_views` returns. `most_views`: side → the most
+    views of that side one call holds (the graphs go up to the largest power of two within it)."""
+
+    def __init__(self, model, most_views: dict):
+        inner = model.model
+        self.encode_views = inner.encode_views
+        self.device, self.dtype = inner.vision_device, inner.vision_dtype
+        self.largest = {side: powers_of_two_up_to(most)[-1] for side, most in most_views.items() if most >= 1}
+        self.inputs: dict = {}  # side → the input buffer [largest, 3, side, side]
+        self.graphs: dict = {}  # (side, views) → (CUDAGraph, its output)
+        self.pool = None
+
+    def capture(self, log: Callable[[str], None] = lambda line: None) -> dict:
+        """Captures every graph (a warm-up run of each first, where lazy initialisations happen outside the
+        capture). The largest calls first, so that the pool is sized by them and the rest fit in it.
+        Returns {"graphs", "seconds"}."""
+        started = time.monotonic()
+        order = sorted(self.largest.items(), key=lambda item: -item[1] * item[0] ** 2)
+        with torch.inference_mode():
+            for side, largest in order:
+                buffer = torch.zeros(largest, 3, side, side, device=self.device, dtype=self.dtype)
+                self.inputs[side] = buffer
+                for views in reversed(powers_of_two_up_to(largest)):
+                    self.encode_views(buffer[:views])  # warm-up, on the current stream
+                    torch.cuda.synchronize(self.device)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=self.pool):
+                        output = self.encode_views(buffer[:views])
+                    self.pool = graph.pool()
+                    self.graphs[side, views] = (graph, output)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()  # what the warm-ups left cached: the graphs run in their own pool
+        report = {"graphs": len(self.graphs), "seconds": time.monotonic() - started}
+        log(f"captured {report['graphs']} CUDA graphs of the vision towers (views of "
+            f"{', '.join(f'{side} px up to {n}' for side, n in order)}) in {report['seconds']:.1f} s")
+        return report
+
+    def __call__(self, views: torch.Tensor) -> torch.Tensor:
+        side = views.shape[-1]
+        if side not in self.inputs or views.dtype != self.dtype or views.shape[0] == 0:
+            return self.encode_views(views)
+        buffer = self.inputs[side]
+        output: Optional[torch.Tensor] = None
+        start = 0
+        for count in view_chunks(views.shape[0], self.largest[side]):
+            graph, graph_output = self.graphs[side, count]
+            buffer[:count].copy_(views[start:start + count])
+            graph.replay()
+            if output is None:
+                output = graph_output.new_empty((views.shape[0], *graph_output.shape[1:]))
+            output[start:start + count].copy_(graph_output)
+            start += count
+        return output
