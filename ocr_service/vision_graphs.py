@@ -14,6 +14,12 @@ replay's output is copied out before the next replay (whose intermediates may li
 Each size has one input buffer that its graphs read from its front, so the inputs take one call's worth.
 
 Sizes not captured (none of the model's modes) run the towers as they are.
+
+The graphs are captured on a stream of their own. A captured matrix product keeps the address of the cuBLAS
+workspace of the stream it was captured on, and PyTorch captures on one shared stream unless told otherwise:
+captured there, the towers' graphs shared their scratch memory with the decode step's graphs, and replayed at
+once on two streams they corrupted each other's in-kernel synchronisation (in a 256-page job, vision passes of
+11-40 s, one cuBLAS kernel 22.5 s of a 24 s window; benchmarks/results/h200-2026-11-30f).
 """
 
 import time
@@ -67,15 +73,18 @@ class GraphedTowers:
         Returns {"graphs", "seconds"}."""
         started = time.monotonic()
         order = sorted(self.largest.items(), key=lambda item: -item[1] * item[0] ** 2)
+        capture_stream = torch.cuda.Stream(self.device)  # its own cuBLAS workspace (module docstring)
         with torch.inference_mode():
             for side, largest in order:
                 buffer = torch.zeros(largest, 3, side, side, device=self.device, dtype=self.dtype)
                 self.inputs[side] = buffer
+                capture_stream.wait_stream(torch.cuda.current_stream(self.device))
                 for views in reversed(powers_of_two_up_to(largest)):
-                    self.encode_views(buffer[:views])  # warm-up, on the current stream
-                    torch.cuda.synchronize(self.device)
+                    with torch.cuda.stream(capture_stream):  # warm-up: the stream's workspace made before capture
+                        self.encode_views(buffer[:views])
+                    capture_stream.synchronize()
                     graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=self.pool):
+                    with torch.cuda.graph(graph, pool=self.pool, stream=capture_stream):
                         output = self.encode_views(buffer[:views])
                     self.pool = graph.pool()
                     self.graphs[side, views] = (graph, output)

@@ -52,6 +52,6 @@ def test_replayed_towers_give_the_towers_features(which, tiny_model, tiny_ocr2_m
         replayed = towers(views)  # 4 + 2 + 1 replays
         called = torch.cat([model.model.encode_views(views[s:e]) for s, e in ((0, 4), (4, 6), (6, 7))])
         assert torch.equal(replayed, called)
-        other_side = 2 * side  # not captured: the towers run as they are
+        other_side = model.processing.RESOLUTION_MODES["Gundam"][0]  # the global view's: not captured here
         few = torch.randn(1, 3, other_side, other_side, device="cuda", dtype=torch.bfloat16)
         assert torch.equal(towers(few), model.model.encode_views(few))
