@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fused_ops import quick_gelu
+from .triton_common import available as triton_available
+from .triton_relative_attention import relative_attention
 
 
 @dataclass
@@ -133,6 +135,24 @@ def relative_positions(q_size: int, k_size: int, table: torch.Tensor) -> torch.T
     return table[offsets.long()]
 
 
+def relative_terms(q: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor, height: int, width: int) -> tuple:
+    """SAM's decomposed relative positions as two small tables, from the unscaled queries q [B, n, HW, d]:
+    row_terms [B, n, HW, H] (query · rel_h[its row, key row]) and col_terms [B, n, HW, W] (query ·
+    rel_w[its column, key column]); the bias of query i and key (r, c) is row_terms[i, r] + col_terms[i, c]."""
+    batch, heads, tokens, head_dim = q.shape
+    q_grid = q.reshape(batch, heads, height, width, head_dim)
+    row_terms = torch.einsum("bnhwc,hkc->bnhwk", q_grid, rel_h).reshape(batch, heads, tokens, height)
+    col_terms = torch.einsum("bnhwc,wkc->bnhwk", q_grid, rel_w).reshape(batch, heads, tokens, width)
+    return row_terms, col_terms
+
+
+def relative_attention_kernel_applies(q: torch.Tensor) -> bool:
+    """Whether `relative_attention` (Triton) can run on q: on a GPU, with Triton, for a head dim that is a
+    power of two from 16 (the tensor-core tile)."""
+    head_dim = q.shape[-1]
+    return q.is_cuda and triton_available() and head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
 def folded_relative_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor,
                               rel_w: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """softmax(q·kᵀ/√d + bias)·v over a height × width grid, with SAM's decomposed relative positions
@@ -148,9 +168,7 @@ def folded_relative_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     q, k, v [B, n, HW, d]; rel_h [H, H, d], rel_w [W, W, d] → [B, n, HW, d].
     """
     batch, heads, tokens, head_dim = q.shape
-    q_grid = q.reshape(batch, heads, height, width, head_dim)
-    row_terms = torch.einsum("bnhwc,hkc->bnhwk", q_grid, rel_h).reshape(batch, heads, tokens, height)
-    col_terms = torch.einsum("bnhwc,wkc->bnhwk", q_grid, rel_w).reshape(batch, heads, tokens, width)
+    row_terms, col_terms = relative_terms(q, rel_h, rel_w, height, width)
     extended = head_dim + height + width
     padding = (-extended) % 8
     row_of_key = torch.arange(tokens, device=q.device) // width
@@ -177,9 +195,13 @@ def check_relative_position_mode(mode: str) -> None:
 
 
 class SamAttention(nn.Module):
-    def __init__(self, dim: int, heads: int, grid: int):
+    def __init__(self, dim: int, heads: int, grid: int, global_attention: bool = False):
         super().__init__()
         self.heads = heads
+        # Global blocks attend over the whole grid (64 × 64 tokens for a 1024 view): with folded relative
+        # positions on a GPU they run the Triton kernel that adds the terms in place (`relative_attention`,
+        # a third of the folded path's work there); windowed blocks (14 × 14) keep the folded path.
+        self.global_attention = global_attention
         head_dim = dim // heads
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
@@ -196,6 +218,10 @@ class SamAttention(nn.Module):
         q, k, v = qkv.unbind(0)  # [B, heads, HW, d]
         rel_h = relative_positions(height, height, self.rel_pos_h)  # [H, H, d]
         rel_w = relative_positions(width, width, self.rel_pos_w)  # [W, W, d]
+        if self.fold_relative_positions and self.global_attention and relative_attention_kernel_applies(q):
+            row_terms, col_terms = relative_terms(q, rel_h, rel_w, height, width)
+            out = relative_attention(q, k, v, row_terms, col_terms, height, width)  # [B, HW, heads, d]
+            return self.proj(out.reshape(batch, height, width, -1))
         if self.fold_relative_positions:
             out = folded_relative_attention(q, k, v, rel_h, rel_w, height, width)
         else:
@@ -234,7 +260,7 @@ class SamBlock(nn.Module):
         super().__init__()
         self.window_size = window_size  # 0 = global attention
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = SamAttention(dim, heads, window_size or grid)
+        self.attn = SamAttention(dim, heads, window_size or grid, global_attention=window_size == 0)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = MLPBlock(dim, int(dim * mlp_ratio))
 

@@ -388,3 +388,24 @@ def test_an_unknown_relative_position_mode_is_refused():
 
     with pytest.raises(ValueError, match="sam_relative_positions"):
         DeepseekOCRConfig(sam_relative_positions="dense")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("grid", [16, 10])  # a key row of 16 (the kernel's block) and of 10 (masked keys)
+def test_global_attention_through_the_kernel_gives_the_folded_and_dense_bias_results(grid):
+    from checkpoints.deepencoder import SamAttention
+
+    torch.manual_seed(0)
+    attention = SamAttention(128, 2, grid, global_attention=True).to("cuda", torch.bfloat16)
+    with torch.no_grad():
+        attention.rel_pos_h.normal_(0, 0.5)
+        attention.rel_pos_w.normal_(0, 0.5)
+    x = torch.randn(3, grid, grid, 128, device="cuda", dtype=torch.bfloat16)
+    with torch.inference_mode():
+        through_kernel = attention(x).float()
+        attention.global_attention = False
+        folded = attention(x).float()
+        attention.fold_relative_positions = False
+        dense_bias = attention(x).float()
+    for other in (folded, dense_bias):
+        assert float((through_kernel - other).norm() / other.norm()) < 1e-2

@@ -352,6 +352,41 @@ def check_store_kv(device):
         assert torch.equal(got_values.cpu(), expected_values), f"store_kv values {dtype}"
 
 
+# ---------------------------------------------------------------- triton_relative_attention.py
+
+
+def relative_attention_reference(q, k, v, row_terms, col_terms):
+    """The definition: the terms summed into a dense [N, N] bias, then attention (deepencoder's materialised
+    order), computed in float32; [B, N, n, d] as the kernel returns it."""
+    batch, heads, tokens, _ = q.shape
+    height, width = row_terms.shape[-1], col_terms.shape[-1]
+    rows = row_terms.float().reshape(batch, heads, tokens, height, 1)
+    cols = col_terms.float().reshape(batch, heads, tokens, 1, width)
+    bias = (rows + cols).reshape(batch, heads, tokens, height * width)
+    out = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=bias)
+    return out.transpose(1, 2).to(q.dtype)
+
+
+@check
+def check_relative_attention(device):
+    """SAM's global attention with the relative positions added in the kernel: square and oblong grids, a
+    row narrower than the kernel's key block (masked keys), more queries than one block, q/k/v cut out of
+    one fused projection (strided views), head dims 16 and 64."""
+    (kernels,) = load_kernel_modules("triton_relative_attention")
+    generator = torch.Generator().manual_seed(0)
+    for dtype in float_types():
+        for batch, heads, height, width, head_dim in ((2, 2, 5, 7, 16), (1, 3, 12, 12, 64), (1, 1, 16, 20, 32)):
+            tokens = height * width
+            qkv = torch.randn(batch, tokens, 3, heads, head_dim, generator=generator).to(dtype)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [B, n, N, d] strided, as SamAttention cuts them
+            row_terms = torch.randn(batch, heads, tokens, height, generator=generator).to(dtype)
+            col_terms = torch.randn(batch, heads, tokens, width, generator=generator).to(dtype)
+            expected = relative_attention_reference(q, k, v, row_terms, col_terms)
+            got = kernels.relative_attention(q.to(device), k.to(device), v.to(device), row_terms.to(device),
+                                             col_terms.to(device), height, width)
+            assert_close(got, expected, dtype, f"relative_attention {height}x{width} d={head_dim} {dtype}")
+
+
 # ---------------------------------------------------------------- running the checks
 
 

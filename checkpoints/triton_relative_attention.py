@@ -1,0 +1,103 @@
+"""Triton kernel of SAM's global attention with its decomposed relative positions added inside the kernel:
+softmax(q·kᵀ/√d + row_terms[i, r] + col_terms[i, c])·v over a height × width grid, where key (r, c) is
+the key of grid row r and column c and the terms are `deepencoder`'s q·rel_h and q·rel_w.
+
+The folded path (`deepencoder.folded_relative_attention`) gives a fused attention kernel the same sum by
+widening q and k with the terms and one-hot positions: for a 1024-pixel view (64 × 64 grid) the head
+dimension grows from 64 to 192 and v is padded to match, so its attention does three times the work of
+plain attention, and the widened tensors are written and read once more (in a 256-page job the widened
+kernel was 30% of the vision pass's GPU time). Here each program holds a block of queries and walks the
+keys one grid row at a time: a row's column terms are the same block of values for every row (loaded
+once), and its row term is one value per query, so the sum costs two additions per score.
+
+A key row is padded to a power of two (64 for the 64-wide grid of a 1024 view, 64 for 40 of a 640
+tile: those extra keys are masked). Shapes: B views, n heads, N = height·width tokens, d head dim.
+"""
+
+import math
+
+import torch
+
+from .triton_common import _INTERPRETED, _cdiv, _next_power_of_2, tl, triton  # noqa: F401
+
+BLOCK_QUERIES = 128
+WARPS = 8
+STAGES = 2
+_LOG2_E = 1.4426950408889634
+
+if triton is not None:
+
+    @triton.jit
+    def _relative_attention_kernel(q_ptr, k_ptr, v_ptr, rows_ptr, cols_ptr, out_ptr,
+                                   q_view, q_head, q_token, k_view, k_head, k_token, v_view, v_head, v_token,
+                                   rows_view, rows_head, rows_token, cols_view, cols_head, cols_token,
+                                   out_view, out_token, out_head,
+                                   heads, tokens, height, width, score_scale, term_scale,
+                                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr,
+                                   DOT_IN_FP32: tl.constexpr):
+        block = tl.program_id(0)
+        view_head = tl.program_id(1).to(tl.int64)
+        view, head = view_head // heads, view_head % heads
+        query = block * BLOCK_M + tl.arange(0, BLOCK_M)
+        dim = tl.arange(0, HEAD_DIM)
+        column = tl.arange(0, BLOCK_W)
+        is_query = query < tokens
+        is_column = column < width
+        q = tl.load(q_ptr + view * q_view + head * q_head + query[:, None] * q_token + dim[None, :],
+                    mask=is_query[:, None], other=0.0)
+        if DOT_IN_FP32:
+            q = q.to(tl.float32)
+        # Scores are kept in log2 units (exp2 below): the terms are scaled by log2(e), q·k by that and 1/√d.
+        col_terms = tl.load(cols_ptr + view * cols_view + head * cols_head + query[:, None] * cols_token
+                            + column[None, :], mask=is_query[:, None] & is_column[None, :], other=0.0)
+        col_terms = col_terms.to(tl.float32) * term_scale
+        row_terms_at = rows_ptr + view * rows_view + head * rows_head + query * rows_token
+        best = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        total = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        for row in range(0, height):
+            key = row * width + column
+            k = tl.load(k_ptr + view * k_view + head * k_head + key[:, None] * k_token + dim[None, :],
+                        mask=is_column[:, None], other=0.0)
+            v = tl.load(v_ptr + view * v_view + head * v_head + key[:, None] * v_token + dim[None, :],
+                        mask=is_column[:, None], other=0.0)
+            if DOT_IN_FP32:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            row_term = tl.load(row_terms_at + row, mask=is_query, other=0.0).to(tl.float32) * term_scale
+            scores = tl.dot(q, tl.trans(k)) * score_scale + col_terms + row_term[:, None]
+            scores = tl.where(is_column[None, :], scores, float("-inf"))
+            new_best = tl.maximum(best, tl.max(scores, 1))
+            decay = tl.exp2(best - new_best)
+            weights = tl.exp2(scores - new_best[:, None])
+            total = total * decay + tl.sum(weights, 1)
+            acc = acc * decay[:, None] + tl.dot(weights.to(v.dtype), v)
+            best = new_best
+        acc = acc / total[:, None]
+        tl.store(out_ptr + view * out_view + query[:, None] * out_token + head * out_head + dim[None, :],
+                 acc.to(out_ptr.dtype.element_ty), mask=is_query[:, None])
+
+
+# Called from the vision towers' compiled blocks: run as it is, not traced (the compiled code before and after it
+# stays compiled; in the engine the whole pass is a CUDA graph, launches included).
+@torch.compiler.disable
+def relative_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_terms: torch.Tensor,
+                       col_terms: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """softmax(q·kᵀ/√d + row_terms[i, r] + col_terms[i, c])·v for keys (r, c) of a height × width grid.
+    q, k, v [B, n, N, d] (any strides with a unit stride along d); row_terms [B, n, N, height], col_terms
+    [B, n, N, width] (unit stride along the last dimension) → [B, N, n, d] (the layout the block's output
+    projection reads)."""
+    batch, heads, tokens, head_dim = q.shape
+    out = q.new_empty(batch, tokens, heads, head_dim)
+    grid = (_cdiv(tokens, BLOCK_QUERIES), batch * heads)
+    _relative_attention_kernel[grid](
+        q, k, v, row_terms, col_terms, out,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        row_terms.stride(0), row_terms.stride(1), row_terms.stride(2),
+        col_terms.stride(0), col_terms.stride(1), col_terms.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        heads, tokens, height, width, _LOG2_E / math.sqrt(head_dim), _LOG2_E,
+        HEAD_DIM=head_dim, BLOCK_M=BLOCK_QUERIES, BLOCK_W=max(16, _next_power_of_2(width)),
+        DOT_IN_FP32=_INTERPRETED, num_warps=WARPS, num_stages=STAGES)
+    return out
