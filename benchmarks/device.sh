@@ -11,7 +11,8 @@
 #              carries, so it may travel split (split -b 40M RAY.whl .whl/ray-a/RAY.whl.part-, the rest in
 #              .whl/ray-b/, one folder a call: ignored files stay on a warm machine); parts are joined here
 # Steps: kernels (bench_kernels' default ops, weighted_sum among them), weighted-sum (that op alone),
-# vision, engine, timeline (the jobs, trials of the serving loop's choices, and a window of the 256-page
+# vision, engine, timeline (the jobs, trials of the serving loop's choices named in TRIALS (default:
+# vision-towers-called no-launch-turn; bench_engine.py --help lists them), and a window of the 256-page
 # job under the profiler: GPU time by stream and stage, benchmarks/timeline.py), engine-rows256 (engine with 256 rows and a 110 GiB budget: its jobs and a 256-row step), engine-steps, service, numerics, stages, tests, bulk (one GPU), bulk-ray (2 GPUs);
 # engine-ocr2 and numerics-ocr2 run engine and numerics on DeepSeek-OCR 2; jobs runs the 128-page job of
 # each model; vision-ocr2 runs vision on DeepSeek-OCR 2 (kernel tables of its vision pass and prefill under
@@ -66,7 +67,7 @@ for step in "$@"; do
     stages) python3 benchmarks/numerics_stages.py "${ORIGINAL[@]}" --json "$OUT/stages.json" 2>&1 | tee "$OUT/stages.log" ;;
     bulk) python3 benchmarks/bench_bulk.py ${BULK_ARGS:-} --json "$OUT/bulk.json" 2>&1 | tee "$OUT/bulk.log" ;;
     bulk-ray) install_ray; python3 benchmarks/bench_bulk.py --ray --gpus 2 --json "$OUT/bulk-ray.json" 2>&1 | tee "$OUT/bulk-ray.log" ;;
-    tests) python3 -m pytest -q -x tests/test_triton_kernels.py tests/test_generation.py tests/test_loop_stop.py tests/test_vision_graphs.py tests/test_deepencoder.py 2> tests/test_vision_graphs.py 2>&1 | tee "$OUT/tests.log"1 | tee "$OUT/tests.log" ;;
+    tests) python3 -m pytest -q -x tests/test_triton_kernels.py tests/test_generation.py tests/test_loop_stop.py tests/test_vision_graphs.py tests/test_deepencoder.py 2>&1 | tee "$OUT/tests.log" ;;
     *) echo "unknown step $step" ;;
   esac
 done

@@ -198,10 +198,12 @@ class SamAttention(nn.Module):
     def __init__(self, dim: int, heads: int, grid: int, global_attention: bool = False):
         super().__init__()
         self.heads = heads
-        # Global blocks attend over the whole grid (64 × 64 tokens for a 1024 view): with folded relative
-        # positions on a GPU they run the Triton kernel that adds the terms in place (`relative_attention`,
-        # a third of the folded path's work there); windowed blocks (14 × 14) keep the folded path.
+        # Global blocks attend over the whole grid (64 × 64 tokens for a 1024 view). With `relative_kernel` set
+        # (`SamEncoder.use_relative_attention_kernel`) and folded relative positions on a GPU, they run the
+        # Triton kernel that adds the terms in place (`relative_attention`, a third of the folded path's work
+        # there); windowed blocks (14 × 14) keep the folded path. Off by default: README "Faithfulness".
         self.global_attention = global_attention
+        self.relative_kernel = False
         head_dim = dim // heads
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
@@ -218,7 +220,8 @@ class SamAttention(nn.Module):
         q, k, v = qkv.unbind(0)  # [B, heads, HW, d]
         rel_h = relative_positions(height, height, self.rel_pos_h)  # [H, H, d]
         rel_w = relative_positions(width, width, self.rel_pos_w)  # [W, W, d]
-        if self.fold_relative_positions and self.global_attention and relative_attention_kernel_applies(q):
+        if (self.fold_relative_positions and self.relative_kernel and self.global_attention
+                and relative_attention_kernel_applies(q)):
             row_terms, col_terms = relative_terms(q, rel_h, rel_w, height, width)
             out = relative_attention(q, k, v, row_terms, col_terms, height, width)  # [B, HW, heads, d]
             return self.proj(out.reshape(batch, height, width, -1))
@@ -307,6 +310,11 @@ class SamEncoder(nn.Module):
         for block in self.blocks:
             block.attn.fold_relative_positions = mode == "folded"
         self.patch_embed.as_matmul = mode == "folded"
+
+    def use_relative_attention_kernel(self, enabled: bool) -> None:
+        """The global blocks' attention through the Triton kernel (`SamAttention.relative_kernel`) or not."""
+        for block in self.blocks:
+            block.attn.relative_kernel = enabled
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(pixels)  # [B, H, W, C]

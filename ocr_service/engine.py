@@ -130,6 +130,8 @@ class OCREngine:
             rope_inv_freq_dtype="bfloat16" if settings.rotary == "original" else "float32",
             sam_relative_positions="materialised" if settings.vision == "original" else "folded",
         ).to(self.device).eval()
+        if settings.sam_kernel and settings.vision != "original":  # opt-in: README "Faithfulness"
+            self.model.model.sam_model.use_relative_attention_kernel(True)
         self.presets = model_presets(self.model.processing)  # resolution_size choice → this model's geometry
         self.repetition = {"serving": SERVING_NO_REPEAT_RULE, "original": ORIGINAL_NO_REPEAT_RULE}[
             settings.repetition_rule]

@@ -392,20 +392,28 @@ def test_an_unknown_relative_position_mode_is_refused():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("grid", [16, 10])  # a key row of 16 (the kernel's block) and of 10 (masked keys)
-def test_global_attention_through_the_kernel_gives_the_folded_and_dense_bias_results(grid):
+def test_global_attention_through_the_kernel_is_as_close_to_float32_as_the_folded_path(grid):
+    """bf16 through the Triton kernel against the dense-bias order in float32, no further from it than the
+    folded path (both round the terms to bf16; the kernel scales q·k after the product, the folded path before)."""
     from checkpoints.deepencoder import SamAttention
 
     torch.manual_seed(0)
-    attention = SamAttention(128, 2, grid, global_attention=True).to("cuda", torch.bfloat16)
+    attention = SamAttention(128, 2, grid, global_attention=True).cuda()
     with torch.no_grad():
         attention.rel_pos_h.normal_(0, 0.5)
         attention.rel_pos_w.normal_(0, 0.5)
-    x = torch.randn(3, grid, grid, 128, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(3, grid, grid, 128, device="cuda")
     with torch.inference_mode():
-        through_kernel = attention(x).float()
-        attention.global_attention = False
-        folded = attention(x).float()
         attention.fold_relative_positions = False
-        dense_bias = attention(x).float()
-    for other in (folded, dense_bias):
-        assert float((through_kernel - other).norm() / other.norm()) < 1e-2
+        reference = attention(x)  # float32, the dense bias
+        attention.fold_relative_positions = True
+        attention.to(torch.bfloat16)
+        attention.relative_kernel = True
+        through_kernel = attention(x.bfloat16()).float()
+        attention.relative_kernel = False
+        folded = attention(x.bfloat16()).float()
+
+    def error(out):
+        return float((out - reference).norm() / reference.norm())
+
+    assert error(through_kernel) <= 1.5 * error(folded) + 1e-3
