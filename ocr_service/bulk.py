@@ -29,6 +29,7 @@ from .bulk_io import (
     DOCUMENT_JSON, DOCUMENT_MARKDOWN, FAILED, LOG, OK, REFUSED, BulkError, OutputFolder, PageBudget, fetched,
     fingerprint, list_sources, record,
 )
+from .bulk_render import DocumentReader, RendererCrashed
 from .errors import InputError
 from .presets import DEFAULT_RESOLUTION, DEFAULT_TASK_TYPE, RESOLUTIONS, TASK_TYPES
 from .settings import Settings, SettingsError
@@ -182,6 +183,7 @@ class LocalRun:
         self._started = time.monotonic()
         self._changed = threading.Event()  # a document left the engine or a reader stopped
         self._finishers: Optional[ThreadPoolExecutor] = None  # a thread per document in flight, made with the engine
+        self.reader = DocumentReader()  # PDFs rendered by a process per reader thread
 
     def run(self, poll: Optional[Callable[[], None]] = None) -> Summary:
         """Until every document is done or dropped; `poll` is called at least every 0.2 s meanwhile (from this
@@ -190,13 +192,16 @@ class LocalRun:
                    for i in range(self.readers)]
         for thread in threads:
             thread.start()
-        while True:
-            self._changed.clear()
-            if not (any(thread.is_alive() for thread in threads) or self.in_flight()):
-                break
-            self._changed.wait(0.2)  # woken at once when the last document is done: the run's time is exact
-            if poll is not None:
-                poll()
+        try:
+            while True:
+                self._changed.clear()
+                if not (any(thread.is_alive() for thread in threads) or self.in_flight()):
+                    break
+                self._changed.wait(0.2)  # woken at once when the last document is done: the run's time is exact
+                if poll is not None:
+                    poll()
+        finally:
+            self.reader.close()
         if self._finishers is not None:
             self._finishers.shutdown(wait=True)
         if self._engine_error is not None:
@@ -259,6 +264,7 @@ class LocalRun:
 
     def _read_loop(self) -> None:
         try:
+            self.reader.start_worker()
             self._read_documents()
         finally:
             self._changed.set()
@@ -277,7 +283,7 @@ class LocalRun:
                 self._commit_failure(source, None, None, FAILED, f"unexpected error: {error!r}")
 
     def _read(self, source) -> None:
-        from .pipeline import read_document, submit_document
+        from .pipeline import submit_document
 
         try:
             with fetched(source.location) as document:
@@ -287,9 +293,12 @@ class LocalRun:
                     return
                 content_hash, size = document.content_hash, document.size
                 try:
-                    pages = read_document(document.path, self.options, self.settings.limits)
+                    pages = self.reader.read(document.path, self.options.pages or None, self.settings.limits)
                 except InputError as error:
                     self._commit_failure(source, content_hash, size, REFUSED, str(error))
+                    return
+                except RendererCrashed as error:
+                    self._commit_failure(source, content_hash, size, FAILED, str(error))
                     return
         except OSError as error:
             self._commit_failure(source, None, None, FAILED,
@@ -426,7 +435,8 @@ def parser() -> argparse.ArgumentParser:
                      help="pages held at once, rendered or in the engine (default: twice the engine's decode rows, "
                           "DEEPSEEK_OCR_MAX_ROWS)")
     run.add_argument("--readers", type=_bounded(1, 256), default=min(4, os.cpu_count() or 1),
-                     help="threads reading and rendering documents ahead")
+                     help="threads reading documents ahead (PDFs are rendered by as many processes: PDFium "
+                          "renders one page at a time in a process)")
     run.add_argument("--retry-refused", action="store_true",
                      help="try again the documents an earlier run refused (damaged, over a limit)")
     run.add_argument("--grace", type=float, default=60.0,

@@ -1,0 +1,187 @@
+"""Reading a bulk run's documents into pages: PDFs rendered in worker processes, other files in the caller's thread.
+
+PDFium may not be called from two threads of a process at once, not even for different documents
+(`inputs.PDFIUM_LOCK`), so reader threads render one page at a time between them. On the H200 the engine
+reads a 256-page job faster than one thread renders its PDFs (~20-30 ms a page): the bulk command's vision
+passes held 5.2 pages against 9.1 in the job, its prefills 5.2 against 9.5, and it ran at 0.83 of the job
+(benchmarks/results/h200-2026-11-30f). With a renderer process per reader thread, each with its own PDFium,
+the readers render side by side.
+
+Each reader thread has its own worker (`python -m ocr_service.bulk_render`): nothing to schedule, and a worker
+imports only what reading needs, where `multiprocessing` would import the parent's main module in every
+worker (a benchmark script's torch, seconds before the first page) and `fork` would copy a parent that holds
+CUDA and threads. A request and its answer travel as pickles over the worker's pipes (an A4 page at 144 dpi is
+~6 MB, a few ms). Workers ignore SIGINT, which a terminal sends to the whole process group: stopping is the
+parent's to decide (documents in flight finish, no new one starts); they exit when the parent closes their
+input, or dies. A worker that dies while rendering (PDFium crashing on a hostile file, the kernel's OOM killer)
+is replaced and the document tried once more in the new one; if that one dies too, the document fails with an
+error that says so and the run goes on.
+"""
+
+import os
+import pickle
+import signal
+import struct
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Optional
+
+from .errors import InputError
+from .inputs import HEADER_BYTES, Limits, is_pdf, load_pages
+
+_LENGTH = struct.Struct("<Q")
+_PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
+
+
+class RendererCrashed(RuntimeError):
+    """The process rendering a document died twice on it (the document is recorded as failed)."""
+
+
+class DocumentReader:
+    """`read(path, pages, limits)` → the pages of one document, as `inputs.load_pages` gives them; with `workers`
+    on, a PDF is rendered by the calling thread's own worker process (off: in the calling thread, as the
+    predictor does)."""
+
+    def __init__(self, workers: bool = True):
+        self.workers = workers
+        self._local = threading.local()
+        self._started: list = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def read(self, path: Path, pages: Optional[str], limits: Limits) -> list:
+        if not self.workers or not _starts_like_pdf(path):
+            return load_pages(path, pages=pages, **limits.as_kwargs())
+        request = (str(path), pages, limits)
+        try:
+            return self._worker().ask(request)
+        except _WorkerDied:
+            self._local.worker = None
+        try:
+            return self._worker().ask(request)
+        except _WorkerDied:
+            self._local.worker = None
+            raise RendererCrashed("the PDF renderer's process died on this document, twice; the file may be "
+                                  "damaged or hostile") from None
+
+    def start_worker(self) -> None:
+        """Starts the calling thread's worker now, so that its first document does not wait for it."""
+        if self.workers:
+            self._worker()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            workers, self._started = self._started, []
+        for worker in workers:
+            worker.close()
+
+    def _worker(self) -> "_Worker":
+        worker = getattr(self._local, "worker", None)
+        if worker is None or not worker.alive():
+            with self._lock:
+                if self._closed:
+                    raise RuntimeError("the document reader is closed")
+                worker = _Worker()
+                self._started.append(worker)
+            self._local.worker = worker
+        return worker
+
+
+class _WorkerDied(Exception):
+    pass
+
+
+class _Worker:
+    """One renderer process and its two pipes."""
+
+    def __init__(self):
+        environment = dict(os.environ)
+        environment["PYTHONPATH"] = os.pathsep.join(filter(None, [_PACKAGE_ROOT, environment.get("PYTHONPATH")]))
+        self.process = subprocess.Popen([sys.executable, "-m", "ocr_service.bulk_render"], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, env=environment)
+        try:
+            _receive(self.process.stdout)  # its greeting: it has started and imported what it needs
+        except EOFError:
+            code = self.process.wait()
+            raise RuntimeError(f"the PDF renderer process could not start (python -m ocr_service.bulk_render "
+                               f"exited with {code}; its error is above)") from None
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def ask(self, request):
+        try:
+            _send(self.process.stdin, request)
+            ok, value = _receive(self.process.stdout)
+        except (BrokenPipeError, EOFError, OSError):
+            self.close()
+            raise _WorkerDied() from None
+        if ok:
+            return value
+        raise value
+
+    def close(self) -> None:
+        try:
+            self.process.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def _send(stream, value) -> None:
+    data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(_LENGTH.pack(len(data)))
+    stream.write(data)
+    stream.flush()
+
+
+def _receive(stream):
+    head = stream.read(_LENGTH.size)
+    if len(head) < _LENGTH.size:
+        raise EOFError
+    (length,) = _LENGTH.unpack(head)
+    data = stream.read(length)
+    if len(data) < length:
+        raise EOFError
+    return pickle.loads(data)
+
+
+def _starts_like_pdf(path: Path) -> bool:
+    """Whether `load_pages` would read `path` as a PDF (its test, on the same first bytes)."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(HEADER_BYTES)
+    except OSError:
+        return False  # load_pages, in this thread, gives the error the user sees
+    return is_pdf(head)
+
+
+def _serve() -> None:
+    """A worker: requests from stdin, answers (ok, pages or the error to raise) to stdout, until stdin closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    requests, answers = sys.stdin.buffer, sys.stdout.buffer
+    sys.stdout = sys.stderr  # a stray print must not corrupt the answers
+    _send(answers, (True, "ready"))
+    while True:
+        try:
+            path, pages, limits = _receive(requests)
+        except EOFError:
+            return
+        try:
+            answer = (True, load_pages(Path(path), pages=pages, **limits.as_kwargs()))
+        except (InputError, OSError) as error:
+            answer = (False, error)
+        except Exception as error:  # noqa: BLE001 - whatever it was, the parent records it for this document
+            answer = (False, RuntimeError(f"rendering failed: {error!r}"))
+        _send(answers, answer)
+
+
+if __name__ == "__main__":
+    _serve()
