@@ -264,7 +264,10 @@ class LocalRun:
 
     def _read_loop(self) -> None:
         try:
-            self.reader.start_worker()
+            try:
+                self.reader.start_worker()  # now rather than at its first PDF
+            except RuntimeError:
+                pass  # it cannot start: each PDF this thread reads fails with the reason, and the run goes on
             self._read_documents()
         finally:
             self._changed.set()

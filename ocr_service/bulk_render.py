@@ -55,16 +55,13 @@ class DocumentReader:
         if not self.workers or not _starts_like_pdf(path):
             return load_pages(path, pages=pages, **limits.as_kwargs())
         request = (str(path), pages, limits)
-        try:
-            return self._worker().ask(request)
-        except _WorkerDied:
-            self._local.worker = None
-        try:
-            return self._worker().ask(request)
-        except _WorkerDied:
-            self._local.worker = None
-            raise RendererCrashed("the PDF renderer's process died on this document, twice; the file may be "
-                                  "damaged or hostile") from None
+        for _ in range(2):  # a worker may have died of something else: a new one tries once more
+            try:
+                return self._worker().ask(request)
+            except _WorkerDied:
+                self._local.worker = None
+        raise RendererCrashed("the PDF renderer's process died on this document, twice; the file may be damaged "
+                              "or hostile")
 
     def start_worker(self) -> None:
         """Starts the calling thread's worker now, so that its first document does not wait for it."""
@@ -81,11 +78,14 @@ class DocumentReader:
     def _worker(self) -> "_Worker":
         worker = getattr(self._local, "worker", None)
         if worker is None or not worker.alive():
+            worker = _Worker()  # outside the lock: the threads' workers start side by side
             with self._lock:
-                if self._closed:
-                    raise RuntimeError("the document reader is closed")
-                worker = _Worker()
-                self._started.append(worker)
+                closed = self._closed
+                if not closed:
+                    self._started.append(worker)
+            if closed:
+                worker.close()
+                raise RuntimeError("the document reader is closed")
             self._local.worker = worker
         return worker
 
