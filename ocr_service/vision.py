@@ -143,7 +143,7 @@ def encode_prompts(model, prompts: Sequence[PromptInputs], call_pixels: Optional
     call_pixels = call_pixels or pass_pixels(model, max(len(prompts), 1))
     inner = model.model
     towers = towers or inner.encode_views
-    device, dtype = inner.vision_device, inner.vision_dtype
+    device = inner.vision_device
     # (size → list of (key, views [n, 3, S, S])); key = (prompt index, image index, "global" | "tiles")
     groups: dict = {}
     for p, prompt in enumerate(prompts):
