@@ -161,17 +161,22 @@ def vision_variants(model, model_name: str, tokenizer, pages: int, chunks: dict,
             results[name] = row
             print(name, json.dumps(row), flush=True)
 
-        for name, folded, encode, chunk_of in variants:
-            inner.sam_model.use_relative_positions("folded" if folded else "materialised")
+        def measure(name: str, encode, chunk_of) -> None:
+            """One variant timed (its first call apart: it captures the graphs, if any) and recorded."""
+            nonlocal base
             reset_peak()
             started = time.perf_counter()
-            out = run(encode, chunk_of)  # first call: captures the graphs, if any
+            out = run(encode, chunk_of)
             sync()
             first_s = time.perf_counter() - started
             seconds = timed(lambda: run(encode, chunk_of))
             if base is None:
                 base = out
             record(name, out, seconds, first_s)
+
+        for name, folded, encode, chunk_of in variants:
+            inner.sam_model.use_relative_positions("folded" if folded else "materialised")
+            measure(name, encode, chunk_of)
         variants.clear()  # the graphs' memory
         model.model.sam_model.use_relative_positions("folded")
         compiled_table = ""
@@ -185,14 +190,7 @@ def vision_variants(model, model_name: str, tokenizer, pages: int, chunks: dict,
                        graphs=compiled_report["graphs"])
             if DEVICE == "cuda":  # and replayed as CUDA graphs, as the engine does by default
                 chunk = chunks["one pass per view size"]
-                encode = graphed(chunk)
-                started = time.perf_counter()
-                out = run(encode, chunk)
-                sync()
-                first_s = time.perf_counter() - started
-                seconds = timed(lambda: run(encode, chunk))
-                record("folded, compiled blocks, CUDA graphs (served), one pass per view size", out, seconds, first_s)
-                del encode
+                measure("folded, compiled blocks, CUDA graphs (served), one pass per view size", graphed(chunk), chunk)
             if profile_out is not None:
                 compiled_table = kernel_table(lambda: run(inner.encode_views, chunks["one pass per view size"]),
                                               profile_out.with_name("profile_vision_compiled.txt"), 25)
