@@ -19,6 +19,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.bench_bulk import make_pdfs  # noqa: E402
 from ocr_service.bulk_render import DocumentReader  # noqa: E402
+from ocr_service.pipeline import Options  # noqa: E402
 from ocr_service.settings import Settings  # noqa: E402
 
 
@@ -35,7 +36,7 @@ def read_all(paths: list, readers: int, workers: bool) -> dict:
                 if not pending:
                     return
                 path = pending.pop()
-            counts.append(len(reader.read(path, None, limits)))
+            counts.append(len(reader.read(path, Options(), limits)))
 
     started = time.perf_counter()
     threads = [threading.Thread(target=read) for _ in range(readers)]

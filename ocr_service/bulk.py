@@ -296,7 +296,7 @@ class LocalRun:
                     return
                 content_hash, size = document.content_hash, document.size
                 try:
-                    pages = self.reader.read(document.path, self.options.pages or None, self.settings.limits)
+                    pages = self.reader.read(document.path, self.options, self.settings.limits)
                 except InputError as error:
                     self._commit_failure(source, content_hash, size, REFUSED, str(error))
                     return

@@ -26,10 +26,10 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Optional
 
 from .errors import InputError
-from .inputs import HEADER_BYTES, Limits, is_pdf, load_pages
+from .inputs import HEADER_BYTES, Limits, is_pdf
+from .pipeline import Options, read_document
 
 _LENGTH = struct.Struct("<Q")
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
@@ -40,7 +40,7 @@ class RendererCrashed(RuntimeError):
 
 
 class DocumentReader:
-    """`read(path, pages, limits)` → the pages of one document, as `inputs.load_pages` gives them; with `workers`
+    """`read(path, options, limits)` → the pages of one document, as `pipeline.read_document` gives them; with `workers`
     on, a PDF is rendered by the calling thread's own worker process (off: in the calling thread, as the
     predictor does)."""
 
@@ -51,10 +51,10 @@ class DocumentReader:
         self._lock = threading.Lock()
         self._closed = False
 
-    def read(self, path: Path, pages: Optional[str], limits: Limits) -> list:
+    def read(self, path: Path, options: Options, limits: Limits) -> list:
         if not self.workers or not _starts_like_pdf(path):
-            return load_pages(path, pages=pages, **limits.as_kwargs())
-        request = (str(path), pages, limits)
+            return read_document(path, options, limits)
+        request = (str(path), options, limits)
         for _ in range(2):  # a worker may have died of something else: a new one tries once more
             try:
                 return self._worker().ask(request)
@@ -154,12 +154,12 @@ def _receive(stream):
 
 
 def _starts_like_pdf(path: Path) -> bool:
-    """Whether `load_pages` would read `path` as a PDF (its test, on the same first bytes)."""
+    """Whether `inputs.load_pages` would read `path` as a PDF (its test, on the same first bytes)."""
     try:
         with open(path, "rb") as file:
             head = file.read(HEADER_BYTES)
     except OSError:
-        return False  # load_pages, in this thread, gives the error the user sees
+        return False  # read_document, in this thread, gives the error the user sees
     return is_pdf(head)
 
 
@@ -171,11 +171,11 @@ def _serve() -> None:
     _send(answers, (True, "ready"))
     while True:
         try:
-            path, pages, limits = _receive(requests)
+            path, options, limits = _receive(requests)
         except EOFError:
             return
         try:
-            answer = (True, load_pages(Path(path), pages=pages, **limits.as_kwargs()))
+            answer = (True, read_document(Path(path), options, limits))
         except (InputError, OSError) as error:
             answer = (False, error)
         except Exception as error:  # noqa: BLE001 - whatever it was, the parent records it for this document

@@ -13,6 +13,7 @@ from ocr_service import bulk_render
 from ocr_service.bulk_render import DocumentReader, RendererCrashed
 from ocr_service.errors import InputError
 from ocr_service.inputs import Limits, load_pages
+from ocr_service.pipeline import Options
 
 LIMITS = Limits(max_pages=50, max_pixels=64_000_000, pdf_dpi=72)
 
@@ -33,15 +34,15 @@ def same_pages(got, expected):
 
 def test_a_pdf_rendered_by_a_worker_equals_the_predictors_reading(reader, tmp_path):
     path = write(tmp_path, "three.pdf", pdf_bytes([(300, 400), (400, 300), (200, 200)]))
-    same_pages(reader.read(path, "1,3", LIMITS), load_pages(path, pages="1,3", **LIMITS.as_kwargs()))
+    same_pages(reader.read(path, Options(pages="1,3"), LIMITS), load_pages(path, pages="1,3", **LIMITS.as_kwargs()))
     assert len(reader._started) == 1  # this thread's worker, which stays for its next document
-    same_pages(reader.read(path, None, LIMITS), load_pages(path, **LIMITS.as_kwargs()))
+    same_pages(reader.read(path, Options(), LIMITS), load_pages(path, **LIMITS.as_kwargs()))
     assert len(reader._started) == 1
 
 
 def test_images_are_read_in_the_calling_thread(reader, tmp_path):
     path = write(tmp_path, "page.png", png_bytes(document(300, 200)))
-    same_pages(reader.read(path, None, LIMITS), load_pages(path, **LIMITS.as_kwargs()))
+    same_pages(reader.read(path, Options(), LIMITS), load_pages(path, **LIMITS.as_kwargs()))
     assert reader._started == []
 
 
@@ -50,11 +51,11 @@ def test_a_refused_pdf_is_refused_with_the_predictors_message(reader, tmp_path):
     with pytest.raises(InputError) as expected:
         load_pages(path, **LIMITS.as_kwargs())
     with pytest.raises(InputError, match="password-protected") as got:
-        reader.read(path, None, LIMITS)
+        reader.read(path, Options(), LIMITS)
     assert str(got.value) == str(expected.value)
     pages = write(tmp_path, "two.pdf", pdf_bytes([(300, 400), (300, 400)]))
     with pytest.raises(InputError, match="out of range"):
-        reader.read(pages, "3", LIMITS)
+        reader.read(pages, Options(pages="3"), LIMITS)
 
 
 def test_workers_ignore_ctrl_c_and_each_reader_thread_has_its_own(reader, tmp_path):
@@ -63,7 +64,7 @@ def test_workers_ignore_ctrl_c_and_each_reader_thread_has_its_own(reader, tmp_pa
 
     def read():
         reader.start_worker()
-        results.append(len(reader.read(path, None, LIMITS)))
+        results.append(len(reader.read(path, Options(), LIMITS)))
 
     threads = [threading.Thread(target=read) for _ in range(2)]
     for thread in threads:
@@ -73,7 +74,7 @@ def test_workers_ignore_ctrl_c_and_each_reader_thread_has_its_own(reader, tmp_pa
     assert results == [1, 1] and len(reader._started) == 2
     for worker in reader._started:
         worker.process.send_signal(signal.SIGINT)
-    assert len(reader.read(path, None, LIMITS)) == 1
+    assert len(reader.read(path, Options(), LIMITS)) == 1
     assert all(worker.alive() for worker in reader._started)
 
 
@@ -83,7 +84,7 @@ def test_a_dead_worker_is_replaced(reader, tmp_path):
     first = reader._started[0]
     first.process.kill()
     first.process.wait()
-    assert len(reader.read(path, None, LIMITS)) == 1
+    assert len(reader.read(path, Options(), LIMITS)) == 1
     assert len(reader._started) == 2 and reader._started[1].alive()
 
 
@@ -99,14 +100,14 @@ def test_a_document_whose_workers_keep_dying_fails_alone(reader, tmp_path, monke
 
     monkeypatch.setattr(bulk_render._Worker, "ask", dies_on_this_document)
     with pytest.raises(RendererCrashed, match="died on this document, twice"):
-        reader.read(path, None, LIMITS)
+        reader.read(path, Options(), LIMITS)
     other = write(tmp_path, "other.pdf", pdf_bytes([(300, 400), (300, 400)]))
-    assert len(reader.read(other, None, LIMITS)) == 2  # the run goes on
+    assert len(reader.read(other, Options(), LIMITS)) == 2  # the run goes on
 
 
 def test_a_closed_reader_leaves_no_worker_running(tmp_path):
     reader = DocumentReader()
-    reader.read(write(tmp_path, "one.pdf", pdf_bytes([(300, 400)])), None, LIMITS)
+    reader.read(write(tmp_path, "one.pdf", pdf_bytes([(300, 400)])), Options(), LIMITS)
     workers = list(reader._started)
     reader.close()
     assert workers and not any(worker.alive() for worker in workers)
