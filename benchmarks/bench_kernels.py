@@ -3,14 +3,16 @@
 Prints one table: for each operation and size, each variant's time (median of CUDA-event timings, the
 L2 cache flushed before each run): `eager` launches it from Python, `graph` replays it from a CUDA
 graph (decode sizes, where the engine's step is a graph: launch overhead excluded). Beside it the
-bandwidth floor (bytes that must move ÷ 3.0e12 B/s; for the experts also FLOPs ÷ 800e12 when that is
-larger), the error against the PyTorch definition in bfloat16 and in float32 (max |a − b| / max |b|),
+bandwidth floor (bytes that must move ÷ this GPU's copy bandwidth, measured at the start; for the experts
+also FLOPs ÷ its measured bf16 matmul rate when that is larger), the error against the PyTorch definition in bfloat16 and in float32 (max |a − b| / max |b|),
 and, for the Triton variant at decode sizes, whether a CUDA graph captured on one input replays
 correctly on another (`graph ok`). A variant that fails prints its error in its row; the rest go on.
 
 Variants: `triton` (the module's choice), `triton gemv` / `triton grouped` (the experts' two paths
 forced), `pytorch` (the definition, i.e. the CPU/reference branch run on the GPU), `grouped_mm`
 (the experts through torch._grouped_mm, tokens sorted by expert; Hopper, bfloat16).
+
+`--ops grouping` times the experts' grouping by expert alone, in one program against in parallel.
 
 `--ops weighted_sum` (in the default list) prints a table of its own: the grouped experts' last step
 (out = Σ_k weight · per_pair + add) under every launch variant of triton_moe.WEIGHTED_SUM_VARIANTS at
@@ -35,8 +37,9 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-BANDWIDTH = 3.0e12  # B/s, H100 SXM HBM3
-MATMUL_RATE = 800e12  # FLOP/s, dense bfloat16 on an H100 (measured ~790-800 on 8192³)
+# The floors' rates: this GPU's copy bandwidth and bf16 matmul rate, measured when the run starts (main).
+BANDWIDTH = 3.0e12  # B/s, until measured
+MATMUL_RATE = 800e12  # FLOP/s, until measured
 
 # DeepSeek-OCR's decoder.
 HIDDEN, HEADS, HEAD_DIM = 1280, 10, 128
@@ -381,6 +384,29 @@ def bench_routed_experts(table, token_counts):
                    reference_fp32=lambda i: on_pytorch(fused_moe.routed_experts)(*upcast(i)))
 
 
+def bench_grouping(table, token_counts):
+    """The routed experts' first step, pairs laid out by expert, in one program or in parallel (a counting
+    launch and a claiming one): which is faster at each size sets ALIGN_ONE_PROGRAM_MAX_ROWS. No `graph ok`
+    column: in parallel the pairs of one expert take its rows in the order the programs claim them, so two
+    correct runs differ (tests/test_triton_kernels.py checks the layout of both modes)."""
+    for tokens in token_counts:
+        pairs = tokens * TOP_K
+        block_m = triton_moe._grouped_block_m(pairs, EXPERTS)
+
+        def ids_input(seed, tokens=tokens):
+            logits = randn(tokens, EXPERTS, seed=seed + 3, scale=2)
+            ids, _ = on_pytorch(fused_ops.route_top_k)(logits, TOP_K, True, 1.0)
+            return [ids.reshape(-1).contiguous()]
+
+        rows = (triton_moe._cdiv(pairs, block_m) + min(EXPERTS, pairs)) * block_m
+        variants = {name: (lambda ids, one=one, block_m=block_m: triton_moe.group_by_expert(ids, EXPERTS, block_m,
+                                                                                             one_program=one), True)
+                    for name, one in (("one program", True), ("parallel", False))}
+        table.case("group_by_expert", f"N={tokens} ({rows} rows)", ids_input, variants,
+                   floor(pairs * 8 + rows * 4), f"ids read, rows written ({rows} rows of block {block_m})",
+                   decode=True)
+
+
 def sequential_weighted_sum(per_pair, weights, add):
     """The routed sum in PyTorch float32, slot after slot onto +0: what the Triton variants must equal."""
     tokens = per_pair.shape[0] // TOP_K
@@ -392,7 +418,7 @@ def sequential_weighted_sum(per_pair, weights, add):
 
 
 def bench_weighted_sum(table, token_counts):
-    copy_rate = measure_ceilings()["copy_bytes_s"]
+    copy_rate = BANDWIDTH
     size_bytes = torch.empty((), dtype=DTYPE).element_size()
     print(f"\nweighted_sum (K={TOP_K}, D={HIDDEN}, with add): copy bandwidth {copy_rate / 1e9:.0f} GB/s; "
           f"default variant {triton_moe.WEIGHTED_SUM_VARIANT}", flush=True)
@@ -431,13 +457,15 @@ def bench_weighted_sum(table, token_counts):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path, help="write the rows here as JSON")
-    parser.add_argument("--ops", nargs="+", default=["small", "decode", "experts", "weighted_sum"],
-                        choices=["small", "decode", "experts", "weighted_sum"])
+    parser.add_argument("--ops", nargs="+", default=["small", "decode", "experts", "grouping", "weighted_sum"],
+                        choices=["small", "decode", "experts", "grouping", "weighted_sum"])
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 32, 256, 16384],
                         help="token counts of the small operations")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64, 128])
     parser.add_argument("--positions", type=int, default=2000, help="cached positions per sequence (±10%%)")
     parser.add_argument("--expert-tokens", type=int, nargs="+", default=[1, 8, 16, 32, 128, 1024, 8192])
+    parser.add_argument("--grouping-tokens", type=int, nargs="+", default=[17, 32, 64, 128, 256, 1024, 8192],
+                        help="token counts of group_by_expert (decode batches, then prefills)")
     parser.add_argument("--sum-tokens", type=int, nargs="+", default=[1024, 8192, 14720, 32768],
                         help="token counts of weighted_sum (14,720: the profiled prefill, 16 prompts of 920 tokens)")
     parser.add_argument("--reps", type=int, default=30)
@@ -446,9 +474,13 @@ def main():
     if not torch.cuda.is_available() or not triton_common.available():
         sys.exit("bench_kernels needs a CUDA GPU and Triton")
     torch.backends.cuda.matmul.allow_tf32 = False
+    global BANDWIDTH, MATMUL_RATE
+    ceilings = measure_ceilings()
+    BANDWIDTH, MATMUL_RATE = ceilings["copy_bytes_s"], ceilings["matmul_flops"]
     device = torch.cuda.get_device_properties(0)
     print(f"{device.name}, {device.multi_processor_count} SMs; torch {torch.__version__}, "
-          f"triton {triton_common.triton.__version__}; bandwidth floor at {BANDWIDTH / 1e12:.1f} TB/s; errors are "
+          f"triton {triton_common.triton.__version__}; floors at {BANDWIDTH / 1e12:.2f} TB/s and "
+          f"{MATMUL_RATE / 1e12:.0f} TFLOP/s (measured here); errors are "
           f"max|a-b|/max|b| against the PyTorch definition (bf16, and fp32 inputs upcast)", flush=True)
     table = Table(Timer(args.reps, args.warmup))
     table.print_header()
@@ -459,6 +491,8 @@ def main():
             bench_decode_attention(table, args.batches, args.positions)
         if "experts" in args.ops:
             bench_routed_experts(table, args.expert_tokens)
+        if "grouping" in args.ops:
+            bench_grouping(table, args.grouping_tokens)
         if "weighted_sum" in args.ops:
             bench_weighted_sum(table, args.sum_tokens)
     if args.json:

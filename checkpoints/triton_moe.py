@@ -22,8 +22,12 @@ from .triton_common import _INTERPRETED, _cdiv, _next_power_of_2, _rows, availab
 # paths cost the same (benchmarks/bench_kernels.py compares them).
 GEMV_MAX_PAIRS = 96
 # Grouping the pairs by expert runs in one program (one launch) while the padded pair array is at
-# most this long (decode batches); longer arrays (prefill) use a counting launch and a parallel one.
-ALIGN_ONE_PROGRAM_MAX_ROWS = 8192
+# most this long; longer arrays use a counting launch and a parallel one. One program walks the whole
+# padded array serially: at a 256-row decode step (3,584 rows with 64 experts) it took ~100 µs a layer,
+# 20% of the step's kernel time on the H200 (benchmarks/results/h200-2026-11-30f, the timeline), while
+# the parallel launches take a few µs each. With 64 experts every grouped batch pads past 1,024 rows, so
+# one program is left to small models (tests) and the bench's comparison (`bench_kernels.py --ops grouping`).
+ALIGN_ONE_PROGRAM_MAX_ROWS = 1024
 # Launch configurations (block sizes are constexprs: each distinct value is one more compilation).
 # Few-token experts: gate/up GEMV over (pair, I tile), down GEMV + K-sum over (token, D tile).
 GEMV_GATE_UP = dict(BLOCK_I=16, BLOCK_D=256, num_warps=4)
@@ -333,6 +337,33 @@ def _grouped_block_m(pairs: int, experts: int) -> int:
     return 16 if per_expert <= 16 else 32 if per_expert <= 32 else 128
 
 
+def group_by_expert(ids: torch.Tensor, experts: int, block_m: int,
+                    one_program: Optional[bool] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids [P] (each pair's expert) → (sorted_pairs [R], block_expert [R / block_m]): the layout of
+    `_group_by_expert_kernel`, R a static bound (each used expert adds less than one block of padding),
+    so that a captured graph replays it for any routing. `one_program` forces the one-launch or the
+    parallel mode (benchmarks); by default one program up to ALIGN_ONE_PROGRAM_MAX_ROWS rows."""
+    pairs = ids.numel()
+    max_blocks = _cdiv(pairs, block_m) + min(experts, pairs)
+    rows = max_blocks * block_m
+    sorted_pairs = torch.empty(rows, dtype=torch.int32, device=ids.device)
+    block_expert = torch.empty(max_blocks, dtype=torch.int32, device=ids.device)
+    block_e = _next_power_of_2(experts)
+    chunk = 128 if block_e <= 64 else 64
+    if one_program if one_program is not None else rows <= ALIGN_ONE_PROGRAM_MAX_ROWS:
+        _group_by_expert_kernel[(1,)](
+            ids, ids, ids, sorted_pairs, block_expert, pairs, experts, rows,
+            BLOCK_M=block_m, BLOCK_E=block_e, CHUNK=chunk, ONE_PROGRAM=True, num_warps=4)
+    else:
+        tallies = torch.zeros(2, experts, dtype=torch.int32, device=ids.device)  # counts, claimed rows
+        _count_experts_kernel[(_cdiv(pairs, chunk),)](ids, tallies[0], pairs, experts, BLOCK_E=block_e, CHUNK=chunk,
+                                                      num_warps=4)
+        _group_by_expert_kernel[(_cdiv(rows, chunk),)](
+            ids, tallies[0], tallies[1], sorted_pairs, block_expert, pairs, experts, rows,
+            BLOCK_M=block_m, BLOCK_E=block_e, CHUNK=chunk, ONE_PROGRAM=False, num_warps=4)
+    return sorted_pairs, block_expert
+
+
 def routed_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, expert_ids: torch.Tensor,
                    expert_weights: torch.Tensor, add: Optional[torch.Tensor] = None, *,
                    path: Optional[str] = None) -> torch.Tensor:
@@ -372,24 +403,8 @@ def routed_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, expert_
 
     block_m = _grouped_block_m(pairs, experts)
     tiles = GROUPED_TILES[block_m]
-    # Static bound on the padded layout: each used expert adds less than one block of padding.
-    max_blocks = _cdiv(pairs, block_m) + min(experts, pairs)
-    rows = max_blocks * block_m
-    sorted_pairs = torch.empty(rows, dtype=torch.int32, device=x.device)
-    block_expert = torch.empty(max_blocks, dtype=torch.int32, device=x.device)
-    block_e = _next_power_of_2(experts)
-    chunk = 128 if block_e <= 64 else 64
-    if rows <= ALIGN_ONE_PROGRAM_MAX_ROWS:
-        _group_by_expert_kernel[(1,)](
-            ids, ids, ids, sorted_pairs, block_expert, pairs, experts, rows,
-            BLOCK_M=block_m, BLOCK_E=block_e, CHUNK=chunk, ONE_PROGRAM=True, num_warps=4)
-    else:
-        tallies = torch.zeros(2, experts, dtype=torch.int32, device=x.device)  # counts, claimed rows
-        _count_experts_kernel[(_cdiv(pairs, chunk),)](ids, tallies[0], pairs, experts, BLOCK_E=block_e, CHUNK=chunk,
-                                                      num_warps=4)
-        _group_by_expert_kernel[(_cdiv(rows, chunk),)](
-            ids, tallies[0], tallies[1], sorted_pairs, block_expert, pairs, experts, rows,
-            BLOCK_M=block_m, BLOCK_E=block_e, CHUNK=chunk, ONE_PROGRAM=False, num_warps=4)
+    sorted_pairs, block_expert = group_by_expert(ids, experts, block_m)
+    rows, max_blocks = sorted_pairs.numel(), block_expert.numel()
 
     # float32 (not the model's case): exact products, and half the depth per stage to fit shared memory.
     precision = "ieee" if x.dtype == torch.float32 else "tf32"

@@ -231,6 +231,36 @@ def check_routed_experts_grouped_tiles(device):
                 "routed_experts grouped, odd sizes, float32")
 
 
+@check
+def check_group_by_expert_modes(device):
+    """Both grouping modes lay every pair once in its expert's run, each run starting at a block and
+    padded to whole blocks, blocks past the runs marked `experts`; the parallel mode as the one-program
+    mode, up to the order of pairs inside a run (which rows of a matrix product they take)."""
+    (kernels,) = load_kernel_modules("triton_moe")
+    generator = torch.Generator().manual_seed(9)
+    for experts, pairs, block_m in ((8, 150, 16), (64, 1536, 32), (5, 40, 16)):
+        ids = torch.randint(0, experts, (pairs,), generator=generator, dtype=torch.int64)
+        ids[: pairs // 4] = 1  # one crowded expert, spanning several blocks
+        layouts = {}
+        for one_program in (True, False):
+            sorted_pairs, block_expert = (t.cpu().long() for t in kernels.group_by_expert(
+                ids.to(device), experts, block_m, one_program=one_program))
+            what = f"group_by_expert E={experts} P={pairs} one_program={one_program}"
+            real = sorted_pairs[sorted_pairs < pairs]
+            assert torch.equal(real.sort().values, torch.arange(pairs)), f"{what}: pairs missing or repeated"
+            assert torch.all(sorted_pairs[sorted_pairs >= pairs] == pairs), f"{what}: padding not marked"
+            row_expert = block_expert.repeat_interleave(block_m)
+            placed = sorted_pairs < pairs
+            assert torch.equal(row_expert[placed], ids[sorted_pairs[placed]]), f"{what}: a pair outside its run"
+            counts = torch.bincount(ids, minlength=experts)
+            blocks = (counts + block_m - 1) // block_m
+            expected_blocks = torch.cat([torch.repeat_interleave(torch.arange(experts), blocks),
+                                         torch.full((len(block_expert) - int(blocks.sum()),), experts)])
+            assert torch.equal(block_expert, expected_blocks), f"{what}: blocks' experts"
+            layouts[one_program] = [set(sorted_pairs[row_expert == e].tolist()) for e in range(experts)]
+        assert layouts[True] == layouts[False], f"E={experts} P={pairs}: the two modes group differently"
+
+
 def sequential_weighted_sum(per_pair, weights, top_k, add, out_dtype):
     """The grouped path's last step in plain PyTorch float32: acc = +0, then acc + weight · output for
     slot 0, 1, … in turn (each product rounded to float32), rounded to out_dtype, then + add."""
