@@ -206,13 +206,16 @@ class DeepseekOCRForCausalLM(DeepseekV2PreTrainedModel):
         return CausalLMOutputWithPast(logits=logits, past_key_values=past_key_values)
 
     def forward_paged(self, inputs_embeds: torch.Tensor, cache: PagedKVCache,
-                      logits_at: Optional[torch.Tensor] = None) -> torch.Tensor:
+                      logits_at: Optional[torch.Tensor] = None, float_logits: bool = True) -> torch.Tensor:
         """Packed tokens [T, D] through the decoder over a paged cache (`cache.batch` names their positions
-        and slots) → float32 logits at the token indices `logits_at` [B] (every token if None)."""
+        and slots) → float32 logits at the token indices `logits_at` [B] (every token if None); in the
+        model's dtype without `float_logits` (a greedy choice: the widening is exact, so it picks the same
+        token, and at 128 rows it is 66 MB to write and read again every step)."""
         hidden = self.model.decode(inputs_embeds, cache=cache)
         if logits_at is not None:
             hidden = hidden[logits_at]
-        return self.lm_head(hidden).float()
+        logits = self.lm_head(hidden)
+        return logits.float() if float_logits else logits
 
     # ------------------------------------------------------------------ inference
 

@@ -22,7 +22,7 @@ import torch
 
 from checkpoints.generation import (
     STOP_EOS, STOP_MAX_NEW_TOKENS, STOP_REPETITION, BatchedLoopDetector, LoopDetector, LoopStopRule, NoRepeatNGramRule,
-    mask_repeated_ngrams,
+    greedy_tokens, mask_repeated_ngrams,
 )
 from checkpoints.paged_attention import PagedBatch, PagedKVCache
 
@@ -151,10 +151,11 @@ class DecodeBatch:
         self.cache.batch = PagedBatch(positions=positions, slots=slots, block_tables=self.block_tables[rows],
                                       seq_lens=(positions + 1).int())
         embeds = self.model.model.embed_tokens(self.tokens[rows])
-        logits = self.model.forward_paged(embeds, self.cache)  # [B, V] float32
+        logits = self.model.forward_paged(embeds, self.cache, float_logits=False)  # [B, V], the model's dtype
         history, lengths = self.history[rows, :-1], self.lengths[rows]
-        logits = mask_repeated_ngrams(logits, history, lengths, self.prompt_lengths[rows], self.repetition)
-        chosen = logits.argmax(dim=-1)  # [B]
+        logits = mask_repeated_ngrams(logits, history, lengths, self.prompt_lengths[rows], self.repetition,
+                                      in_place=True)
+        chosen = greedy_tokens(logits)  # [B]
         live = self.stop_codes[rows] == RUNNING
         sink = self.history.shape[1] - 1
         self.history[rows].scatter_(1, torch.where(live, lengths, sink)[:, None], chosen[:, None])

@@ -17,6 +17,7 @@ from checkpoints.generation import (
     TD_TOKEN_ID,
     NoRepeatNGramGuard,
     NoRepeatNGramRule,
+    greedy_tokens,
     mask_repeated_ngrams,
     pick_next_token,
 )
@@ -161,6 +162,37 @@ def test_tensor_rule_matches_the_guard(size):
                 assert banned_by_rows(masked)[row] == expected, (rule, row)
                 kept = [t for t in range(vocab) if t not in expected]
                 assert torch.equal(masked[row, kept], logits[row, kept])
+
+
+def test_tensor_rule_in_place_bans_the_same_tokens_in_the_same_tensor():
+    rng = random.Random(5)
+    history, lengths, prompt_lengths, _ = random_batch(rng, 7, 48, 9)
+    rule = NoRepeatNGramRule(2, window=5, exempt_ids={0})
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = torch.randn(7, 9).to(dtype)
+        expected = mask_repeated_ngrams(logits, history, lengths, prompt_lengths, rule)
+        assert any(banned_by_rows(expected)), "the batch bans nothing: the comparison would be empty"
+        masked = mask_repeated_ngrams(logits, history, lengths, prompt_lengths, rule, in_place=True)
+        assert masked is logits and torch.equal(masked, expected)
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_tokens_is_argmax_ties_included(device, dtype):
+    generator = torch.Generator().manual_seed(3)
+    for rows, vocab in ((1, 129280), (5, 129280), (3, 1000), (2, 97)):  # split in 256 slices, in 2, not split
+        # Few distinct values, so that a row's maximum is often tied within a slice and across slices.
+        logits = torch.randint(-4, 4, (rows, vocab), generator=generator).to(dtype)
+        logits[0, -1] = 10  # the maximum in the last slice alone
+        logits[-1, :] = 1  # a row of equal logits: the first index
+        logits = logits.to(device)
+        assert torch.equal(greedy_tokens(logits), logits.argmax(dim=-1)), (rows, vocab)
+    banned = torch.zeros(2, 129280, dtype=dtype, device=device)
+    banned[:, 7] = float("-inf")
+    assert greedy_tokens(banned).tolist() == [0, 0]
 
 
 def test_tensor_rule_on_the_serving_rule_with_real_table_tokens():
