@@ -229,6 +229,8 @@ TRIALS = {
     # (5 ms by default; the serving, vision and preprocessing threads share one interpreter)
     "switch-interval-0.2ms": "Python's thread switch interval at 0.2 ms",
     "vision-towers-called": "the vision towers called, not replayed as CUDA graphs (DEEPSEEK_OCR_VISION_GRAPHS=0)",
+    "one-program-grouping": "the decode step's experts grouped in one program (ALIGN_ONE_PROGRAM_MAX_ROWS 8192, "
+                            "before 2026-11-30's seventh session), its graphs captured again",
 }
 
 
@@ -255,6 +257,17 @@ def start_trial(engine: OCREngine, trial: str) -> Callable[[], None]:
         served = server.vision.towers
         server.vision.towers = None
         return lambda: setattr(server.vision, "towers", served)
+    if trial == "one-program-grouping":
+        from checkpoints import triton_moe
+        batch, served_rows = server.batch, triton_moe.ALIGN_ONE_PROGRAM_MAX_ROWS
+        served_graphs, batch._graphs = batch._graphs, {}
+        triton_moe.ALIGN_ONE_PROGRAM_MAX_ROWS = 8192
+        batch.capture_all()
+
+        def undo():
+            triton_moe.ALIGN_ONE_PROGRAM_MAX_ROWS = served_rows
+            batch._graphs = served_graphs
+        return undo
     if trial == "switch-interval-0.2ms":
         served = sys.getswitchinterval()
         sys.setswitchinterval(0.0002)
