@@ -33,7 +33,9 @@ sys.path.insert(0, str(REPO))
 # As bench_engine.py runs the engine: no loop stop (random weights loop), every page its full token count.
 os.environ["DEEPSEEK_OCR_STOP_LOOPS"] = "0"
 
-from benchmarks.common import a4_page, device_name, random_checkpoint, work_since  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    ThreadSampler, a4_page, device_name, print_thread_report, random_checkpoint, work_since,
+)
 
 MARKDOWN_TASK = "Convert to Markdown"
 
@@ -53,7 +55,7 @@ def make_pdfs(folder: Path, pages: int, per_pdf: int, size: tuple) -> list:
 def bulk_arguments(args, folder: Path, out: Path, checkpoint: Path) -> list:
     return [str(folder), str(out), "--task-type", MARKDOWN_TASK, "--resolution-size", args.preset,
             "--max-new-tokens", str(args.tokens), "--ignore-eos", "--weights-dir", str(checkpoint),
-            "--no-progress-bar", "--log-every", "10"]
+            "--no-progress-bar", "--log-every", "10", *getattr(args, "extra_arguments", [])]
 
 
 def one_gpu(args, folder: Path, checkpoint: Path) -> dict:
@@ -80,14 +82,28 @@ def one_gpu(args, folder: Path, checkpoint: Path) -> dict:
     if "job" not in args.skip:
         before = engine.server.work_done()
         started = time.perf_counter()
-        results = engine.run_pages(images, prompt, preset, args.tokens)
+        with ThreadSampler() as sampler:
+            results = engine.run_pages(images, prompt, preset, args.tokens)
         elapsed = time.perf_counter() - started
         report["job"] = {"pages": len(images), "seconds": elapsed, "pages_s": len(images) / elapsed,
-                         "tokens": sum(len(r.token_ids) for r in results), **work_since(engine, before, len(images))}
+                         "tokens": sum(len(r.token_ids) for r in results), **work_since(engine, before, len(images)),
+                         "threads": sampler.report()}
         print("job", json.dumps(report["job"]), flush=True)
+        print_thread_report("the engine's job", report["job"]["threads"])
     bulk.load_engine = lambda *unused, **unused_too: engine  # the command runs on the engine loaded above
     report["bulk"] = run_bulk(args, engine, folder, Path(args.work) / "out-one-gpu", checkpoint)
     print("bulk", json.dumps(report["bulk"]), flush=True)
+    print_thread_report("the bulk command", report["bulk"]["threads"])
+    if args.trial_readers:
+        arguments = args.extra_arguments
+        args.extra_arguments = arguments + ["--readers", str(args.trial_readers)]
+        try:
+            report["bulk_trial_readers"] = run_bulk(args, engine, folder, Path(args.work) / "out-readers", checkpoint)
+        finally:
+            args.extra_arguments = arguments
+        print(f"bulk, trial with --readers {args.trial_readers}", json.dumps(report["bulk_trial_readers"]), flush=True)
+        print_thread_report(f"the bulk command with --readers {args.trial_readers}",
+                            report["bulk_trial_readers"]["threads"])
     if "foreground" not in args.skip:
         # A trial: the documents submitted as predictions are (their first pages put first at the encoder), as
         # the command did before its documents ran in the background.
@@ -107,8 +123,9 @@ def run_bulk(args, engine, folder: Path, out: Path, checkpoint: Path) -> dict:
     from ocr_service import bulk
 
     before = engine.server.work_done()
-    code, summary = bulk.run_command(bulk.parser().parse_args(bulk_arguments(args, folder, out, checkpoint)))
-    return {"exit": code, "pages": summary.pages, "documents": summary.ok, "seconds": summary.seconds,
+    with ThreadSampler() as sampler:
+        code, summary = bulk.run_command(bulk.parser().parse_args(bulk_arguments(args, folder, out, checkpoint)))
+    return {"threads": sampler.report(), "exit": code, "pages": summary.pages, "documents": summary.ok, "seconds": summary.seconds,
             "pages_s": summary.pages_per_second, "tokens": summary.tokens,
             # the bulk's own costs at both ends: reading the first documents, writing the last
             "first_document_s": summary.extra.get("first_submitted_s"),
@@ -177,6 +194,8 @@ def main():
                         help="one GPU: ServingLoop.PREPROCESSED_AHEAD for this run (a trial)")
     parser.add_argument("--reuse-one-gpu", action="store_true",
                         help="take the one-GPU figures from an earlier run's one-gpu.json in --work")
+    parser.add_argument("--trial-readers", type=int, default=None,
+                        help="one GPU: the bulk command once more with this many --readers (a trial)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["job", "foreground"],
                         help="job: no engine-job figure; foreground: no trial of the documents as predictions")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny checkpoint, tiny sizes")
@@ -194,7 +213,8 @@ def main():
     size = (620, 877) if args.smoke else (1240, 1754)
     if not folder.exists():
         make_pdfs(folder, args.pages, args.pages_per_pdf, size)
-    for stale in ("out-one-gpu", "out-foreground", "out-ray"):  # every run measures every document
+    args.extra_arguments = []
+    for stale in ("out-one-gpu", "out-foreground", "out-readers", "out-ray"):  # every run measures every document
         subprocess.run(["rm", "-rf", str(Path(args.work) / stale)], check=True)
     report = with_ray(args, folder, checkpoint) if args.ray else one_gpu(args, folder, checkpoint)
     report.update(device=device_name(), pages=args.pages, pages_per_pdf=args.pages_per_pdf, tokens=args.tokens,
@@ -217,6 +237,10 @@ def print_table(report: dict, args) -> None:
         print(f"| bulk command, one engine | {local['pages_s']:.2f} | {local['pages_s'] / job['pages_s']:.3f} of the "
               f"job | ≥ 0.95 |")
         trial = single.get("bulk_foreground")
+        readers = single.get("bulk_trial_readers")
+        if readers:
+            print(f"| trial: --readers {args.trial_readers} | {readers['pages_s']:.2f} | "
+                  f"{readers['pages_s'] / job['pages_s']:.3f} of the job | |")
         if trial:
             print(f"| trial: its documents as predictions (first pages first at the encoder) | {trial['pages_s']:.2f} | "
                   f"{trial['pages_s'] / job['pages_s']:.3f} of the job | |")

@@ -2,6 +2,10 @@
 one page at a time under PDFium's lock, or each thread by its own worker process (`ocr_service/bulk_render.py`,
 what the bulk command does). The PDFs are bench_bulk.py's: A4 pages of eight a document.
 
+Beside the readers a probe thread runs pure Python (as the engine's serving and vision threads do when they
+launch kernels): its speed while the readers work, as a share of its speed alone, says how much of the
+interpreter the reading takes from the engine in the same process.
+
     python benchmarks/bench_render.py --pages 64 --readers 2 --json out.json
 """
 
@@ -23,6 +27,38 @@ from ocr_service.pipeline import Options  # noqa: E402
 from ocr_service.settings import Settings  # noqa: E402
 
 
+class PythonProbe:
+    """A thread counting iterations of a pure-Python loop: its rate while something else runs, against its
+    rate alone, is the share of the interpreter that something leaves to another thread."""
+
+    def __init__(self):
+        self.count, self.running = 0, True
+        self.thread = threading.Thread(target=self._spin, daemon=True)
+
+    def _spin(self) -> None:
+        total = 0
+        while self.running:
+            for i in range(1000):
+                total += i
+            self.count += 1
+
+    def __enter__(self):
+        self.started = time.perf_counter()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+        self.rate = self.count / (time.perf_counter() - self.started)
+
+
+def probe_alone(seconds: float = 1.0) -> float:
+    with PythonProbe() as probe:
+        time.sleep(seconds)
+    return probe.rate
+
+
 def read_all(paths: list, readers: int, workers: bool) -> dict:
     """Every PDF read once by `readers` threads sharing one reader; pages/s from the threads' start (workers
     started inside the time, as a bulk run starts them)."""
@@ -38,15 +74,18 @@ def read_all(paths: list, readers: int, workers: bool) -> dict:
                 path = pending.pop()
             counts.append(len(reader.read(path, Options(), limits)))
 
+    alone = probe_alone()
     started = time.perf_counter()
-    threads = [threading.Thread(target=read) for _ in range(readers)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    seconds = time.perf_counter() - started
+    with PythonProbe() as probe:
+        threads = [threading.Thread(target=read) for _ in range(readers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        seconds = time.perf_counter() - started
     reader.close()
-    return {"pages": sum(counts), "seconds": seconds, "pages_s": sum(counts) / seconds}
+    return {"pages": sum(counts), "seconds": seconds, "pages_s": sum(counts) / seconds,
+            "python_left": probe.rate / alone}
 
 
 def main() -> None:
@@ -68,10 +107,11 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
     print(f"\n{args.pages} A4 pages in PDFs of {args.pages_per_pdf}, {args.readers} reader threads, {os.cpu_count()} CPUs")
-    print("| rendering | pages/s, each run |\n|---|---|")
+    print("| rendering | pages/s, each run | a Python thread's speed beside it, of its speed alone |\n|---|---|---|")
     for name, results in runs.items():
         rates = ", ".join(format(r["pages_s"], ".1f") for r in results)
-        print(f"| {name} | {rates} |")
+        left = ", ".join(format(r["python_left"], ".0%") for r in results)
+        print(f"| {name} | {rates} | {left} |")
 
 
 if __name__ == "__main__":

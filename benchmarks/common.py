@@ -164,3 +164,63 @@ def work_since(engine, before: dict, pages: int) -> dict:
             "prefill_tokens_s": work["prefill_tokens"] / max(work["prefill_s"], 1e-9),
             "prefills": work["prefills"], "prefill_ms_each": work["prefill_s"] / max(work["prefills"], 1) * 1e3,
             "pages_per_prefill": pages / max(work["prefills"], 1)}
+
+
+# A thread whose innermost frame is in one of these is waiting (a lock, an event, a queue, a pool's idle worker).
+IDLE_FILES = {"threading.py", "queue.py", "selectors.py", "thread.py"}
+
+
+class ThreadSampler:
+    """What the process's Python threads are doing, sampled every `interval` s from a thread of its own:
+    each other thread's innermost Python frame, counted by (thread group, function, file:line), the group
+    being the thread's name without its number. A thread in a C call shows the Python line that called it
+    (a blocking wait as much as a kernel launch), so read the table as where threads spend their time, not
+    who holds the interpreter; threads waiting on a lock, an event or a queue are left out. Beside it, the sampler's own lateness: how much later than asked it woke,
+    on average (the interpreter's and the CPUs' contention, as any Python thread of the process sees it)."""
+
+    def __init__(self, interval: float = 0.01):
+        import threading
+
+        self.interval, self.counts, self.samples, self.late_s = interval, {}, 0, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="thread-sampler", daemon=True)
+
+    def _run(self) -> None:
+        import re
+        import threading
+
+        own = threading.get_ident()
+        while not self._stop.is_set():
+            asked = time.perf_counter()
+            time.sleep(self.interval)
+            self.late_s += time.perf_counter() - asked - self.interval
+            names = {thread.ident: re.sub(r"[-_]?\d+(_\d+)?$", "", thread.name) for thread in threading.enumerate()}
+            for ident, frame in sys._current_frames().items():
+                if ident == own:
+                    continue
+                code = frame.f_code
+                if Path(code.co_filename).name in IDLE_FILES:
+                    continue
+                key = (names.get(ident, "?"), code.co_name, f"{Path(code.co_filename).name}:{frame.f_lineno}")
+                self.counts[key] = self.counts.get(key, 0) + 1
+            self.samples += 1
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def report(self, top: int = 25) -> dict:
+        ranked = sorted(self.counts.items(), key=lambda item: -item[1])[:top]
+        return {"samples": self.samples, "mean_lateness_ms": 1e3 * self.late_s / max(self.samples, 1),
+                "top": [[count / max(self.samples, 1), *key] for key, count in ranked]}
+
+
+def print_thread_report(what: str, report: dict) -> None:
+    print(f"threads during {what}: {report['samples']} samples, the sampler woke "
+          f"{report['mean_lateness_ms']:.2f} ms late on average; share of samples by (thread, function, line):")
+    for share, group, function, line in report["top"]:
+        print(f"  {share:6.1%}  {group:<28} {function:<32} {line}")
