@@ -102,6 +102,7 @@ class _Worker:
         environment["PYTHONPATH"] = os.pathsep.join(filter(None, [_PACKAGE_ROOT, environment.get("PYTHONPATH")]))
         self.process = subprocess.Popen([sys.executable, "-m", "ocr_service.bulk_render"], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, env=environment)
+        _widen_pipe(self.process.stdout)
         try:
             _receive(self.process.stdout)  # its greeting: it has started and imported what it needs
         except EOFError:
@@ -133,6 +134,22 @@ class _Worker:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+# The answers' pipe widened from Linux's 64 KiB to this (the most an unprivileged process may ask by default).
+# A document of eight A4 pages is ~48 MB: read through 64 KiB the reader thread takes the interpreter back
+# ~750 times, each time from the engine's threads that launch kernels. On the H200 the bulk run's prefills took
+# 84 ms against the job's 52, and a sampling thread woke twice as late (benchmarks/results/h200-2026-11-30g).
+ANSWER_PIPE_BYTES = 1 << 20
+
+
+def _widen_pipe(stream) -> None:
+    try:
+        import fcntl
+
+        fcntl.fcntl(stream.fileno(), fcntl.F_SETPIPE_SZ, ANSWER_PIPE_BYTES)
+    except (ImportError, AttributeError, OSError):
+        pass  # not Linux, or a lower limit: the default pipe works, in more reads
 
 
 def _send(stream, value) -> None:

@@ -40,6 +40,18 @@ def test_a_pdf_rendered_by_a_worker_equals_the_predictors_reading(reader, tmp_pa
     assert len(reader._started) == 1
 
 
+@pytest.mark.skipif(not hasattr(__import__("fcntl"), "F_GETPIPE_SZ"), reason="pipe sizes are Linux's")
+def test_a_workers_answers_come_through_a_wide_pipe(reader, tmp_path):
+    import fcntl
+
+    path = write(tmp_path, "one.pdf", pdf_bytes([(300, 400)]))
+    reader.read(path, Options(), LIMITS)
+    answers = reader._started[0].process.stdout
+    with open("/proc/sys/fs/pipe-max-size") as limit:
+        expected = min(bulk_render.ANSWER_PIPE_BYTES, int(limit.read()))
+    assert fcntl.fcntl(answers.fileno(), fcntl.F_GETPIPE_SZ) >= expected
+
+
 def test_images_are_read_in_the_calling_thread(reader, tmp_path):
     path = write(tmp_path, "page.png", png_bytes(document(300, 200)))
     same_pages(reader.read(path, Options(), LIMITS), load_pages(path, **LIMITS.as_kwargs()))
