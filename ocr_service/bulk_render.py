@@ -5,7 +5,9 @@ PDFium may not be called from two threads of a process at once, not even for dif
 reads a 256-page job faster than one thread renders its PDFs (~20-30 ms a page): the bulk command's vision
 passes held 5.2 pages against 9.1 in the job, its prefills 5.2 against 9.5, and it ran at 0.83 of the job
 (benchmarks/results/h200-2026-11-30f). With a renderer process per reader thread, each with its own PDFium,
-the readers render side by side.
+the readers render side by side: the passes now hold as many pages as the job's, and what the bulk run still
+loses (0.83-0.88 of the job, benchmarks/results/h200-2026-11-30g) is interpreter time its engine threads wait
+for while the reader threads rebuild the received pages.
 
 Each reader thread has its own worker (`python -m ocr_service.bulk_render`): nothing to schedule, and a worker
 imports only what reading needs, where `multiprocessing` would import the parent's main module in every
@@ -138,8 +140,10 @@ class _Worker:
 
 # The answers' pipe widened from Linux's 64 KiB to this (the most an unprivileged process may ask by default).
 # A document of eight A4 pages is ~48 MB: read through 64 KiB the reader thread takes the interpreter back
-# ~750 times, each time from the engine's threads that launch kernels. On the H200 the bulk run's prefills took
-# 84 ms against the job's 52, and a sampling thread woke twice as late (benchmarks/results/h200-2026-11-30g).
+# ~750 times, each time from the engine's threads that launch kernels (~48 times through 1 MiB). On the H200
+# the bulk run's prefills took 1.6-2x the job's and a sampling thread woke twice as late; with the wider pipe
+# the bulk ran at 0.884 and 0.852 of the job against 0.833 and 0.864 before, within the run-to-run spread
+# (benchmarks/results/h200-2026-11-30g): the pages' rebuilding in this process remains.
 ANSWER_PIPE_BYTES = 1 << 20
 
 
