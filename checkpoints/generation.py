@@ -11,6 +11,7 @@ Shapes in comments: B rows, S history length, V vocabulary, W window, P longest 
 """
 
 import copy
+import functools
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Union
@@ -173,11 +174,16 @@ GREEDY_SLICES = 256
 GREEDY_MIN_SLICE = 256
 
 
+@functools.lru_cache(maxsize=None)
+def _greedy_slices(vocab: int) -> int:
+    return next((n for n in range(GREEDY_SLICES, 1, -1) if vocab % n == 0 and vocab // n >= GREEDY_MIN_SLICE), 1)
+
+
 def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     """logits [B, V] → [B] the index of each row's largest logit, the first of equal ones (torch.argmax's
     choice; NaN counts as the largest, as there), without a host synchronisation."""
     rows, vocab = logits.shape
-    slices = next((n for n in range(GREEDY_SLICES, 1, -1) if vocab % n == 0 and vocab // n >= GREEDY_MIN_SLICE), 1)
+    slices = _greedy_slices(vocab)
     if slices == 1:
         return logits.argmax(dim=-1)
     width = vocab // slices

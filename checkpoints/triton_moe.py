@@ -23,10 +23,11 @@ from .triton_common import _INTERPRETED, _cdiv, _next_power_of_2, _rows, availab
 GEMV_MAX_PAIRS = 96
 # Grouping the pairs by expert runs in one program (one launch) while the padded pair array is at
 # most this long; longer arrays use a counting launch and a parallel one. One program walks the whole
-# padded array serially: at a 256-row decode step (3,584 rows with 64 experts) it took ~100 µs a layer,
-# 20% of the step's kernel time on the H200 (benchmarks/results/h200-2026-11-30f, the timeline), while
-# the parallel launches take a few µs each. With 64 experts every grouped batch pads past 1,024 rows, so
-# one program is left to small models (tests) and the bench's comparison (`bench_kernels.py --ops grouping`).
+# padded array serially: at a 256-row decode step (3,584 rows with 64 experts) it took ~120 µs a layer,
+# 20% of the step's kernel time on the H200, and the parallel launches 16 µs; from the smallest grouped
+# batch (17 tokens) the parallel mode is faster (`bench_kernels.py --ops grouping`,
+# benchmarks/results/h200-2026-11-30g). With 64 experts every grouped batch pads past 1,024 rows, so one
+# program is left to small models (tests) and to that comparison.
 ALIGN_ONE_PROGRAM_MAX_ROWS = 1024
 # Launch configurations (block sizes are constexprs: each distinct value is one more compilation).
 # Few-token experts: gate/up GEMV over (pair, I tile), down GEMV + K-sum over (token, D tile).
