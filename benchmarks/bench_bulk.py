@@ -76,8 +76,8 @@ def one_gpu(args, folder: Path, checkpoint: Path) -> dict:
     report = {"load_s": time.perf_counter() - started}
     preset = resolution(args.preset)
     prompt = build_prompt(MARKDOWN_TASK)
-    images = [page.image for path in sorted(folder.glob("*.pdf"))
-              for page in read_document(path, Options(), settings.limits)]
+    pages_by_path = {path: read_document(path, Options(), settings.limits) for path in sorted(folder.glob("*.pdf"))}
+    images = [page.image for pages in pages_by_path.values() for page in pages]
     engine.run_pages(images[:2], prompt, preset, 4)  # warm-up
     if "job" not in args.skip:
         before = engine.server.work_done()
@@ -94,6 +94,30 @@ def one_gpu(args, folder: Path, checkpoint: Path) -> dict:
     report["bulk"] = run_bulk(args, engine, folder, Path(args.work) / "out-one-gpu", checkpoint)
     print("bulk", json.dumps(report["bulk"]), flush=True)
     print_thread_report("the bulk command", report["bulk"]["threads"])
+    if args.trial_preread:
+        # A trial: the bulk command with every PDF already rendered (its reader hands out the job's pages), so
+        # that what separates the bulk run from the job is its documents, not their reading.
+        class PreRead:
+            def __init__(self, *unused):
+                pass
+
+            def read(self, path, options, limits):
+                return pages_by_path[Path(path)]
+
+            def start_worker(self):
+                pass
+
+            def close(self):
+                pass
+
+        reader = bulk.DocumentReader
+        bulk.DocumentReader = PreRead
+        try:
+            report["bulk_trial_preread"] = run_bulk(args, engine, folder, Path(args.work) / "out-preread", checkpoint)
+        finally:
+            bulk.DocumentReader = reader
+        print("bulk, trial with the PDFs read beforehand", json.dumps(report["bulk_trial_preread"]), flush=True)
+        print_thread_report("the bulk command with the PDFs read beforehand", report["bulk_trial_preread"]["threads"])
     if args.trial_readers:
         arguments = args.extra_arguments
         args.extra_arguments = arguments + ["--readers", str(args.trial_readers)]
@@ -194,6 +218,8 @@ def main():
                         help="one GPU: ServingLoop.PREPROCESSED_AHEAD for this run (a trial)")
     parser.add_argument("--reuse-one-gpu", action="store_true",
                         help="take the one-GPU figures from an earlier run's one-gpu.json in --work")
+    parser.add_argument("--trial-preread", action="store_true",
+                        help="one GPU: the bulk command once more with its PDFs rendered beforehand (a trial)")
     parser.add_argument("--trial-readers", type=int, default=None,
                         help="one GPU: the bulk command once more with this many --readers (a trial)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["job", "foreground"],
@@ -214,7 +240,7 @@ def main():
     if not folder.exists():
         make_pdfs(folder, args.pages, args.pages_per_pdf, size)
     args.extra_arguments = []
-    for stale in ("out-one-gpu", "out-foreground", "out-readers", "out-ray"):  # every run measures every document
+    for stale in ("out-one-gpu", "out-foreground", "out-readers", "out-preread", "out-ray"):  # every run measures every document
         subprocess.run(["rm", "-rf", str(Path(args.work) / stale)], check=True)
     report = with_ray(args, folder, checkpoint) if args.ray else one_gpu(args, folder, checkpoint)
     report.update(device=device_name(), pages=args.pages, pages_per_pdf=args.pages_per_pdf, tokens=args.tokens,
@@ -237,6 +263,10 @@ def print_table(report: dict, args) -> None:
         print(f"| bulk command, one engine | {local['pages_s']:.2f} | {local['pages_s'] / job['pages_s']:.3f} of the "
               f"job | ≥ 0.95 |")
         trial = single.get("bulk_foreground")
+        preread = single.get("bulk_trial_preread")
+        if preread:
+            print(f"| trial: the PDFs rendered beforehand | {preread['pages_s']:.2f} | "
+                  f"{preread['pages_s'] / job['pages_s']:.3f} of the job | |")
         readers = single.get("bulk_trial_readers")
         if readers:
             print(f"| trial: --readers {args.trial_readers} | {readers['pages_s']:.2f} | "
