@@ -20,12 +20,14 @@ one-GPU figure (target ≥ 1.85 for 2), and the whole run's (Ray's start and the
 """
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -91,55 +93,45 @@ def one_gpu(args, folder: Path, checkpoint: Path) -> dict:
         print("job", json.dumps(report["job"]), flush=True)
         print_thread_report("the engine's job", report["job"]["threads"])
     bulk.load_engine = lambda *unused, **unused_too: engine  # the command runs on the engine loaded above
-    report["bulk"] = run_bulk(args, engine, folder, Path(args.work) / "out-one-gpu", checkpoint)
-    print("bulk", json.dumps(report["bulk"]), flush=True)
-    print_thread_report("the bulk command", report["bulk"]["threads"])
+    from ocr_service import pipeline
+
+    class PreRead:
+        """A reader that hands out the job's pages, already rendered."""
+
+        def __init__(self, *unused):
+            pass
+
+        def read(self, path, options, limits):
+            return pages_by_path[Path(path)]
+
+        def start_worker(self):
+            pass
+
+        def close(self):
+            pass
+
+    # (report key, what the run is, its output folder, the change it runs under)
+    runs = [("bulk", "", "out-one-gpu", contextlib.nullcontext())]
     if args.trial_preread:
-        # A trial: the bulk command with every PDF already rendered (its reader hands out the job's pages), so
-        # that what separates the bulk run from the job is its documents, not their reading.
-        class PreRead:
-            def __init__(self, *unused):
-                pass
-
-            def read(self, path, options, limits):
-                return pages_by_path[Path(path)]
-
-            def start_worker(self):
-                pass
-
-            def close(self):
-                pass
-
-        reader = bulk.DocumentReader
-        bulk.DocumentReader = PreRead
-        try:
-            report["bulk_trial_preread"] = run_bulk(args, engine, folder, Path(args.work) / "out-preread", checkpoint)
-        finally:
-            bulk.DocumentReader = reader
-        print("bulk, trial with the PDFs read beforehand", json.dumps(report["bulk_trial_preread"]), flush=True)
-        print_thread_report("the bulk command with the PDFs read beforehand", report["bulk_trial_preread"]["threads"])
+        # Every PDF already rendered: what separates the bulk run from the job is then its documents, not their
+        # reading.
+        runs.append(("bulk_trial_preread", "with the PDFs read beforehand", "out-preread",
+                     mock.patch.object(bulk, "DocumentReader", PreRead)))
     if args.trial_readers:
-        arguments = args.extra_arguments
-        args.extra_arguments = arguments + ["--readers", str(args.trial_readers)]
-        try:
-            report["bulk_trial_readers"] = run_bulk(args, engine, folder, Path(args.work) / "out-readers", checkpoint)
-        finally:
-            args.extra_arguments = arguments
-        print(f"bulk, trial with --readers {args.trial_readers}", json.dumps(report["bulk_trial_readers"]), flush=True)
-        print_thread_report(f"the bulk command with --readers {args.trial_readers}",
-                            report["bulk_trial_readers"]["threads"])
+        runs.append(("bulk_trial_readers", f"with --readers {args.trial_readers}", "out-readers",
+                     mock.patch.object(args, "extra_arguments", ["--readers", str(args.trial_readers)])))
     if "foreground" not in args.skip:
-        # A trial: the documents submitted as predictions are (their first pages put first at the encoder), as
-        # the command did before its documents ran in the background.
-        from ocr_service import pipeline
-
+        # The documents submitted as predictions are (their first pages put first at the encoder), as the command
+        # did before its documents ran in the background.
         as_background = pipeline.submit_document
-        pipeline.submit_document = lambda *arguments, **unused: as_background(*arguments, background=False)
-        try:
-            report["bulk_foreground"] = run_bulk(args, engine, folder, Path(args.work) / "out-foreground", checkpoint)
-        finally:
-            pipeline.submit_document = as_background
-        print("bulk, documents as predictions", json.dumps(report["bulk_foreground"]), flush=True)
+        runs.append(("bulk_foreground", "with its documents as predictions", "out-foreground",
+                     mock.patch.object(pipeline, "submit_document",
+                                       lambda *arguments, **unused: as_background(*arguments, background=False))))
+    for key, what, out, change in runs:
+        with change:
+            report[key] = run_bulk(args, engine, folder, Path(args.work) / out, checkpoint)
+        print(f"bulk {what}".strip(), json.dumps(report[key]), flush=True)
+        print_thread_report(f"the bulk command {what}".strip(), report[key]["threads"])
     return report
 
 
