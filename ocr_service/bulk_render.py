@@ -12,8 +12,8 @@ for while the reader threads rebuild the received pages.
 Each reader thread has its own worker (`python -m ocr_service.bulk_render`): nothing to schedule, and a worker
 imports only what reading needs, where `multiprocessing` would import the parent's main module in every
 worker (a benchmark script's torch, seconds before the first page) and `fork` would copy a parent that holds
-CUDA and threads. A request and its answer travel as pickles over the worker's pipes (an A4 page at 144 dpi is
-~6 MB, a few ms). Workers ignore SIGINT, which a terminal sends to the whole process group: stopping is the
+CUDA and threads. A request and its answer travel as pickles over the worker's pipes, the pages' pixels beside
+the pickle rather than inside it (`_send`, `_receive`: an A4 page at 144 dpi is ~6 MB). Workers ignore SIGINT, which a terminal sends to the whole process group: stopping is the
 parent's to decide (documents in flight finish, no new one starts); they exit when the parent closes their
 input, or dies. A worker that dies while rendering (PDFium crashing on a hostile file, the kernel's OOM killer)
 is replaced and the document tried once more in the new one; if that one dies too, the document fails with an
@@ -157,21 +157,76 @@ def _widen_pipe(stream) -> None:
 
 
 def _send(stream, value) -> None:
-    data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    """`value` as a pickle whose images' pixels travel out of band: the pickle, then each image's bytes as they
+    are, so that the reader fills its own buffers with them (`_receive`)."""
+    pixels: list = []
+    data = _PixelsApart(pixels).dumps(value)
     stream.write(_LENGTH.pack(len(data)))
     stream.write(data)
+    stream.write(_LENGTH.pack(len(pixels)))
+    for buffer in pixels:
+        view = buffer.raw()
+        stream.write(_LENGTH.pack(view.nbytes))
+        stream.write(view)
     stream.flush()
 
 
 def _receive(stream):
-    head = stream.read(_LENGTH.size)
-    if len(head) < _LENGTH.size:
+    """What `_send` sent. The pixels are read straight into buffers of their own, with the interpreter lock let go
+    while the pipe is read, and become images without another copy here (`_image_from_pixels`). Unpickling the
+    pages whole held the lock for each page's copies: on the H200 that cost the engine's threads, which launch
+    the GPU's work from Python, its prefills 1.6-2x the job's (benchmarks/results/h200-2026-11-30h)."""
+    (length,) = _LENGTH.unpack(_read_exactly(stream, _LENGTH.size))
+    data = _read_exactly(stream, length)
+    (count,) = _LENGTH.unpack(_read_exactly(stream, _LENGTH.size))
+    pixels = []
+    for _ in range(count):
+        (size,) = _LENGTH.unpack(_read_exactly(stream, _LENGTH.size))
+        buffer = bytearray(size)
+        if stream.readinto(buffer) != size:
+            raise EOFError
+        pixels.append(buffer)
+    return pickle.loads(data, buffers=pixels)
+
+
+def _read_exactly(stream, size: int) -> bytes:
+    data = stream.read(size)
+    if len(data) < size:
         raise EOFError
-    (length,) = _LENGTH.unpack(head)
-    data = stream.read(length)
-    if len(data) < length:
-        raise EOFError
-    return pickle.loads(data)
+    return data
+
+
+class _PixelsApart(pickle.Pickler):
+    """Pickles a PIL image as its mode, size, info and a reference to its pixels, which go into `pixels` to be
+    sent apart (pickle protocol 5's out-of-band buffers)."""
+
+    def __init__(self, pixels: list):
+        import io
+
+        self._file = io.BytesIO()
+        super().__init__(self._file, protocol=5, buffer_callback=pixels.append)
+
+    def dumps(self, value) -> bytes:
+        self.dump(value)
+        return self._file.getvalue()
+
+    def reducer_override(self, value):
+        from PIL import Image
+
+        if isinstance(value, Image.Image):
+            return _image_from_pixels, (value.mode, value.size, value.info, pickle.PickleBuffer(value.tobytes()))
+        return NotImplemented
+
+
+def _image_from_pixels(mode: str, size: tuple, info: dict, pixels) -> "Image.Image":
+    """The image whose raw pixels `pixels` holds (Pillow unpacks them with the interpreter lock let go)."""
+    from PIL import Image
+
+    image = Image.frombuffer(mode, size, pixels, "raw", mode, 0, 1)
+    if image.readonly:  # modes Pillow maps rather than copies: an image of its own, as the predictor's are
+        image = image.copy()
+    image.info.update(info)
+    return image
 
 
 def _starts_like_pdf(path: Path) -> bool:
@@ -205,4 +260,7 @@ def _serve() -> None:
 
 
 if __name__ == "__main__":
-    _serve()
+    # run from the module under its own name, so that what it pickles names functions the parent can find
+    from ocr_service.bulk_render import _serve as serve
+
+    serve()

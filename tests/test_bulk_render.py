@@ -12,7 +12,7 @@ from input_corpus import encrypted_pdf_bytes, pdf_bytes, png_bytes, document, wr
 from ocr_service import bulk_render
 from ocr_service.bulk_render import DocumentReader, RendererCrashed
 from ocr_service.errors import InputError
-from ocr_service.inputs import Limits, load_pages
+from ocr_service.inputs import Limits, Page, load_pages
 from ocr_service.pipeline import Options
 
 LIMITS = Limits(max_pages=50, max_pixels=64_000_000, pdf_dpi=72)
@@ -50,6 +50,34 @@ def test_a_workers_answers_come_through_a_wide_pipe(reader, tmp_path):
     with open("/proc/sys/fs/pipe-max-size") as limit:
         expected = min(bulk_render.ANSWER_PIPE_BYTES, int(limit.read()))
     assert fcntl.fcntl(answers.fileno(), fcntl.F_GETPIPE_SZ) >= expected
+
+
+def test_pages_pixels_travel_beside_the_pickle_and_come_back_whole():
+    import io
+
+    from PIL import Image
+
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 256, (61, 47, 3), dtype=np.uint8), "RGB")
+    rgba = Image.fromarray(np.random.default_rng(1).integers(0, 256, (20, 30, 4), dtype=np.uint8), "RGBA")
+    rgb.info["dpi"] = (144, 144)
+    stream = io.BytesIO()
+    bulk_render._send(stream, (True, [Page(rgb, 1), Page(rgba, 2)]))
+    sent = stream.getvalue()
+    (pickle_length,) = bulk_render._LENGTH.unpack(sent[:bulk_render._LENGTH.size])
+    assert pickle_length < 1024  # the pixels are not in the pickle
+    assert len(sent) > rgb.width * rgb.height * 3 + rgba.width * rgba.height * 4
+    stream.seek(0)
+    ok, pages = bulk_render._receive(stream)
+    assert ok and [p.number for p in pages] == [1, 2]
+    for got, expected in zip([p.image for p in pages], [rgb, rgba]):
+        assert got.mode == expected.mode and got.size == expected.size
+        assert np.array_equal(np.asarray(got), np.asarray(expected))
+        assert not got.readonly  # an image of its own, as the predictor's reading gives
+    assert pages[0].image.info["dpi"] == (144, 144)
+    stream.seek(0)
+    stream.truncate(len(sent) - 5)  # a worker that died while answering
+    with pytest.raises(EOFError):
+        bulk_render._receive(stream)
 
 
 def test_images_are_read_in_the_calling_thread(reader, tmp_path):
