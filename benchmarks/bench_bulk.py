@@ -62,7 +62,7 @@ def bulk_arguments(args, folder: Path, out: Path, checkpoint: Path) -> list:
 
 def one_gpu(args, folder: Path, checkpoint: Path) -> dict:
     """(a) the engine's job and (b) the bulk command, on one engine."""
-    from ocr_service import bulk
+    from ocr_service import bulk, bulk_render
     from ocr_service.engine import OCREngine
     from ocr_service.pipeline import Options, read_document
     from ocr_service.presets import build_prompt, resolution
@@ -117,6 +117,10 @@ def one_gpu(args, folder: Path, checkpoint: Path) -> dict:
         # reading.
         runs.append(("bulk_trial_preread", "with the PDFs read beforehand", "out-preread",
                      mock.patch.object(bulk, "DocumentReader", PreRead)))
+    if args.trial_renderers_as_equals:
+        # The render workers at the engine's own priority, as they ran before they were made to give way to it.
+        runs.append(("bulk_trial_renderers_as_equals", "with its renderers at the engine's priority",
+                     "out-renderers", mock.patch.object(bulk_render, "RENDERER_NICENESS", 0)))
     if args.trial_readers:
         runs.append(("bulk_trial_readers", f"with --readers {args.trial_readers}", "out-readers",
                      mock.patch.object(args, "extra_arguments", ["--readers", str(args.trial_readers)])))
@@ -212,6 +216,8 @@ def main():
                         help="take the one-GPU figures from an earlier run's one-gpu.json in --work")
     parser.add_argument("--trial-preread", action="store_true",
                         help="one GPU: the bulk command once more with its PDFs rendered beforehand (a trial)")
+    parser.add_argument("--trial-renderers-as-equals", action="store_true",
+                        help="one GPU: the bulk command once more with its render workers at the engine's priority")
     parser.add_argument("--trial-readers", type=int, default=None,
                         help="one GPU: the bulk command once more with this many --readers (a trial)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["job", "foreground"],
@@ -232,7 +238,7 @@ def main():
     if not folder.exists():
         make_pdfs(folder, args.pages, args.pages_per_pdf, size)
     args.extra_arguments = []
-    for stale in ("out-one-gpu", "out-foreground", "out-readers", "out-preread", "out-ray"):  # every run measures every document
+    for stale in ("out-one-gpu", "out-foreground", "out-readers", "out-preread", "out-renderers", "out-ray"):  # every run measures every document
         subprocess.run(["rm", "-rf", str(Path(args.work) / stale)], check=True)
     report = with_ray(args, folder, checkpoint) if args.ray else one_gpu(args, folder, checkpoint)
     report.update(device=device_name(), pages=args.pages, pages_per_pdf=args.pages_per_pdf, tokens=args.tokens,
@@ -254,18 +260,14 @@ def print_table(report: dict, args) -> None:
         print(f"| engine job, {job['pages']} pages at once | {job['pages_s']:.2f} | 1.00 | |")
         print(f"| bulk command, one engine | {local['pages_s']:.2f} | {local['pages_s'] / job['pages_s']:.3f} of the "
               f"job | ≥ 0.95 |")
-        trial = single.get("bulk_foreground")
-        preread = single.get("bulk_trial_preread")
-        if preread:
-            print(f"| trial: the PDFs rendered beforehand | {preread['pages_s']:.2f} | "
-                  f"{preread['pages_s'] / job['pages_s']:.3f} of the job | |")
-        readers = single.get("bulk_trial_readers")
-        if readers:
-            print(f"| trial: --readers {args.trial_readers} | {readers['pages_s']:.2f} | "
-                  f"{readers['pages_s'] / job['pages_s']:.3f} of the job | |")
-        if trial:
-            print(f"| trial: its documents as predictions (first pages first at the encoder) | {trial['pages_s']:.2f} | "
-                  f"{trial['pages_s'] / job['pages_s']:.3f} of the job | |")
+        trials = [("bulk_trial_preread", "the PDFs rendered beforehand"),
+                  ("bulk_trial_renderers_as_equals", "the render workers at the engine's priority"),
+                  ("bulk_trial_readers", f"--readers {args.trial_readers}"),
+                  ("bulk_foreground", "its documents as predictions (first pages first at the encoder)")]
+        for key, what in trials:
+            if key in single:
+                print(f"| trial: {what} | {single[key]['pages_s']:.2f} | "
+                      f"{single[key]['pages_s'] / job['pages_s']:.3f} of the job | |")
     else:
         print(f"| bulk command, one engine | {local['pages_s']:.2f} | 1.00 | |")
     if "ray" in report:

@@ -105,6 +105,7 @@ class _Worker:
         self.process = subprocess.Popen([sys.executable, "-m", "ocr_service.bulk_render"], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, env=environment)
         _widen_pipe(self.process.stdout)
+        _lower_priority(self.process.pid)
         try:
             _receive(self.process.stdout)  # its greeting: it has started and imported what it needs
         except EOFError:
@@ -145,6 +146,21 @@ class _Worker:
 # the bulk ran at 0.884 and 0.852 of the job against 0.833 and 0.864 before, within the run-to-run spread
 # (benchmarks/results/h200-2026-11-30g): the pages' rebuilding in this process remains.
 ANSWER_PIPE_BYTES = 1 << 20
+
+
+# How much lower than the parent a renderer runs (Unix niceness). The engine's threads launch the GPU's work from
+# Python and each launch waits for a core: on a 16-core GPU host the engine's 12 preprocessing threads and four
+# renderers can want more cores than there are, and a launching thread that waits for one stalls the GPU. The
+# renderers only need to keep ahead of the encoder (several times over: `benchmarks/bench_render.py`), so they
+# take the cores the engine leaves. Set by the parent, once the worker has started.
+RENDERER_NICENESS = 10
+
+
+def _lower_priority(pid: int) -> None:
+    try:
+        os.setpriority(os.PRIO_PROCESS, pid, min(os.getpriority(os.PRIO_PROCESS, 0) + RENDERER_NICENESS, 19))
+    except (AttributeError, OSError):
+        pass  # not Unix: the renderers share the cores as equals
 
 
 def _widen_pipe(stream) -> None:

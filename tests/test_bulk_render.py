@@ -2,6 +2,7 @@
 thread give what the predictor's own reading gives; a refused PDF is refused with the same message; workers
 ignore Ctrl-C, a dead worker is replaced, and a document on which workers keep dying fails alone."""
 
+import os
 import signal
 import threading
 
@@ -112,6 +113,10 @@ def test_workers_ignore_ctrl_c_and_each_reader_thread_has_its_own(reader, tmp_pa
     for thread in threads:
         thread.join()
     assert results == [1, 1] and len(reader._started) == 2
+    if hasattr(os, "getpriority"):  # the renderers give way to the engine's threads
+        for worker in reader._started:
+            niceness = os.getpriority(os.PRIO_PROCESS, worker.process.pid)
+            assert niceness == min(os.getpriority(os.PRIO_PROCESS, 0) + bulk_render.RENDERER_NICENESS, 19)
     for worker in reader._started:
         worker.process.send_signal(signal.SIGINT)
     assert len(reader.read(path, Options(), LIMITS)) == 1
