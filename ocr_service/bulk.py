@@ -270,6 +270,7 @@ class LocalRun:
                 pass  # it cannot start: each PDF this thread reads fails with the reason, and the run goes on
             self._read_documents()
         finally:
+            self.reader.stop_worker()
             self._changed.set()
 
     def _read_documents(self) -> None:

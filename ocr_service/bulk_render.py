@@ -70,6 +70,17 @@ class DocumentReader:
         if self.workers:
             self._worker()
 
+    def stop_worker(self) -> None:
+        """Ends the calling thread's worker, once the thread has nothing more to read: its exit is then not
+        waited for at the end of the run (`close`), after the last document."""
+        worker = getattr(self._local, "worker", None)
+        self._local.worker = None
+        if worker is not None:
+            with self._lock:
+                if worker in self._started:
+                    self._started.remove(worker)
+            worker.close()
+
     def close(self) -> None:
         with self._lock:
             self._closed = True

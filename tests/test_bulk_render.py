@@ -123,6 +123,17 @@ def test_workers_ignore_ctrl_c_and_each_reader_thread_has_its_own(reader, tmp_pa
     assert all(worker.alive() for worker in reader._started)
 
 
+def test_a_thread_that_has_read_its_last_document_stops_its_worker(reader, tmp_path):
+    path = write(tmp_path, "one.pdf", pdf_bytes([(300, 400)]))
+    reader.read(path, Options(), LIMITS)
+    (worker,) = reader._started
+    reader.stop_worker()
+    assert not worker.alive() and reader._started == []
+    reader.stop_worker()  # nothing left to stop
+    assert len(reader.read(path, Options(), LIMITS)) == 1  # a later document starts another
+    assert len(reader._started) == 1
+
+
 def test_a_dead_worker_is_replaced(reader, tmp_path):
     path = write(tmp_path, "one.pdf", pdf_bytes([(300, 400)]))
     reader.start_worker()
