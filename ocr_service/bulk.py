@@ -457,8 +457,8 @@ def parser() -> argparse.ArgumentParser:
     ray.add_argument("--ray-documents-per-engine", type=_bounded(1, 4096), default=64,
                      help="documents each engine holds at once (default 64)")
     ray.add_argument("--ray-engine-cpus", type=_bounded(1, 4096), default=None,
-                     help="CPUs each engine reserves for its own threads (default: half its GPU's share of the "
-                          "cluster's CPUs, 2 to 8); the others read and render documents")
+                     help="CPUs each engine reserves for its own threads (default: its GPU's share of the "
+                          "cluster's CPUs less 2, from 2 to 14); the others read and render documents")
     command.add_argument("--ignore-eos", action="store_true", help=argparse.SUPPRESS)  # benchmarks: full pages
     return command
 

@@ -32,11 +32,17 @@ REPOSITORY = Path(__file__).resolve().parent.parent
 READ, SKIPPED = "read", "skipped"
 # Memory a read task reserves for a rendered document (Ray then runs no more readers than memory allows).
 READER_MEMORY = 512 * 2**20
-# CPUs an engine reserves when the command is not told (--ray-engine-cpus): half its GPU's share of the
-# cluster's CPUs, the other half left to the readers, within these bounds. An engine needs a core for its
-# serving thread, one for its vision thread and about two for preprocessing at its pace; more only adds
-# threads that compete with the readers.
-ENGINE_CPUS_MIN, ENGINE_CPUS_MAX = 2, 8
+# CPUs an engine reserves when the command is not told (--ray-engine-cpus): its GPU's share of the cluster's CPUs
+# less READER_CPUS_PER_ENGINE for the readers, within these bounds. An engine at ~20 pages/s needs a core for its
+# serving thread, one for its vision thread and its 12 preprocessing threads (an A4 page is ~120 ms of resizing
+# and cutting on one core): the one-GPU engine's own settings on a host of 16 or more cores. Reserving 8 (half
+# a GPU's share of a 32-core host, the earlier default) left it 6 preprocessing threads: on two H200s its vision
+# passes held 4.6 pages against 10.7 in the one-GPU run, 27.7 ms a page against 20, and Ray ran at 1.55x one
+# engine (benchmarks/results/h200-2026-11-30h, call 7), while the readers had rendered all 64 documents in
+# 4.6 s, ~45 s before the engines were ready. Rendering an A4 page takes ~60 ms of a core (that run's read
+# tasks): two cores read for an engine with room to spare.
+ENGINE_CPUS_MIN, ENGINE_CPUS_MAX = 2, 14
+READER_CPUS_PER_ENGINE = 2
 ENGINE_START_TIMEOUT_S = 3600
 
 
@@ -245,7 +251,7 @@ def default_engine_cpus(cpus: int, gpus: int, engines: int) -> int:
     """CPUs an engine reserves: see ENGINE_CPUS_MIN; on a cluster without GPUs (tests, trials), one."""
     if not gpus:
         return 1
-    share = cpus // (2 * max(engines, 1))
+    share = cpus // max(engines, 1) - READER_CPUS_PER_ENGINE
     return max(ENGINE_CPUS_MIN, min(ENGINE_CPUS_MAX, share))
 
 

@@ -5,9 +5,10 @@ PDFium may not be called from two threads of a process at once, not even for dif
 reads a 256-page job faster than one thread renders its PDFs (~20-30 ms a page): the bulk command's vision
 passes held 5.2 pages against 9.1 in the job, its prefills 5.2 against 9.5, and it ran at 0.83 of the job
 (benchmarks/results/h200-2026-11-30f). With a renderer process per reader thread, each with its own PDFium,
-the readers render side by side: the passes now hold as many pages as the job's, and what the bulk run still
-loses (0.83-0.88 of the job, benchmarks/results/h200-2026-11-30g) is interpreter time its engine threads wait
-for while the reader threads rebuild the received pages.
+the readers render side by side: the passes now hold as many pages as the job's. With its PDFs rendered
+beforehand the bulk run matches the job (0.97-1.02); reading them it ran at 0.86-0.87, its prefills twice the
+job's: the renderers took cores from the engine's launching threads (at lower priority, `RENDERER_NICENESS`:
+0.90, from the engine ready 0.95; on a 32-core host 0.94 and 0.99; benchmarks/results/h200-2026-11-30h).
 
 Each reader thread has its own worker (`python -m ocr_service.bulk_render`): nothing to schedule, and a worker
 imports only what reading needs, where `multiprocessing` would import the parent's main module in every
@@ -155,7 +156,7 @@ class _Worker:
 # ~750 times, each time from the engine's threads that launch kernels (~48 times through 1 MiB). On the H200
 # the bulk run's prefills took 1.6-2x the job's and a sampling thread woke twice as late; with the wider pipe
 # the bulk ran at 0.884 and 0.852 of the job against 0.833 and 0.864 before, within the run-to-run spread
-# (benchmarks/results/h200-2026-11-30g): the pages' rebuilding in this process remains.
+# (benchmarks/results/h200-2026-11-30g).
 ANSWER_PIPE_BYTES = 1 << 20
 
 
@@ -200,9 +201,10 @@ def _send(stream, value) -> None:
 
 def _receive(stream):
     """What `_send` sent. The pixels are read straight into buffers of their own, with the interpreter lock let go
-    while the pipe is read, and become images without another copy here (`_image_from_pixels`). Unpickling the
-    pages whole held the lock for each page's copies: on the H200 that cost the engine's threads, which launch
-    the GPU's work from Python, its prefills 1.6-2x the job's (benchmarks/results/h200-2026-11-30h)."""
+    while the pipe is read, and Pillow unpacks them with the lock let go too (`_image_from_pixels`), where
+    unpickling the pages whole copied each page holding the lock, beside the engine's threads that launch the
+    GPU's work from Python. (On the H200 the bulk run's pages/s did not move with it, 0.867 → 0.859 of the job:
+    the cores the renderers took mattered more, see RENDERER_NICENESS.)"""
     (length,) = _LENGTH.unpack(_read_exactly(stream, _LENGTH.size))
     data = _read_exactly(stream, length)
     (count,) = _LENGTH.unpack(_read_exactly(stream, _LENGTH.size))

@@ -324,13 +324,14 @@ def run_in_local_ray(ray, monkeypatch, corpus, out, weights) -> int:
         ray.shutdown()
 
 
-def test_ray_engines_reserve_half_their_gpus_share_of_the_cpus():
+def test_ray_engines_reserve_their_gpus_share_of_the_cpus_less_two_for_reading():
     from ocr_service.bulk_ray import default_engine_cpus
 
-    assert default_engine_cpus(cpus=32, gpus=2, engines=2) == 8  # the other 16 read and render documents
-    assert default_engine_cpus(cpus=16, gpus=1, engines=1) == 8
+    assert default_engine_cpus(cpus=32, gpus=2, engines=2) == 14  # two cores an engine read and render documents
+    assert default_engine_cpus(cpus=16, gpus=1, engines=1) == 14
+    assert default_engine_cpus(cpus=24, gpus=2, engines=2) == 10
     assert default_engine_cpus(cpus=8, gpus=4, engines=4) == 2  # never below what the engine's threads need
-    assert default_engine_cpus(cpus=256, gpus=8, engines=8) == 8  # more would only compete with the readers
+    assert default_engine_cpus(cpus=256, gpus=8, engines=8) == 14  # the one-GPU engine's threads; the rest read
     assert default_engine_cpus(cpus=3, gpus=0, engines=2) == 1  # CPU engines (tests, trials)
 
 
