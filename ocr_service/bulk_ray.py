@@ -278,6 +278,7 @@ def _consume(dataset, summary, folder, previous, run_options, progress, signals,
                 ready.add(row["engine_ready_at"])
             if row["first_document_at"] is not None:
                 first_document.append(row["first_document_at"])
+                progress.work_started(row["first_document_at"])
             _commit(row, summary, folder, previous, run_options, progress)
             summary.seconds = time.monotonic() - started
             summary.extra["last_commit_at"] = time.time()

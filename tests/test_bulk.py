@@ -147,6 +147,42 @@ def first_run(corpus, engine, tmp_path_factory):
     return {"out": out, "code": code, "backgrounds": backgrounds, "calls": engine.take()}
 
 
+def test_progress_counts_its_rate_and_time_left_from_when_an_engine_has_work(monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(bulk.time, "time", lambda: clock[0])
+    lines = []
+    progress = bulk.Progress(total=4, log=lines.append, bar=False, every=0)
+    clock[0] = 1100.0  # the model loads for 100 s
+    progress.work_started()
+    clock[0] = 1110.0
+    progress.update(bulk.Summary(listed=4, ok=1, pages=8))
+    assert lines[-1] == "1/4 documents, 8 pages, 0.80 pages/s, 0 failed, 30 s left"  # not 5 min 30 s
+    # Ray's engines report when each first had a document: the earliest counts, never before the run's start.
+    clock[0] = 1000.0
+    ray_progress = bulk.Progress(total=4, log=lines.append, bar=False, every=0)
+    clock[0] = 1110.0
+    ray_progress.work_started(1105.0)
+    ray_progress.work_started(1102.0)
+    ray_progress.work_started(1108.0)
+    ray_progress.update(bulk.Summary(listed=4, ok=2, pages=16))
+    assert lines[-1] == "2/4 documents, 16 pages, 2.00 pages/s, 0 failed, 8 s left"
+    ray_progress.work_started(900.0)
+    ray_progress.update(bulk.Summary(listed=4, ok=2, refused=1, pages=16))
+    assert lines[-1] == "3/4 documents, 16 pages, 0.15 pages/s, 1 failed, 36 s left"
+
+
+def test_progress_before_any_engine_counts_from_the_start(monkeypatch):
+    clock = [50.0]
+    monkeypatch.setattr(bulk.time, "time", lambda: clock[0])
+    lines = []
+    progress = bulk.Progress(total=3, log=lines.append, bar=False, every=0)
+    progress.update(bulk.Summary(listed=3))
+    assert lines[-1] == "0/3 documents, 0 pages, 0.00 pages/s, 0 failed, time left unknown"
+    clock[0] = 60.0
+    progress.update(bulk.Summary(listed=3, refused=1))  # refused before the engine was needed
+    assert lines[-1] == "1/3 documents, 0 pages, 0.00 pages/s, 1 failed, 20 s left"
+
+
 def test_every_document_is_in_the_manifest_once_with_clear_errors(first_run):
     out = first_run["out"]
     assert first_run["code"] == bulk.EXIT_FAILED  # three documents were refused
