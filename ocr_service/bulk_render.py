@@ -14,11 +14,12 @@ Each reader thread has its own worker (`python -m ocr_service.bulk_render`): not
 imports only what reading needs, where `multiprocessing` would import the parent's main module in every
 worker (a benchmark script's torch, seconds before the first page) and `fork` would copy a parent that holds
 CUDA and threads. A request and its answer travel as pickles over the worker's pipes, the pages' pixels beside
-the pickle rather than inside it (`_send`, `_receive`: an A4 page at 144 dpi is ~6 MB). Workers ignore SIGINT, which a terminal sends to the whole process group: stopping is the
-parent's to decide (documents in flight finish, no new one starts); they exit when the parent closes their
-input, or dies. A worker that dies while rendering (PDFium crashing on a hostile file, the kernel's OOM killer)
-is replaced and the document tried once more in the new one; if that one dies too, the document fails with an
-error that says so and the run goes on.
+the pickle rather than inside it (`_send`, `_receive`: an A4 page at 144 dpi is ~6 MB). Workers run at a lower
+priority than the engine (`RENDERER_NICENESS`) and ignore SIGINT, which a terminal sends to the whole process
+group: stopping is the parent's to decide (documents in flight finish, no new one starts); they exit when the
+parent closes their input, or dies. A worker that dies while rendering (PDFium crashing on a hostile file, the
+kernel's OOM killer) is replaced and the document tried once more in the new one; if that one dies too, the
+document fails with an error that says so and the run goes on.
 """
 
 import os
