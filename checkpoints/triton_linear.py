@@ -10,8 +10,9 @@ against every input row: one program per BLOCK_N outputs, hundreds of programs f
 its rows. Products are accumulated in float32 and rounded once when stored, as cuBLAS does; only the order of
 the sums differs.
 
-Not used by the model yet: `benchmarks/bench_kernels.py --ops linear` measures it against F.linear on those
-shapes and picks the block sizes first.
+The decoder uses it only when asked (`DeepseekV2Model.use_small_batch_linear`, DEEPSEEK_OCR_SMALL_LINEAR) until
+`benchmarks/bench_kernels.py --ops linear` has measured it against F.linear on those shapes and picked the
+block sizes.
 """
 
 from typing import Optional
