@@ -46,6 +46,8 @@ install_ray() {
 }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
+# the host's cores: whether its CPUs are hyperthreads of fewer cores (what the bulk run's renderers compete for)
+lscpu 2>/dev/null | grep -E "^(Model name|Socket\(s\)|Core\(s\) per socket|Thread\(s\) per core|CPU\(s\)):" | tee -a "$OUT/gpu.txt"
 for step in "$@"; do
   echo "=== $step ($(date +%T))"
   case "$step" in
