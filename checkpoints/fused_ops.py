@@ -4,7 +4,8 @@ product, CLIP's quick GELU, rotary embedding of queries and keys, and the router
 Every operation has a plain PyTorch version, which is the definition (it runs on the CPU and in the
 tests), and on CUDA a Triton kernel that computes the same thing in one launch: a decode step is
 hundreds of these small steps, and on the GPU their cost is the launches, not the arithmetic.
-The Triton kernels live in `triton_ops.py`; `use_triton(tensor)` decides which runs.
+The Triton kernels live in `triton_ops.py`; `use_triton(tensor)` decides which runs. `linear` is F.linear,
+or, when the decoder asks (opt-in), `triton_linear.py`'s kernel for a few rows.
 
 Shapes in comments: N tokens, D hidden, H heads, Dh head dim, E experts, K experts per token.
 """
