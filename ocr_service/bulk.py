@@ -128,8 +128,9 @@ class Progress:
 
     def work_started(self, at: Optional[float] = None) -> None:
         """An engine has its first document since `at` (time.time(), now by default; the earliest of several
-        engines' counts)."""
-        at = max(time.time() if at is None else at, self._created_at)
+        engines' counts). Another node's clock may be off: `at` counts within this run's start and now."""
+        now = time.time()
+        at = min(max(now if at is None else at, self._created_at), now)
         with self._lock:
             if self._work_started_at is None or at < self._work_started_at:
                 self._work_started_at = at

@@ -169,6 +169,12 @@ def test_progress_counts_its_rate_and_time_left_from_when_an_engine_has_work(mon
     ray_progress.work_started(900.0)
     ray_progress.update(bulk.Summary(listed=4, ok=2, refused=1, pages=16))
     assert lines[-1] == "3/4 documents, 16 pages, 0.15 pages/s, 1 failed, 36 s left"
+    # an engine on a node whose clock runs ahead: counted from now at the latest, never a negative time
+    ahead = bulk.Progress(total=2, log=lines.append, bar=False, every=0)
+    ahead.work_started(clock[0] + 60)
+    clock[0] += 4
+    ahead.update(bulk.Summary(listed=2, ok=1, pages=8))
+    assert lines[-1] == "1/2 documents, 8 pages, 2.00 pages/s, 0 failed, 4 s left"
 
 
 def test_progress_before_any_engine_counts_from_the_start(monkeypatch):
