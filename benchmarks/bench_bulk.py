@@ -147,8 +147,8 @@ def one_gpu(args, folder: Path, checkpoint: Path) -> dict:
         with change:
             report[key] = run_bulk(args, engine, folder, Path(args.work) / out, checkpoint)
         if loaded:
-            report[key]["from_engine_ready"] = {"seconds": report[key]["ended_at"] - loaded["at"],
-                                                "pages_s": report[key]["pages"] / (report[key]["ended_at"] - loaded["at"])}
+            seconds = report[key]["ended_at"] - loaded["at"]
+            report[key]["from_engine_ready"] = {"seconds": seconds, "pages_s": report[key]["pages"] / seconds}
         print(f"bulk {what}".strip(), json.dumps(report[key]), flush=True)
         print_thread_report(f"the bulk command {what}".strip(), report[key]["threads"])
     return report

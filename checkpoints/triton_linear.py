@@ -68,6 +68,6 @@ def small_batch_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
         _small_batch_linear_kernel[(_cdiv(outputs, block_n),)](
             rows, weight, bias if bias is not None else weight, out, count, outputs, inputs,
             rows.stride(0), weight.stride(0), out.stride(0), HAS_BIAS=bias is not None,
-            BLOCK_M=_next_power_of_2(max(count, 1)), BLOCK_N=block_n, BLOCK_K=min(block_k, _next_power_of_2(inputs)),
+            BLOCK_M=_next_power_of_2(count), BLOCK_N=block_n, BLOCK_K=min(block_k, _next_power_of_2(inputs)),
             num_warps=num_warps)
     return out.view(*x.shape[:-1], outputs)
