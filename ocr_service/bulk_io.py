@@ -367,3 +367,9 @@ class PageBudget:
         with self._changed:
             self.used -= pages
             self._changed.notify_all()
+
+    def resize(self, limit: int) -> None:
+        """A new limit (the engine's, once it is loaded), at once for those waiting."""
+        with self._changed:
+            self.limit = max(1, limit)
+            self._changed.notify_all()

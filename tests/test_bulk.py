@@ -550,6 +550,96 @@ def _set_event():
     return event
 
 
+def _images(folder: Path, count: int) -> Path:
+    folder.mkdir(parents=True)
+    for index in range(count):
+        _save(document_image(280, 360, seed=index), folder / f"page-{index}.png")
+    return folder
+
+
+class CountingReader(bulk.DocumentReader):
+    """The bulk run's reader, counting the documents it has read (`enough` is set at `wanted`)."""
+
+    wanted = 0
+
+    def __init__(self, *arguments, **options):
+        import threading
+
+        super().__init__(*arguments, **options)
+        self.read_count, self.enough = 0, threading.Event()
+
+    def read(self, *arguments):
+        pages = super().read(*arguments)
+        self.read_count += 1
+        if self.read_count >= self.wanted:
+            self.enough.set()
+        return pages
+
+
+def test_documents_are_read_ahead_while_the_engine_loads(engine, settings, monkeypatch, tmp_path):
+    corpus = _images(tmp_path / "in", 6)
+    readers = []
+    monkeypatch.setattr(CountingReader, "wanted", 6)
+    monkeypatch.setattr(bulk, "DocumentReader", lambda: readers.append(CountingReader()) or readers[-1])
+    read_before_ready = []
+
+    def load_engine():
+        # the load lasts until every document is read (or 60 s): a reader that waited for it would have read one
+        readers[0].enough.wait(60)
+        read_before_ready.append(readers[0].read_count)
+        return engine.engine
+
+    out = OutputFolder(tmp_path / "out")
+    run = bulk.LocalRun(load_engine, list_sources(str(corpus)), out, out.open(), Options(**TASK), settings,
+                        {"options": "test"}, bulk.Progress(6, lambda _: None, bar=False), readers=1,
+                        pages_in_flight=None)
+    summary = run.run()
+    out.close()
+    assert read_before_ready == [6]  # all six, within the budget before the load (twice the rows setting)
+    assert run.budget.limit == 2 * settings.max_rows and run.budget.used == 0
+    assert summary.ok == 6 and summary.pages == 6 and not summary.interrupted
+    assert sorted(e["status"] for e in manifest_lines(out.root)) == [OK] * 6
+    engine.take()
+
+
+def test_a_run_abandoned_while_its_engine_loads_ends_at_once_with_nothing_committed(engine, settings,
+                                                                                    monkeypatch, tmp_path):
+    import threading
+
+    corpus = _images(tmp_path / "in", 3)
+    readers = []
+    monkeypatch.setattr(CountingReader, "wanted", 3)
+    monkeypatch.setattr(bulk, "DocumentReader", lambda: readers.append(CountingReader()) or readers[-1])
+    release = threading.Event()
+
+    def load_engine():
+        release.wait(60)  # a load that outlasts the run
+        return engine.engine
+
+    out = OutputFolder(tmp_path / "out")
+    run = bulk.LocalRun(load_engine, list_sources(str(corpus)), out, out.open(), Options(**TASK), settings,
+                        {"options": "test"}, bulk.Progress(3, lambda _: None, bar=False), readers=2,
+                        pages_in_flight=None)
+    result = []
+    runner = threading.Thread(target=lambda: result.append(run.run()))
+    runner.start()
+    assert readers and readers[0].enough.wait(30)
+    deadline = time.monotonic() + 10
+    while run.in_flight() < 3 and time.monotonic() < deadline:  # the last one is counted after it is read
+        time.sleep(0.01)
+    assert run.in_flight() == 3  # read, waiting for the engine
+    run.abandon()
+    runner.join(5)
+    try:
+        assert not runner.is_alive()  # not held by the load
+        assert result[0].interrupted and result[0].ok == 0 and run.budget.used == 0
+        assert manifest_lines(out.root) == []
+    finally:
+        release.set()
+        out.close()
+    assert engine.calls == []  # the load ended later: none of the three reached the engine
+
+
 def test_the_command_refuses_bad_options_before_loading_anything(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         bulk.main([str(tmp_path), str(tmp_path / "out"), "--max-new-tokens", "8193"])
