@@ -420,7 +420,7 @@ LINEAR_SHAPES = (("q/k/v", 3 * HEADS * HEAD_DIM, HIDDEN), ("attention out", HIDD
                  ("router", EXPERTS, HIDDEN), ("layer 0 gate/up", 2 * DENSE_WIDTH, HIDDEN),
                  ("layer 0 down", HIDDEN, DENSE_WIDTH), ("vocabulary", VOCABULARY, HIDDEN))
 # (block_n, block_k, num_warps) tried for small_batch_linear
-LINEAR_BLOCKS = ((16, 256, 4), (8, 512, 4), (32, 128, 4), (16, 128, 2), (64, 64, 4))
+LINEAR_BLOCKS = ((8, 256, 4), (16, 256, 4), (4, 256, 2), (8, 128, 2), (16, 128, 4))
 
 
 def bench_linear(table, row_counts):
