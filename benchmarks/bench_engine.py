@@ -142,19 +142,6 @@ def decode_steps(engine: OCREngine, batch: int, positions: int, steps: int, band
             "floor_bytes": floor}
 
 
-def with_small_linear(engine: OCREngine, on: bool, measure: Callable[[], dict]) -> dict:
-    """`measure()` with the decoder's projections of a few rows through triton_linear (on) or cuBLAS (off), its
-    decode graphs captured again for it (into the same pool), then the engine as it was."""
-    batch, decoder = engine.server.batch, engine.model.model
-    served_graphs, batch._graphs = batch._graphs, {}
-    decoder.use_small_batch_linear(on)
-    try:
-        return measure()
-    finally:
-        decoder.use_small_batch_linear(engine.settings.small_linear)
-        batch._graphs = served_graphs
-
-
 @torch.inference_mode()
 def profile_step(engine: OCREngine, batch: int, positions: int, out: Path) -> None:
     """One step of `batch` rows run eagerly under the profiler: where the time goes, kernel by kernel."""
@@ -378,12 +365,6 @@ def main():
     ours = {"load_s": load_s}
     if "steps" not in args.skip:
         ours["b1"] = decode_steps(engine, 1, 1000, 256, bandwidth)
-        if engine.device.type == "cuda":  # the batch-1 step with the other choice of DEEPSEEK_OCR_SMALL_LINEAR
-            other = not engine.settings.small_linear
-            ours["b1_small_linear_trial"] = {"small_linear": other, **with_small_linear(
-                engine, other, lambda: decode_steps(engine, 1, 1000, 256, bandwidth))}
-            print("b1, small linear", other, json.dumps({k: v for k, v in ours["b1_small_linear_trial"].items()
-                                                         if k != "floor_bytes"}), flush=True)
         for batch in args.batches:
             ours[f"b{batch}"] = decode_steps(engine, batch, args.positions, args.steps, bandwidth)
             print(batch, json.dumps({k: v for k, v in ours[f"b{batch}"].items() if k != "floor_bytes"}), flush=True)
@@ -457,11 +438,6 @@ def main():
         print(f"| batch 1, tokens/s (~1,000 positions) | {b1['tok_s']:.0f} ({b1['step_ms']:.2f} ms) | "
               f"{theirs.get('tok_s_b1', float('nan')):.1f} | {1e3 / b1['floor_ms']:.0f} ({b1['floor_ms']:.2f} ms) "
               f"| ≥ 1,500 |")
-    trial = ours.get("b1_small_linear_trial")
-    if trial:
-        print(f"| trial: batch 1 with the few-row projections through {'triton_linear' if trial['small_linear'] else 'cuBLAS'} "
-              f"(DEEPSEEK_OCR_SMALL_LINEAR={int(trial['small_linear'])}) | {trial['tok_s']:.0f} ({trial['step_ms']:.2f} ms) "
-              "| – | – | ≥ 1,500 |")
     targets = {32: "≤ 3.36 ms (no slower)", 64: "≤ 4.82 ms (no slower)", 128: "≤ 6.87 ms (no slower)"}
     for batch in args.batches:
         row = ours.get(f"b{batch}")

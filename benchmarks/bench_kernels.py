@@ -14,12 +14,6 @@ forced), `pytorch` (the definition, i.e. the CPU/reference branch run on the GPU
 
 `--ops grouping` times the experts' grouping by expert alone, in one program against in parallel.
 
-`--ops linear` times the decode step's dense projections at one to four rows (`--linear-rows`): F.linear
-(`pytorch`, cuBLAS) against triton_linear.small_batch_linear under several block sizes (`triton nN kK wW`: N
-outputs and K inputs a block, W warps), for the sizes of the attention's fused q/k/v and output projections,
-the shared and the first layer's experts, the router and the vocabulary projection: which sizes, if any, the
-model should route through it, and with which blocks.
-
 `--ops weighted_sum` (in the default list) prints a table of its own: the grouped experts' last step
 (out = Σ_k weight · per_pair + add) under every launch variant of triton_moe.WEIGHTED_SUM_VARIANTS at
 prefill sizes, each variant's GB/s beside this GPU's measured copy bandwidth, whether its bits equal
@@ -51,7 +45,6 @@ MATMUL_RATE = 800e12  # FLOP/s, until measured
 HIDDEN, HEADS, HEAD_DIM = 1280, 10, 128
 EXPERTS, EXPERT_WIDTH, TOP_K = 64, 896, 6
 SHARED_WIDTH, DENSE_WIDTH = 1792, 6848
-VOCABULARY = 129280
 BLOCK_SIZE = 64
 DTYPE = torch.bfloat16
 
@@ -60,7 +53,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.ceilings import measure_ceilings  # noqa: E402
 from checkpoints import fused_moe, fused_ops, paged_attention  # noqa: E402
-from checkpoints import triton_attention, triton_common, triton_linear, triton_moe  # noqa: E402
+from checkpoints import triton_attention, triton_common, triton_moe  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -414,32 +407,6 @@ def bench_grouping(table, token_counts):
                    decode=True)
 
 
-# (what, outputs, inputs) of the decode step's dense projections
-LINEAR_SHAPES = (("q/k/v", 3 * HEADS * HEAD_DIM, HIDDEN), ("attention out", HIDDEN, HEADS * HEAD_DIM),
-                 ("shared experts gate/up", 2 * SHARED_WIDTH, HIDDEN), ("shared experts down", HIDDEN, SHARED_WIDTH),
-                 ("router", EXPERTS, HIDDEN), ("layer 0 gate/up", 2 * DENSE_WIDTH, HIDDEN),
-                 ("layer 0 down", HIDDEN, DENSE_WIDTH), ("vocabulary", VOCABULARY, HIDDEN))
-# (block_n, block_k, num_warps) tried for small_batch_linear
-LINEAR_BLOCKS = ((8, 256, 4), (16, 256, 4), (4, 256, 2), (8, 128, 2), (16, 128, 4))
-
-
-def bench_linear(table, row_counts):
-    size_bytes = torch.empty((), dtype=DTYPE).element_size()
-    for rows in row_counts:
-        for what, outputs, inputs in LINEAR_SHAPES:
-            def linear_inputs(seed, rows=rows, outputs=outputs, inputs=inputs):
-                return [randn(rows, inputs, seed=seed), randn(outputs, inputs, seed=seed + 1, scale=inputs ** -0.5)]
-
-            variants = {"pytorch": (torch.nn.functional.linear, True)}
-            for block_n, block_k, warps in LINEAR_BLOCKS:
-                variants[f"triton n{block_n} k{block_k} w{warps}"] = (
-                    lambda x, w, block_n=block_n, block_k=block_k, warps=warps: triton_linear.small_batch_linear(
-                        x, w, block_n=block_n, block_k=block_k, num_warps=warps), True)
-            table.case("linear", f"{what} M={rows} {outputs}x{inputs}", linear_inputs, variants,
-                       floor((outputs * inputs + rows * (inputs + outputs)) * size_bytes), "weight, x in; out",
-                       decode=True, reference_fp32=lambda i: torch.nn.functional.linear(*upcast(i)))
-
-
 def sequential_weighted_sum(per_pair, weights, add):
     """The routed sum in PyTorch float32, slot after slot onto +0: what the Triton variants must equal."""
     tokens = per_pair.shape[0] // TOP_K
@@ -491,9 +458,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path, help="write the rows here as JSON")
     parser.add_argument("--ops", nargs="+", default=["small", "decode", "experts", "grouping", "weighted_sum"],
-                        choices=["small", "decode", "experts", "grouping", "weighted_sum", "linear"])
-    parser.add_argument("--linear-rows", type=int, nargs="+", default=[1, 2, 4],
-                        help="rows of the dense projections (--ops linear; at most triton_linear.MAX_ROWS)")
+                        choices=["small", "decode", "experts", "grouping", "weighted_sum"])
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 32, 256, 16384],
                         help="token counts of the small operations")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64, 128])
@@ -528,8 +493,6 @@ def main():
             bench_routed_experts(table, args.expert_tokens)
         if "grouping" in args.ops:
             bench_grouping(table, args.grouping_tokens)
-        if "linear" in args.ops:
-            bench_linear(table, args.linear_rows)
         if "weighted_sum" in args.ops:
             bench_weighted_sum(table, args.sum_tokens)
     if args.json:

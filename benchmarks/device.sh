@@ -11,8 +11,7 @@
 #              carries, so it may travel split (split -b 40M RAY.whl .whl/ray-a/RAY.whl.part-, the rest in
 #              .whl/ray-b/, one folder a call: ignored files stay on a warm machine); parts are joined here
 # Steps: kernels (bench_kernels' default ops, weighted_sum among them), weighted-sum (that op alone),
-# grouping (the experts' grouping by expert, one program against parallel), linear (the one-to-four-row linear
-# kernel's GPU check, then its times against F.linear on the decode step's projections),
+# grouping (the experts' grouping by expert, one program against parallel),
 # vision, engine, timeline (the jobs, trials of the serving loop's choices named in TRIALS (default:
 # vision-towers-called no-launch-turn; bench_engine.py --help lists them), and a window of the 256-page
 # job under the profiler: GPU time by stream and stage, benchmarks/timeline.py), engine-rows256 (engine with 256 rows and a 110 GiB budget: its jobs and a 256-row step), engine-steps, service, numerics, stages, tests, bulk (one GPU), bulk-ray (2 GPUs);
@@ -53,8 +52,6 @@ for step in "$@"; do
   case "$step" in
     kernels) python3 benchmarks/bench_kernels.py --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" ;;
     grouping) python3 benchmarks/bench_kernels.py --ops grouping --json "$OUT/grouping.json" 2>&1 | tee "$OUT/grouping.log" ;;
-    linear) python3 tests/test_triton_kernels.py --device cuda small_batch_linear 2>&1 | tee "$OUT/linear.log"
-      python3 benchmarks/bench_kernels.py --ops linear --json "$OUT/linear.json" 2>&1 | tee -a "$OUT/linear.log" ;;
     weighted-sum) python3 benchmarks/bench_kernels.py --ops weighted_sum --json "$OUT/weighted-sum.json" 2>&1 | tee "$OUT/weighted-sum.log" ;;
     vision) python3 benchmarks/bench_vision.py --profile "$OUT" --json "$OUT/vision.json" 2>&1 | tee "$OUT/vision.log" ;;
     engine) python3 benchmarks/bench_engine.py "${ORIGINAL[@]}" --profile "$OUT" --json "$OUT/engine.json" 2>&1 | tee "$OUT/engine.log" ;;

@@ -4,8 +4,7 @@ product, CLIP's quick GELU, rotary embedding of queries and keys, and the router
 Every operation has a plain PyTorch version, which is the definition (it runs on the CPU and in the
 tests), and on CUDA a Triton kernel that computes the same thing in one launch: a decode step is
 hundreds of these small steps, and on the GPU their cost is the launches, not the arithmetic.
-The Triton kernels live in `triton_ops.py`; `use_triton(tensor)` decides which runs. `linear` is F.linear,
-or, when the decoder asks (opt-in), `triton_linear.py`'s kernel for a few rows.
+The Triton kernels live in `triton_ops.py`; `use_triton(tensor)` decides which runs.
 
 Shapes in comments: N tokens, D hidden, H heads, Dh head dim, E experts, K experts per token.
 """
@@ -22,11 +21,6 @@ try:  # optional: the CPU and the tests run without it
     # ship the file with the remote code)
 except ImportError:  # pragma: no cover - depends on the environment
     triton_ops = None
-try:
-    from . import triton_linear
-    from .triton_linear import MAX_ROWS as _SMALL_BATCH_ROWS  # noqa: F401 (ships the file with the remote code)
-except ImportError:  # pragma: no cover - depends on the environment
-    triton_linear = None
 
 
 def use_triton(tensor: torch.Tensor) -> bool:
@@ -34,17 +28,6 @@ def use_triton(tensor: torch.Tensor) -> bool:
     being compiled (torch.compile generates its own kernels from the definitions, fused with their neighbours)."""
     return (tensor.is_cuda and triton_ops is not None and not torch.compiler.is_compiling()
             and triton_ops.available() and os.environ.get("DEEPSEEK_OCR_TRITON", "1") != "0")
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-           small_batch: bool = False) -> torch.Tensor:
-    """`F.linear(x, weight, bias)`; with `small_batch` (opt-in, not yet measured: the decoder's
-    `use_small_batch_linear`), a CUDA input of at most triton_linear.MAX_ROWS rows goes through
-    `triton_linear.small_batch_linear` instead of cuBLAS."""
-    if (small_batch and triton_linear is not None and use_triton(x)
-            and x.numel() <= triton_linear.MAX_ROWS * x.shape[-1]):
-        return triton_linear.small_batch_linear(x, weight, bias)
-    return F.linear(x, weight, bias)
 
 
 # ---------------------------------------------------------------- RMSNorm with the residual add

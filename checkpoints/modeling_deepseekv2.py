@@ -15,7 +15,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from .configuration_deepseek_v2 import DeepseekV2Config
 from .fused_moe import routed_experts
-from .fused_ops import add_rms_norm, apply_rotary, linear, route_top_k, silu_and_mul
+from .fused_ops import add_rms_norm, apply_rotary, route_top_k, silu_and_mul
 from .paged_attention import PagedKVCache
 
 
@@ -213,11 +213,9 @@ class DeepseekV2Attention(nn.Module):
         self.qkv_weight = FusedWeights(self, [f"{p}.weight" for p in projections], _stacked_rows)
         self.qkv_bias = FusedWeights(self, [f"{p}.bias" for p in projections], _stacked_rows) if bias else None
 
-    small_batch_linear = False  # the projections of a few rows through triton_linear (`use_small_batch_linear`)
-
     def forward(self, hidden_states, cos, sin, cache, mask: Optional[torch.Tensor] = None):
         bias = self.qkv_bias.get() if self.qkv_bias is not None else None
-        qkv = linear(hidden_states, self.qkv_weight.get(), bias, self.small_batch_linear)
+        qkv = F.linear(hidden_states, self.qkv_weight.get(), bias)
         q, k, v = qkv.split([self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
                              self.num_kv_heads * self.head_dim], dim=-1)
         q = q.unflatten(-1, (self.num_heads, self.head_dim))  # [..., T, H, Dh]
@@ -235,7 +233,7 @@ class DeepseekV2Attention(nn.Module):
                 v = v.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
             attend = ATTENTION_FUNCTIONS[self.config._attn_implementation or "sdpa"]
             out = attend(q, k, v, mask).transpose(1, 2)  # [B, T, H, Dh]
-        return linear(out.flatten(-2), self.o_proj.weight, self.o_proj.bias, self.small_batch_linear)
+        return self.o_proj(out.flatten(-2))
 
 
 class DeepseekV2MLP(nn.Module):
@@ -249,11 +247,8 @@ class DeepseekV2MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=False)
         self.gate_up_weight = FusedWeights(self, ["gate_proj.weight", "up_proj.weight"], _stacked_rows)
 
-    small_batch_linear = False  # as DeepseekV2Attention's
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = linear(x, self.gate_up_weight.get(), None, self.small_batch_linear)
-        return linear(silu_and_mul(gate_up), self.down_proj.weight, None, self.small_batch_linear)
+        return self.down_proj(silu_and_mul(F.linear(x, self.gate_up_weight.get())))
 
 
 class MoEGate(nn.Module):
@@ -373,14 +368,6 @@ class DeepseekV2Model(DeepseekV2PreTrainedModel):
         self.norm = DeepseekV2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_inv_freq_dtype)
         self.post_init()
-
-    def use_small_batch_linear(self, on: bool = True) -> None:
-        """Whether the attention's and the MLPs' projections of one to triton_linear.MAX_ROWS rows (a decode step
-        of a few sequences) run through `triton_linear.small_batch_linear` on a GPU rather than cuBLAS: opt-in
-        (DEEPSEEK_OCR_SMALL_LINEAR) until measured on the device."""
-        for module in self.modules():
-            if isinstance(module, (DeepseekV2Attention, DeepseekV2MLP)):
-                module.small_batch_linear = on
 
     def get_input_embeddings(self):
         return self.embed_tokens

@@ -132,8 +132,6 @@ class OCREngine:
         ).to(self.device).eval()
         if settings.sam_kernel and settings.vision != "original":  # opt-in: README "Faithfulness"
             self.model.model.sam_model.use_relative_attention_kernel(True)
-        if settings.small_linear:  # opt-in until measured: README "Settings"
-            self.model.model.use_small_batch_linear(True)
         self.presets = model_presets(self.model.processing)  # resolution_size choice → this model's geometry
         self.repetition = {"serving": SERVING_NO_REPEAT_RULE, "original": ORIGINAL_NO_REPEAT_RULE}[
             settings.repetition_rule]

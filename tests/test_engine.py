@@ -266,15 +266,3 @@ def test_a_failed_prompt_takes_its_predictions_other_pages_out_of_the_page_by_pa
         job.wait(60)
     assert rows_held_at_admission == [[True, True], [True]]  # the batch, then the first page alone
     assert wait_idle(batched.server) == {"rows": 0, "blocks": 0, "waiting": 0, "predictions": 0}
-
-
-def test_the_small_batch_linear_setting_reaches_the_decoder(tiny_checkpoint):
-    from checkpoints.modeling_deepseekv2 import DeepseekV2Attention, DeepseekV2MLP
-
-    def switches(settings_engine):
-        return {m.small_batch_linear for m in settings_engine.model.model.modules()
-                if isinstance(m, (DeepseekV2Attention, DeepseekV2MLP))}
-
-    assert switches(engine(tiny_checkpoint, engine="reference", small_linear=True)) == {True}
-    assert switches(engine(tiny_checkpoint, engine="reference")) == {False}  # off unless asked
-    assert Settings.from_env({"DEEPSEEK_OCR_SMALL_LINEAR": "1"}).small_linear

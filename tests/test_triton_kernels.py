@@ -102,37 +102,6 @@ def check_silu_and_mul(device):
 
 
 @check
-def check_small_batch_linear(device):
-    (kernels,) = load_kernel_modules("triton_linear")
-    generator = torch.Generator().manual_seed(12)
-    for dtype in float_types():
-        # widths that are not multiples of the blocks; one to MAX_ROWS rows, with leading dims
-        for shape, outputs, block_k in (((1, 300), 37, 128), ((3, 300), 64, 256), ((2, 2, 520), 20, 128)):
-            x = torch.randn(shape, generator=generator).to(dtype)
-            weight = (torch.randn(outputs, shape[-1], generator=generator) / shape[-1] ** 0.5).to(dtype)
-            bias = torch.randn(outputs, generator=generator).to(dtype)
-            for b in (bias, None):
-                expected = torch.nn.functional.linear(x.float(), weight.float(), None if b is None else b.float())
-                got = kernels.small_batch_linear(x.to(device), weight.to(device), None if b is None else b.to(device),
-                                                 block_n=16, block_k=block_k)
-                assert_close(got, expected.to(dtype), dtype, f"small_batch_linear {dtype} {shape}x{outputs} "
-                             f"bias={'yes' if b is not None else 'None'}")
-    # rows of a wider buffer (a view, as q/k/v cut out of one projection are) read the right elements
-    wide = torch.randn(4, 96, generator=generator).to(torch.bfloat16)
-    weight = torch.randn(24, 40, generator=generator).to(torch.bfloat16)
-    expected = torch.nn.functional.linear(wide[:, 8:48].float(), weight.float()).to(torch.bfloat16)
-    assert_close(kernels.small_batch_linear(wide.to(device)[:, 8:48], weight.to(device)), expected, torch.bfloat16,
-                 "small_batch_linear on a strided view")
-    too_many = torch.zeros(kernels.MAX_ROWS + 1, 40, dtype=torch.bfloat16, device=device)
-    try:
-        kernels.small_batch_linear(too_many, weight.to(device))
-    except ValueError as error:
-        assert "at most" in str(error), str(error)
-    else:
-        raise AssertionError("small_batch_linear took more rows than MAX_ROWS")
-
-
-@check
 def check_quick_gelu(device):
     fused_ops, kernels = load_kernel_modules("fused_ops", "triton_ops")
     generator = torch.Generator().manual_seed(7)
