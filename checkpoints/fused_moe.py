@@ -11,7 +11,7 @@ be captured in a CUDA graph: few tokens read only their experts' rows (a GEMV pe
 many tokens are sorted by expert and each expert's weights are read once per block of tokens.
 """
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -22,17 +22,36 @@ from .triton_moe import available as _triton_available  # noqa: F401 (this form 
 # the file with the remote code)
 
 
+# Whether the shared experts run inside the routed experts' GEMV kernels when a decode step's tokens take them
+# (benchmarks/bench_engine.py turns it off for a same-run trial of the batch-1 step).
+SHARED_IN_GEMV = True
+
+
 def routed_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, expert_ids: torch.Tensor,
-                   expert_weights: torch.Tensor, add: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   expert_weights: torch.Tensor, add: Optional[torch.Tensor] = None,
+                   shared: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
     """x [N, D], w13 [E, 2I, D], w2 [E, D, I], expert_ids [N, K], expert_weights [N, K] float32
-    → Σ_k weight[n, k] · expert_k(x[n]) (+ `add` [N, D] if given), [N, D] in x's dtype.
+    → Σ_k weight[n, k] · expert_k(x[n]) (+ `add` [N, D] if given, or + `shared(x)`), [N, D] in x's dtype.
 
     expert(x) = down(silu(gate(x)) · up(x)); each expert's output is rounded to x's dtype, the
     weighted sum is taken in float32 and rounded once; `add` (the shared experts' output) is added
-    after that rounding.
+    after that rounding. `shared`, the shared experts themselves (a DeepseekV2MLP), is added the same way;
+    on CUDA, for the few tokens of a decode step, their projections run inside the routed experts' two GEMV
+    kernels: at batch 1 each of the step's ~200 kernels costs ~4 µs in its graph whatever its size, and this
+    takes their two GEMMs and the gating product out of every MoE layer.
     """
+    if shared is not None and add is not None:
+        raise ValueError("routed_experts: give the shared experts' output (add) or the shared experts, not both")
     if use_triton(x):
-        return triton_moe.routed_experts(x, w13, w2, expert_ids, expert_weights, add)
+        tokens, top_k = expert_ids.shape
+        if shared is not None and SHARED_IN_GEMV and tokens and top_k and triton_moe.gemv_takes(tokens, top_k) \
+                and shared.down_proj.weight.shape[1] % (w13.shape[1] // 2) == 0:
+            return triton_moe.routed_experts(x, w13, w2, expert_ids, expert_weights,
+                                             shared=(shared.gate_up_weight.get(), shared.down_proj.weight))
+        return triton_moe.routed_experts(x, w13, w2, expert_ids, expert_weights,
+                                         shared(x) if shared is not None else add)
+    if shared is not None:
+        add = shared(x)
     tokens, top_k = expert_ids.shape
     flat = expert_ids.reshape(-1)  # [N·K], pair p = token p // K, slot p % K
     order = flat.argsort(stable=True)

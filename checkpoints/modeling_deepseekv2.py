@@ -301,8 +301,7 @@ class DeepseekV2MoE(nn.Module):
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])  # [N, D]
         expert_ids, expert_weights = self.gate(x)  # [N, K] each
-        shared = self.shared_experts(x) if self.shared_experts is not None else None
-        out = routed_experts(x, self.w13.get(), self.w2.get(), expert_ids, expert_weights, add=shared)
+        out = routed_experts(x, self.w13.get(), self.w2.get(), expert_ids, expert_weights, shared=self.shared_experts)
         return out.view(shape)
 
 

@@ -66,21 +66,32 @@ if triton is not None:
     # ------------------------------------------------------------ routed experts, few tokens (GEMV)
 
     @triton.jit
-    def _experts_gate_up_gemv_kernel(x_ptr, w13_ptr, ids_ptr, h_ptr,
-                                     x_row_stride, w13_expert_stride, w13_row_stride, top_k, inter,
-                                     HIDDEN: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr):
-        """Program (pair, tile of I): h[pair, tile] = silu(gate) · up of the pair's token and expert.
+    def _experts_gate_up_gemv_kernel(x_ptr, w13_ptr, ids_ptr, shared_ptr, h_ptr,
+                                     x_row_stride, w13_expert_stride, w13_row_stride, shared_row_stride,
+                                     pairs, top_k, inter, shared_width,
+                                     HIDDEN: tl.constexpr, SHARED_PARTS: tl.constexpr, BLOCK_I: tl.constexpr,
+                                     BLOCK_D: tl.constexpr):
+        """Program (row of h, tile of I): h[row, tile] = silu(gate) · up. Rows below `pairs` are the (token, expert)
+        pairs; the rest, SHARED_PARTS a token, are the shared experts cut into parts of the experts' width I
+        (part p: rows p·I.. of their gate and of their up projection), so that a token's parts lie one after
+        another in h as the shared experts' own intermediate row.
 
         The loop over D is unrolled (D is a compile-time constant), so every load of the tile can be in
         flight at once: with a few tokens this kernel is bound by the latency of reading weights.
         """
-        pair = tl.program_id(0)
-        token = (pair // top_k).to(tl.int64)
-        expert = tl.load(ids_ptr + pair).to(tl.int64)
+        program = tl.program_id(0)
         rows = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
         rows_inside = rows < inter
-        gate_rows = w13_ptr + expert * w13_expert_stride + rows[:, None] * w13_row_stride
-        up_rows = gate_rows + inter * w13_row_stride
+        if program < pairs:
+            token = (program // top_k).to(tl.int64)
+            expert = tl.load(ids_ptr + program).to(tl.int64)
+            gate_rows = w13_ptr + expert * w13_expert_stride + rows[:, None] * w13_row_stride
+            up_rows = gate_rows + inter * w13_row_stride
+        else:
+            part = program - pairs
+            token = (part // SHARED_PARTS).to(tl.int64)
+            gate_rows = shared_ptr + ((part % SHARED_PARTS) * inter + rows[:, None]).to(tl.int64) * shared_row_stride
+            up_rows = gate_rows + shared_width * shared_row_stride
         # Products accumulate per lane and are reduced once at the end, not at every step.
         gate_acc = tl.zeros([BLOCK_I, BLOCK_D], dtype=tl.float32)
         up_acc = tl.zeros([BLOCK_I, BLOCK_D], dtype=tl.float32)
@@ -93,16 +104,19 @@ if triton is not None:
             up_acc += tl.load(up_rows + cols[None, :], mask=tile_inside, other=0.0).to(tl.float32) * xs
         gate = tl.sum(gate_acc, axis=1)
         up = tl.sum(up_acc, axis=1)
-        tl.store(h_ptr + pair.to(tl.int64) * inter + rows, (gate * tl.sigmoid(gate) * up).to(h_ptr.dtype.element_ty),
-                 mask=rows_inside)
+        tl.store(h_ptr + program.to(tl.int64) * inter + rows,
+                 (gate * tl.sigmoid(gate) * up).to(h_ptr.dtype.element_ty), mask=rows_inside)
 
     @triton.jit
-    def _experts_down_sum_gemv_kernel(h_ptr, w2_ptr, ids_ptr, weights_ptr, add_ptr, out_ptr,
-                                      w2_expert_stride, w2_row_stride, add_row_stride, top_k, hidden,
-                                      INTER: tl.constexpr, HAS_ADD: tl.constexpr, BLOCK_K: tl.constexpr,
-                                      BLOCK_D: tl.constexpr, BLOCK_I: tl.constexpr):
+    def _experts_down_sum_gemv_kernel(h_ptr, w2_ptr, ids_ptr, weights_ptr, add_ptr, shared_down_ptr, out_ptr,
+                                      w2_expert_stride, w2_row_stride, add_row_stride, shared_down_row_stride,
+                                      pairs, top_k, hidden,
+                                      INTER: tl.constexpr, HAS_ADD: tl.constexpr, SHARED_WIDTH: tl.constexpr,
+                                      BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_I: tl.constexpr):
         """Program (token, tile of D): the K experts' down projections of that tile, each rounded,
-        weighted and summed in float32, rounded, plus `add`. The loop over I is unrolled, as above."""
+        weighted and summed in float32, rounded; plus the shared experts' down projection of their
+        intermediate row (SHARED_WIDTH wide, after the pairs' rows in h), rounded, or plus `add`. The loops
+        over I are unrolled, as above."""
         token = tl.program_id(0).to(tl.int64)
         slot = tl.arange(0, BLOCK_K)
         slot_used = slot < top_k
@@ -123,6 +137,18 @@ if triton is not None:
         per_expert = tl.sum(acc, axis=2).to(out_ptr.dtype.element_ty).to(tl.float32)  # [K, D], rounded
         weight = tl.load(weights_ptr + pair, mask=slot_used, other=0.0).to(tl.float32)
         routed = tl.sum(per_expert * weight[:, None], axis=0).to(out_ptr.dtype.element_ty)
+        if SHARED_WIDTH > 0:
+            shared_h = h_ptr + pairs.to(tl.int64) * INTER + token * SHARED_WIDTH  # the token's parts, in order
+            shared_rows = shared_down_ptr + cols[:, None].to(tl.int64) * shared_down_row_stride  # [D, 1]
+            shared_acc = tl.zeros([BLOCK_D, BLOCK_I], dtype=tl.float32)
+            for start in tl.static_range(0, SHARED_WIDTH, BLOCK_I):
+                inner = start + tl.arange(0, BLOCK_I)
+                inner_inside = inner < SHARED_WIDTH
+                h = tl.load(shared_h + inner, mask=inner_inside, other=0.0).to(tl.float32)
+                w = tl.load(shared_rows + inner[None, :], mask=cols_inside[:, None] & inner_inside[None, :], other=0.0)
+                shared_acc += w.to(tl.float32) * h[None, :]
+            shared = tl.sum(shared_acc, axis=1).to(out_ptr.dtype.element_ty).to(tl.float32)  # rounded, as added
+            routed = (routed.to(tl.float32) + shared).to(out_ptr.dtype.element_ty)
         if HAS_ADD:
             extra = tl.load(add_ptr + token * add_row_stride + cols, mask=cols_inside, other=0.0).to(tl.float32)
             routed = (routed.to(tl.float32) + extra).to(out_ptr.dtype.element_ty)
@@ -365,12 +391,19 @@ def group_by_expert(ids: torch.Tensor, experts: int, block_m: int,
     return sorted_pairs, block_expert
 
 
+def gemv_takes(tokens: int, top_k: int) -> bool:
+    """Whether `routed_experts` reads the experts of `tokens` tokens by GEMVs (the path that takes `shared`)."""
+    return tokens * top_k <= GEMV_MAX_PAIRS
+
+
 def routed_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, expert_ids: torch.Tensor,
                    expert_weights: torch.Tensor, add: Optional[torch.Tensor] = None, *,
-                   path: Optional[str] = None) -> torch.Tensor:
+                   shared: Optional[tuple] = None, path: Optional[str] = None) -> torch.Tensor:
     """x [N, D], w13 [E, 2I, D], w2 [E, D, I], expert_ids [N, K], expert_weights [N, K]
     → Σ_k weight · expert_k(x) (+ add) [N, D]: see fused_moe.
 
+    `shared` = (gate_up [2S, D], down [D, S]): the shared experts (width S, a multiple of I), computed inside the
+    two GEMV kernels and added as `add` would be (GEMV path only; not with `add`).
     `path` forces "gemv" or "grouped" (tests and benchmarks); by default GEMV up to GEMV_MAX_PAIRS pairs.
     """
     tokens, hidden = x.shape
@@ -380,6 +413,8 @@ def routed_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, expert_
         raise ValueError("routed_experts: w13 and w2 must be contiguous along their last dimension")
     pairs = tokens * top_k
     if pairs == 0:  # no token, or no expert per token: the routed sum is zero
+        if shared is not None and tokens:
+            raise ValueError("routed_experts: the shared experts are computed beside at least one expert a token")
         routed = torch.zeros(tokens, hidden, dtype=x.dtype, device=x.device)
         return routed if add is None else routed + add
     out_dtype = x.dtype if add is None else torch.promote_types(x.dtype, add.dtype)
@@ -389,15 +424,30 @@ def routed_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, expert_
     weights = expert_weights.reshape(-1).to(torch.float32).contiguous()
     add_rows = _rows(add.expand(tokens, hidden), hidden) if add is not None else out
     block_k = _next_power_of_2(top_k)
-    path = path or ("gemv" if pairs <= GEMV_MAX_PAIRS else "grouped")
+    path = path or ("gemv" if gemv_takes(tokens, top_k) else "grouped")
+    if shared is not None:
+        shared_gate_up, shared_down = shared
+        width = shared_down.shape[1]
+        if path != "gemv" or add is not None:
+            raise ValueError("routed_experts: the shared experts are computed on the GEMV path only, without add")
+        if (width % inter or tuple(shared_gate_up.shape) != (2 * width, hidden) or shared_down.shape[0] != hidden
+                or shared_gate_up.stride(-1) != 1 or shared_down.stride(-1) != 1):
+            raise ValueError(f"routed_experts: shared experts of gate/up {tuple(shared_gate_up.shape)} and down "
+                             f"{tuple(shared_down.shape)} do not cut into parts of the experts' width {inter}")
+        parts = width // inter
+    else:
+        shared_gate_up = shared_down = w13  # not read
+        width, parts = 0, 1
     if path == "gemv":
-        h = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)
+        h = torch.empty(pairs + (tokens * parts if width else 0), inter, dtype=x.dtype, device=x.device)
         # Pairs vary fastest across programs: pairs that share an expert read its rows together (L2).
-        _experts_gate_up_gemv_kernel[(pairs, _cdiv(inter, GEMV_GATE_UP["BLOCK_I"]))](
-            x, w13, ids, h, x.stride(0), w13.stride(0), w13.stride(1), top_k, inter, HIDDEN=hidden, **GEMV_GATE_UP)
+        _experts_gate_up_gemv_kernel[(h.shape[0], _cdiv(inter, GEMV_GATE_UP["BLOCK_I"]))](
+            x, w13, ids, shared_gate_up, h, x.stride(0), w13.stride(0), w13.stride(1), shared_gate_up.stride(0),
+            pairs, top_k, inter, width, HIDDEN=hidden, SHARED_PARTS=parts, **GEMV_GATE_UP)
         _experts_down_sum_gemv_kernel[(tokens, _cdiv(hidden, GEMV_DOWN["BLOCK_D"]))](
-            h, w2, ids, weights, add_rows, out, w2.stride(0), w2.stride(1), add_rows.stride(0), top_k, hidden,
-            INTER=inter, HAS_ADD=add is not None, BLOCK_K=block_k, **GEMV_DOWN)
+            h, w2, ids, weights, add_rows, shared_down, out, w2.stride(0), w2.stride(1), add_rows.stride(0),
+            shared_down.stride(0), pairs, top_k, hidden, INTER=inter, HAS_ADD=add is not None, SHARED_WIDTH=width,
+            BLOCK_K=block_k, **GEMV_DOWN)
         return out
     if path != "grouped":
         raise ValueError(f"routed_experts: path must be 'gemv' or 'grouped', not {path!r}")

@@ -204,6 +204,66 @@ def check_routed_experts_paths(device):
         compare_moe(device, moe_case(3), f"routed_experts {path} N=3", path=path, with_add=False)
 
 
+class SharedExperts:
+    """The shared experts as DeepseekV2MLP holds them: gate and up stacked [2S, D], down [D, S]; calling it is
+    the definition (each product rounded to the dtype, as the module's)."""
+
+    def __init__(self, gate_up, down):
+        import types
+
+        fused_ops, = load_kernel_modules("fused_ops")
+        self.gate_up_weight = types.SimpleNamespace(get=lambda: gate_up)
+        self.down_proj = types.SimpleNamespace(weight=down)
+        self._silu_and_mul = fused_ops.silu_and_mul
+
+    def __call__(self, x):
+        gate_up = torch.nn.functional.linear(x, self.gate_up_weight.get())
+        return torch.nn.functional.linear(self._silu_and_mul(gate_up), self.down_proj.weight)
+
+
+def shared_experts_case(hidden, width, dtype, seed):
+    generator = torch.Generator().manual_seed(seed)
+    gate_up = (torch.randn(2 * width, hidden, generator=generator) / hidden ** 0.5).to(dtype)
+    down = (torch.randn(hidden, width, generator=generator) / width ** 0.5).to(dtype)
+    return gate_up, down
+
+
+@check
+def check_routed_experts_with_shared_experts(device):
+    """The shared experts (two and three parts of the experts' width) computed inside the GEMV kernels equal the
+    routed sum plus their own output; through fused_moe on a GPU, for the few tokens the GEMVs take; shapes that
+    do not cut into parts are refused."""
+    fused_moe, kernels = load_kernel_modules("fused_moe", "triton_moe")
+    for dtype in float_types():
+        for tokens, parts in ((1, 2), (7, 3)):
+            x, w13, w2, ids, weights, _ = moe_case(tokens, dtype=dtype, only_experts=[1, 4, 5, 6])
+            gate_up, down = shared_experts_case(x.shape[1], parts * w2.shape[2], dtype, seed=30 + tokens)
+            shared = SharedExperts(gate_up, down)
+            expected = fused_moe.routed_experts(x, w13, w2, ids, weights, shared(x))
+            assert torch.equal(fused_moe.routed_experts(x, w13, w2, ids, weights, shared=shared), expected)  # CPU
+            on = [t.to(device) for t in (x, w13, w2, ids, weights, gate_up, down)]
+            got = kernels.routed_experts(*on[:5], shared=(on[5], on[6]), path="gemv")
+            what = f"routed_experts with shared experts of {parts} parts, N={tokens} {dtype}"
+            assert_close(got, expected, dtype, what, bf16_atol=1.6e-2 * max(1.0, expected.abs().max().item()))
+            if device == "cuda":  # the dispatch: fused for a decode step's few tokens
+                fused = fused_moe.routed_experts(*on[:5], shared=SharedExperts(on[5], on[6]))
+                assert_close(fused, expected, dtype, what + " through fused_moe",
+                             bf16_atol=1.6e-2 * max(1.0, expected.abs().max().item()))
+    x, w13, w2, ids, weights, add = moe_case(2)
+    for gate_up, down, path, extra in ((*shared_experts_case(48, 60, torch.bfloat16, 1), "gemv", None),  # 60 % 40
+                                       (*shared_experts_case(48, 80, torch.bfloat16, 1), "grouped", None),
+                                       (*shared_experts_case(48, 80, torch.bfloat16, 1), "gemv", add)):
+        try:
+            kernels.routed_experts(*(t.to(device) for t in (x, w13, w2, ids, weights)),
+                                   None if extra is None else extra.to(device),
+                                   shared=(gate_up.to(device), down.to(device)), path=path)
+        except ValueError as error:
+            assert "shared experts" in str(error), str(error)
+        else:
+            raise AssertionError(f"routed_experts took shared experts of width {down.shape[1]} on the {path} path "
+                                 f"{'with' if extra is not None else 'without'} add")
+
+
 @check
 def check_routed_experts_boundary(device):
     """The automatic choice on either side of GEMV_MAX_PAIRS (K = 3: its third in tokens, and one more)."""
