@@ -98,20 +98,6 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
 # ---------------------------------------------------------------- router
 
 
-def route(x: torch.Tensor, weight: torch.Tensor, top_k: int, renormalize: bool, scaling: float):
-    """The router: hidden states [N, D] → logits x · Wᵀ in x's dtype → `route_top_k`. On CUDA a decode step's few
-    tokens (up to triton_ops.ROUTE_MAX_TOKENS) take one kernel for both: at batch 1 the logits' GEMM and the
-    top-k took ~4 and ~1.7 µs a layer in the step's graph for 160 KB of weight."""
-    if use_triton(x) and x.shape[0] <= triton_ops.ROUTE_MAX_TOKENS and ROUTE_IN_ONE_KERNEL:
-        return triton_ops.route(x, weight, top_k, renormalize, scaling)
-    return route_top_k(F.linear(x, weight), top_k, renormalize, scaling)
-
-
-# Whether `route` takes its one kernel for a few tokens (benchmarks/bench_engine.py turns it off for a same-run
-# trial of the batch-1 step).
-ROUTE_IN_ONE_KERNEL = True
-
-
 def route_top_k(logits: torch.Tensor, top_k: int, renormalize: bool, scaling: float):
     """Router logits [N, E] → (expert ids [N, K] int64, weights [N, K] float32).
 

@@ -15,7 +15,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from .configuration_deepseek_v2 import DeepseekV2Config
 from .fused_moe import routed_experts
-from .fused_ops import add_rms_norm, apply_rotary, route, silu_and_mul
+from .fused_ops import add_rms_norm, apply_rotary, route_top_k, silu_and_mul
 from .paged_attention import PagedKVCache
 
 
@@ -272,8 +272,8 @@ class MoEGate(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor):
         """[N, D] → (expert ids [N, K], weights [N, K] float32)."""
-        return route(hidden_states, self.weight.to(hidden_states.dtype), self.top_k, self.norm_topk_prob,
-                     self.routed_scaling_factor)
+        logits = F.linear(hidden_states, self.weight.to(hidden_states.dtype))  # [N, E]
+        return route_top_k(logits, self.top_k, self.norm_topk_prob, self.routed_scaling_factor)
 
 
 class DeepseekV2MoE(nn.Module):

@@ -177,10 +177,13 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
 if triton is not None:
 
     @triton.jit
-    def _top_k_of_logits(logits, inside, ids_ptr, weights_ptr, row, scaling, TOP_K: tl.constexpr,
-                         RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
-        """One row's float32 logits [BLOCK_E] (-inf outside) → its K experts and weights, stored."""
+    def _route_top_k_kernel(logits_ptr, ids_ptr, weights_ptr, row_stride, experts, scaling,
+                            TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
+                            BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
         expert = tl.arange(0, BLOCK_E)
+        inside = expert < experts
+        logits = tl.load(logits_ptr + row * row_stride + expert, mask=inside, other=float("-inf")).to(tl.float32)
         exps = tl.where(inside, tl.exp(logits - tl.max(logits, axis=0)), 0.0)
         scores = exps / tl.sum(exps, axis=0)
         # Greedy top-k: K rounds of argmax, each removing its winner (scores are ≥ 0, so -1 is "gone").
@@ -199,37 +202,6 @@ if triton is not None:
         tl.store(ids_ptr + row * TOP_K + slot, chosen.to(tl.int64), mask=used)
         tl.store(weights_ptr + row * TOP_K + slot, chosen_weights * scaling, mask=used)
 
-    @triton.jit
-    def _route_top_k_kernel(logits_ptr, ids_ptr, weights_ptr, row_stride, experts, scaling,
-                            TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
-                            BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        expert = tl.arange(0, BLOCK_E)
-        inside = expert < experts
-        logits = tl.load(logits_ptr + row * row_stride + expert, mask=inside, other=float("-inf")).to(tl.float32)
-        _top_k_of_logits(logits, inside, ids_ptr, weights_ptr, row, scaling, TOP_K, RENORMALIZE, BLOCK_E, BLOCK_K)
-
-    @triton.jit
-    def _route_kernel(x_ptr, weight_ptr, ids_ptr, weights_ptr, x_row_stride, weight_row_stride, experts, scaling,
-                      HIDDEN: tl.constexpr, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
-                      BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
-        """Program (token): its router logits (x · Wᵀ, float32 sums rounded to x's dtype, as F.linear gives them),
-        then `_top_k_of_logits`. The loop over D is unrolled and products kept per lane, summed once."""
-        row = tl.program_id(0).to(tl.int64)
-        expert = tl.arange(0, BLOCK_E)
-        inside = expert < experts
-        weight_rows = weight_ptr + expert[:, None].to(tl.int64) * weight_row_stride  # [E, 1]
-        products = tl.zeros([BLOCK_E, BLOCK_D], dtype=tl.float32)
-        for start in tl.static_range(0, HIDDEN, BLOCK_D):
-            cols = start + tl.arange(0, BLOCK_D)
-            cols_inside = cols < HIDDEN
-            xs = tl.load(x_ptr + row * x_row_stride + cols, mask=cols_inside, other=0.0).to(tl.float32)
-            w = tl.load(weight_rows + cols[None, :], mask=inside[:, None] & cols_inside[None, :], other=0.0)
-            products += w.to(tl.float32) * xs[None, :]
-        logits = tl.sum(products, axis=1).to(x_ptr.dtype.element_ty).to(tl.float32)
-        logits = tl.where(inside, logits, float("-inf"))
-        _top_k_of_logits(logits, inside, ids_ptr, weights_ptr, row, scaling, TOP_K, RENORMALIZE, BLOCK_E, BLOCK_K)
-
 
 def route_top_k(logits: torch.Tensor, top_k: int, renormalize: bool, scaling: float):
     """Router logits [N, E] → (expert ids [N, K] int64, weights [N, K] float32): see fused_ops."""
@@ -242,28 +214,4 @@ def route_top_k(logits: torch.Tensor, top_k: int, renormalize: bool, scaling: fl
             rows, ids, weights, rows.stride(0), experts, float(scaling),
             TOP_K=top_k, RENORMALIZE=bool(renormalize and top_k > 1),
             BLOCK_E=_next_power_of_2(experts), BLOCK_K=_next_power_of_2(top_k), num_warps=1)
-    return ids, weights
-
-
-# Tokens up to which `route` computes the router's logits in its own kernel (a decode step's few tokens); more
-# (a prefill) go through cuBLAS and `route_top_k`, which read the router's weight once for many tokens.
-ROUTE_MAX_TOKENS = 16
-ROUTE_BLOCK_D, ROUTE_WARPS = 128, 8
-
-
-def route(x: torch.Tensor, weight: torch.Tensor, top_k: int, renormalize: bool, scaling: float):
-    """Hidden states [N, D] and the router's weight [E, D] → (expert ids [N, K], weights [N, K]): see fused_ops."""
-    tokens, hidden = x.shape
-    experts = weight.shape[0]
-    if weight.shape[1] != hidden or weight.stride(1) != 1:
-        raise ValueError(f"route: a router weight of {tuple(weight.shape)} does not take hidden states of {hidden}")
-    rows = _rows(x, hidden)
-    ids = torch.empty(tokens, top_k, dtype=torch.int64, device=x.device)
-    weights = torch.empty(tokens, top_k, dtype=torch.float32, device=x.device)
-    if tokens and top_k:
-        _route_kernel[(tokens,)](
-            rows, weight, ids, weights, rows.stride(0), weight.stride(0), experts, float(scaling),
-            HIDDEN=hidden, TOP_K=top_k, RENORMALIZE=bool(renormalize and top_k > 1),
-            BLOCK_E=_next_power_of_2(experts), BLOCK_D=min(ROUTE_BLOCK_D, _next_power_of_2(hidden)),
-            BLOCK_K=_next_power_of_2(top_k), num_warps=ROUTE_WARPS)
     return ids, weights

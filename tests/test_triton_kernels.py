@@ -164,38 +164,6 @@ def check_route_top_k(device):
                              torch.float32, what)
 
 
-@check
-def check_route(device):
-    """The router in one kernel (logits rounded to the dtype, then the top-k) against F.linear then
-    route_top_k: the same experts and weights, for widths off the kernel's tile; a weight that does not
-    take the hidden states is refused."""
-    fused_ops, kernels = load_kernel_modules("fused_ops", "triton_ops")
-    generator = torch.Generator().manual_seed(21)
-    for dtype in float_types():
-        for tokens, experts, hidden, top_k in ((1, 64, 320, 6), (5, 12, 200, 4), (16, 8, 64, 1)):
-            x = torch.randn(tokens, hidden, generator=generator).to(dtype)
-            weight = (torch.randn(experts, hidden, generator=generator) / hidden ** 0.5).to(dtype)
-            for renormalize in (True, False):
-                expected_ids, expected_weights = fused_ops.route_top_k(
-                    torch.nn.functional.linear(x, weight), top_k, renormalize, 2.5)
-                ids, weights = kernels.route(x.to(device), weight.to(device), top_k, renormalize, 2.5)
-                what = f"route N={tokens} E={experts} D={hidden} K={top_k} renormalize={renormalize} {dtype}"
-                ids, order = ids.cpu().sort(dim=-1)
-                expected_ids, expected_order = expected_ids.sort(dim=-1)
-                assert torch.equal(ids, expected_ids), f"{what}: chosen experts differ"
-                assert_close(weights.cpu().gather(1, order), expected_weights.gather(1, expected_order),
-                             torch.float32, what) if dtype == torch.float32 else \
-                    torch.testing.assert_close(weights.cpu().gather(1, order),
-                                               expected_weights.gather(1, expected_order), rtol=2e-2, atol=2e-3,
-                                               msg=lambda m: f"{what}: {m}")
-    try:
-        kernels.route(torch.zeros(1, 40, device=device), torch.zeros(8, 48, device=device), 2, True, 1.0)
-    except ValueError as error:
-        assert "does not take" in str(error), str(error)
-    else:
-        raise AssertionError("route took a router weight of the wrong width")
-
-
 # ---------------------------------------------------------------- fused_moe.py
 
 
