@@ -8,7 +8,8 @@ The PyTorch version groups the tokens by expert and runs each used expert once o
 host-side loop: it is the definition, and what the CPU runs). On CUDA a Triton kernel does the same
 in two launches without copying any weight and without leaving the device, so that a decode step can
 be captured in a CUDA graph: few tokens read only their experts' rows (a GEMV per token and expert),
-many tokens are sorted by expert and each expert's weights are read once per block of tokens.
+many tokens are sorted by expert and each expert's weights are read once per block of tokens. The
+layer's shared experts are added after the routed sum; for few tokens the GEMVs compute them too.
 """
 
 from typing import Callable, Optional
