@@ -51,6 +51,7 @@ class Summary:
     pages: int = 0
     tokens: int = 0
     seconds: float = 0.0  # from the first document read to the last committed
+    work_seconds: Optional[float] = None  # from when an engine first had a document to the last committed
     interrupted: bool = False
     extra: dict = field(default_factory=dict)  # what a runner adds (Ray: the engines' start times)
 
@@ -81,7 +82,8 @@ class Summary:
         text = (f"{done}/{self.listed} documents: {self.ok} done now, {self.skipped} done before"
                 f"{f' ({self.skipped_unsuccessful} of them refused)' if self.skipped_unsuccessful else ''}, "
                 f"{self.refused} refused, {self.failed} failed; {self.pages} pages, {self.tokens} tokens in "
-                f"{self.seconds:.1f} s ({self.pages_per_second:.2f} pages/s)")
+                f"{self.seconds:.1f} s ({self.pages_per_second:.2f} pages/s"
+                f"{f'; {self.pages / self.work_seconds:.2f} once the model was loaded' if self.work_seconds else ''})")
         if self.interrupted:
             text += f"; interrupted: {self.listed - done} left for the next run"
         return text
@@ -194,6 +196,7 @@ class LocalRun:
         self._engine_error: Optional[BulkError] = None
         self._engine_lock = threading.Lock()  # the engine, its error, the loader and the documents waiting for it
         self._loader: Optional[threading.Thread] = None
+        self._loaded_at: Optional[float] = None  # time.monotonic() when the engine was ready
         self._waiting: list = []  # documents read while the engine loads: (source, hash, size, pages)
         self._pages_in_flight = pages_in_flight  # None: twice the engine's rows once it is loaded (`_load`)
         # Until then, twice the rows of the rows setting or of a smaller card: pages read ahead while it loads.
@@ -230,7 +233,10 @@ class LocalRun:
             self._finishers.shutdown(wait=True)
         if self._engine_error is not None:
             raise self._engine_error
-        self.summary.seconds = time.monotonic() - self._started
+        ended = time.monotonic()
+        self.summary.seconds = ended - self._started
+        if self._loaded_at is not None:
+            self.summary.work_seconds = ended - self._loaded_at
         self.summary.interrupted = self.stopping.is_set() and self._finished() < self.summary.listed
         return self.summary
 
@@ -292,6 +298,7 @@ class LocalRun:
         self._finishers = ThreadPoolExecutor(max_workers=max(self.budget.limit, self.budget.used),
                                              thread_name_prefix="bulk-finish")
         self.progress.work_started()
+        self._loaded_at = time.monotonic()
         with self._engine_lock:
             self._engine = engine
             waiting, self._waiting = self._waiting, []

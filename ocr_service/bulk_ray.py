@@ -289,6 +289,9 @@ def _consume(dataset, summary, folder, previous, run_options, progress, signals,
         raise BulkError(f"the Ray pipeline failed: {error}") from error
     summary.extra["engine_ready_at"] = sorted(ready)
     summary.extra["first_document_at"] = min(first_document, default=None)
+    if first_document and "last_commit_at" in summary.extra:  # another node's clock: within the run's time
+        worked = summary.extra["last_commit_at"] - min(first_document)
+        summary.work_seconds = min(max(worked, 0.0), summary.seconds)
 
 
 def _commit(row: dict, summary, folder, previous, run_options, progress) -> None:

@@ -177,6 +177,12 @@ def test_progress_counts_its_rate_and_time_left_from_when_an_engine_has_work(mon
     assert lines[-1] == "1/2 documents, 8 pages, 2.00 pages/s, 0 failed, 4 s left"
 
 
+def test_the_summary_gives_the_rate_from_the_start_and_once_the_model_was_loaded():
+    line = bulk.Summary(listed=3, ok=3, pages=40, tokens=900, seconds=50.0, work_seconds=10.0).line()
+    assert line.endswith("40 pages, 900 tokens in 50.0 s (0.80 pages/s; 4.00 once the model was loaded)")
+    assert bulk.Summary(listed=1, skipped=1).line().endswith("0 pages, 0 tokens in 0.0 s (0.00 pages/s)")
+
+
 def test_progress_before_any_engine_counts_from_the_start(monkeypatch):
     clock = [50.0]
     monkeypatch.setattr(bulk.time, "time", lambda: clock[0])
@@ -598,6 +604,7 @@ def test_documents_are_read_ahead_while_the_engine_loads(engine, settings, monke
     assert read_before_ready == [6]  # all six, within the budget before the load (twice the rows setting)
     assert run.budget.limit == 2 * settings.max_rows and run.budget.used == 0
     assert summary.ok == 6 and summary.pages == 6 and not summary.interrupted
+    assert 0 < summary.work_seconds < summary.seconds  # counted from the engine ready, after the reading
     assert sorted(e["status"] for e in manifest_lines(out.root)) == [OK] * 6
     engine.take()
 
