@@ -44,9 +44,8 @@ def routed_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, expert_
     if shared is not None and add is not None:
         raise ValueError("routed_experts: give the shared experts' output (add) or the shared experts, not both")
     if use_triton(x):
-        tokens, top_k = expert_ids.shape
-        if shared is not None and SHARED_IN_GEMV and tokens and top_k and triton_moe.gemv_takes(tokens, top_k) \
-                and shared.down_proj.weight.shape[1] % (w13.shape[1] // 2) == 0:
+        if shared is not None and SHARED_IN_GEMV and triton_moe.takes_shared(
+                *expert_ids.shape, w13.shape[1] // 2, shared.down_proj.weight.shape[1]):
             return triton_moe.routed_experts(x, w13, w2, expert_ids, expert_weights,
                                              shared=(shared.gate_up_weight.get(), shared.down_proj.weight))
         return triton_moe.routed_experts(x, w13, w2, expert_ids, expert_weights,

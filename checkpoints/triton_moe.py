@@ -396,6 +396,12 @@ def gemv_takes(tokens: int, top_k: int) -> bool:
     return tokens * top_k <= GEMV_MAX_PAIRS
 
 
+def takes_shared(tokens: int, top_k: int, inter: int, shared_width: int) -> bool:
+    """Whether `routed_experts` computes shared experts of `shared_width` beside these tokens' experts of width
+    `inter`: on the GEMV path, with at least one expert a token, in whole parts of the experts' width."""
+    return tokens > 0 and top_k > 0 and gemv_takes(tokens, top_k) and shared_width % inter == 0
+
+
 def routed_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, expert_ids: torch.Tensor,
                    expert_weights: torch.Tensor, add: Optional[torch.Tensor] = None, *,
                    shared: Optional[tuple] = None, path: Optional[str] = None) -> torch.Tensor:
@@ -430,10 +436,11 @@ def routed_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, expert_
         width = shared_down.shape[1]
         if path != "gemv" or add is not None:
             raise ValueError("routed_experts: the shared experts are computed on the GEMV path only, without add")
-        if (width % inter or tuple(shared_gate_up.shape) != (2 * width, hidden) or shared_down.shape[0] != hidden
-                or shared_gate_up.stride(-1) != 1 or shared_down.stride(-1) != 1):
+        if (not takes_shared(tokens, top_k, inter, width) or tuple(shared_gate_up.shape) != (2 * width, hidden)
+                or shared_down.shape[0] != hidden or shared_gate_up.stride(-1) != 1 or shared_down.stride(-1) != 1):
             raise ValueError(f"routed_experts: shared experts of gate/up {tuple(shared_gate_up.shape)} and down "
-                             f"{tuple(shared_down.shape)} do not cut into parts of the experts' width {inter}")
+                             f"{tuple(shared_down.shape)} do not go beside {tokens} token(s) of {top_k} experts of "
+                             f"width {inter} (at most {GEMV_MAX_PAIRS} pairs, in whole parts of that width)")
         parts = width // inter
     else:
         shared_gate_up = shared_down = w13  # not read
