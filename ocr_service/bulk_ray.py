@@ -108,8 +108,7 @@ class OCRActor:
             from .settings import Settings
 
             settings = Settings.from_env({**os.environ, **environment})
-            with _node_lock(Path(tempfile.gettempdir()) / "deepseek-ocr-weights.lock"):  # one download per node
-                weights_dir = weights_folder(settings, _log)
+            weights_dir = _weights_on_this_node(settings, weights_folder)
             self.engine = OCREngine(weights_dir, settings, log=_log, ignore_eos=ignore_eos)
             self.prompt, _ = self.options.prompt_and_preset(self.engine.special_token_texts)
             # the served model's own geometry; a preset it has no equivalent for stops the run, not each document
@@ -161,6 +160,18 @@ class OCRActor:
 
 def _log(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
+
+
+def _weights_on_this_node(settings, weights_folder) -> Path:
+    """`weights_folder(settings, log)`: the engines of a node take turns only where the weights may be downloaded
+    (one download per node). An operator's folder (DEEPSEEK_OCR_WEIGHTS_DIR, --weights-dir) is only read, and
+    each engine verifies it at once: in turns, an engine waited for the others' checks (which build the model on
+    the meta device) before its load began (on two H200s the second engine's load began 0.8 s after the first's,
+    benchmarks/results/h200-2026-11-30i; not measured since)."""
+    if settings.weights_dir:
+        return weights_folder(settings, _log)
+    with _node_lock(Path(tempfile.gettempdir()) / "deepseek-ocr-weights.lock"):
+        return weights_folder(settings, _log)
 
 
 class _node_lock:

@@ -372,6 +372,29 @@ def run_in_local_ray(ray, monkeypatch, corpus, out, weights) -> int:
         ray.shutdown()
 
 
+def test_ray_engines_of_a_node_take_turns_only_where_the_weights_may_be_downloaded(monkeypatch, tmp_path):
+    from ocr_service import bulk_ray
+
+    locked = []
+
+    class Recording:
+        def __init__(self, path):
+            self.path = path
+
+        def __enter__(self):
+            locked.append(self.path)
+
+        def __exit__(self, *exc):
+            pass
+
+    monkeypatch.setattr(bulk_ray, "_node_lock", Recording)
+    folder = lambda settings, log: settings.weights_dir or "downloaded"  # noqa: E731
+    given = Settings.from_env({**ENVIRONMENT, "DEEPSEEK_OCR_WEIGHTS_DIR": str(tmp_path)})
+    assert bulk_ray._weights_on_this_node(given, folder) == str(tmp_path) and locked == []  # only read: no turns
+    assert bulk_ray._weights_on_this_node(Settings.from_env(ENVIRONMENT), folder) == "downloaded"
+    assert len(locked) == 1  # setup()'s folder, downloaded if missing: one engine at a time
+
+
 def test_ray_engines_reserve_their_gpus_share_of_the_cpus_less_two_for_reading():
     from ocr_service.bulk_ray import default_engine_cpus
 
