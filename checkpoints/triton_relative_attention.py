@@ -34,7 +34,7 @@ if triton is not None:
                                    out_view, out_token, out_head,
                                    heads, tokens, height, width, score_scale, term_scale,
                                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr,
-                                   DOT_IN_FP32: tl.constexpr):
+                                   DOT_IN_FP32: tl.constexpr, PRECISION: tl.constexpr):
         block = tl.program_id(0)
         view_head = tl.program_id(1).to(tl.int64)
         view, head = view_head // heads, view_head % heads
@@ -65,13 +65,13 @@ if triton is not None:
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
             row_term = tl.load(row_terms_at + row, mask=is_query, other=0.0).to(tl.float32) * term_scale
-            scores = tl.dot(q, tl.trans(k)) * score_scale + col_terms + row_term[:, None]
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * score_scale + col_terms + row_term[:, None]
             scores = tl.where(is_column[None, :], scores, float("-inf"))
             new_best = tl.maximum(best, tl.max(scores, 1))
             decay = tl.exp2(best - new_best)
             weights = tl.exp2(scores - new_best[:, None])
             total = total * decay + tl.sum(weights, 1)
-            acc = acc * decay[:, None] + tl.dot(weights.to(v.dtype), v)
+            acc = acc * decay[:, None] + tl.dot(weights.to(v.dtype), v, input_precision=PRECISION)
             best = new_best
         acc = acc / total[:, None]
         tl.store(out_ptr + view * out_view + query[:, None] * out_token + head * out_head + dim[None, :],
@@ -99,5 +99,7 @@ def relative_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_te
         out.stride(0), out.stride(1), out.stride(2),
         heads, tokens, height, width, _LOG2_E / math.sqrt(head_dim), _LOG2_E,
         HEAD_DIM=head_dim, BLOCK_M=BLOCK_QUERIES, BLOCK_W=max(16, _next_power_of_2(width)),
-        DOT_IN_FP32=_INTERPRETED, num_warps=WARPS, num_stages=STAGES)
+        DOT_IN_FP32=_INTERPRETED, num_warps=WARPS, num_stages=STAGES,
+        # float32 inputs (the tests' reference precision) multiply in float32, not TensorFloat-32
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     return out
