@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 
 try:  # optional: the CPU and the tests run without it
-    from . import triton_ops
-    from .triton_ops import available as _triton_available  # noqa: F401 (this form makes transformers
-    # ship the file with the remote code)
+    from . import triton_linear, triton_ops
+    from .triton_linear import takes as _triton_linear_takes  # noqa: F401 (this form makes transformers
+    from .triton_ops import available as _triton_available  # noqa: F401 ship the files with the remote code)
 except ImportError:  # pragma: no cover - depends on the environment
-    triton_ops = None
+    triton_linear = triton_ops = None
 
 
 def use_triton(tensor: torch.Tensor) -> bool:
@@ -46,6 +46,29 @@ def add_rms_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torc
     variance = summed.float().pow(2).mean(-1, keepdim=True)
     normed = (summed.float() * torch.rsqrt(variance + eps)).to(x.dtype)
     return weight * normed, summed
+
+
+# ---------------------------------------------------------------- small projections
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """F.linear(x, weight, bias). On CUDA, for the few tokens of a decode step whose kernels are launched
+    programmatically, a Triton GEMV that reads its weights while the kernel before it ends (`triton_linear.py`)."""
+    if use_triton(x) and triton_linear.takes(x, weight, bias):
+        return triton_linear.linear(x, weight)
+    return F.linear(x, weight, bias)
+
+
+def norm_linear(x: torch.Tensor, residual: Optional[torch.Tensor], norm_weight: torch.Tensor, eps: float,
+                weight: torch.Tensor, bias: Optional[torch.Tensor] = None, keep_normed: bool = False):
+    """(F.linear(normed, weight, bias), x + residual), with normed, x + residual = add_rms_norm(x, residual, ...);
+    with `keep_normed`, normed as a third value. On CUDA, as `linear`, the norm computed inside the projection's
+    kernel: one kernel fewer ahead of each q/k/v and router projection of a decode step."""
+    if use_triton(x) and triton_linear.takes(x, weight, bias) and norm_weight.dtype == x.dtype:
+        return triton_linear.norm_linear(x, residual, norm_weight, eps, weight, keep_normed)
+    normed, summed = add_rms_norm(x, residual, norm_weight, eps)
+    out = F.linear(normed, weight, bias)
+    return (out, summed, normed) if keep_normed else (out, summed)
 
 
 # ---------------------------------------------------------------- gated MLP activation

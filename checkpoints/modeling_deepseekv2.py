@@ -15,7 +15,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from .configuration_deepseek_v2 import DeepseekV2Config
 from .fused_moe import routed_experts
-from .fused_ops import add_rms_norm, apply_rotary, route_top_k, silu_and_mul
+from .fused_ops import add_rms_norm, apply_rotary, linear, norm_linear, route_top_k, silu_and_mul
 from .paged_attention import PagedKVCache
 
 
@@ -215,7 +215,11 @@ class DeepseekV2Attention(nn.Module):
 
     def forward(self, hidden_states, cos, sin, cache, mask: Optional[torch.Tensor] = None):
         bias = self.qkv_bias.get() if self.qkv_bias is not None else None
-        qkv = F.linear(hidden_states, self.qkv_weight.get(), bias)
+        return self.attend(linear(hidden_states, self.qkv_weight.get(), bias), cos, sin, cache, mask)
+
+    def attend(self, qkv, cos, sin, cache, mask: Optional[torch.Tensor] = None):
+        """The rest of `forward` from the fused q/k/v projection's output [..., T, (H + 2·Hkv)·Dh] (the decoder
+        layer computes that projection with the norm before it: `norm_linear`)."""
         q, k, v = qkv.split([self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
                              self.num_kv_heads * self.head_dim], dim=-1)
         q = q.unflatten(-1, (self.num_heads, self.head_dim))  # [..., T, H, Dh]
@@ -233,7 +237,7 @@ class DeepseekV2Attention(nn.Module):
                 v = v.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
             attend = ATTENTION_FUNCTIONS[self.config._attn_implementation or "sdpa"]
             out = attend(q, k, v, mask).transpose(1, 2)  # [B, T, H, Dh]
-        return self.o_proj(out.flatten(-2))
+        return linear(out.flatten(-2), self.o_proj.weight, self.o_proj.bias)
 
 
 class DeepseekV2MLP(nn.Module):
@@ -272,7 +276,10 @@ class MoEGate(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor):
         """[N, D] → (expert ids [N, K], weights [N, K] float32)."""
-        logits = F.linear(hidden_states, self.weight.to(hidden_states.dtype))  # [N, E]
+        return self.route(F.linear(hidden_states, self.weight.to(hidden_states.dtype)))
+
+    def route(self, logits: torch.Tensor):
+        """Logits [N, E] → (expert ids [N, K], weights [N, K] float32)."""
         return route_top_k(logits, self.top_k, self.norm_topk_prob, self.routed_scaling_factor)
 
 
@@ -304,6 +311,18 @@ class DeepseekV2MoE(nn.Module):
         out = routed_experts(x, self.w13.get(), self.w2.get(), expert_ids, expert_weights, shared=self.shared_experts)
         return out.view(shape)
 
+    def after_norm(self, hidden_states: torch.Tensor, residual: torch.Tensor, norm: "DeepseekV2RMSNorm"):
+        """(self(norm(hidden + residual)), hidden + residual), the norm computed with the router's projection
+        (`norm_linear`): a decode step's kernel fewer."""
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        logits, summed, normed = norm_linear(x, residual.reshape(-1, shape[-1]), norm.weight, norm.variance_epsilon,
+                                             self.gate.weight.to(x.dtype), keep_normed=True)
+        expert_ids, expert_weights = self.gate.route(logits)
+        out = routed_experts(normed, self.w13.get(), self.w2.get(), expert_ids, expert_weights,
+                             shared=self.shared_experts)
+        return out.view(shape), summed.view(shape)
+
 
 class DeepseekV2DecoderLayer(nn.Module):
     def __init__(self, config: DeepseekV2Config, layer_idx: int):
@@ -318,8 +337,13 @@ class DeepseekV2DecoderLayer(nn.Module):
     def forward(self, hidden_states, residual, cos, sin, cache, mask):
         """Pre-norm block with the residual carried alongside: returns (this block's output, the
         residual stream before it is added), so that the next norm does the add in the same kernel."""
-        normed, residual = self.input_layernorm.add_and_norm(hidden_states, residual)
-        attended = self.self_attn(normed, cos, sin, cache, mask)
+        attention, norm = self.self_attn, self.input_layernorm
+        bias = attention.qkv_bias.get() if attention.qkv_bias is not None else None
+        qkv, residual = norm_linear(hidden_states, residual, norm.weight, norm.variance_epsilon,
+                                    attention.qkv_weight.get(), bias)
+        attended = attention.attend(qkv, cos, sin, cache, mask)
+        if isinstance(self.mlp, DeepseekV2MoE):
+            return self.mlp.after_norm(attended, residual, self.post_attention_layernorm)
         normed, residual = self.post_attention_layernorm.add_and_norm(attended, residual)
         return self.mlp(normed), residual
 

@@ -10,7 +10,8 @@ from typing import Optional
 
 import torch
 
-from .triton_common import _cdiv, _multiprocessors, _next_power_of_2, available, tl, triton  # noqa: F401
+from .triton_common import (_cdiv, _multiprocessors, _next_power_of_2, _wait_for_previous, available,  # noqa: F401
+                            launch_options, programmatic, tl, triton)
 
 # Paged decode: positions per loop step of one program (at most the cache block size), its warps,
 # how many programs to aim for per multiprocessor when choosing how many splits each sequence gets,
@@ -19,6 +20,13 @@ DECODE_CHUNK = 32
 DECODE_WARPS = 8
 DECODE_PROGRAMS_PER_SM = 2
 DECODE_PREFETCH = True
+# A step of at most DECODE_FEW_ROWS sequences walks smaller chunks with fewer warps: at batch 1 (~27 splits
+# of ~1,000 positions) chunks of 16 with 4 warps took the step from 0.840 to 0.824 ms on the H200, and with 2
+# warps from 0.671 (chunks of 32, 8 warps) to 0.646 once the projections were GEMVs of their own
+# (benchmarks/results/h200-2026-11-30j, `bench_engine.py --b1-variants`); larger steps keep the above.
+DECODE_FEW_ROWS = 4
+DECODE_FEW_CHUNK = 16
+DECODE_FEW_WARPS = 2
 
 
 # ---------------------------------------------------------------- writing the cache
@@ -32,7 +40,8 @@ if triton is not None:
                          keys_block_stride, keys_head_stride, keys_pos_stride,
                          values_block_stride, values_head_stride, values_pos_stride,
                          heads, head_dim, block_size,
-                         BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+                         BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PROGRAMMATIC: tl.constexpr):
+        _wait_for_previous(PROGRAMMATIC)
         token = tl.program_id(0).to(tl.int64)
         slot = tl.load(slots_ptr + token).to(tl.int64)
         block, offset = slot // block_size, slot % block_size
@@ -64,7 +73,8 @@ def store_kv(keys: torch.Tensor, values: torch.Tensor, k: torch.Tensor, v: torch
         k, v, keys, values, slots, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
         heads, head_dim, keys.shape[2],
-        BLOCK_H=_next_power_of_2(heads), BLOCK_D=_next_power_of_2(head_dim), num_warps=4)
+        BLOCK_H=_next_power_of_2(heads), BLOCK_D=_next_power_of_2(head_dim), num_warps=4,
+        PROGRAMMATIC=programmatic(k.device), **launch_options(k.device))
 
 
 # ---------------------------------------------------------------- decode attention
@@ -111,7 +121,7 @@ if triton is not None:
                              table_row_stride, heads, queries_per_kv, head_dim, max_positions, num_splits,
                              scale_log2,
                              BLOCK_SIZE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
-                             ONE_SPLIT: tl.constexpr, PREFETCH: tl.constexpr):
+                             ONE_SPLIT: tl.constexpr, PREFETCH: tl.constexpr, PROGRAMMATIC: tl.constexpr):
         """Program (sequence, head, split): online softmax over its share of the sequence's positions.
 
         Each of the CHUNK lanes keeps its own running maximum, sum and weighted values, so the loop
@@ -119,6 +129,7 @@ if triton is not None:
         program writes the output; otherwise it writes its unnormalised output and (max, sum) for
         `_combine_splits_kernel`.
         """
+        _wait_for_previous(PROGRAMMATIC)
         seq = tl.program_id(0).to(tl.int64)
         head = tl.program_id(1)
         split = tl.program_id(2)
@@ -172,7 +183,9 @@ if triton is not None:
 
     @triton.jit
     def _combine_splits_kernel(partial_out_ptr, partial_stats_ptr, out_ptr, out_batch_stride, out_head_stride,
-                               heads, head_dim, num_splits, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+                               heads, head_dim, num_splits, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+                               PROGRAMMATIC: tl.constexpr):
+        _wait_for_previous(PROGRAMMATIC)
         seq = tl.program_id(0).to(tl.int64)
         head = tl.program_id(1)
         split = tl.arange(0, BLOCK_S)
@@ -219,7 +232,8 @@ def paged_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Te
     if batch == 0:
         return out
     table_width = block_tables.shape[1]
-    chunk = min(DECODE_CHUNK, block_size)
+    few = batch <= DECODE_FEW_ROWS
+    chunk = min(DECODE_FEW_CHUNK if few else DECODE_CHUNK, block_size)
     if block_size % chunk:
         raise ValueError(f"paged_decode_attention: block size {block_size} must be a multiple of {chunk}")
     splits = num_splits or decode_splits(batch, heads, table_width, block_size, q.device)
@@ -237,9 +251,11 @@ def paged_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Te
         values.stride(0), values.stride(1), values.stride(2), block_tables.stride(0),
         heads, heads // kv_heads, head_dim, table_width * block_size, splits, scale_log2,
         BLOCK_SIZE=block_size, CHUNK=chunk, BLOCK_D=block_d, ONE_SPLIT=one_split, PREFETCH=DECODE_PREFETCH,
-        num_warps=DECODE_WARPS)
+        num_warps=DECODE_FEW_WARPS if few else DECODE_WARPS, PROGRAMMATIC=programmatic(q.device),
+        **launch_options(q.device))
     if not one_split:
         _combine_splits_kernel[(batch, heads)](
             partial_out, partial_stats, out, out.stride(0), out.stride(1), heads, head_dim, splits,
-            BLOCK_S=_next_power_of_2(splits), BLOCK_D=block_d, num_warps=4)
+            BLOCK_S=_next_power_of_2(splits), BLOCK_D=block_d, num_warps=4, PROGRAMMATIC=programmatic(q.device),
+            **launch_options(q.device))
     return out

@@ -31,6 +31,10 @@ try:  # optional dependency: without it the PyTorch definitions run
 except ImportError:  # pragma: no cover - depends on the environment
     triton = None
     tl = None
+try:  # grid dependency control (Hopper's programmatic dependent launch), in Triton since 3.3
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - depends on the environment
+    gdc_launch_dependents = gdc_wait = None
 
 
 def available() -> bool:
@@ -39,6 +43,51 @@ def available() -> bool:
 
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Programmatic dependent launch: the kernels of a decode step that take it may be launched while the
+# kernel before them still runs, and wait for its results inside (`_wait_for_previous`). At batch 1 a
+# step is ~200 kernels of a few microseconds each, and between two of them the GPU otherwise drains the
+# first and only then starts the second's programs. Off unless the serving engine turns it on
+# (`use_programmatic_launch`), so that loading the model alone launches every kernel plainly.
+_PROGRAMMATIC_LAUNCH = False
+
+
+def use_programmatic_launch(enabled: bool) -> None:
+    """Launch the kernels that take it with programmatic dependent launch (where the GPU has it), or not.
+    Kernels already captured in CUDA graphs keep the launch they were captured with."""
+    global _PROGRAMMATIC_LAUNCH
+    _PROGRAMMATIC_LAUNCH = bool(enabled)
+
+
+@functools.lru_cache(maxsize=None)
+def _has_programmatic_launch(device: torch.device) -> bool:
+    return (gdc_wait is not None and not _INTERPRETED and device.type == "cuda"
+            and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+def programmatic(device: torch.device) -> bool:
+    """Whether kernels launched now on `device` use programmatic dependent launch: the value of their
+    PROGRAMMATIC constexpr, with `launch_options(device)` among the launch's arguments."""
+    return _PROGRAMMATIC_LAUNCH and _has_programmatic_launch(device)
+
+
+def launch_options(device: torch.device) -> dict:
+    """Launch arguments that go with `programmatic(device)`."""
+    return {"launch_pdl": True} if programmatic(device) else {}
+
+
+if triton is not None:
+
+    @triton.jit
+    def _wait_for_previous(PROGRAMMATIC: tl.constexpr):
+        """The first statement of a kernel that may be launched programmatically: wait until the kernel
+        before it in the stream has finished and its writes are visible, then let the next one launch.
+        The next one's programs then start (and wait here) while this kernel's last programs run. Every
+        such kernel waits before it reads or writes anything, so a chain of them keeps the stream's order.
+        """
+        if PROGRAMMATIC:
+            gdc_wait()
+            gdc_launch_dependents()
 
 
 def _next_power_of_2(n: int) -> int:

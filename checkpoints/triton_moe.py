@@ -14,7 +14,8 @@ from typing import Optional
 
 import torch
 
-from .triton_common import _INTERPRETED, _cdiv, _next_power_of_2, _rows, available, tl, triton  # noqa: F401
+from .triton_common import (_INTERPRETED, _cdiv, _next_power_of_2, _rows, _wait_for_previous, available,  # noqa: F401
+                            launch_options, programmatic, tl, triton)
 
 # Mixture of experts: up to this many (token, expert) pairs each pair reads its expert's rows
 # directly (GEMV, no sorting); above it the pairs are grouped by expert and each expert's weights are
@@ -30,9 +31,12 @@ GEMV_MAX_PAIRS = 96
 # program is left to small models (tests) and to that comparison.
 ALIGN_ONE_PROGRAM_MAX_ROWS = 1024
 # Launch configurations (block sizes are constexprs: each distinct value is one more compilation).
-# Few-token experts: gate/up GEMV over (pair, I tile), down GEMV + K-sum over (token, D tile).
-GEMV_GATE_UP = dict(BLOCK_I=16, BLOCK_D=256, num_warps=4)
-GEMV_DOWN = dict(BLOCK_D=4, BLOCK_I=128, num_warps=4)
+# Few-token experts: gate/up GEMV over (pair, I tile), down GEMV + K-sum over (token, D tile). Chosen among
+# 17 tiles by the batch-1 step on the H200 (`bench_engine.py --b1-variants`, benchmarks/results/h200-2026-11-30j):
+# gate/up 8 rows a program instead of 16 took the step from 0.840 to 0.823 ms, down 256 columns of I a step
+# instead of 128 to 0.828.
+GEMV_GATE_UP = dict(BLOCK_I=8, BLOCK_D=256, num_warps=4)
+GEMV_DOWN = dict(BLOCK_D=4, BLOCK_I=256, num_warps=4)
 # Many-token experts, by block height (rows of one expert): (BLOCK_N, BLOCK_K, num_warps, num_stages)
 # of the gate/up GEMM and of the down GEMM.
 GROUPED_TILES = {
@@ -70,7 +74,7 @@ if triton is not None:
                                      x_row_stride, w13_expert_stride, w13_row_stride, shared_row_stride,
                                      pairs, top_k, inter, shared_width,
                                      HIDDEN: tl.constexpr, SHARED_PARTS: tl.constexpr, BLOCK_I: tl.constexpr,
-                                     BLOCK_D: tl.constexpr):
+                                     BLOCK_D: tl.constexpr, PROGRAMMATIC: tl.constexpr):
         """Program (row of h, tile of I): h[row, tile] = silu(gate) · up. Rows below `pairs` are the (token, expert)
         pairs; the rest, SHARED_PARTS a token, are the shared experts cut into parts of the experts' width I
         (part p: rows p·I.. of their gate and of their up projection), so that a token's parts lie one after
@@ -79,6 +83,7 @@ if triton is not None:
         The loop over D is unrolled (D is a compile-time constant), so every load of the tile can be in
         flight at once: with a few tokens this kernel is bound by the latency of reading weights.
         """
+        _wait_for_previous(PROGRAMMATIC)
         program = tl.program_id(0)
         rows = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
         rows_inside = rows < inter
@@ -112,11 +117,13 @@ if triton is not None:
                                       w2_expert_stride, w2_row_stride, add_row_stride, shared_down_row_stride,
                                       pairs, top_k, hidden,
                                       INTER: tl.constexpr, HAS_ADD: tl.constexpr, SHARED_WIDTH: tl.constexpr,
-                                      BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_I: tl.constexpr):
+                                      BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_I: tl.constexpr,
+                                      PROGRAMMATIC: tl.constexpr):
         """Program (token, tile of D): the K experts' down projections of that tile, each rounded,
         weighted and summed in float32, rounded; plus the shared experts' down projection of their
         intermediate row (SHARED_WIDTH wide, after the pairs' rows in h), rounded, or plus `add`. The loops
         over I are unrolled, as above."""
+        _wait_for_previous(PROGRAMMATIC)
         token = tl.program_id(0).to(tl.int64)
         slot = tl.arange(0, BLOCK_K)
         slot_used = slot < top_k
@@ -450,11 +457,12 @@ def routed_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, expert_
         # Pairs vary fastest across programs: pairs that share an expert read its rows together (L2).
         _experts_gate_up_gemv_kernel[(h.shape[0], _cdiv(inter, GEMV_GATE_UP["BLOCK_I"]))](
             x, w13, ids, shared_gate_up, h, x.stride(0), w13.stride(0), w13.stride(1), shared_gate_up.stride(0),
-            pairs, top_k, inter, width, HIDDEN=hidden, SHARED_PARTS=parts, **GEMV_GATE_UP)
+            pairs, top_k, inter, width, HIDDEN=hidden, SHARED_PARTS=parts, **GEMV_GATE_UP,
+            PROGRAMMATIC=programmatic(x.device), **launch_options(x.device))
         _experts_down_sum_gemv_kernel[(tokens, _cdiv(hidden, GEMV_DOWN["BLOCK_D"]))](
             h, w2, ids, weights, add_rows, shared_down, out, w2.stride(0), w2.stride(1), add_rows.stride(0),
             shared_down.stride(0), pairs, top_k, hidden, INTER=inter, HAS_ADD=add is not None, SHARED_WIDTH=width,
-            BLOCK_K=block_k, **GEMV_DOWN)
+            BLOCK_K=block_k, **GEMV_DOWN, PROGRAMMATIC=programmatic(x.device), **launch_options(x.device))
         return out
     if path != "grouped":
         raise ValueError(f"routed_experts: path must be 'gemv' or 'grouped', not {path!r}")

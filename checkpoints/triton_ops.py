@@ -10,7 +10,8 @@ from typing import Optional
 
 import torch
 
-from .triton_common import _cdiv, _next_power_of_2, _rows, available, tl, triton  # noqa: F401 (fused_ops: available)
+from .triton_common import (_cdiv, _next_power_of_2, _rows, _wait_for_previous, available, launch_options,  # noqa: F401
+                            programmatic, tl, triton)  # (fused_ops: available)
 
 
 # ---------------------------------------------------------------- RMSNorm with the residual add
@@ -21,7 +22,8 @@ if triton is not None:
     @triton.jit
     def _add_rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, summed_ptr,
                              x_row_stride, residual_row_stride, hidden, eps,
-                             HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                             HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PROGRAMMATIC: tl.constexpr):
+        _wait_for_previous(PROGRAMMATIC)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         inside = cols < hidden
@@ -52,7 +54,8 @@ def add_rms_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torc
         block = _next_power_of_2(hidden)
         _add_rms_norm_kernel[(rows.shape[0],)](
             rows, residual_rows, weight.contiguous(), out, summed, rows.stride(0), residual_rows.stride(0), hidden, eps,
-            HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=min(max(block // 256, 1), 8))
+            HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=min(max(block // 256, 1), 8),
+            PROGRAMMATIC=programmatic(x.device), **launch_options(x.device))
     return out, summed
 
 
@@ -62,7 +65,9 @@ def add_rms_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torc
 if triton is not None:
 
     @triton.jit
-    def _silu_and_mul_kernel(gate_up_ptr, out_ptr, row_stride, width, BLOCK: tl.constexpr):
+    def _silu_and_mul_kernel(gate_up_ptr, out_ptr, row_stride, width, BLOCK: tl.constexpr,
+                             PROGRAMMATIC: tl.constexpr):
+        _wait_for_previous(PROGRAMMATIC)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         inside = cols < width
@@ -80,7 +85,8 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     if rows.shape[0] and width:
         block = min(_next_power_of_2(width), 1024)
         _silu_and_mul_kernel[(rows.shape[0], _cdiv(width, block))](
-            rows, out, rows.stride(0), width, BLOCK=block, num_warps=min(max(block // 256, 1), 4))
+            rows, out, rows.stride(0), width, BLOCK=block, num_warps=min(max(block // 256, 1), 4),
+            PROGRAMMATIC=programmatic(gate_up.device), **launch_options(gate_up.device))
     return out
 
 
@@ -131,7 +137,9 @@ if triton is not None:
     def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr,
                        q_row_stride, q_head_stride, k_row_stride, k_head_stride, cos_row_stride, sin_row_stride,
                        q_heads, k_heads, half,
-                       BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr):
+                       BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                       PROGRAMMATIC: tl.constexpr):
+        _wait_for_previous(PROGRAMMATIC)
         row = tl.program_id(0).to(tl.int64)
         dim = tl.arange(0, BLOCK_HALF)
         inside = dim < half
@@ -167,7 +175,8 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
             q_rows.stride(0), q_rows.stride(1), k_rows.stride(0), k_rows.stride(1), cos_rows.stride(0),
             sin_rows.stride(0), q_heads, k_heads, half,
             BLOCK_HQ=_next_power_of_2(q_heads), BLOCK_HK=_next_power_of_2(k_heads),
-            BLOCK_HALF=_next_power_of_2(half), num_warps=4)
+            BLOCK_HALF=_next_power_of_2(half), num_warps=4, PROGRAMMATIC=programmatic(q.device),
+            **launch_options(q.device))
     return q_out, k_out
 
 
@@ -179,7 +188,8 @@ if triton is not None:
     @triton.jit
     def _route_top_k_kernel(logits_ptr, ids_ptr, weights_ptr, row_stride, experts, scaling,
                             TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
-                            BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+                            BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, PROGRAMMATIC: tl.constexpr):
+        _wait_for_previous(PROGRAMMATIC)
         row = tl.program_id(0).to(tl.int64)
         expert = tl.arange(0, BLOCK_E)
         inside = expert < experts
@@ -213,5 +223,6 @@ def route_top_k(logits: torch.Tensor, top_k: int, renormalize: bool, scaling: fl
         _route_top_k_kernel[(tokens,)](
             rows, ids, weights, rows.stride(0), experts, float(scaling),
             TOP_K=top_k, RENORMALIZE=bool(renormalize and top_k > 1),
-            BLOCK_E=_next_power_of_2(experts), BLOCK_K=_next_power_of_2(top_k), num_warps=1)
+            BLOCK_E=_next_power_of_2(experts), BLOCK_K=_next_power_of_2(top_k), num_warps=1,
+            PROGRAMMATIC=programmatic(logits.device), **launch_options(logits.device))
     return ids, weights

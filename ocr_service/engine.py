@@ -35,6 +35,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import checkpoints  # noqa: E402
+from checkpoints import triton_common  # noqa: E402
 from checkpoints.generation import (
     DEFAULT_LOOP_STOP, LOOP_STOP_OFF, ORIGINAL_NO_REPEAT_RULE, SERVING_NO_REPEAT_RULE, STOP_EOS, STOP_REPETITION,
 )
@@ -132,6 +133,8 @@ class OCREngine:
         ).to(self.device).eval()
         if settings.sam_kernel and settings.vision != "original":  # opt-in: README "Faithfulness"
             self.model.model.sam_model.use_relative_attention_kernel(True)
+        # The decode step's Triton kernels start while the kernel before them ends (README "Performance")
+        triton_common.use_programmatic_launch(settings.programmatic_launch)
         self.presets = model_presets(self.model.processing)  # resolution_size choice → this model's geometry
         self.repetition = {"serving": SERVING_NO_REPEAT_RULE, "original": ORIGINAL_NO_REPEAT_RULE}[
             settings.repetition_rule]

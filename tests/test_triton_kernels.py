@@ -417,6 +417,10 @@ def check_paged_decode_large_blocks(device):
         got = kernels.paged_decode_attention(q.to(device), keys.to(device), values.to(device), tables.to(device),
                                              seq_lens.to(device), num_splits=splits)
         assert_close(got, expected, torch.bfloat16, f"paged_decode_attention block 64, splits={splits}")
+    few = slice(2, 2 + kernels.DECODE_FEW_ROWS)  # a step of few sequences: its own chunk and warps
+    got = kernels.paged_decode_attention(q[few].to(device), keys.to(device), values.to(device), tables[few].to(device),
+                                         seq_lens[few].to(device))
+    assert_close(got, expected[few], torch.bfloat16, "paged_decode_attention block 64, a few sequences")
 
 
 @check
@@ -440,6 +444,132 @@ def check_store_kv(device):
                          dqkv[:, (heads + kv_heads) * head_dim:].view(tokens, kv_heads, head_dim), slots.to(device))
         assert torch.equal(got_keys.cpu(), expected_keys), f"store_kv keys {dtype}"
         assert torch.equal(got_values.cpu(), expected_values), f"store_kv values {dtype}"
+
+
+# ---------------------------------------------------------------- triton_linear.py
+
+
+@check
+def check_linear_gemv(device):
+    """The few-token projections, with and without the residual add and RMSNorm inside, against F.linear after
+    add_rms_norm: K a power of two and not (its rest, 1280 = 1024 + 256 in the model), one and several tokens,
+    output rows that do not fill the last tile, x a strided view."""
+    fused_ops, kernels = load_kernel_modules("fused_ops", "triton_linear")
+    generator = torch.Generator().manual_seed(41)
+    for dtype in float_types():
+        for tokens, k, n in ((1, 80, 24), (3, 64, 70), (2, 1280, 12)):
+            def rand(*shape, scale=1.0):
+                return (torch.randn(*shape, generator=generator) * scale).to(dtype)
+
+            wide = rand(tokens, 2 * k)
+            x, residual, norm, weight = wide[:, ::2], rand(tokens, k), 1 + rand(k, scale=0.1), rand(n, k, scale=k ** -0.5)
+            what = f"T={tokens} K={k} N={n} {dtype}"
+            assert_close(kernels.linear(x.to(device), weight.to(device)), torch.nn.functional.linear(x, weight), dtype,
+                         f"linear {what}")
+            for res in (residual, None):
+                expected = fused_ops.norm_linear(x, res, norm, 1e-6, weight, keep_normed=True)
+                got = kernels.norm_linear(x.to(device), None if res is None else res.to(device), norm.to(device), 1e-6,
+                                          weight.to(device), keep_normed=True)
+                for name, a, b in zip(("out", "summed", "normed"), got, expected):
+                    assert_close(a, b, dtype, f"norm_linear {name} {what} residual={res is not None}")
+                out, summed = kernels.norm_linear(x.to(device), None if res is None else res.to(device),
+                                                  norm.to(device), 1e-6, weight.to(device))
+                assert torch.equal(out.cpu(), got[0].cpu()) and torch.equal(summed.cpu(), got[1].cpu())
+
+
+# ---------------------------------------------------------------- programmatic dependent launch
+
+
+def decode_layer_chain(kernels, inputs, weights, cache):
+    """One decoder layer's step for a few tokens through the kernels that may be launched programmatically, with
+    PyTorch operations between some of them: residual + RMSNorm, q/k/v with a norm inside, rotary, the cache
+    store, paged decode attention (several splits, then their combine), o, the router's projection with a norm
+    inside, its top-k, the experts' two GEMVs with shared experts, a SiLU-gated product. Each kernel reads what
+    the one before it wrote."""
+    triton_ops, triton_attention, triton_moe, triton_linear = kernels
+    x, residual = inputs
+    w = weights
+    keys, values, tables, seq_lens, slots = cache
+    tokens, heads, head_dim = x.shape[0], 4, 32
+    normed, summed = triton_ops.add_rms_norm(x, residual, w["norm"], 1e-6)
+    qkv, summed = triton_linear.norm_linear(torch.relu(normed), summed, w["norm"], 1e-6, w["qkv"])
+    q, k, v = qkv.split(heads * head_dim, dim=-1)
+    q, k = triton_ops.apply_rotary(q.view(tokens, heads, head_dim), k.view(tokens, heads, head_dim), w["cos"], w["sin"])
+    triton_attention.store_kv(keys, values, k, v.view(tokens, heads, head_dim), slots)
+    attended = triton_attention.paged_decode_attention(q, keys, values, tables, seq_lens)
+    logits, summed, normed = triton_linear.norm_linear(triton_linear.linear(attended.flatten(1), w["o"]), summed,
+                                                       w["norm"], 1e-6, w["router"], keep_normed=True)
+    ids, expert_weights = triton_ops.route_top_k(logits, 3, True, 1.0)
+    routed = triton_moe.routed_experts(normed, w["w13"], w["w2"], ids, expert_weights,
+                                       shared=(w["shared_gate_up"], w["shared_down"]), path="gemv")
+    return routed, summed, triton_ops.silu_and_mul(routed @ w["gate_up"])
+
+
+@check
+def check_programmatic_launch_chain(device):
+    """The chain of `decode_layer_chain` launched programmatically and replayed as a CUDA graph (on a GPU that has
+    programmatic dependent launch) gives the bits of the same chain launched plainly, replay after replay on new
+    inputs: a kernel that read or wrote before the one before it had finished would read a value of the previous
+    replay. Under the interpreter (no such launch) the launchers take the switch and launch plainly."""
+    triton_common, *kernels = load_kernel_modules("triton_common", "triton_ops", "triton_attention", "triton_moe",
+                                                  "triton_linear")
+    generator = torch.Generator().manual_seed(40)
+    dtype, tokens, hidden, heads, head_dim, experts, inter = torch.bfloat16, 2, 128, 4, 32, 8, 64
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=generator) * scale).to(dtype).to(device)
+
+    angles = torch.rand(tokens, head_dim // 2, generator=generator) * 6.28
+    weights = {"norm": rand(hidden), "qkv": rand(3 * heads * head_dim, hidden, scale=hidden ** -0.5),
+               "o": rand(hidden, heads * head_dim, scale=(heads * head_dim) ** -0.5),
+               "router": rand(experts, hidden, scale=hidden ** -0.5),
+               "w13": rand(experts, 2 * inter, hidden, scale=hidden ** -0.5),
+               "w2": rand(experts, hidden, inter, scale=inter ** -0.5),
+               "shared_gate_up": rand(4 * inter, hidden, scale=hidden ** -0.5),
+               "shared_down": rand(hidden, 2 * inter, scale=(2 * inter) ** -0.5),
+               "gate_up": rand(hidden, 2 * inter, scale=hidden ** -0.5),
+               "cos": torch.cat([angles.cos()] * 2, dim=-1).to(dtype).to(device),
+               "sin": torch.cat([angles.sin()] * 2, dim=-1).to(dtype).to(device)}
+    block_size, width = 16, 12
+    keys, values = rand(2 * width + 1, heads, block_size, head_dim), rand(2 * width + 1, heads, block_size, head_dim)
+    tables = torch.arange(1, 2 * width + 1, dtype=torch.int32).view(2, width).to(device)
+    seq_lens = torch.tensor([150, 37], dtype=torch.int32, device=device)
+    slots = torch.stack([tables[0, 149 // block_size].long() * block_size + 149 % block_size,
+                         tables[1, 36 // block_size].long() * block_size + 36 % block_size])
+    cache = (keys, values, tables, seq_lens, slots)
+    inputs = (rand(tokens, hidden), rand(tokens, hidden))
+    assert triton_common.launch_options(torch.device(device)) == {}  # off until switched on
+    served = triton_common._PROGRAMMATIC_LAUNCH
+    triton_common.use_programmatic_launch(True)
+    try:
+        programmatic = triton_common.programmatic(torch.device(device))
+        assert programmatic == (device == "cuda" and torch.cuda.get_device_capability()[0] >= 9), programmatic
+        if programmatic:  # captured after a warm-up on a side stream, as the engine captures its steps
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                decode_layer_chain(kernels, inputs, weights, cache)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                outputs = decode_layer_chain(kernels, inputs, weights, cache)
+        for replay in range(4 if programmatic else 1):
+            for buffer in inputs:
+                buffer.copy_(torch.randn(buffer.shape, generator=generator).to(dtype))
+            before = (keys.clone(), values.clone())
+            if programmatic:
+                graph.replay()
+            else:
+                outputs = decode_layer_chain(kernels, inputs, weights, cache)
+            got = [t.clone() for t in outputs] + [keys.clone(), values.clone()]
+            keys.copy_(before[0]), values.copy_(before[1])
+            triton_common.use_programmatic_launch(False)
+            expected = list(decode_layer_chain(kernels, inputs, weights, cache)) + [keys.clone(), values.clone()]
+            triton_common.use_programmatic_launch(True)
+            for name, a, b in zip(("routed", "summed", "silu_and_mul", "keys", "values"), got, expected):
+                assert torch.equal(a, b), f"replay {replay}: {name} differs from the plain launches"
+    finally:
+        triton_common.use_programmatic_launch(served)
 
 
 # ---------------------------------------------------------------- triton_relative_attention.py
