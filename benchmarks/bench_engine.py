@@ -142,18 +142,106 @@ def decode_steps(engine: OCREngine, batch: int, positions: int, steps: int, band
             "floor_bytes": floor}
 
 
-def with_shared_experts_apart(engine: OCREngine, measure: Callable[[], dict]) -> dict:
-    """`measure()` with the MoE layers' shared experts as GEMMs of their own beside the routed experts' GEMVs (as
-    before they ran inside them), the decode graphs captured again for it (into the same pool); then as it was."""
-    from checkpoints import fused_moe
+STEP_VARIANT_HELP = """Batch-1 step variants (`--b1-variants`), each measured in the same run as the served step, its
+graphs captured again for it: `pdl-off` (the decode step's kernels launched plainly, not programmatically, so
+cuBLAS for every projection), `linear-off` (programmatic launches, the projections through cuBLAS),
+`linear:P<programs per SM>:W<warps>` (the few-token projections' launch, triton_linear LINEAR_*),
+`shared-apart` (the MoE layers' shared experts as GEMMs of their own, not inside the routed experts' GEMVs),
+`gate-up:I<rows>:D<cols>:W<warps>` and `down:D<rows>:I<cols>:W<warps>` (the experts' GEMV tiles, triton_moe
+GEMV_GATE_UP / GEMV_DOWN), `decode:P<programs per SM>:C<chunk>:W<warps>` (the paged decode kernel's
+launch for a few sequences, triton_attention DECODE_PROGRAMS_PER_SM, DECODE_FEW_*)."""
 
+
+def step_variant(name: str) -> Callable[[], Callable[[], None]]:
+    """The change a batch-1 step variant makes (see STEP_VARIANT_HELP): a function that makes it and returns
+    what puts it back."""
+    from checkpoints import fused_moe, triton_attention, triton_common, triton_linear, triton_moe
+
+    def setting(module, attribute, value):
+        def apply():
+            served = getattr(module, attribute)
+            setattr(module, attribute, value)
+            return lambda: setattr(module, attribute, served)
+        return apply
+
+    def combined(*changes):
+        def apply():
+            undos = [change() for change in changes]
+            return lambda: [undo() for undo in reversed(undos)]
+        return apply
+
+    if name == "pdl-off":
+        def apply():
+            served = triton_common._PROGRAMMATIC_LAUNCH
+            triton_common.use_programmatic_launch(False)
+            return lambda: triton_common.use_programmatic_launch(served)
+        return apply
+    if name == "shared-apart":
+        return setting(fused_moe, "SHARED_IN_GEMV", False)
+    if name == "linear-off":
+        return setting(triton_linear, "LINEAR_MAX_TOKENS", 0)
+    kind, *fields = name.split(":")
+    values = {field[0]: int(field[1:]) for field in fields}
+    if kind == "gate-up" and set(values) == {"I", "D", "W"}:
+        return setting(triton_moe, "GEMV_GATE_UP", dict(BLOCK_I=values["I"], BLOCK_D=values["D"],
+                                                          num_warps=values["W"]))
+    if kind == "down" and set(values) == {"D", "I", "W"}:
+        return setting(triton_moe, "GEMV_DOWN", dict(BLOCK_D=values["D"], BLOCK_I=values["I"],
+                                                      num_warps=values["W"]))
+    if kind == "linear" and set(values) == {"P", "W"}:
+        return combined(setting(triton_linear, "LINEAR_PROGRAMS_PER_SM", values["P"]),
+                        setting(triton_linear, "LINEAR_WARPS", values["W"]))
+    if kind == "decode" and set(values) == {"P", "C", "W"}:
+        return combined(setting(triton_attention, "DECODE_PROGRAMS_PER_SM", values["P"]),
+                        setting(triton_attention, "DECODE_FEW_CHUNK", values["C"]),
+                        setting(triton_attention, "DECODE_FEW_WARPS", values["W"]))
+    raise ValueError(f"unknown batch-1 step variant {name!r}: {STEP_VARIANT_HELP}")
+
+
+@torch.inference_mode()
+def graph_replays_match_eager_steps(engine: OCREngine, batch: int, positions: int, steps: int) -> bool:
+    """From one state (rows of random-embedding prompts), `steps` decode steps replayed as CUDA graphs and the same
+    steps run eagerly give the same tokens: the same kernels in the same order on the same inputs, so any
+    difference is a kernel that read or wrote before the one ahead of it had finished."""
+    serving = engine.server
+    decode, policy = serving.batch, serving.policy
+    hidden = engine.model.config.hidden_size
+    generator = torch.Generator(device=engine.device).manual_seed(7)
+    held, entries = [], []
+    for row in range(batch):
+        blocks = policy.blocks.take(policy.blocks.blocks_for(positions + steps + 2))
+        held.append(blocks)
+        embeds = torch.randn(positions, hidden, device=engine.device, dtype=engine.dtype, generator=generator) * 0.02
+        entries.append(Entry(row, embeds, torch.zeros(positions, dtype=torch.long), blocks, 10**6, []))
+    decode.admit(entries)
+    saved = [t.clone() for t in decode._state()]
+    tokens = {}
+    for graphs in (True, False):
+        for tensor, value in zip(decode._state(), saved):
+            tensor.copy_(value)
+        served, decode.use_cuda_graphs = decode.use_cuda_graphs, graphs
+        try:
+            decode.run(batch, steps)
+        finally:
+            decode.use_cuda_graphs = served
+        sync()
+        tokens[graphs] = decode.history[:batch].clone()
+    for row, blocks in enumerate(held):
+        decode.clear(row)
+        policy.blocks.give_back(blocks)
+    return bool(torch.equal(tokens[True], tokens[False]))
+
+
+def with_step_variant(engine: OCREngine, name: str, measure: Callable[[], dict]) -> dict:
+    """`measure()` with a step variant made and the decode graphs captured again for it (into the same pool);
+    then as it was."""
     batch = engine.server.batch
     served_graphs, batch._graphs = batch._graphs, {}
-    fused_moe.SHARED_IN_GEMV = False
+    undo = step_variant(name)()
     try:
         return measure()
     finally:
-        fused_moe.SHARED_IN_GEMV = True
+        undo()
         batch._graphs = served_graphs
 
 
@@ -313,13 +401,14 @@ def page_job(engine: OCREngine, pages: int, tokens: int, on_start: Callable[[], 
             **work_since(engine, before, pages)}
 
 
-def agreement(engine: OCREngine, pages: int, tokens: int) -> dict:
+def agreement(engine: OCREngine, pages: int, tokens: int, first_seed: int = 0) -> dict:
     """Greedy tokens of the batched engine against the model's plain generate_tokens, same rules."""
-    images = [a4_page(seed=i) for i in range(pages)]
+    images = [a4_page(seed=first_seed + i) for i in range(pages)]
     gundam = engine.resolution(GUNDAM)
     batched = engine.run_pages(images, PROMPT, gundam, tokens)
     same, compared = 0, 0
     model, tokenizer = engine.model, engine.tokenizer
+    prefixes = []  # each page's tokens in common, from the first
     for image, result in zip(images, batched):
         inputs = model.prepare_inputs(tokenizer, PROMPT, [image], gundam.base_size, gundam.image_size,
                                       gundam.crop_mode)
@@ -329,7 +418,8 @@ def agreement(engine: OCREngine, pages: int, tokens: int) -> dict:
                                                                                                      len(result.token_ids)))
         same += prefix
         compared += tokens
-    return {"same": same, "compared": compared}
+        prefixes.append(prefix)
+    return {"same": same, "compared": compared, "prefixes": prefixes}
 
 
 def main():
@@ -351,7 +441,8 @@ def main():
     parser.add_argument("--original-tokens", type=int, default=128)
     parser.add_argument("--original-timeout", type=int, default=300)
     parser.add_argument("--profile", type=Path, help="folder for kernel profiles of one step (batch 1 and 128)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["job", "agreement", "steps", "priority-trial"],
+    parser.add_argument("--skip", nargs="*", default=[], choices=["job", "agreement", "steps", "priority-trial",
+                                                                  "exactness"],
                         help="priority-trial: no second run of the jobs with the vision stream ahead of the decode's")
     parser.add_argument("--trial", nargs="*", default=[], choices=sorted(TRIALS),
                         help="the largest job once more with one thing changed: " + "; ".join(
@@ -359,6 +450,12 @@ def main():
     parser.add_argument("--timeline", type=Path, help="folder: the largest job once more with a window of it "
                         "under the profiler (benchmarks/timeline.py), its trace and GPU time by stage")
     parser.add_argument("--timeline-window", type=float, nargs=2, default=[3.0, 2.0], metavar=("START_S", "LENGTH_S"))
+    parser.add_argument("--b1-variants", nargs="*", default=["pdl-off", "shared-apart"], metavar="VARIANT",
+                        help=STEP_VARIANT_HELP)
+    parser.add_argument("--agreement-groups", type=int, default=1,
+                        help="runs of --agreement-pages pages for the greedy agreement, each on pages of their own")
+    parser.add_argument("--agreement-variants", nargs="*", default=[], metavar="VARIANT",
+                        help="the greedy agreement measured again with each of these step variants (as --b1-variants)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     ceilings = measure_ceilings()
@@ -380,11 +477,12 @@ def main():
     ours = {"load_s": load_s}
     if "steps" not in args.skip:
         ours["b1"] = decode_steps(engine, 1, 1000, 256, bandwidth)
-        if engine.device.type == "cuda":  # the same step with the shared experts apart (a trial)
-            ours["b1_shared_experts_apart"] = with_shared_experts_apart(
-                engine, lambda: decode_steps(engine, 1, 1000, 256, bandwidth))
-            print("b1, shared experts apart", json.dumps({k: v for k, v in ours["b1_shared_experts_apart"].items()
-                                                          if k != "floor_bytes"}), flush=True)
+        print("b1", json.dumps({k: v for k, v in ours["b1"].items() if k != "floor_bytes"}), flush=True)
+        for name in args.b1_variants if engine.device.type == "cuda" else []:  # the same step, changed
+            ours.setdefault("b1_variants", {})[name] = with_step_variant(
+                engine, name, lambda: decode_steps(engine, 1, 1000, 256, bandwidth))
+            print(f"b1, variant {name}", json.dumps({k: v for k, v in ours["b1_variants"][name].items()
+                                                      if k != "floor_bytes"}), flush=True)
         for batch in args.batches:
             ours[f"b{batch}"] = decode_steps(engine, batch, args.positions, args.steps, bandwidth)
             print(batch, json.dumps({k: v for k, v in ours[f"b{batch}"].items() if k != "floor_bytes"}), flush=True)
@@ -439,8 +537,27 @@ def main():
             print_summary(ours["timeline"], f"a {pages}-page job, {length_s:g} s from {start_s:g} s")
         except Exception as error:  # the trace is kept: it can be read again elsewhere
             print(f"reading the timeline failed: {error!r}", flush=True)
+    if engine.device.type == "cuda" and "exactness" not in args.skip:
+        ours["graphs_match_eager"] = {}
+        for name in [None] + args.agreement_variants:
+            for batch in (1, 4):
+                def check():
+                    return graph_replays_match_eager_steps(engine, batch, 1000, 64)
+                key = f"{name or 'served'} b{batch}"
+                ours["graphs_match_eager"][key] = check() if name is None else with_step_variant(engine, name, check)
+                print("decode graphs = eager steps,", key, ours["graphs_match_eager"][key], flush=True)
     if "agreement" not in args.skip:
         ours["agreement"] = agreement(engine, args.agreement_pages, 64)
+        print("agreement", json.dumps(ours["agreement"]), flush=True)
+        for group in range(1, args.agreement_groups):  # more pages, in runs of the same size (seeds after those)
+            ours.setdefault("agreement_groups", []).append(
+                agreement(engine, args.agreement_pages, 64, first_seed=group * args.agreement_pages))
+            print(f"agreement, group {group}", json.dumps(ours["agreement_groups"][-1]), flush=True)
+        for name in args.agreement_variants if engine.device.type == "cuda" else []:
+            ours.setdefault("agreement_variants", {})[name] = [with_step_variant(
+                engine, name, lambda: agreement(engine, args.agreement_pages, 64, first_seed=group * args.agreement_pages))
+                for group in range(args.agreement_groups)]
+            print(f"agreement, variant {name}", json.dumps(ours["agreement_variants"][name]), flush=True)
     report = {"model": args.model, "size": args.size, "ours": ours, "original": theirs, "device": device_name(),
               "torch": torch.__version__, "ceilings": ceilings}
     print(json.dumps(report, indent=1, default=str))
@@ -458,10 +575,8 @@ def main():
         print(f"| batch 1, tokens/s (~1,000 positions) | {b1['tok_s']:.0f} ({b1['step_ms']:.2f} ms) | "
               f"{theirs.get('tok_s_b1', float('nan')):.1f} | {1e3 / b1['floor_ms']:.0f} ({b1['floor_ms']:.2f} ms) "
               f"| ≥ 1,500 |")
-    apart = ours.get("b1_shared_experts_apart")
-    if apart:
-        print(f"| trial: batch 1 with the shared experts as GEMMs of their own (not inside the experts' GEMVs) | "
-              f"{apart['tok_s']:.0f} ({apart['step_ms']:.2f} ms) | – | – | |")
+    for name, variant in ours.get("b1_variants", {}).items():
+        print(f"| trial: batch 1, variant `{name}` | {variant['tok_s']:.0f} ({variant['step_ms']:.3f} ms) | – | – | |")
     targets = {32: "≤ 3.36 ms (no slower)", 64: "≤ 4.82 ms (no slower)", 128: "≤ 6.87 ms (no slower)"}
     for batch in args.batches:
         row = ours.get(f"b{batch}")
@@ -506,10 +621,18 @@ def main():
         print(f"| trial: {job['pages']}-page job, {TRIALS[trial]}, pages/s | {job['pages_s']:.2f} (prefill "
               f"{job['prefill_tokens_s']:,.0f} tokens/s, {job['prefill_ms_each']:.0f} ms each; vision "
               f"{job['encode_ms_per_page']:.1f} ms a page, passes of {job['vision_pages_per_pass']:.1f}) | – | – | |")
+    def agreements(runs):
+        return (" / ".join(f"{run['same']}/{run['compared']}" for run in runs) + " (per page: "
+                + "; ".join(" ".join(map(str, run["prefixes"])) for run in runs) + ")")
+
     if "agreement" in ours:
-        agree = ours["agreement"]
-        print(f"| bf16 greedy tokens, batched engine = plain generate_tokens | {agree['same']}/{agree['compared']} "
-              f"| – | – | |")
+        print(f"| bf16 greedy tokens, batched engine = plain generate_tokens | "
+              f"{agreements([ours['agreement']] + ours.get('agreement_groups', []))} | – | – | ≥ 250/256 |")
+    for name, runs in ours.get("agreement_variants", {}).items():
+        print(f"| trial: the same with variant `{name}` | {agreements(runs)} | – | – | |")
+    for key, same in ours.get("graphs_match_eager", {}).items():
+        print(f"| 64 decode steps from one state replayed as CUDA graphs = run eagerly, {key} | {same} | – | – | True |")
+
 
 
 if __name__ == "__main__":
