@@ -452,7 +452,7 @@ def main():
     parser.add_argument("--timeline-window", type=float, nargs=2, default=[3.0, 2.0], metavar=("START_S", "LENGTH_S"))
     parser.add_argument("--b1-variants", nargs="*", default=["pdl-off", "shared-apart"], metavar="VARIANT",
                         help=STEP_VARIANT_HELP)
-    parser.add_argument("--agreement-groups", type=int, default=1,
+    parser.add_argument("--agreement-groups", type=int, default=4,
                         help="runs of --agreement-pages pages for the greedy agreement, each on pages of their own")
     parser.add_argument("--agreement-variants", nargs="*", default=[], metavar="VARIANT",
                         help="the greedy agreement measured again with each of these step variants (as --b1-variants)")

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from .triton_common import (_cdiv, _multiprocessors, _next_power_of_2, _wait_for_previous, available,  # noqa: F401
-                            launch_options, programmatic, tl, triton)
+                            launch_options, tl, triton)
 
 # Paged decode: positions per loop step of one program (at most the cache block size), its warps,
 # how many programs to aim for per multiprocessor when choosing how many splits each sequence gets,
@@ -74,7 +74,7 @@ def store_kv(keys: torch.Tensor, values: torch.Tensor, k: torch.Tensor, v: torch
         keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
         heads, head_dim, keys.shape[2],
         BLOCK_H=_next_power_of_2(heads), BLOCK_D=_next_power_of_2(head_dim), num_warps=4,
-        PROGRAMMATIC=programmatic(k.device), **launch_options(k.device))
+        **launch_options(k.device))
 
 
 # ---------------------------------------------------------------- decode attention
@@ -251,11 +251,9 @@ def paged_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Te
         values.stride(0), values.stride(1), values.stride(2), block_tables.stride(0),
         heads, heads // kv_heads, head_dim, table_width * block_size, splits, scale_log2,
         BLOCK_SIZE=block_size, CHUNK=chunk, BLOCK_D=block_d, ONE_SPLIT=one_split, PREFETCH=DECODE_PREFETCH,
-        num_warps=DECODE_FEW_WARPS if few else DECODE_WARPS, PROGRAMMATIC=programmatic(q.device),
-        **launch_options(q.device))
+        num_warps=DECODE_FEW_WARPS if few else DECODE_WARPS, **launch_options(q.device))
     if not one_split:
         _combine_splits_kernel[(batch, heads)](
             partial_out, partial_stats, out, out.stride(0), out.stride(1), heads, head_dim, splits,
-            BLOCK_S=_next_power_of_2(splits), BLOCK_D=block_d, num_warps=4, PROGRAMMATIC=programmatic(q.device),
-            **launch_options(q.device))
+            BLOCK_S=_next_power_of_2(splits), BLOCK_D=block_d, num_warps=4, **launch_options(q.device))
     return out

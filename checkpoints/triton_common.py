@@ -66,14 +66,14 @@ def _has_programmatic_launch(device: torch.device) -> bool:
 
 
 def programmatic(device: torch.device) -> bool:
-    """Whether kernels launched now on `device` use programmatic dependent launch: the value of their
-    PROGRAMMATIC constexpr, with `launch_options(device)` among the launch's arguments."""
+    """Whether kernels launched now on `device` use programmatic dependent launch."""
     return _PROGRAMMATIC_LAUNCH and _has_programmatic_launch(device)
 
 
 def launch_options(device: torch.device) -> dict:
-    """Launch arguments that go with `programmatic(device)`."""
-    return {"launch_pdl": True} if programmatic(device) else {}
+    """The launch arguments of a kernel that takes a PROGRAMMATIC constexpr (and calls `_wait_for_previous`):
+    that constexpr, and Triton's own option where `programmatic(device)`."""
+    return {"PROGRAMMATIC": True, "launch_pdl": True} if programmatic(device) else {"PROGRAMMATIC": False}
 
 
 if triton is not None:

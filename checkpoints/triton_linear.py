@@ -148,8 +148,7 @@ def _launch(x, residual, norm_weight, eps, weight, write_normed):
         rows, residual_rows, norm_weight.contiguous() if norm else weight, weight, out, summed, normed,
         tokens, n, rows.stride(0), residual_rows.stride(0), n, float(eps) if norm else 0.0,
         K=k, K_MAIN=k_main, K_REST=k_rest, BLOCK_N=block_n, NORM=norm, HAS_RESIDUAL=residual is not None,
-        WRITE_NORMED=write_normed, num_warps=LINEAR_WARPS, PROGRAMMATIC=programmatic(x.device),
-        **launch_options(x.device))
+        WRITE_NORMED=write_normed, num_warps=LINEAR_WARPS, **launch_options(x.device))
     return out, summed, normed
 
 

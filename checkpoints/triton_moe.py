@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from .triton_common import (_INTERPRETED, _cdiv, _next_power_of_2, _rows, _wait_for_previous, available,  # noqa: F401
-                            launch_options, programmatic, tl, triton)
+                            launch_options, tl, triton)
 
 # Mixture of experts: up to this many (token, expert) pairs each pair reads its expert's rows
 # directly (GEMV, no sorting); above it the pairs are grouped by expert and each expert's weights are
@@ -458,11 +458,11 @@ def routed_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, expert_
         _experts_gate_up_gemv_kernel[(h.shape[0], _cdiv(inter, GEMV_GATE_UP["BLOCK_I"]))](
             x, w13, ids, shared_gate_up, h, x.stride(0), w13.stride(0), w13.stride(1), shared_gate_up.stride(0),
             pairs, top_k, inter, width, HIDDEN=hidden, SHARED_PARTS=parts, **GEMV_GATE_UP,
-            PROGRAMMATIC=programmatic(x.device), **launch_options(x.device))
+            **launch_options(x.device))
         _experts_down_sum_gemv_kernel[(tokens, _cdiv(hidden, GEMV_DOWN["BLOCK_D"]))](
             h, w2, ids, weights, add_rows, shared_down, out, w2.stride(0), w2.stride(1), add_rows.stride(0),
             shared_down.stride(0), pairs, top_k, hidden, INTER=inter, HAS_ADD=add is not None, SHARED_WIDTH=width,
-            BLOCK_K=block_k, **GEMV_DOWN, PROGRAMMATIC=programmatic(x.device), **launch_options(x.device))
+            BLOCK_K=block_k, **GEMV_DOWN, **launch_options(x.device))
         return out
     if path != "grouped":
         raise ValueError(f"routed_experts: path must be 'gemv' or 'grouped', not {path!r}")

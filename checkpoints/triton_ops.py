@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from .triton_common import (_cdiv, _next_power_of_2, _rows, _wait_for_previous, available, launch_options,  # noqa: F401
-                            programmatic, tl, triton)  # (fused_ops: available)
+                            tl, triton)  # (fused_ops: available)
 
 
 # ---------------------------------------------------------------- RMSNorm with the residual add
@@ -55,7 +55,7 @@ def add_rms_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torc
         _add_rms_norm_kernel[(rows.shape[0],)](
             rows, residual_rows, weight.contiguous(), out, summed, rows.stride(0), residual_rows.stride(0), hidden, eps,
             HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=min(max(block // 256, 1), 8),
-            PROGRAMMATIC=programmatic(x.device), **launch_options(x.device))
+            **launch_options(x.device))
     return out, summed
 
 
@@ -86,7 +86,7 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
         block = min(_next_power_of_2(width), 1024)
         _silu_and_mul_kernel[(rows.shape[0], _cdiv(width, block))](
             rows, out, rows.stride(0), width, BLOCK=block, num_warps=min(max(block // 256, 1), 4),
-            PROGRAMMATIC=programmatic(gate_up.device), **launch_options(gate_up.device))
+            **launch_options(gate_up.device))
     return out
 
 
@@ -175,8 +175,7 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
             q_rows.stride(0), q_rows.stride(1), k_rows.stride(0), k_rows.stride(1), cos_rows.stride(0),
             sin_rows.stride(0), q_heads, k_heads, half,
             BLOCK_HQ=_next_power_of_2(q_heads), BLOCK_HK=_next_power_of_2(k_heads),
-            BLOCK_HALF=_next_power_of_2(half), num_warps=4, PROGRAMMATIC=programmatic(q.device),
-            **launch_options(q.device))
+            BLOCK_HALF=_next_power_of_2(half), num_warps=4, **launch_options(q.device))
     return q_out, k_out
 
 
@@ -224,5 +223,5 @@ def route_top_k(logits: torch.Tensor, top_k: int, renormalize: bool, scaling: fl
             rows, ids, weights, rows.stride(0), experts, float(scaling),
             TOP_K=top_k, RENORMALIZE=bool(renormalize and top_k > 1),
             BLOCK_E=_next_power_of_2(experts), BLOCK_K=_next_power_of_2(top_k), num_warps=1,
-            PROGRAMMATIC=programmatic(logits.device), **launch_options(logits.device))
+            **launch_options(logits.device))
     return ids, weights

@@ -538,7 +538,7 @@ def check_programmatic_launch_chain(device):
                          tables[1, 36 // block_size].long() * block_size + 36 % block_size])
     cache = (keys, values, tables, seq_lens, slots)
     inputs = (rand(tokens, hidden), rand(tokens, hidden))
-    assert triton_common.launch_options(torch.device(device)) == {}  # off until switched on
+    assert triton_common.launch_options(torch.device(device)) == {"PROGRAMMATIC": False}  # off until switched on
     served = triton_common._PROGRAMMATIC_LAUNCH
     triton_common.use_programmatic_launch(True)
     try:
