@@ -111,32 +111,44 @@ def step_floor_bytes(config, batch: int, positions: int) -> dict:
     return {"kv": kv, "experts": expert_bytes, "dense": dense, "total": kv + expert_bytes + dense}
 
 
-@torch.inference_mode()
-def decode_steps(engine: OCREngine, batch: int, positions: int, steps: int, bandwidth: float) -> dict:
-    """Fill `batch` rows with sequences of `positions` random-embedding positions, then time decode steps."""
-    serving = engine.server
-    decode, policy = serving.batch, serving.policy
-    model = engine.model
-    hidden = model.config.hidden_size
+def fill_rows(engine: OCREngine, batch: int, positions: int, room: int, generator=None) -> list:
+    """Admit `batch` rows of `positions` random-embedding positions (prefills of the engine's size), each with
+    blocks for `room` positions more; returns the rows' blocks, for `release_rows`."""
+    decode, policy = engine.server.batch, engine.server.policy
+    hidden = engine.model.config.hidden_size
     per_prefill = max(1, engine.settings.prefill_tokens // positions)
-    pages = []
+    held = []
     for start in range(0, batch, per_prefill):
         entries = []
         for row in range(start, min(batch, start + per_prefill)):
-            blocks = policy.blocks.take(policy.blocks.blocks_for(positions + steps + 2))
-            pages.append(blocks)
-            embeds = torch.randn(positions, hidden, device=engine.device, dtype=engine.dtype) * 0.02
+            blocks = policy.blocks.take(policy.blocks.blocks_for(positions + room))
+            held.append(blocks)
+            embeds = torch.randn(positions, hidden, device=engine.device, dtype=engine.dtype,
+                                 generator=generator) * 0.02
             entries.append(Entry(row, embeds, torch.zeros(positions, dtype=torch.long), blocks, 10**6, []))
         decode.admit(entries)
+    return held
+
+
+def release_rows(engine: OCREngine, held: list) -> None:
+    """Clear the rows `fill_rows` admitted and give their blocks back."""
+    for row, blocks in enumerate(held):
+        engine.server.batch.clear(row)
+        engine.server.policy.blocks.give_back(blocks)
+
+
+@torch.inference_mode()
+def decode_steps(engine: OCREngine, batch: int, positions: int, steps: int, bandwidth: float) -> dict:
+    """Fill `batch` rows with sequences of `positions` random-embedding positions, then time decode steps."""
+    decode, model = engine.server.batch, engine.model
+    held = fill_rows(engine, batch, positions, steps + 2)
     decode.run(batch, 2)  # warm (and capture, if this size was not captured)
     sync()
     started = time.perf_counter()
     decode.run(batch, steps)
     sync()
     step_s = (time.perf_counter() - started) / steps
-    for row, blocks in enumerate(pages):
-        decode.clear(row)
-        policy.blocks.give_back(blocks)
+    release_rows(engine, held)
     floor = step_floor_bytes(model.config, batch, positions + steps // 2)
     return {"step_ms": step_s * 1e3, "tok_s": batch / step_s, "floor_ms": floor["total"] / bandwidth * 1e3,
             "floor_bytes": floor}
@@ -203,17 +215,8 @@ def graph_replays_match_eager_steps(engine: OCREngine, batch: int, positions: in
     """From one state (rows of random-embedding prompts), `steps` decode steps replayed as CUDA graphs and the same
     steps run eagerly give the same tokens: the same kernels in the same order on the same inputs, so any
     difference is a kernel that read or wrote before the one ahead of it had finished."""
-    serving = engine.server
-    decode, policy = serving.batch, serving.policy
-    hidden = engine.model.config.hidden_size
-    generator = torch.Generator(device=engine.device).manual_seed(7)
-    held, entries = [], []
-    for row in range(batch):
-        blocks = policy.blocks.take(policy.blocks.blocks_for(positions + steps + 2))
-        held.append(blocks)
-        embeds = torch.randn(positions, hidden, device=engine.device, dtype=engine.dtype, generator=generator) * 0.02
-        entries.append(Entry(row, embeds, torch.zeros(positions, dtype=torch.long), blocks, 10**6, []))
-    decode.admit(entries)
+    decode = engine.server.batch
+    held = fill_rows(engine, batch, positions, steps + 2, torch.Generator(device=engine.device).manual_seed(7))
     saved = [t.clone() for t in decode._state()]
     tokens = {}
     for graphs in (True, False):
@@ -226,9 +229,7 @@ def graph_replays_match_eager_steps(engine: OCREngine, batch: int, positions: in
             decode.use_cuda_graphs = served
         sync()
         tokens[graphs] = decode.history[:batch].clone()
-    for row, blocks in enumerate(held):
-        decode.clear(row)
-        policy.blocks.give_back(blocks)
+    release_rows(engine, held)
     return bool(torch.equal(tokens[True], tokens[False]))
 
 
@@ -251,18 +252,7 @@ def profile_step(engine: OCREngine, batch: int, positions: int, out: Path) -> No
     from torch.profiler import ProfilerActivity, profile
 
     decode = engine.server.batch
-    policy = engine.server.policy
-    hidden = engine.model.config.hidden_size
-    held = []
-    per_prefill = max(1, engine.settings.prefill_tokens // positions)
-    for start in range(0, batch, per_prefill):
-        entries = []
-        for row in range(start, min(batch, start + per_prefill)):
-            blocks = policy.blocks.take(policy.blocks.blocks_for(positions + 8))
-            held.append(blocks)
-            embeds = torch.randn(positions, hidden, device=engine.device, dtype=engine.dtype) * 0.02
-            entries.append(Entry(row, embeds, torch.zeros(positions, dtype=torch.long), blocks, 10**6, []))
-        decode.admit(entries)
+    held = fill_rows(engine, batch, positions, 8)
     graphs, decode.use_cuda_graphs = decode.use_cuda_graphs, False
     decode.run(batch, 1)
     sync()
@@ -275,9 +265,7 @@ def profile_step(engine: OCREngine, batch: int, positions: int, out: Path) -> No
                                       row_limit=25)
     out.write_text(table)
     print(f"profile of one eager step, {batch} rows at {positions} positions (2 steps):\n{table[:6000]}", flush=True)
-    for row, blocks in enumerate(held):
-        decode.clear(row)
-        policy.blocks.give_back(blocks)
+    release_rows(engine, held)
 
 
 @torch.inference_mode()
