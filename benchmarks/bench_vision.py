@@ -99,7 +99,8 @@ def vision_flops(model, views: list) -> float:
 
 
 def vision_variants(model, model_name: str, tokenizer, pages: int, chunks: dict, compile_too: bool,
-                    profile_out: Path = None) -> dict:
+                    profile_out: Path = None, steps: tuple = ("variants",), ceilings: dict = None,
+                    trials: list = ()) -> dict:
     preprocessor = Preprocessor(model, tokenizer, 1)
     gundam = Resolution(*MODEL_PRESETS[model_name]["Gundam"])
     prompts = [preprocessor._prepare(a4_page(seed=i % 8), PROMPT, gundam) for i in range(pages)]
@@ -143,6 +144,16 @@ def vision_variants(model, model_name: str, tokenizer, pages: int, chunks: dict,
         reference32 = {size: torch.cat([compose(sam32, stage_two32, proj32, pixels[s:s + 4].float())
                                         for s in range(0, pixels.shape[0], 4)]) for size, pixels in groups.items()}
         del sam32, stage_two32, proj32
+        if "variants" not in steps:  # the served path's trials and attention options only
+            inner.sam_model.use_relative_positions("materialised")
+            base = {size: inner.encode_views(pixels) for size, pixels in groups.items()}
+            inner.sam_model.use_relative_positions("folded")
+            if "attention-options" in steps and DEVICE == "cuda":
+                results["attention_options"] = attention_options(model, groups, pages, ceilings)
+            if "served-trials" in steps:
+                results["served_trials"] = served_trials(model, groups, pages, reference32, base,
+                                                         flops_by_kind(model, one_page), ceilings, list(trials))
+            return results
         today = lambda size: max(1, 4 * 1024 * 1024 // (size * size))  # noqa: E731  the engine's PASS_PIXELS
         variants = [("materialised, eager", False, inner.encode_views, today)]
         for name, chunk in chunks.items():
@@ -239,6 +250,243 @@ def vision_variants(model, model_name: str, tokenizer, pages: int, chunks: dict,
     return results
 
 
+KERNEL_KINDS = (  # (kind, test on a kernel's name), first match wins: Inductor's fused kernels are named after
+    # the operators they absorbed (an attention's operand layout among them), so they are tested first
+    ("fused element-wise (Inductor, reductions)", lambda name: name.startswith("triton_red") or name.startswith("triton_per")),
+    ("fused element-wise (Inductor, pointwise)", lambda name: name.startswith("triton_")),
+    ("attention", lambda name: any(key in name.lower() for key in ("flash", "fmha", "sdpa", "attention"))),
+    ("matrix products", lambda name: any(key in name.lower() for key in ("nvjet", "gemm", "cutlass", "xmma", "cublas"))),
+    ("convolutions", lambda name: "conv" in name.lower()),
+)
+
+
+def kernel_kinds(fn) -> dict:
+    """`fn()` once under torch.profiler: {"kinds": CUDA ms by kind of kernel (KERNEL_KINDS, the rest
+    "other (PyTorch element-wise, copies)"), "top": the 12 longest kernels by full name, ms and calls}."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = DEVICE == "cuda"  # on the CPU (a smoke run): the operators' own CPU time
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        fn()
+        sync()
+    kinds, kernels = {}, {}
+    for event in prof.events():
+        if cuda and event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        ms = (event.device_time_total if cuda else event.self_cpu_time_total) / 1e3
+        kind = next((k for k, test in KERNEL_KINDS if test(event.name)), "other (PyTorch element-wise, copies)")
+        kinds[kind] = kinds.get(kind, 0.0) + ms
+        total, calls = kernels.get(event.name, (0.0, 0))
+        kernels[event.name] = (total + ms, calls + 1)
+    top = sorted(kernels.items(), key=lambda item: -item[1][0])[:12]
+    return {"kinds": kinds, "top": [{"name": name[:160], "ms": ms, "calls": calls} for name, (ms, calls) in top]}
+
+
+def flops_by_kind(model, views: list) -> dict:
+    """One page's work counted by `torch.utils.flop_counter` on the original's order (SAM's attention over its
+    head dimension, the relative positions as a bias): {"matrix products", "attention"} in FLOPs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sam = model.model.sam_model
+    folded = [block.attn.fold_relative_positions for block in sam.blocks]
+    sam.use_relative_positions("materialised")
+    counter = FlopCounterMode(display=False)
+    try:
+        with counter, torch.inference_mode():
+            for pixels in views:
+                model.model.encode_views(pixels)
+    finally:
+        sam.use_relative_positions("folded" if all(folded) else "materialised")
+    by_op = counter.get_flop_counts().get("Global", {})
+    attention = sum(count for op, count in by_op.items() if "attention" in str(op))
+    return {"matrix products": float(counter.get_total_flops() - attention), "attention": float(attention)}
+
+
+SERVED_TRIALS = {  # name → (SDPA's cuDNN kernels allowed, SAM's global blocks through the Triton kernel)
+    "served (flash attention, folded)": (False, False),
+    "cuDNN attention, folded": (True, False),
+    "Triton kernel for global blocks, flash for windows": (False, True),
+    "Triton kernel for global blocks, cuDNN for windows": (True, True),
+}
+
+
+def served_trials(model, groups: dict, pages: int, reference32: dict, base: dict, flops: dict,
+                  ceilings: dict, trials: list) -> dict:
+    """The served vision path (blocks compiled for the two Gundam view sizes, one pass per size, then the same
+    replayed as CUDA graphs as the engine replays them) under each of `trials` (SERVED_TRIALS): ms a page, and
+    where the GPU time goes, the whole pass and SAM alone, by kind of kernel, beside each kind's floor."""
+    inner = model.model
+    sides = list(groups)
+    floors = {"matrix products": flops["matrix products"] / ceilings["matmul_flops"] * 1e3,
+              "attention": flops["attention"] / ceilings["matmul_flops"] * 1e3}
+    results = {"floors_ms_per_page": floors}
+    cudnn_before = torch.backends.cuda.cudnn_sdp_enabled()
+    for name in trials:
+        cudnn, kernel = SERVED_TRIALS[name]
+        torch.backends.cuda.enable_cudnn_sdp(cudnn)
+        inner.sam_model.use_relative_attention_kernel(kernel)
+        uncompile_vision_towers(model)
+        torch._dynamo.reset()
+        try:
+            compiled = compile_vision_towers(model, sides=sides, backend="inductor" if DEVICE == "cuda" else "eager")
+
+            def whole_pass():
+                return {size: inner.encode_views(pixels) for size, pixels in groups.items()}
+
+            with torch.inference_mode():
+                out = whole_pass()
+                seconds = timed(whole_pass)
+                graphed, graphed_seconds = dict(out), float("nan")
+                if DEVICE == "cuda":  # as the engine replays them
+                    towers = GraphedTowers(model, {size: views.shape[0] for size, views in groups.items()})
+                    towers.capture()
+                    graphed = {size: towers(pixels) for size, pixels in groups.items()}
+                    graphed_seconds = timed(lambda: [towers(pixels) for pixels in groups.values()])
+                    del towers
+                whole = kernel_kinds(whole_pass)
+                sam_only = kernel_kinds(lambda: [inner.run_vision_towers(inner.sam_model, pixels)
+                                                 for pixels in groups.values()])
+            row = {"ms_per_page": seconds / pages * 1e3, "graphed_ms_per_page": graphed_seconds / pages * 1e3,
+                   "compile_s": compiled["seconds"],
+                   "kinds_ms_per_page": {kind: ms / pages for kind, ms in whole["kinds"].items()},
+                   "sam_kinds_ms_per_page": {kind: ms / pages for kind, ms in sam_only["kinds"].items()},
+                   "top_kernels": whole["top"],
+                   "graphed_equals_compiled": all(torch.equal(graphed[s], out[s]) for s in out),
+                   "vs_materialised": max(relative_error(out[s], base[s]) for s in out),
+                   "vs_float32": max(relative_error(out[s], reference32[s]) for s in out)}
+        except Exception as error:  # report and go on: the other trials stand
+            row = {"error": repr(error)[:500]}
+            print(f"trial {name} failed:", traceback.format_exc()[-4000:], flush=True)
+        results[name] = row
+        print("served trial", name, json.dumps(row), flush=True)
+        torch.compiler.set_stance("default")
+    uncompile_vision_towers(model)
+    torch._dynamo.reset()
+    inner.sam_model.use_relative_attention_kernel(False)
+    torch.backends.cuda.enable_cudnn_sdp(cudnn_before)
+    return results
+
+
+def attention_options(model, groups: dict, pages: int, ceilings: dict) -> dict:
+    """SAM's attention alone at the shapes of one pass of `pages` Gundam pages (the global blocks over each
+    view size, the windowed blocks over all windows), by each way of computing it, in TFLOP/s of the
+    attention's own arithmetic (4·heads·N²·64 a view, the relative positions not counted): plain SDPA without
+    relative positions (what attention over 64 dimensions costs: the floor of any way to add them), the folded
+    path under flash and cuDNN, and the Triton kernel at several tiles."""
+    from checkpoints.deepencoder import folded_relative_attention, relative_positions, relative_terms
+    from checkpoints.triton_relative_attention import relative_attention
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    sam = model.model.sam_model
+    settings_heads = sam.blocks[0].attn.heads
+    head_dim = sam.blocks[0].attn.rel_pos_h.shape[-1]
+    window = next(block.window_size for block in sam.blocks if block.window_size)
+    global_attn = next(block.attn for block in sam.blocks if not block.window_size)
+    window_attn = next(block.attn for block in sam.blocks if block.window_size)
+    shapes = {}
+    windows = 0
+    for size, views in groups.items():
+        side = size // 16
+        shapes[f"global, {views.shape[0]} views of {size}"] = (views.shape[0], side, global_attn)
+        windows += views.shape[0] * math.ceil(side / window) ** 2
+    shapes[f"windowed, {windows} windows of {window}×{window}"] = (windows, window, window_attn)
+    results = {}
+
+    def median_ms(fn, repeats=5):
+        fn()
+        sync()
+        times = []
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return sorted(times)[len(times) // 2]
+
+    for label, (batch, side, attn) in shapes.items():
+        tokens = side * side
+        q, k, v = (torch.randn(batch, settings_heads, tokens, head_dim, device=DEVICE, dtype=DTYPE) for _ in range(3))
+        rel_h = relative_positions(side, side, attn.rel_pos_h.detach()).to(DTYPE)
+        rel_w = relative_positions(side, side, attn.rel_pos_w.detach()).to(DTYPE)
+        work = 4 * batch * settings_heads * tokens * tokens * head_dim
+        options = {}
+        with torch.inference_mode():
+            for backend_name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cuDNN", SDPBackend.CUDNN_ATTENTION)):
+                with sdpa_kernel([backend]):
+                    try:
+                        options[f"plain SDPA ({backend_name}), no relative positions"] = median_ms(
+                            lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+                        options[f"folded ({backend_name}), eager, terms and widening included"] = median_ms(
+                            lambda: folded_relative_attention(q, k, v, rel_h, rel_w, side, side))
+                        row_terms, col_terms = relative_terms(q, rel_h, rel_w, side, side)
+                        widened = _widened(q, k, v, row_terms, col_terms, side)
+                        options[f"folded ({backend_name}), the widened attention alone"] = median_ms(
+                            lambda: torch.nn.functional.scaled_dot_product_attention(*widened, scale=1.0))
+                    except Exception as error:
+                        options[f"{backend_name} failed"] = repr(error)[:200]
+            row_terms, col_terms = relative_terms(q, rel_h, rel_w, side, side)
+            for tiles in ((128, 8, 2), (128, 4, 2), (128, 8, 3), (64, 4, 2), (64, 4, 3), (128, 4, 3)):
+                try:
+                    options[f"Triton kernel, {tiles[0]} queries, {tiles[1]} warps, {tiles[2]} stages"] = median_ms(
+                        lambda: relative_attention(q, k, v, row_terms, col_terms, side, side, tiles=tiles))
+                except Exception as error:
+                    options[f"Triton kernel {tiles} failed"] = repr(error)[:200]
+        row = {"work_flops": work, "floor_ms": work / ceilings["matmul_flops"] * 1e3, "pages": pages,
+               "ms": {name: ms for name, ms in options.items() if isinstance(ms, float)},
+               "tflops": {name: work / ms / 1e9 for name, ms in options.items() if isinstance(ms, float)},
+               "errors": {name: e for name, e in options.items() if isinstance(e, str)}}
+        results[label] = row
+        print("attention", label, json.dumps(row), flush=True)
+        del q, k, v
+    return results
+
+
+def _widened(q, k, v, row_terms, col_terms, side):
+    """The folded path's widened q, k, v (as `folded_relative_attention` builds them), for timing the attention
+    call alone."""
+    batch, heads, tokens, head_dim = q.shape
+    extended = head_dim + 2 * side
+    padding = (-extended) % 8
+    key_rows = torch.nn.functional.one_hot(torch.arange(tokens, device=q.device) // side, side).to(k.dtype)
+    key_cols = torch.nn.functional.one_hot(torch.arange(tokens, device=q.device) % side, side).to(k.dtype)
+    q_ext = torch.cat([q * head_dim ** -0.5, row_terms.to(q.dtype), col_terms.to(q.dtype),
+                       q.new_zeros(batch, heads, tokens, padding)], dim=-1)
+    k_ext = torch.cat([k, key_rows.expand(batch, heads, tokens, side), key_cols.expand(batch, heads, tokens, side),
+                       k.new_zeros(batch, heads, tokens, padding)], dim=-1)
+    v_ext = torch.nn.functional.pad(v, (0, extended + padding - head_dim))
+    return q_ext, k_ext, v_ext
+
+
+def print_trials(vision: dict, pages: int) -> None:
+    """The served trials' and attention options' tables (markdown)."""
+    trials = vision.get("served_trials")
+    if trials:
+        floors = trials["floors_ms_per_page"]
+        names = [name for name in trials if name != "floors_ms_per_page" and "error" not in trials[name]]
+        print(f"\n| served vision path, {pages} A4 Gundam pages a pass | " + " | ".join(names) + " | floor |")
+        print("|---|" + "---|" * (len(names) + 1))
+        print("| ms a page, compiled blocks | " + " | ".join(f"{trials[n]['ms_per_page']:.2f}" for n in names)
+              + f" | {sum(floors.values()):.2f} |")
+        print("| ms a page, replayed as CUDA graphs (served) | "
+              + " | ".join(f"{trials[n]['graphed_ms_per_page']:.2f}" for n in names) + " | |")
+        kinds = sorted({kind for n in names for kind in trials[n]["kinds_ms_per_page"]})
+        for kind in kinds:
+            print(f"| … {kind}, ms a page (SAM's share) | " + " | ".join(
+                f"{trials[n]['kinds_ms_per_page'].get(kind, 0):.2f} ({trials[n]['sam_kinds_ms_per_page'].get(kind, 0):.2f})"
+                for n in names) + f" | {floors.get(kind, float('nan')):.2f} |")
+        print("| towers' output vs float32 | " + " | ".join(f"{trials[n]['vs_float32']:.2e}" for n in names) + " | |")
+        for name in trials:
+            if "error" in trials[name]:
+                print(f"trial {name}: {trials[name]['error']}")
+    for label, row in vision.get("attention_options", {}).items():
+        print(f"\n| SAM attention, {label} | ms | TFLOP/s (64-dim work) |\n|---|---|---|")
+        for name, ms in row["ms"].items():
+            print(f"| {name} | {ms:.3f} | {row['tflops'][name]:.0f} |")
+        print(f"| floor: {row['work_flops'] / 1e9:.0f} GFLOP ÷ the matmul rate | {row['floor_ms']:.3f} | |")
+
+
 def prefill_flops(config, lengths: list) -> float:
     """Matrix-product FLOPs of one prefill of packed prompts (logits at each prompt's last token only)."""
     d, layers = config.hidden_size, config.num_hidden_layers
@@ -288,6 +536,14 @@ def main():
     parser.add_argument("--compile", action="store_true", help="also time torch.compile of the towers (minutes)")
     parser.add_argument("--profile", type=Path, help="folder for the kernel profiles of the vision pass and the "
                         "prefill")
+    parser.add_argument("--steps", nargs="+", default=["variants", "prefill"],
+                        choices=["variants", "served-trials", "attention-options", "prefill"],
+                        help="variants: the ways of running the towers above; served-trials: the served path "
+                        "(compiled blocks, CUDA graphs) under --trials, with its GPU time by kind of kernel beside "
+                        "each kind's floor; attention-options: SAM's attention alone at one pass's shapes, each way "
+                        "of computing it; prefill: the prefill alone")
+    parser.add_argument("--trials", nargs="+", default=list(SERVED_TRIALS), choices=list(SERVED_TRIALS),
+                        help="served-trials' attention choices (default: all)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     ceilings = measure_ceilings()
@@ -307,7 +563,13 @@ def main():
     report = {"model": args.model, "size": args.size, "device": device_name(), "torch": torch.__version__,
               "ceilings": ceilings}
     report["vision"] = vision_variants(model, args.model, tokenizer, args.pages, chunks, args.compile,
-                                       args.profile / "profile_vision_folded.txt" if args.profile else None)
+                                       args.profile / "profile_vision_folded.txt" if args.profile else None,
+                                       steps=tuple(args.steps), ceilings=ceilings, trials=args.trials)
+    if "prefill" not in args.steps:
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=1, default=str))
+        print_trials(report["vision"], args.pages)
+        return
     if args.prefill is None:
         a4_prompt = model.prepare_inputs(tokenizer, PROMPT, [a4_page()], *MODEL_PRESETS[args.model]["Gundam"])
         args.prefill = [16, a4_prompt.input_ids.numel()]

@@ -82,14 +82,15 @@ if triton is not None:
 # stays compiled; in the engine the whole pass is a CUDA graph, launches included).
 @torch.compiler.disable
 def relative_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_terms: torch.Tensor,
-                       col_terms: torch.Tensor, height: int, width: int) -> torch.Tensor:
+                       col_terms: torch.Tensor, height: int, width: int, tiles: tuple = None) -> torch.Tensor:
     """softmax(q·kᵀ/√d + row_terms[i, r] + col_terms[i, c])·v for keys (r, c) of a height × width grid.
     q, k, v [B, n, N, d] (any strides with a unit stride along d); row_terms [B, n, N, height], col_terms
     [B, n, N, width] (unit stride along the last dimension) → [B, N, n, d] (the layout the block's output
-    projection reads)."""
+    projection reads). `tiles`: (queries a program, warps, pipeline stages), for benchmarks' sweeps."""
     batch, heads, tokens, head_dim = q.shape
+    block_queries, warps, stages = tiles or (BLOCK_QUERIES, WARPS, STAGES)
     out = q.new_empty(batch, tokens, heads, head_dim)
-    grid = (_cdiv(tokens, BLOCK_QUERIES), batch * heads)
+    grid = (_cdiv(tokens, block_queries), batch * heads)
     _relative_attention_kernel[grid](
         q, k, v, row_terms, col_terms, out,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -98,8 +99,8 @@ def relative_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_te
         col_terms.stride(0), col_terms.stride(1), col_terms.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         heads, tokens, height, width, _LOG2_E / math.sqrt(head_dim), _LOG2_E,
-        HEAD_DIM=head_dim, BLOCK_M=BLOCK_QUERIES, BLOCK_W=max(16, _next_power_of_2(width)),
-        DOT_IN_FP32=_INTERPRETED, num_warps=WARPS, num_stages=STAGES,
+        HEAD_DIM=head_dim, BLOCK_M=block_queries, BLOCK_W=max(16, _next_power_of_2(width)),
+        DOT_IN_FP32=_INTERPRETED, num_warps=warps, num_stages=stages,
         # float32 inputs (the tests' reference precision) multiply in float32, not TensorFloat-32
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     return out
