@@ -302,11 +302,11 @@ def flops_by_kind(model, views: list) -> dict:
     return {"matrix products": float(counter.get_total_flops() - attention), "attention": float(attention)}
 
 
-SERVED_TRIALS = {  # name → (SDPA's cuDNN kernels allowed, SAM's global blocks through the Triton kernel)
-    "served (flash attention, folded)": (False, False),
+SERVED_TRIALS = {  # name → (SDPA with cuDNN's kernels first for SAM, SAM's global blocks through the Triton kernel)
+    "flash attention, folded": (False, False),
     "cuDNN attention, folded": (True, False),
-    "Triton kernel for global blocks, flash for windows": (False, True),
-    "Triton kernel for global blocks, cuDNN for windows": (True, True),
+    "Triton kernel for global blocks, flash for the rest": (False, True),
+    "Triton kernel for global blocks, cuDNN for the rest": (True, True),
 }
 
 
@@ -320,10 +320,10 @@ def served_trials(model, groups: dict, pages: int, reference32: dict, base: dict
     floors = {"matrix products": flops["matrix products"] / ceilings["matmul_flops"] * 1e3,
               "attention": flops["attention"] / ceilings["matmul_flops"] * 1e3}
     results = {"floors_ms_per_page": floors}
-    cudnn_before = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(False)  # as the engine runs: only what asks for cuDNN gets it
     for name in trials:
         cudnn, kernel = SERVED_TRIALS[name]
-        torch.backends.cuda.enable_cudnn_sdp(cudnn)
+        inner.sam_model.use_cudnn_attention(cudnn)
         inner.sam_model.use_relative_attention_kernel(kernel)
         uncompile_vision_towers(model)
         torch._dynamo.reset()
@@ -363,7 +363,8 @@ def served_trials(model, groups: dict, pages: int, reference32: dict, base: dict
     uncompile_vision_towers(model)
     torch._dynamo.reset()
     inner.sam_model.use_relative_attention_kernel(False)
-    torch.backends.cuda.enable_cudnn_sdp(cudnn_before)
+    inner.sam_model.use_cudnn_attention(False)
+    torch.backends.cuda.enable_cudnn_sdp(True)
     return results
 
 
@@ -373,7 +374,8 @@ def attention_options(model, groups: dict, pages: int, ceilings: dict) -> dict:
     attention's own arithmetic (4·heads·N²·64 a view, the relative positions not counted): plain SDPA without
     relative positions (what attention over 64 dimensions costs: the floor of any way to add them), the folded
     path under flash and cuDNN, and the Triton kernel at several tiles."""
-    from checkpoints.deepencoder import folded_relative_attention, relative_positions, relative_terms
+    from checkpoints.deepencoder import (folded_relative_attention, relative_positions, relative_terms,
+                                         relative_terms_by_offset)
     from checkpoints.triton_relative_attention import relative_attention
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -419,7 +421,9 @@ def attention_options(model, groups: dict, pages: int, ceilings: dict) -> dict:
                         options[f"plain SDPA ({backend_name}), no relative positions"] = median_ms(
                             lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
                         options[f"folded ({backend_name}), eager, terms and widening included"] = median_ms(
-                            lambda: folded_relative_attention(q, k, v, rel_h, rel_w, side, side))
+                            lambda: folded_relative_attention(
+                                q, k, v, *relative_terms_by_offset(q, attn.rel_pos_h.detach(), attn.rel_pos_w.detach(),
+                                                                   side, side), side, side))
                         row_terms, col_terms = relative_terms(q, rel_h, rel_w, side, side)
                         widened = _widened(q, k, v, row_terms, col_terms, side)
                         options[f"folded ({backend_name}), the widened attention alone"] = median_ms(

@@ -54,7 +54,7 @@ def main() -> None:
     rows, cols = deepencoder.relative_terms(bf16[0], bf16[3], bf16[4], side, side)
     results = {
         "kernel": kernel.relative_attention(*bf16[:3], rows, cols, side, side).float(),
-        "folded": deepencoder.folded_relative_attention(*bf16, side, side).transpose(1, 2).float(),
+        "folded": deepencoder.folded_relative_attention(*bf16[:3], rows, cols, side, side).transpose(1, 2).float(),
         "dense bias, bf16": dense(*bf16).float(),
     }
     distance = {name: float((out - reference).norm() / reference.norm()) for name, out in results.items()}

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .fused_ops import quick_gelu
 from .triton_common import available as triton_available
@@ -119,20 +120,27 @@ class MLPBlock(nn.Module):
         return self.lin2(F.gelu(self.lin1(x)))
 
 
-def relative_positions(q_size: int, k_size: int, table: torch.Tensor) -> torch.Tensor:
-    """Relative-position embeddings [q_size, k_size, C] looked up in `table` [L, C].
-
-    The table is sized for the resolution the block was trained at; for another grid it is
-    linearly resampled to 2·max(q, k) − 1 entries first.
-    """
+def resized_table(q_size: int, k_size: int, table: torch.Tensor) -> torch.Tensor:
+    """`table` [L, C] as the grid uses it: sized for the resolution the block was trained at, and for another
+    grid linearly resampled to 2·max(q, k) − 1 entries."""
     length = 2 * max(q_size, k_size) - 1
     if table.shape[0] != length:
         resized = F.interpolate(table.float().t()[None], size=length, mode="linear")
         table = resized[0].t().to(table.dtype)
-    q_coords = torch.arange(q_size, device=table.device)[:, None] * max(k_size / q_size, 1.0)
-    k_coords = torch.arange(k_size, device=table.device)[None, :] * max(q_size / k_size, 1.0)
-    offsets = (q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)
-    return table[offsets.long()]
+    return table
+
+
+def offset_index(q_size: int, k_size: int, device) -> torch.Tensor:
+    """[q_size, k_size]: the entry of the resized table that query coordinate i and key coordinate j read."""
+    q_coords = torch.arange(q_size, device=device)[:, None] * max(k_size / q_size, 1.0)
+    k_coords = torch.arange(k_size, device=device)[None, :] * max(q_size / k_size, 1.0)
+    return ((q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)).long()
+
+
+def relative_positions(q_size: int, k_size: int, table: torch.Tensor) -> torch.Tensor:
+    """Relative-position embeddings [q_size, k_size, C] looked up in `table` [L, C] (resized to the grid)."""
+    table = resized_table(q_size, k_size, table)
+    return table[offset_index(q_size, k_size, table.device)]
 
 
 def relative_terms(q: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor, height: int, width: int) -> tuple:
@@ -146,17 +154,41 @@ def relative_terms(q: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor, he
     return row_terms, col_terms
 
 
-def relative_attention_kernel_applies(q: torch.Tensor) -> bool:
-    """Whether `relative_attention` (Triton) can run on q: on a GPU, with Triton, for a head dim that is a
-    power of two from 16 (the tensor-core tile)."""
+def relative_terms_by_offset(q: torch.Tensor, table_h: torch.Tensor, table_w: torch.Tensor, height: int,
+                             width: int) -> tuple:
+    """`relative_terms` from the position tables themselves (`rel_pos_h`, `rel_pos_w` [L, d]): each query
+    times every entry of a table in one matrix product ([B, n, H, W, 2H − 1]), then each query's H (W) terms
+    picked from its products by their offsets. The same dot products as q·rel_h[i, r]; where the per-row
+    einsum is H small batched products of H columns (14 for a window: an unaligned kernel that took a
+    compiled pass's matrix time up by ~8% on the H200), this is one product and a gather that the consumer
+    of the terms absorbs when compiled."""
+    batch, heads, tokens, head_dim = q.shape
+    q_grid = q.reshape(batch, heads, height, width, head_dim)
+    table_h, table_w = resized_table(height, height, table_h), resized_table(width, width, table_w)
+    rows_at = offset_index(height, height, q.device)[:, None, :].expand(batch, heads, height, width, height)
+    cols_at = offset_index(width, width, q.device)[None, :, :].expand(batch, heads, height, width, width)
+    row_terms = torch.matmul(q_grid, table_h.t()).gather(-1, rows_at).reshape(batch, heads, tokens, height)
+    col_terms = torch.matmul(q_grid, table_w.t()).gather(-1, cols_at).reshape(batch, heads, tokens, width)
+    return row_terms, col_terms
+
+
+def relative_attention_kernel_applies(q: torch.Tensor, width: int) -> bool:
+    """Whether `relative_attention` (Triton) runs on q: on a GPU, with Triton, for a head dim that is a power
+    of two from 16 (the tensor-core tile), over a grid whose rows fill the kernel's key blocks (a width that is
+    a power of two from 16). The kernel pads each grid row of keys to a power of two: a 640 view's rows of 40
+    keys took it 4.4 ms where the folded path under cuDNN took 3.7 for one pass's global attention, while the
+    1024 view's rows of 64 took 2.6 against 3.3 (H200, `bench_vision.py --steps attention-options`)."""
     head_dim = q.shape[-1]
-    return q.is_cuda and triton_available() and head_dim >= 16 and head_dim & (head_dim - 1) == 0
+    return (q.is_cuda and triton_available() and head_dim >= 16 and head_dim & (head_dim - 1) == 0
+            and width >= 16 and width & (width - 1) == 0)
 
 
-def folded_relative_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor,
-                              rel_w: torch.Tensor, height: int, width: int) -> torch.Tensor:
+def folded_relative_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_terms: torch.Tensor,
+                              col_terms: torch.Tensor, height: int, width: int,
+                              backends: Optional[list] = None) -> torch.Tensor:
     """softmax(q·kᵀ/√d + bias)·v over a height × width grid, with SAM's decomposed relative positions
-    bias[(i, j), (r, c)] = q_ij·rel_h[i, r] + q_ij·rel_w[j, c], without the [HW, HW] bias in memory.
+    bias[(i, j), (r, c)] = q_ij·rel_h[i, r] + q_ij·rel_w[j, c] (`row_terms`, `col_terms`: `relative_terms`),
+    without the [HW, HW] bias in memory.
 
     The bias is folded into the dot product that attention computes anyway: each query is extended by
     its H row terms and W column terms, each key by a one-hot of its row and of its column, so that
@@ -165,10 +197,12 @@ def folded_relative_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     most of the vision encoder's time went into writing and reading it. The extended width is padded
     to a multiple of 8, and v to the same width, as the fused kernels require.
 
-    q, k, v [B, n, HW, d]; rel_h [H, H, d], rel_w [W, W, d] → [B, n, HW, d].
+    `backends`: SDPA's backends in the order to try them (`torch.nn.attention.sdpa_kernel`), None for
+    PyTorch's own choice.
+
+    q, k, v [B, n, HW, d]; row_terms [B, n, HW, H], col_terms [B, n, HW, W] → [B, n, HW, d].
     """
     batch, heads, tokens, head_dim = q.shape
-    row_terms, col_terms = relative_terms(q, rel_h, rel_w, height, width)
     extended = head_dim + height + width
     padding = (-extended) % 8
     row_of_key = torch.arange(tokens, device=q.device) // width
@@ -183,7 +217,20 @@ def folded_relative_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         parts_k.append(k.new_zeros(batch, heads, tokens, padding))
     q_ext, k_ext = torch.cat(parts_q, dim=-1), torch.cat(parts_k, dim=-1)
     v_ext = F.pad(v, (0, extended + padding - head_dim))
-    return F.scaled_dot_product_attention(q_ext, k_ext, v_ext, scale=1.0)[..., :head_dim]
+    if backends is None:
+        return F.scaled_dot_product_attention(q_ext, k_ext, v_ext, scale=1.0)[..., :head_dim]
+    with sdpa_kernel(backends, set_priority=True):
+        return F.scaled_dot_product_attention(q_ext, k_ext, v_ext, scale=1.0)[..., :head_dim]
+
+
+def cudnn_first() -> list:
+    """SDPA's backends with cuDNN's attention tried first, then PyTorch's usual order. For the folded
+    attention's widened head dimension (192 for a 1024 view's global blocks, 96 for windows) cuDNN's kernels
+    on the H200 took 3.3 ms where flash attention took 7.6 for one pass's global attention over 16 views
+    (`bench_vision.py --steps attention-options`). cuDNN builds an execution plan for every new shape (a
+    stall of up to seconds), which is why only the towers use it, whose shapes are fixed by the CUDA graphs
+    the engine captures at load (`SamEncoder.use_cudnn_attention`)."""
+    return [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 RELATIVE_POSITION_MODES = ("folded", "materialised")
@@ -213,21 +260,23 @@ class SamAttention(nn.Module):
         # False: a dense bias is built and passed as SDPA's mask, the original's order of operations
         # (bit-identical to it under bf16 autocast). Set by the model from its config (`sam_attention`).
         self.fold_relative_positions = True
+        # SDPA backends for the folded attention (`cudnn_first()`), None for PyTorch's choice. Set by
+        # `SamEncoder.use_cudnn_attention`.
+        self.attention_backends = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, height, width, _ = x.shape
         qkv = self.qkv(x).reshape(batch, height * width, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # [B, heads, HW, d]
-        rel_h = relative_positions(height, height, self.rel_pos_h)  # [H, H, d]
-        rel_w = relative_positions(width, width, self.rel_pos_w)  # [W, W, d]
-        if (self.fold_relative_positions and self.relative_kernel and self.global_attention
-                and relative_attention_kernel_applies(q)):
-            row_terms, col_terms = relative_terms(q, rel_h, rel_w, height, width)
-            out = relative_attention(q, k, v, row_terms, col_terms, height, width)  # [B, HW, heads, d]
-            return self.proj(out.reshape(batch, height, width, -1))
         if self.fold_relative_positions:
-            out = folded_relative_attention(q, k, v, rel_h, rel_w, height, width)
+            row_terms, col_terms = relative_terms_by_offset(q, self.rel_pos_h, self.rel_pos_w, height, width)
+            if self.relative_kernel and self.global_attention and relative_attention_kernel_applies(q, width):
+                out = relative_attention(q, k, v, row_terms, col_terms, height, width)  # [B, HW, heads, d]
+                return self.proj(out.reshape(batch, height, width, -1))
+            out = folded_relative_attention(q, k, v, row_terms, col_terms, height, width, self.attention_backends)
         else:
+            rel_h = relative_positions(height, height, self.rel_pos_h)  # [H, H, d]
+            rel_w = relative_positions(width, width, self.rel_pos_w)  # [W, W, d]
             # Decomposed relative positions: a bias of (row term + column term) from the unscaled query.
             q_grid = q.reshape(batch, self.heads, height, width, -1)
             bias_h = torch.einsum("bnhwc,hkc->bnhwk", q_grid, rel_h)  # [B, n, H, W, H]
@@ -310,6 +359,13 @@ class SamEncoder(nn.Module):
         for block in self.blocks:
             block.attn.fold_relative_positions = mode == "folded"
         self.patch_embed.as_matmul = mode == "folded"
+
+    def use_cudnn_attention(self, enabled: bool) -> None:
+        """The folded attention through SDPA with cuDNN's kernels tried first (`cudnn_first`) or PyTorch's
+        choice. For callers whose shapes are few and fixed (CUDA graphs captured at load): cuDNN builds a
+        plan for each new shape."""
+        for block in self.blocks:
+            block.attn.attention_backends = cudnn_first() if enabled else None
 
     def use_relative_attention_kernel(self, enabled: bool) -> None:
         """The global blocks' attention through the Triton kernel (`SamAttention.relative_kernel`) or not."""

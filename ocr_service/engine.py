@@ -133,6 +133,10 @@ class OCREngine:
         ).to(self.device).eval()
         if settings.sam_kernel and settings.vision != "original":  # opt-in: README "Faithfulness"
             self.model.model.sam_model.use_relative_attention_kernel(True)
+        if settings.vision_cudnn and self.graphs_vision:
+            # SAM's widened attention through cuDNN's kernels (twice flash attention's speed there), whose
+            # per-shape plans are built once, while the towers' graphs are captured at load
+            self.model.model.sam_model.use_cudnn_attention(True)
         # The decode step's Triton kernels start while the kernel before them ends (README "Performance")
         triton_common.use_programmatic_launch(settings.programmatic_launch)
         self.presets = model_presets(self.model.processing)  # resolution_size choice → this model's geometry

@@ -88,6 +88,7 @@ class Settings:
     rotary: str = "float32"  # DEEPSEEK_OCR_ROTARY
     vision: str = "compiled"  # DEEPSEEK_OCR_VISION
     vision_graphs: bool = True  # DEEPSEEK_OCR_VISION_GRAPHS
+    vision_cudnn: bool = True  # DEEPSEEK_OCR_VISION_CUDNN
     sam_kernel: bool = False  # DEEPSEEK_OCR_SAM_KERNEL
     programmatic_launch: bool = True  # DEEPSEEK_OCR_PDL (the decode step's kernels, on Hopper and later)
     # requests
@@ -127,6 +128,7 @@ class Settings:
             rotary=_text(env, "DEEPSEEK_OCR_ROTARY", "float32", ("float32", "original")),
             vision=_text(env, "DEEPSEEK_OCR_VISION", "compiled", ("compiled", "fast", "original")),
             vision_graphs=_flag(env, "DEEPSEEK_OCR_VISION_GRAPHS", True),
+            vision_cudnn=_flag(env, "DEEPSEEK_OCR_VISION_CUDNN", True),
             sam_kernel=_flag(env, "DEEPSEEK_OCR_SAM_KERNEL", False),
             programmatic_launch=_flag(env, "DEEPSEEK_OCR_PDL", True),
             max_pages=_number(env, "DEEPSEEK_OCR_MAX_PAGES", 50),

@@ -35,9 +35,11 @@ def test_graph_sizes_are_the_powers_of_two_within_the_most_views():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("cudnn", [False, True], ids=["PyTorch's attention", "SAM's attention through cuDNN"])
 @pytest.mark.parametrize("which", ["ocr", "ocr2"])
-def test_replayed_towers_give_the_towers_features(which, tiny_model, tiny_ocr2_model):
+def test_replayed_towers_give_the_towers_features(which, cudnn, tiny_model, tiny_ocr2_model):
     model = copy.deepcopy(tiny_model if which == "ocr" else tiny_ocr2_model).to("cuda", torch.bfloat16)
+    model.model.sam_model.use_cudnn_attention(cudnn)  # as the engine serves them: its plans built at capture
     side = model.processing.RESOLUTION_MODES["Gundam"][1]  # the tiles' side
     towers = GraphedTowers(model, {side: 5})
     logged = []
