@@ -374,8 +374,7 @@ def attention_options(model, groups: dict, pages: int, ceilings: dict) -> dict:
     attention's own arithmetic (4·heads·N²·64 a view, the relative positions not counted): plain SDPA without
     relative positions (what attention over 64 dimensions costs: the floor of any way to add them), the folded
     path under flash and cuDNN, and the Triton kernel at several tiles."""
-    from checkpoints.deepencoder import (folded_relative_attention, relative_positions, relative_terms,
-                                         relative_terms_by_offset)
+    from checkpoints.deepencoder import folded_relative_attention, relative_positions, relative_terms
     from checkpoints.triton_relative_attention import relative_attention
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -421,9 +420,8 @@ def attention_options(model, groups: dict, pages: int, ceilings: dict) -> dict:
                         options[f"plain SDPA ({backend_name}), no relative positions"] = median_ms(
                             lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
                         options[f"folded ({backend_name}), eager, terms and widening included"] = median_ms(
-                            lambda: folded_relative_attention(
-                                q, k, v, *relative_terms_by_offset(q, attn.rel_pos_h.detach(), attn.rel_pos_w.detach(),
-                                                                   side, side), side, side))
+                            lambda: folded_relative_attention(q, k, v, *relative_terms(q, rel_h, rel_w, side, side),
+                                                              side, side))
                         row_terms, col_terms = relative_terms(q, rel_h, rel_w, side, side)
                         widened = _widened(q, k, v, row_terms, col_terms, side)
                         options[f"folded ({backend_name}), the widened attention alone"] = median_ms(

@@ -120,27 +120,20 @@ class MLPBlock(nn.Module):
         return self.lin2(F.gelu(self.lin1(x)))
 
 
-def resized_table(q_size: int, k_size: int, table: torch.Tensor) -> torch.Tensor:
-    """`table` [L, C] as the grid uses it: sized for the resolution the block was trained at, and for another
-    grid linearly resampled to 2·max(q, k) − 1 entries."""
+def relative_positions(q_size: int, k_size: int, table: torch.Tensor) -> torch.Tensor:
+    """Relative-position embeddings [q_size, k_size, C] looked up in `table` [L, C].
+
+    The table is sized for the resolution the block was trained at; for another grid it is
+    linearly resampled to 2·max(q, k) − 1 entries first.
+    """
     length = 2 * max(q_size, k_size) - 1
     if table.shape[0] != length:
         resized = F.interpolate(table.float().t()[None], size=length, mode="linear")
         table = resized[0].t().to(table.dtype)
-    return table
-
-
-def offset_index(q_size: int, k_size: int, device) -> torch.Tensor:
-    """[q_size, k_size]: the entry of the resized table that query coordinate i and key coordinate j read."""
-    q_coords = torch.arange(q_size, device=device)[:, None] * max(k_size / q_size, 1.0)
-    k_coords = torch.arange(k_size, device=device)[None, :] * max(q_size / k_size, 1.0)
-    return ((q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)).long()
-
-
-def relative_positions(q_size: int, k_size: int, table: torch.Tensor) -> torch.Tensor:
-    """Relative-position embeddings [q_size, k_size, C] looked up in `table` [L, C] (resized to the grid)."""
-    table = resized_table(q_size, k_size, table)
-    return table[offset_index(q_size, k_size, table.device)]
+    q_coords = torch.arange(q_size, device=table.device)[:, None] * max(k_size / q_size, 1.0)
+    k_coords = torch.arange(k_size, device=table.device)[None, :] * max(q_size / k_size, 1.0)
+    offsets = (q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)
+    return table[offsets.long()]
 
 
 def relative_terms(q: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor, height: int, width: int) -> tuple:
@@ -151,24 +144,6 @@ def relative_terms(q: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor, he
     q_grid = q.reshape(batch, heads, height, width, head_dim)
     row_terms = torch.einsum("bnhwc,hkc->bnhwk", q_grid, rel_h).reshape(batch, heads, tokens, height)
     col_terms = torch.einsum("bnhwc,wkc->bnhwk", q_grid, rel_w).reshape(batch, heads, tokens, width)
-    return row_terms, col_terms
-
-
-def relative_terms_by_offset(q: torch.Tensor, table_h: torch.Tensor, table_w: torch.Tensor, height: int,
-                             width: int) -> tuple:
-    """`relative_terms` from the position tables themselves (`rel_pos_h`, `rel_pos_w` [L, d]): each query
-    times every entry of a table in one matrix product ([B, n, H, W, 2H − 1]), then each query's H (W) terms
-    picked from its products by their offsets. The same dot products as q·rel_h[i, r]; where the per-row
-    einsum is H small batched products of H columns (14 for a window: an unaligned kernel that took a
-    compiled pass's matrix time up by ~8% on the H200), this is one product and a gather that the consumer
-    of the terms absorbs when compiled."""
-    batch, heads, tokens, head_dim = q.shape
-    q_grid = q.reshape(batch, heads, height, width, head_dim)
-    table_h, table_w = resized_table(height, height, table_h), resized_table(width, width, table_w)
-    rows_at = offset_index(height, height, q.device)[:, None, :].expand(batch, heads, height, width, height)
-    cols_at = offset_index(width, width, q.device)[None, :, :].expand(batch, heads, height, width, width)
-    row_terms = torch.matmul(q_grid, table_h.t()).gather(-1, rows_at).reshape(batch, heads, tokens, height)
-    col_terms = torch.matmul(q_grid, table_w.t()).gather(-1, cols_at).reshape(batch, heads, tokens, width)
     return row_terms, col_terms
 
 
@@ -268,15 +243,15 @@ class SamAttention(nn.Module):
         batch, height, width, _ = x.shape
         qkv = self.qkv(x).reshape(batch, height * width, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # [B, heads, HW, d]
+        rel_h = relative_positions(height, height, self.rel_pos_h)  # [H, H, d]
+        rel_w = relative_positions(width, width, self.rel_pos_w)  # [W, W, d]
         if self.fold_relative_positions:
-            row_terms, col_terms = relative_terms_by_offset(q, self.rel_pos_h, self.rel_pos_w, height, width)
+            row_terms, col_terms = relative_terms(q, rel_h, rel_w, height, width)
             if self.relative_kernel and self.global_attention and relative_attention_kernel_applies(q, width):
                 out = relative_attention(q, k, v, row_terms, col_terms, height, width)  # [B, HW, heads, d]
                 return self.proj(out.reshape(batch, height, width, -1))
             out = folded_relative_attention(q, k, v, row_terms, col_terms, height, width, self.attention_backends)
         else:
-            rel_h = relative_positions(height, height, self.rel_pos_h)  # [H, H, d]
-            rel_w = relative_positions(width, width, self.rel_pos_w)  # [W, W, d]
             # Decomposed relative positions: a bias of (row term + column term) from the unscaled query.
             q_grid = q.reshape(batch, self.heads, height, width, -1)
             bias_h = torch.einsum("bnhwc,hkc->bnhwk", q_grid, rel_h)  # [B, n, H, W, H]

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from checkpoints.deepencoder import (
     ClipAttention, ClipLayer, ClipMLP, ClipSettings, ClipVisionModel, LinearProjector, PatchEmbed, SamAttention,
     SamBlock, SamEncoder, SamSettings, cudnn_first, encode_views, merge_windows, partition_windows,
-    relative_positions, relative_terms, relative_terms_by_offset,
+    relative_positions,
 )
 from checkpoints.fused_ops import quick_gelu
 
@@ -213,19 +213,6 @@ def test_sam_attention_is_softmax_of_scaled_scores_plus_decomposed_relative_bias
     x = randn(3, side, side, dim, seed=100 + side)
     with torch.no_grad():
         torch.testing.assert_close(attn(x), plain_sam_attention(attn, x, heads), **EXACT)
-
-
-@pytest.mark.parametrize("height, width, trained_for", [(5, 5, 5), (3, 4, 5), (7, 6, 5), (1, 1, 5)])
-def test_relative_terms_by_offset_are_the_per_row_products(height, width, trained_for):
-    # One product over the table's offsets, then a gather: the same dot products as q · rel_h[row, key row]
-    heads, dim = 2, 16
-    q = randn(3, heads, height * width, dim, seed=height + width)
-    table_h, table_w = randn(2 * trained_for - 1, dim, seed=1), randn(2 * trained_for - 1, dim, seed=2)
-    rows, cols = relative_terms_by_offset(q, table_h, table_w, height, width)
-    expected = relative_terms(q, relative_positions(height, height, table_h),
-                              relative_positions(width, width, table_w), height, width)
-    torch.testing.assert_close(rows, expected[0], **EXACT)
-    torch.testing.assert_close(cols, expected[1], **EXACT)
 
 
 def test_sam_attention_with_cudnn_first_computes_the_same_attention():
