@@ -38,6 +38,8 @@ from benchmarks.common import (  # noqa: E402
 )
 from checkpoints.generation import ORIGINAL_NO_REPEAT_RULE  # noqa: E402
 from checkpoints.modeling_deepseekv2 import RotaryEmbedding  # noqa: E402
+from ocr_service.engine import choose_vision_kernels  # noqa: E402
+from ocr_service.settings import Settings  # noqa: E402
 from ocr_service.vision_compile import compile_vision_towers, uncompile_vision_towers  # noqa: E402
 
 ORIGINAL_DRIVER = r'''
@@ -162,8 +164,10 @@ def main():
     model.model.sam_model.use_relative_positions("folded")
     os.environ.pop("DEEPSEEK_OCR_TRITON")
     model.config._attn_implementation = "sdpa"
-    # As served by default (DEEPSEEK_OCR_VISION=compiled): the same, with the towers' blocks compiled.
+    # As served by default (DEEPSEEK_OCR_VISION=compiled): the same, with the towers' blocks compiled and SAM's
+    # attention through the kernels the engine picks on a GPU (called here, where the engine replays graphs).
     set_rotary(model, "float32")
+    choose_vision_kernels(model, Settings.from_env(), graphs=DEVICE == "cuda")
     compile_vision_towers(model, backend="inductor" if DEVICE == "cuda" else "eager")
     ours_compiled = ours(model, tokenizer, images, args.tokens, presets)
     uncompile_vision_towers(model)

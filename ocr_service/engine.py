@@ -99,6 +99,17 @@ def checkpoint_tensor_shapes(folder: Path) -> dict:
     return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
 
 
+def choose_vision_kernels(model, settings: Settings, graphs: bool) -> None:
+    """SAM's attention kernels as the engine serves them (README "Faithfulness"), `graphs`: whether the towers
+    are replayed as CUDA graphs. Unless the towers run in the original's order: the global blocks over grids
+    whose rows fill the Triton kernel's key blocks (a 1024 view's) through that kernel (DEEPSEEK_OCR_SAM_KERNEL),
+    and the rest of the folded attention through cuDNN's kernels when the shapes are the graphs' (cuDNN builds
+    a plan per new shape; captured at load, each is built once; DEEPSEEK_OCR_VISION_CUDNN)."""
+    sam = model.model.sam_model
+    sam.use_relative_attention_kernel(settings.sam_kernel and settings.vision != "original")
+    sam.use_cudnn_attention(settings.vision_cudnn and graphs and settings.vision != "original")
+
+
 class OCREngine:
     def __init__(self, weights_dir: Path, settings: Optional[Settings] = None,
                  log: Callable[[str], None] = print, ignore_eos: bool = False):
@@ -131,12 +142,7 @@ class OCREngine:
             rope_inv_freq_dtype="bfloat16" if settings.rotary == "original" else "float32",
             sam_relative_positions="materialised" if settings.vision == "original" else "folded",
         ).to(self.device).eval()
-        if settings.sam_kernel and settings.vision != "original":  # opt-in: README "Faithfulness"
-            self.model.model.sam_model.use_relative_attention_kernel(True)
-        if settings.vision_cudnn and self.graphs_vision:
-            # SAM's widened attention through cuDNN's kernels (twice flash attention's speed there), whose
-            # per-shape plans are built once, while the towers' graphs are captured at load
-            self.model.model.sam_model.use_cudnn_attention(True)
+        choose_vision_kernels(self.model, settings, self.graphs_vision)
         # The decode step's Triton kernels start while the kernel before them ends (README "Performance")
         triton_common.use_programmatic_launch(settings.programmatic_launch)
         self.presets = model_presets(self.model.processing)  # resolution_size choice → this model's geometry
