@@ -546,6 +546,9 @@ def main():
                 engine, name, lambda: agreement(engine, args.agreement_pages, 64, first_seed=group * args.agreement_pages))
                 for group in range(args.agreement_groups)]
             print(f"agreement, variant {name}", json.dumps(ours["agreement_variants"][name]), flush=True)
+    # what the process's own attention (the decoder's prefill) may use once the towers are compiled and captured
+    ours["sdpa_after_run"] = {"cudnn": torch.backends.cuda.cudnn_sdp_enabled(),
+                              "flash": torch.backends.cuda.flash_sdp_enabled()}
     report = {"model": args.model, "size": args.size, "ours": ours, "original": theirs, "device": device_name(),
               "torch": torch.__version__, "ceilings": ceilings}
     print(json.dumps(report, indent=1, default=str))

@@ -19,6 +19,7 @@ Inductor keeps what it compiled in its on-disk cache (`TORCHINDUCTOR_CACHE_DIR`,
 second start on the same machine or container traces the blocks again but takes the compiled kernels from it.
 """
 
+import contextlib
 import time
 from typing import Callable, Optional
 
@@ -59,7 +60,8 @@ def compile_vision_towers(model, backend: str = "inductor", log: Callable[[str],
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     device, dtype = inner.vision_device, inner.vision_dtype
     sides = sides or view_sides(model)
-    with torch.inference_mode():  # once eagerly: what the model sets up on its first run (fused weights) is not traced
+    # once eagerly: what the model sets up on its first run (fused weights) is not traced
+    with torch.inference_mode(), attention_backends_kept():
         inner.encode_views(torch.zeros(1, 3, min(sides), min(sides), device=device, dtype=dtype))
     blocks = inner.repeated_vision_blocks()
     for block in blocks:
@@ -69,7 +71,7 @@ def compile_vision_towers(model, backend: str = "inductor", log: Callable[[str],
     graphs_before, started = compiled_graphs(), time.monotonic()
     try:
         # A process may load a second model (tests do): its warm-up must compile, whatever the stance left.
-        with torch.compiler.set_stance("default"), torch.inference_mode():
+        with torch.compiler.set_stance("default"), torch.inference_mode(), attention_backends_kept():
             for side in sides:
                 for views in (1, 2):
                     inner.encode_views(torch.zeros(views, 3, side, side, device=device, dtype=dtype))
@@ -83,6 +85,27 @@ def compile_vision_towers(model, backend: str = "inductor", log: Callable[[str],
     log(f"compiled the vision towers' {len(blocks)} blocks ({report['graphs']} graphs, views of "
         f"{', '.join(map(str, sides))} pixels) in {report['seconds']:.1f} s")
     return report
+
+
+@contextlib.contextmanager
+def attention_backends_kept():
+    """SDPA's process-wide backend flags (and their order) as they were before, whatever happens inside.
+    SAM's blocks pick their attention backends with `sdpa_kernel` (`SamEncoder.use_cudnn_attention`); on
+    torch 2.11 tracing them left those choices set for the whole process (on the H200, CLIP's layers traced
+    after SAM's took cuDNN's kernels although the process had turned them off), and the decoder's prefill,
+    whose shapes change with every pass, must not meet cuDNN's per-shape plans."""
+    backends = torch.backends.cuda
+    flags = (backends.flash_sdp_enabled(), backends.mem_efficient_sdp_enabled(), backends.math_sdp_enabled(),
+             backends.cudnn_sdp_enabled())
+    order = getattr(torch._C, "_get_sdp_priority_order", lambda: None)()
+    try:
+        yield
+    finally:
+        for enable, flag in zip((backends.enable_flash_sdp, backends.enable_mem_efficient_sdp,
+                                 backends.enable_math_sdp, backends.enable_cudnn_sdp), flags):
+            enable(flag)
+        if order is not None and hasattr(torch._C, "_set_sdp_priority_order"):
+            torch._C._set_sdp_priority_order(order)
 
 
 def uncompile_vision_towers(model) -> None:

@@ -27,6 +27,8 @@ from typing import Callable, Optional
 
 import torch
 
+from .vision_compile import attention_backends_kept
+
 
 def view_chunks(views: int, largest: int) -> list:
     """The graph sizes that make up a call of `views` views: `largest` (a power of two) as often as it fits,
@@ -74,7 +76,8 @@ class GraphedTowers:
         started = time.monotonic()
         order = sorted(self.largest.items(), key=lambda item: -item[1] * item[0] ** 2)
         capture_stream = torch.cuda.Stream(self.device)  # its own cuBLAS workspace (module docstring)
-        with torch.inference_mode():
+        # the blocks' own attention choices stay theirs (`vision_compile.attention_backends_kept`)
+        with torch.inference_mode(), attention_backends_kept():
             for side, largest in order:
                 buffer = torch.zeros(largest, 3, side, side, device=self.device, dtype=self.dtype)
                 self.inputs[side] = buffer

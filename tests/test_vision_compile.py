@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ocr_service.vision_compile import (
-    compile_vision_towers, compiled_graphs, is_compiled, uncompile_vision_towers, view_sides,
+    attention_backends_kept, compile_vision_towers, compiled_graphs, is_compiled, uncompile_vision_towers, view_sides,
 )
 
 
@@ -45,6 +45,36 @@ def test_compiled_towers_give_the_eager_features_and_compile_nothing_after_load(
             # runs eagerly rather than stall a prediction for a compile.
             assert compiled_graphs() == before
             torch.testing.assert_close(compiled, tiny_model.model.encode_views(pixels), rtol=0, atol=0)
+
+
+def sdpa_flags() -> tuple:
+    cuda = torch.backends.cuda
+    return (cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(), cuda.math_sdp_enabled(),
+            cuda.cudnn_sdp_enabled(), torch._C._get_sdp_priority_order())
+
+
+def test_sdpa_backend_flags_come_back_as_they_were():
+    before = sdpa_flags()
+    with pytest.raises(RuntimeError, match="inside"):
+        with attention_backends_kept():
+            torch.backends.cuda.enable_cudnn_sdp(not before[3])
+            torch.backends.cuda.enable_flash_sdp(not before[0])
+            torch._C._set_sdp_priority_order(list(reversed(before[4])))
+            raise RuntimeError("inside")
+    assert sdpa_flags() == before
+
+
+def test_compiling_sam_with_cudnn_first_leaves_the_process_flags_alone(compiled_copy):
+    # SAM's blocks pick cuDNN first with sdpa_kernel: what the rest of the process runs (the decoder's
+    # prefill) must keep the process's own choice after the blocks are traced
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        before = sdpa_flags()
+        compiled_copy.model.sam_model.use_cudnn_attention(True)
+        compile_vision_towers(compiled_copy, backend="eager", log=lambda line: None, sides=[512])
+        assert sdpa_flags() == before
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(True)
 
 
 def test_a_failing_compile_leaves_the_towers_eager(tiny_model, compiled_copy):
