@@ -45,7 +45,7 @@ from benchmarks.common import (  # noqa: E402
     MODEL_CLASSES, MODEL_PRESETS, PROMPT, STAGE_TWO_ENCODERS, a4_page, default_checkpoint, device_name, peak_gib,
     random_checkpoint, reset_peak, sync,
 )
-from benchmarks.ceilings import measure_ceilings  # noqa: E402
+from benchmarks.ceilings import measure_ceilings, median_ms  # noqa: E402
 from checkpoints.generation import LOOP_STOP_OFF, SERVING_NO_REPEAT_RULE  # noqa: E402
 from ocr_service.decode_batch import DecodeBatch, Entry  # noqa: E402
 from ocr_service.presets import Resolution  # noqa: E402
@@ -389,19 +389,6 @@ def attention_options(model, groups: dict, pages: int, ceilings: dict) -> dict:
     shapes[f"windowed, {windows} windows of {window}×{window}"] = (windows, window, window_attn)
     results = {}
 
-    def median_ms(fn, repeats=5):
-        fn()
-        sync()
-        times = []
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        return sorted(times)[len(times) // 2]
-
     for label, (batch, side, attn) in shapes.items():
         tokens = side * side
         q, k, v = (torch.randn(batch, settings_heads, tokens, head_dim, device=DEVICE, dtype=DTYPE) for _ in range(3))
@@ -414,21 +401,21 @@ def attention_options(model, groups: dict, pages: int, ceilings: dict) -> dict:
                 with sdpa_kernel([backend]):
                     try:
                         options[f"plain SDPA ({backend_name}), no relative positions"] = median_ms(
-                            lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+                            lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), 5)
                         options[f"folded ({backend_name}), eager, terms and widening included"] = median_ms(
                             lambda: folded_relative_attention(q, k, v, *relative_terms(q, rel_h, rel_w, side, side),
-                                                              side, side))
+                                                              side, side), 5)
                         row_terms, col_terms = relative_terms(q, rel_h, rel_w, side, side)
                         widened = _widened(q, k, v, row_terms, col_terms, side)
                         options[f"folded ({backend_name}), the widened attention alone"] = median_ms(
-                            lambda: torch.nn.functional.scaled_dot_product_attention(*widened, scale=1.0))
+                            lambda: torch.nn.functional.scaled_dot_product_attention(*widened, scale=1.0), 5)
                     except Exception as error:
                         options[f"{backend_name} failed"] = repr(error)[:200]
             row_terms, col_terms = relative_terms(q, rel_h, rel_w, side, side)
             for tiles in ((128, 8, 2), (128, 4, 2), (128, 8, 3), (64, 4, 2), (64, 4, 3), (128, 4, 3)):
                 try:
                     options[f"Triton kernel, {tiles[0]} queries, {tiles[1]} warps, {tiles[2]} stages"] = median_ms(
-                        lambda: relative_attention(q, k, v, row_terms, col_terms, side, side, tiles=tiles))
+                        lambda: relative_attention(q, k, v, row_terms, col_terms, side, side, tiles=tiles), 5)
                 except Exception as error:
                     options[f"Triton kernel {tiles} failed"] = repr(error)[:200]
         row = {"work_flops": work, "floor_ms": work / ceilings["matmul_flops"] * 1e3, "pages": pages,

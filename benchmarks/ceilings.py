@@ -5,7 +5,8 @@ rate (a large product on random data, not zeros: zeros run faster than real data
 import torch
 
 
-def _median_ms(fn, repeats: int) -> float:
+def median_ms(fn, repeats: int) -> float:
+    """Median milliseconds of `fn()` on the GPU (CUDA events), after one warm-up call."""
     fn()
     torch.cuda.synchronize()
     times = []
@@ -25,11 +26,11 @@ def measure_ceilings(copy_bytes: int = 4 << 30, matmul_size: int = 8192) -> dict
         return {"copy_bytes_s": float("nan"), "matmul_flops": float("nan")}
     source = torch.empty(copy_bytes // 2, dtype=torch.uint8, device="cuda").random_()
     target = torch.empty_like(source)
-    copy_ms = _median_ms(lambda: target.copy_(source), 10)
+    copy_ms = median_ms(lambda: target.copy_(source), 10)
     del source, target
     a = torch.randn(matmul_size, matmul_size, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(matmul_size, matmul_size, device="cuda", dtype=torch.bfloat16)
-    matmul_ms = _median_ms(lambda: a @ b, 10)
+    matmul_ms = median_ms(lambda: a @ b, 10)
     del a, b
     torch.cuda.empty_cache()
     return {"copy_bytes_s": copy_bytes / (copy_ms / 1e3),
