@@ -50,7 +50,9 @@ from checkpoints.generation import LOOP_STOP_OFF, SERVING_NO_REPEAT_RULE  # noqa
 from ocr_service.decode_batch import DecodeBatch, Entry  # noqa: E402
 from ocr_service.presets import Resolution  # noqa: E402
 from ocr_service.vision import Preprocessor, views_for_towers  # noqa: E402
-from ocr_service.vision_compile import compile_vision_towers, uncompile_vision_towers  # noqa: E402
+from ocr_service.vision_compile import (  # noqa: E402
+    attention_backends_kept, compile_vision_towers, uncompile_vision_towers,
+)
 from ocr_service.vision_graphs import GraphedTowers  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU for a smoke run (--size tiny)
@@ -107,7 +109,8 @@ def vision_variants(model, model_name: str, tokenizer, pages: int, chunks: dict,
     inner = model.model
     stage_two_name, compose = STAGE_TWO_ENCODERS[model_name]
     one_page = [groups[global_size][:1], groups[tile_size][:groups[tile_size].shape[0] // pages]]
-    flops = vision_flops(model, one_page)
+    work = flops_by_kind(model, one_page)
+    flops = sum(work.values())
 
     def graphed(encode_chunks_of):
         """The towers as the engine replays them (`GraphedTowers`), captured at the first call for calls of
@@ -147,8 +150,8 @@ def vision_variants(model, model_name: str, tokenizer, pages: int, chunks: dict,
             if "attention-options" in steps and DEVICE == "cuda":
                 results["attention_options"] = attention_options(model, groups, pages, ceilings)
             if "served-trials" in steps:
-                results["served_trials"] = served_trials(model, groups, pages, reference32, base,
-                                                         flops_by_kind(model, one_page), ceilings, list(trials))
+                results["served_trials"] = served_trials(model, groups, pages, reference32, base, work, ceilings,
+                                                         list(trials))
             return results
         today = lambda size: max(1, 4 * 1024 * 1024 // (size * size))  # noqa: E731  the engine's PASS_PIXELS
         variants = [("materialised, eager", False, inner.encode_views, today)]
@@ -312,56 +315,62 @@ def served_trials(model, groups: dict, pages: int, reference32: dict, base: dict
     replayed as CUDA graphs as the engine replays them) under each of `trials` (SERVED_TRIALS): ms a page, and
     where the GPU time goes, the whole pass and SAM alone, by kind of kernel, beside each kind's floor."""
     inner = model.model
-    sides = list(groups)
     floors = {"matrix products": flops["matrix products"] / ceilings["matmul_flops"] * 1e3,
               "attention": flops["attention"] / ceilings["matmul_flops"] * 1e3}
     results = {"floors_ms_per_page": floors}
-    torch.backends.cuda.enable_cudnn_sdp(False)  # as the engine runs: only what asks for cuDNN gets it
-    for name in trials:
-        cudnn, kernel = SERVED_TRIALS[name]
-        inner.sam_model.use_cudnn_attention(cudnn)
-        inner.sam_model.use_relative_attention_kernel(kernel)
-        uncompile_vision_towers(model)
-        torch._dynamo.reset()
-        try:
-            compiled = compile_vision_towers(model, sides=sides, backend="inductor" if DEVICE == "cuda" else "eager")
-
-            def whole_pass():
-                return {size: inner.encode_views(pixels) for size, pixels in groups.items()}
-
-            with torch.inference_mode():
-                out = whole_pass()
-                seconds = timed(whole_pass)
-                graphed, graphed_seconds = dict(out), float("nan")
-                if DEVICE == "cuda":  # as the engine replays them
-                    towers = GraphedTowers(model, {size: views.shape[0] for size, views in groups.items()})
-                    towers.capture()
-                    graphed = {size: towers(pixels) for size, pixels in groups.items()}
-                    graphed_seconds = timed(lambda: [towers(pixels) for pixels in groups.values()])
-                    del towers
-                whole = kernel_kinds(whole_pass)
-                sam_only = kernel_kinds(lambda: [inner.run_vision_towers(inner.sam_model, pixels)
-                                                 for pixels in groups.values()])
-            row = {"ms_per_page": seconds / pages * 1e3, "graphed_ms_per_page": graphed_seconds / pages * 1e3,
-                   "compile_s": compiled["seconds"],
-                   "kinds_ms_per_page": {kind: ms / pages for kind, ms in whole["kinds"].items()},
-                   "sam_kinds_ms_per_page": {kind: ms / pages for kind, ms in sam_only["kinds"].items()},
-                   "top_kernels": whole["top"],
-                   "graphed_equals_compiled": all(torch.equal(graphed[s], out[s]) for s in out),
-                   "vs_materialised": max(relative_error(out[s], base[s]) for s in out),
-                   "vs_float32": max(relative_error(out[s], reference32[s]) for s in out)}
-        except Exception as error:  # report and go on: the other trials stand
-            row = {"error": repr(error)[:500]}
-            print(f"trial {name} failed:", traceback.format_exc()[-4000:], flush=True)
-        results[name] = row
-        print("served trial", name, json.dumps(row), flush=True)
-        torch.compiler.set_stance("default")
+    with attention_backends_kept():
+        torch.backends.cuda.enable_cudnn_sdp(False)  # as the engine runs: only what asks for cuDNN gets it
+        for name in trials:
+            results[name] = served_trial(model, groups, pages, reference32, base, name)
     uncompile_vision_towers(model)
     torch._dynamo.reset()
     inner.sam_model.use_relative_attention_kernel(False)
     inner.sam_model.use_cudnn_attention(False)
-    torch.backends.cuda.enable_cudnn_sdp(True)
     return results
+
+
+def served_trial(model, groups: dict, pages: int, reference32: dict, base: dict, name: str) -> dict:
+    """One of `served_trials`' rows (its docstring), or {"error"} if the trial failed."""
+    inner = model.model
+    sides = list(groups)
+    cudnn, kernel = SERVED_TRIALS[name]
+    inner.sam_model.use_cudnn_attention(cudnn)
+    inner.sam_model.use_relative_attention_kernel(kernel)
+    uncompile_vision_towers(model)
+    torch._dynamo.reset()
+    try:
+        compiled = compile_vision_towers(model, sides=sides, backend="inductor" if DEVICE == "cuda" else "eager")
+
+        def whole_pass():
+            return {size: inner.encode_views(pixels) for size, pixels in groups.items()}
+
+        with torch.inference_mode():
+            out = whole_pass()
+            seconds = timed(whole_pass)
+            graphed, graphed_seconds = dict(out), float("nan")
+            if DEVICE == "cuda":  # as the engine replays them
+                towers = GraphedTowers(model, {size: views.shape[0] for size, views in groups.items()})
+                towers.capture()
+                graphed = {size: towers(pixels) for size, pixels in groups.items()}
+                graphed_seconds = timed(lambda: [towers(pixels) for pixels in groups.values()])
+                del towers
+            whole = kernel_kinds(whole_pass)
+            sam_only = kernel_kinds(lambda: [inner.run_vision_towers(inner.sam_model, pixels)
+                                             for pixels in groups.values()])
+        row = {"ms_per_page": seconds / pages * 1e3, "graphed_ms_per_page": graphed_seconds / pages * 1e3,
+               "compile_s": compiled["seconds"],
+               "kinds_ms_per_page": {kind: ms / pages for kind, ms in whole["kinds"].items()},
+               "sam_kinds_ms_per_page": {kind: ms / pages for kind, ms in sam_only["kinds"].items()},
+               "top_kernels": whole["top"],
+               "graphed_equals_compiled": all(torch.equal(graphed[s], out[s]) for s in out),
+               "vs_materialised": max(relative_error(out[s], base[s]) for s in out),
+               "vs_float32": max(relative_error(out[s], reference32[s]) for s in out)}
+    except Exception as error:  # report and go on: the other trials stand
+        row = {"error": repr(error)[:500]}
+        print(f"trial {name} failed:", traceback.format_exc()[-4000:], flush=True)
+    print("served trial", name, json.dumps(row), flush=True)
+    torch.compiler.set_stance("default")
+    return row
 
 
 def attention_options(model, groups: dict, pages: int, ceilings: dict) -> dict:
@@ -370,7 +379,8 @@ def attention_options(model, groups: dict, pages: int, ceilings: dict) -> dict:
     attention's own arithmetic (4·heads·N²·64 a view, the relative positions not counted): plain SDPA without
     relative positions (what attention over 64 dimensions costs: the floor of any way to add them), the folded
     path under flash and cuDNN, and the Triton kernel at several tiles."""
-    from checkpoints.deepencoder import folded_relative_attention, relative_positions, relative_terms
+    from checkpoints.deepencoder import (folded_relative_attention, relative_positions, relative_terms,
+                                         widened_qkv)
     from checkpoints.triton_relative_attention import relative_attention
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -406,7 +416,7 @@ def attention_options(model, groups: dict, pages: int, ceilings: dict) -> dict:
                             lambda: folded_relative_attention(q, k, v, *relative_terms(q, rel_h, rel_w, side, side),
                                                               side, side), 5)
                         row_terms, col_terms = relative_terms(q, rel_h, rel_w, side, side)
-                        widened = _widened(q, k, v, row_terms, col_terms, side)
+                        widened = widened_qkv(q, k, v, row_terms, col_terms, side, side)
                         options[f"folded ({backend_name}), the widened attention alone"] = median_ms(
                             lambda: torch.nn.functional.scaled_dot_product_attention(*widened, scale=1.0), 5)
                     except Exception as error:
@@ -426,22 +436,6 @@ def attention_options(model, groups: dict, pages: int, ceilings: dict) -> dict:
         print("attention", label, json.dumps(row), flush=True)
         del q, k, v
     return results
-
-
-def _widened(q, k, v, row_terms, col_terms, side):
-    """The folded path's widened q, k, v (as `folded_relative_attention` builds them), for timing the attention
-    call alone."""
-    batch, heads, tokens, head_dim = q.shape
-    extended = head_dim + 2 * side
-    padding = (-extended) % 8
-    key_rows = torch.nn.functional.one_hot(torch.arange(tokens, device=q.device) // side, side).to(k.dtype)
-    key_cols = torch.nn.functional.one_hot(torch.arange(tokens, device=q.device) % side, side).to(k.dtype)
-    q_ext = torch.cat([q * head_dim ** -0.5, row_terms.to(q.dtype), col_terms.to(q.dtype),
-                       q.new_zeros(batch, heads, tokens, padding)], dim=-1)
-    k_ext = torch.cat([k, key_rows.expand(batch, heads, tokens, side), key_cols.expand(batch, heads, tokens, side),
-                       k.new_zeros(batch, heads, tokens, padding)], dim=-1)
-    v_ext = torch.nn.functional.pad(v, (0, extended + padding - head_dim))
-    return q_ext, k_ext, v_ext
 
 
 def print_trials(vision: dict, pages: int) -> None:

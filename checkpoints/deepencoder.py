@@ -177,6 +177,18 @@ def folded_relative_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     q, k, v [B, n, HW, d]; row_terms [B, n, HW, H], col_terms [B, n, HW, W] → [B, n, HW, d].
     """
+    q_ext, k_ext, v_ext = widened_qkv(q, k, v, row_terms, col_terms, height, width)
+    head_dim = q.shape[-1]
+    if backends is None:
+        return F.scaled_dot_product_attention(q_ext, k_ext, v_ext, scale=1.0)[..., :head_dim]
+    with sdpa_kernel(backends, set_priority=True):
+        return F.scaled_dot_product_attention(q_ext, k_ext, v_ext, scale=1.0)[..., :head_dim]
+
+
+def widened_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_terms: torch.Tensor, col_terms: torch.Tensor,
+                height: int, width: int) -> tuple:
+    """The folded path's extended q (scaled by 1/√d, then its row and column terms), k (then one-hots of its
+    row and column) and v (zero-padded), all [B, n, HW, d + H + W rounded up to a multiple of 8]."""
     batch, heads, tokens, head_dim = q.shape
     extended = head_dim + height + width
     padding = (-extended) % 8
@@ -190,12 +202,7 @@ def folded_relative_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if padding:
         parts_q.append(q.new_zeros(batch, heads, tokens, padding))
         parts_k.append(k.new_zeros(batch, heads, tokens, padding))
-    q_ext, k_ext = torch.cat(parts_q, dim=-1), torch.cat(parts_k, dim=-1)
-    v_ext = F.pad(v, (0, extended + padding - head_dim))
-    if backends is None:
-        return F.scaled_dot_product_attention(q_ext, k_ext, v_ext, scale=1.0)[..., :head_dim]
-    with sdpa_kernel(backends, set_priority=True):
-        return F.scaled_dot_product_attention(q_ext, k_ext, v_ext, scale=1.0)[..., :head_dim]
+    return torch.cat(parts_q, dim=-1), torch.cat(parts_k, dim=-1), F.pad(v, (0, extended + padding - head_dim))
 
 
 def cudnn_first() -> list:
