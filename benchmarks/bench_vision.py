@@ -301,11 +301,14 @@ def flops_by_kind(model, views: list) -> dict:
     return {"matrix products": float(counter.get_total_flops() - attention), "attention": float(attention)}
 
 
-SERVED_TRIALS = {  # name → (SDPA with cuDNN's kernels first for SAM, SAM's global blocks through the Triton kernel)
-    "flash attention, folded": (False, False),
-    "cuDNN attention, folded": (True, False),
-    "Triton kernel for global blocks, flash for the rest": (False, True),
-    "Triton kernel for global blocks, cuDNN for the rest": (True, True),
+# name → (SDPA with cuDNN's kernels first for what SAM runs through SDPA, SAM's blocks through the Triton kernel:
+# None, "global" or "all", Inductor's options for compiling the blocks)
+SERVED_TRIALS = {
+    "flash attention, folded": (False, None, None),
+    "cuDNN attention, folded": (True, None, None),
+    "Triton kernel for global blocks, cuDNN for windows": (True, "global", None),
+    "Triton kernel for every block": (False, "all", None),
+    "Triton kernel for every block, GEMMs autotuned": (False, "all", {"max_autotune_gemm": True}),
 }
 
 
@@ -333,13 +336,14 @@ def served_trial(model, groups: dict, pages: int, reference32: dict, base: dict,
     """One of `served_trials`' rows (its docstring), or {"error"} if the trial failed."""
     inner = model.model
     sides = list(groups)
-    cudnn, kernel = SERVED_TRIALS[name]
+    cudnn, kernel, options = SERVED_TRIALS[name]
     inner.sam_model.use_cudnn_attention(cudnn)
-    inner.sam_model.use_relative_attention_kernel(kernel)
+    inner.sam_model.use_relative_attention_kernel(kernel is not None, windows=kernel == "all")
     uncompile_vision_towers(model)
     torch._dynamo.reset()
     try:
-        compiled = compile_vision_towers(model, sides=sides, backend="inductor" if DEVICE == "cuda" else "eager")
+        compiled = compile_vision_towers(model, sides=sides, backend="inductor" if DEVICE == "cuda" else "eager",
+                                         options=options if DEVICE == "cuda" else None)
 
         def whole_pass():
             return {size: inner.encode_views(pixels) for size, pixels in groups.items()}
@@ -421,13 +425,19 @@ def attention_options(model, groups: dict, pages: int, ceilings: dict) -> dict:
                             lambda: torch.nn.functional.scaled_dot_product_attention(*widened, scale=1.0), 5)
                     except Exception as error:
                         options[f"{backend_name} failed"] = repr(error)[:200]
-            row_terms, col_terms = relative_terms(q, rel_h, rel_w, side, side)
-            for tiles in ((128, 8, 2), (128, 4, 2), (128, 8, 3), (64, 4, 2), (64, 4, 3), (128, 4, 3)):
+            row_terms, col_terms = relative_terms(q, rel_h, rel_w, side, side, pad_to=8)
+            options["the kernel's terms (two products, tables padded to 8)"] = median_ms(
+                lambda: relative_terms(q, rel_h, rel_w, side, side, pad_to=8), 5)
+            options["the folded path's terms (two products)"] = median_ms(
+                lambda: relative_terms(q, rel_h, rel_w, side, side), 5)
+            for keys, gather, tiles in kernel_options(side):
+                label = (f"Triton kernel, keys by {keys[0]}×{keys[1]}{', gathered' if gather else ''}, "
+                         f"{tiles[0]} queries, {tiles[1]} warps, {tiles[2]} stages")
                 try:
-                    options[f"Triton kernel, {tiles[0]} queries, {tiles[1]} warps, {tiles[2]} stages"] = median_ms(
-                        lambda: relative_attention(q, k, v, row_terms, col_terms, side, side, tiles=tiles), 5)
+                    options[label] = median_ms(lambda: relative_attention(
+                        q, k, v, row_terms, col_terms, side, side, tiles=tiles, keys=keys, gather=gather), 5)
                 except Exception as error:
-                    options[f"Triton kernel {tiles} failed"] = repr(error)[:200]
+                    options[f"{label} failed"] = repr(error)[:200]
         row = {"work_flops": work, "floor_ms": work / ceilings["matmul_flops"] * 1e3, "pages": pages,
                "ms": {name: ms for name, ms in options.items() if isinstance(ms, float)},
                "tflops": {name: work / ms / 1e9 for name, ms in options.items() if isinstance(ms, float)},
@@ -436,6 +446,20 @@ def attention_options(model, groups: dict, pages: int, ceilings: dict) -> dict:
         print("attention", label, json.dumps(row), flush=True)
         del q, k, v
     return results
+
+
+def kernel_options(side: int) -> list:
+    """(key rectangle, gathered terms, (queries, warps, stages)) to time the Triton kernel with over a side ×
+    side grid: its default rectangle and the others that cover the grid, at a few tiles."""
+    from checkpoints.triton_relative_attention import key_tiles
+
+    default = key_tiles(side, side)
+    tiles = ((64, 4, 3), (64, 4, 2), (32, 4, 3), (128, 8, 3))
+    if default[0] == 1:  # whole rows: the terms are neither gathered nor broadcast
+        return [(default, True, t) for t in tiles]
+    rectangles = [default] + [r for r in ((8, 8), (4, 16), (2, 32)) if r != default]
+    return ([(default, gather, t) for gather in (True, False) for t in tiles]
+            + [(r, True, (64, 4, 3)) for r in rectangles[1:]])
 
 
 def print_trials(vision: dict, pages: int) -> None:

@@ -136,26 +136,29 @@ def relative_positions(q_size: int, k_size: int, table: torch.Tensor) -> torch.T
     return table[offsets.long()]
 
 
-def relative_terms(q: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor, height: int, width: int) -> tuple:
+def relative_terms(q: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor, height: int, width: int,
+                   pad_to: int = 1) -> tuple:
     """SAM's decomposed relative positions as two small tables, from the unscaled queries q [B, n, HW, d]:
     row_terms [B, n, HW, H] (query · rel_h[its row, key row]) and col_terms [B, n, HW, W] (query ·
-    rel_w[its column, key column]); the bias of query i and key (r, c) is row_terms[i, r] + col_terms[i, c]."""
+    rel_w[its column, key column]); the bias of query i and key (r, c) is row_terms[i, r] + col_terms[i, c].
+
+    `pad_to`: each table's last dimension rounded up to a multiple of it, the extra entries zero (for the
+    Triton kernel, which reads only the first H and W): a window's 14 entries of two bytes leave every row
+    unaligned, and the products that compute them ran in a slow kernel made for unaligned matrices."""
     batch, heads, tokens, head_dim = q.shape
     q_grid = q.reshape(batch, heads, height, width, head_dim)
-    row_terms = torch.einsum("bnhwc,hkc->bnhwk", q_grid, rel_h).reshape(batch, heads, tokens, height)
-    col_terms = torch.einsum("bnhwc,wkc->bnhwk", q_grid, rel_w).reshape(batch, heads, tokens, width)
+    rel_h = F.pad(rel_h, (0, 0, 0, (-height) % pad_to))
+    rel_w = F.pad(rel_w, (0, 0, 0, (-width) % pad_to))
+    row_terms = torch.einsum("bnhwc,hkc->bnhwk", q_grid, rel_h).reshape(batch, heads, tokens, rel_h.shape[1])
+    col_terms = torch.einsum("bnhwc,wkc->bnhwk", q_grid, rel_w).reshape(batch, heads, tokens, rel_w.shape[1])
     return row_terms, col_terms
 
 
-def relative_attention_kernel_applies(q: torch.Tensor, width: int) -> bool:
+def relative_attention_kernel_applies(q: torch.Tensor) -> bool:
     """Whether `relative_attention` (Triton) runs on q: on a GPU, with Triton, for a head dim that is a power
-    of two from 16 (the tensor-core tile), over a grid whose rows fill the kernel's key blocks (a width that is
-    a power of two from 16). The kernel pads each grid row of keys to a power of two: a 640 view's rows of 40
-    keys took it 4.4 ms where the folded path under cuDNN took 3.7 for one pass's global attention, while the
-    1024 view's rows of 64 took 2.6 against 3.3 (H200, `bench_vision.py --steps attention-options`)."""
+    of two from 16 (the tensor-core tile). Any grid: the kernel walks its keys by rectangles that fit it."""
     head_dim = q.shape[-1]
-    return (q.is_cuda and triton_available() and head_dim >= 16 and head_dim & (head_dim - 1) == 0
-            and width >= 16 and width & (width - 1) == 0)
+    return q.is_cuda and triton_available() and head_dim >= 16 and head_dim & (head_dim - 1) == 0
 
 
 def folded_relative_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_terms: torch.Tensor,
@@ -227,10 +230,11 @@ class SamAttention(nn.Module):
     def __init__(self, dim: int, heads: int, grid: int, global_attention: bool = False):
         super().__init__()
         self.heads = heads
-        # Global blocks attend over the whole grid (64 × 64 tokens for a 1024 view). With `relative_kernel` set
-        # (`SamEncoder.use_relative_attention_kernel`) and folded relative positions on a GPU, they run the
-        # Triton kernel that adds the terms in place (`relative_attention`, a third of the folded path's work
-        # there); windowed blocks (14 × 14) keep the folded path. Off by default: README "Faithfulness".
+        # Global blocks attend over the whole grid (64 × 64 tokens for a 1024 view), windowed ones over each
+        # 14 × 14 window. With `relative_kernel` set (`SamEncoder.use_relative_attention_kernel`) and folded
+        # relative positions on a GPU, the attention runs in the Triton kernel that adds the terms in place
+        # (`relative_attention`: a third of the folded path's work in a 1024 view's global blocks, and no
+        # widened q, k and v written); otherwise the folded path. README "Faithfulness".
         self.global_attention = global_attention
         self.relative_kernel = False
         head_dim = dim // heads
@@ -252,11 +256,12 @@ class SamAttention(nn.Module):
         q, k, v = qkv.unbind(0)  # [B, heads, HW, d]
         rel_h = relative_positions(height, height, self.rel_pos_h)  # [H, H, d]
         rel_w = relative_positions(width, width, self.rel_pos_w)  # [W, W, d]
+        if self.fold_relative_positions and self.relative_kernel and relative_attention_kernel_applies(q):
+            row_terms, col_terms = relative_terms(q, rel_h, rel_w, height, width, pad_to=8)
+            out = relative_attention(q, k, v, row_terms, col_terms, height, width)  # [B, HW, heads, d]
+            return self.proj(out.reshape(batch, height, width, -1))
         if self.fold_relative_positions:
             row_terms, col_terms = relative_terms(q, rel_h, rel_w, height, width)
-            if self.relative_kernel and self.global_attention and relative_attention_kernel_applies(q, width):
-                out = relative_attention(q, k, v, row_terms, col_terms, height, width)  # [B, HW, heads, d]
-                return self.proj(out.reshape(batch, height, width, -1))
             out = folded_relative_attention(q, k, v, row_terms, col_terms, height, width, self.attention_backends)
         else:
             # Decomposed relative positions: a bias of (row term + column term) from the unscaled query.
@@ -349,10 +354,11 @@ class SamEncoder(nn.Module):
         for block in self.blocks:
             block.attn.attention_backends = cudnn_first() if enabled else None
 
-    def use_relative_attention_kernel(self, enabled: bool) -> None:
-        """The global blocks' attention through the Triton kernel (`SamAttention.relative_kernel`) or not."""
+    def use_relative_attention_kernel(self, enabled: bool, windows: bool = True) -> None:
+        """The blocks' attention through the Triton kernel (`SamAttention.relative_kernel`) or not; `windows`:
+        the windowed blocks' too, or only the global blocks'."""
         for block in self.blocks:
-            block.attn.relative_kernel = enabled
+            block.attn.relative_kernel = enabled and (windows or block.attn.global_attention)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(pixels)  # [B, H, W, C]

@@ -1,17 +1,22 @@
-"""Triton kernel of SAM's global attention with its decomposed relative positions added inside the kernel:
+"""Triton kernel of SAM's attention with its decomposed relative positions added inside the kernel:
 softmax(q·kᵀ/√d + row_terms[i, r] + col_terms[i, c])·v over a height × width grid, where key (r, c) is
-the key of grid row r and column c and the terms are `deepencoder`'s q·rel_h and q·rel_w.
+the key of grid row r and column c and the terms are `deepencoder`'s q·rel_h and q·rel_w. It serves the
+global blocks (a whole view's grid: 64 × 64 for a 1024 view, 40 × 40 for a 640 tile) and the windowed
+ones (each 14 × 14 window a grid of its own).
 
 The folded path (`deepencoder.folded_relative_attention`) gives a fused attention kernel the same sum by
 widening q and k with the terms and one-hot positions: for a 1024-pixel view (64 × 64 grid) the head
 dimension grows from 64 to 192 and v is padded to match, so its attention does three times the work of
 plain attention, and the widened tensors are written and read once more (in a 256-page job the widened
 kernel was 30% of the vision pass's GPU time). Here each program holds a block of queries and walks the
-keys one grid row at a time: a row's column terms are the same block of values for every row (loaded
-once), and its row term is one value per query, so the sum costs two additions per score.
+keys one tile of the grid at a time, adding two terms to each score.
 
-A key row is padded to a power of two (64 for the 64-wide grid of a 1024 view, 64 for 40 of a 640
-tile: those extra keys are masked). Shapes: B views, n heads, N = height·width tokens, d head dim.
+Key tiles (`key_tiles`): a grid whose width is a power of two from 16 is walked a whole row at a time
+(64 keys of a 1024 view): a row's column terms are the same block of values for every row, loaded once,
+and its row term is one value per query. Other grids are walked in rectangles of 64 keys that cover them
+with the fewest padded keys (8 × 8 for a 640 tile's 40 × 40 grid: none; 4 × 16 for a 14 × 14 window),
+each rectangle's terms gathered from the two small tables (`GATHER`) or loaded as a few rows and columns
+and broadcast into the rectangle. Shapes: B views, n heads, N = height·width tokens, d head dim.
 """
 
 import math
@@ -25,7 +30,21 @@ from .triton_common import _INTERPRETED, _cdiv, _next_power_of_2, tl, triton  # 
 BLOCK_QUERIES = 64
 WARPS = 4
 STAGES = 3
+# keys in a rectangle of a grid walked by rectangles (`key_tiles`)
+TILE_KEYS = 64
 _LOG2_E = 1.4426950408889634
+
+
+def key_tiles(height: int, width: int, keys: int = TILE_KEYS) -> tuple:
+    """(rows, columns) of the rectangles of keys the kernel walks a height × width grid by: a whole row (its
+    width rounded up to a power of two) where the width is a power of two from 16, otherwise the rectangle of
+    `keys` keys whose cover of the grid pads the fewest keys (the widest of those: its rows are longer runs
+    of memory)."""
+    if width >= 16 and width & (width - 1) == 0:
+        return 1, width
+    shapes = [(keys // columns, columns) for columns in (64, 32, 16, 8, 4, 2) if columns <= keys]
+    return min(shapes, key=lambda s: (_cdiv(height, s[0]) * s[0] * _cdiv(width, s[1]) * s[1], -s[1]))
+
 
 if triton is not None:
 
@@ -35,40 +54,64 @@ if triton is not None:
                                    rows_view, rows_head, rows_token, cols_view, cols_head, cols_token,
                                    out_view, out_token, out_head,
                                    heads, tokens, height, width, score_scale, term_scale,
-                                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr,
+                                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, TILE_ROWS: tl.constexpr,
+                                   TILE_COLS: tl.constexpr, GATHER: tl.constexpr,
                                    DOT_IN_FP32: tl.constexpr, PRECISION: tl.constexpr):
         block = tl.program_id(0)
         view_head = tl.program_id(1).to(tl.int64)
         view, head = view_head // heads, view_head % heads
         query = block * BLOCK_M + tl.arange(0, BLOCK_M)
         dim = tl.arange(0, HEAD_DIM)
-        column = tl.arange(0, BLOCK_W)
+        slot = tl.arange(0, TILE_ROWS * TILE_COLS)
+        slot_row, slot_col = slot // TILE_COLS, slot % TILE_COLS
         is_query = query < tokens
-        is_column = column < width
         q = tl.load(q_ptr + view * q_view + head * q_head + query[:, None] * q_token + dim[None, :],
                     mask=is_query[:, None], other=0.0)
         if DOT_IN_FP32:
             q = q.to(tl.float32)
+        k_at = k_ptr + view * k_view + head * k_head
+        v_at = v_ptr + view * v_view + head * v_head
+        rows_at = rows_ptr + view * rows_view + head * rows_head + query * rows_token
+        cols_at = cols_ptr + view * cols_view + head * cols_head + query * cols_token
         # Scores are kept in log2 units (exp2 below): the terms are scaled by log2(e), q·k by that and 1/√d.
-        col_terms = tl.load(cols_ptr + view * cols_view + head * cols_head + query[:, None] * cols_token
-                            + column[None, :], mask=is_query[:, None] & is_column[None, :], other=0.0)
-        col_terms = col_terms.to(tl.float32) * term_scale
-        row_terms_at = rows_ptr + view * rows_view + head * rows_head + query * rows_token
+        if TILE_ROWS == 1:  # whole rows: every row's column terms are these
+            col_terms = tl.load(cols_at[:, None] + slot_col[None, :],
+                                mask=is_query[:, None] & (slot_col < width)[None, :], other=0.0)
+            col_terms = col_terms.to(tl.float32) * term_scale
         best = tl.full([BLOCK_M], float("-inf"), tl.float32)
         total = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-        for row in range(0, height):
-            key = row * width + column
-            k = tl.load(k_ptr + view * k_view + head * k_head + key[:, None] * k_token + dim[None, :],
-                        mask=is_column[:, None], other=0.0)
-            v = tl.load(v_ptr + view * v_view + head * v_head + key[:, None] * v_token + dim[None, :],
-                        mask=is_column[:, None], other=0.0)
+        tiles_across = tl.cdiv(width, TILE_COLS)
+        for tile in range(0, tl.cdiv(height, TILE_ROWS) * tiles_across):
+            first_row = (tile // tiles_across) * TILE_ROWS
+            first_col = (tile % tiles_across) * TILE_COLS
+            key_row, key_col = first_row + slot_row, first_col + slot_col
+            is_key = (key_row < height) & (key_col < width)
+            key = key_row * width + key_col
+            k = tl.load(k_at + key[:, None] * k_token + dim[None, :], mask=is_key[:, None], other=0.0)
+            v = tl.load(v_at + key[:, None] * v_token + dim[None, :], mask=is_key[:, None], other=0.0)
             if DOT_IN_FP32:
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
-            row_term = tl.load(row_terms_at + row, mask=is_query, other=0.0).to(tl.float32) * term_scale
-            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * score_scale + col_terms + row_term[:, None]
-            scores = tl.where(is_column[None, :], scores, float("-inf"))
+            if TILE_ROWS == 1:
+                row_term = tl.load(rows_at + first_row, mask=is_query, other=0.0).to(tl.float32) * term_scale
+                terms = col_terms + row_term[:, None]
+            elif GATHER:  # each score's two terms gathered from the tables (a rectangle's few rows cached)
+                both = is_query[:, None] & is_key[None, :]
+                terms = (tl.load(rows_at[:, None] + key_row[None, :], mask=both, other=0.0).to(tl.float32)
+                         + tl.load(cols_at[:, None] + key_col[None, :], mask=both, other=0.0).to(tl.float32))
+                terms = terms * term_scale
+            else:  # the rectangle's row terms and column terms, summed into it
+                rect_row = first_row + tl.arange(0, TILE_ROWS)
+                rect_col = first_col + tl.arange(0, TILE_COLS)
+                row_terms = tl.load(rows_at[:, None] + rect_row[None, :],
+                                    mask=is_query[:, None] & (rect_row < height)[None, :], other=0.0)
+                col_terms = tl.load(cols_at[:, None] + rect_col[None, :],
+                                    mask=is_query[:, None] & (rect_col < width)[None, :], other=0.0)
+                terms = tl.reshape(row_terms.to(tl.float32)[:, :, None] + col_terms.to(tl.float32)[:, None, :],
+                                   [BLOCK_M, TILE_ROWS * TILE_COLS]) * term_scale
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * score_scale + terms
+            scores = tl.where(is_key[None, :], scores, float("-inf"))
             new_best = tl.maximum(best, tl.max(scores, 1))
             decay = tl.exp2(best - new_best)
             weights = tl.exp2(scores - new_best[:, None])
@@ -84,13 +127,19 @@ if triton is not None:
 # stays compiled; in the engine the whole pass is a CUDA graph, launches included).
 @torch.compiler.disable
 def relative_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_terms: torch.Tensor,
-                       col_terms: torch.Tensor, height: int, width: int, tiles: tuple = None) -> torch.Tensor:
+                       col_terms: torch.Tensor, height: int, width: int, tiles: tuple = None,
+                       keys: tuple = None, gather: bool = True) -> torch.Tensor:
     """softmax(q·kᵀ/√d + row_terms[i, r] + col_terms[i, c])·v for keys (r, c) of a height × width grid.
-    q, k, v [B, n, N, d] (any strides with a unit stride along d); row_terms [B, n, N, height], col_terms
-    [B, n, N, width] (unit stride along the last dimension) → [B, N, n, d] (the layout the block's output
-    projection reads). `tiles`: (queries a program, warps, pipeline stages), for benchmarks' sweeps."""
+    q, k, v [B, n, N, d] (any strides with a unit stride along d); row_terms [B, n, N, ≥ height], col_terms
+    [B, n, N, ≥ width] (unit stride along the last dimension; entries past height / width are not read) →
+    [B, N, n, d] (the layout the block's output projection reads). For benchmarks' sweeps: `tiles` (queries
+    a program, warps, pipeline stages), `keys` (the key rectangle's rows and columns, `key_tiles` by
+    default), `gather` (how a rectangle's terms are read, see the kernel)."""
     batch, heads, tokens, head_dim = q.shape
     block_queries, warps, stages = tiles or (BLOCK_QUERIES, WARPS, STAGES)
+    tile_rows, tile_cols = keys or key_tiles(height, width)
+    if tile_rows == 1 and tile_cols < width:
+        raise ValueError(f"a key tile of one row must hold the grid's {width} columns, not {tile_cols}")
     out = q.new_empty(batch, tokens, heads, head_dim)
     grid = (_cdiv(tokens, block_queries), batch * heads)
     _relative_attention_kernel[grid](
@@ -101,7 +150,7 @@ def relative_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_te
         col_terms.stride(0), col_terms.stride(1), col_terms.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         heads, tokens, height, width, _LOG2_E / math.sqrt(head_dim), _LOG2_E,
-        HEAD_DIM=head_dim, BLOCK_M=block_queries, BLOCK_W=max(16, _next_power_of_2(width)),
+        HEAD_DIM=head_dim, BLOCK_M=block_queries, TILE_ROWS=tile_rows, TILE_COLS=tile_cols, GATHER=gather,
         DOT_IN_FP32=_INTERPRETED, num_warps=warps, num_stages=stages,
         # float32 inputs (the tests' reference precision) multiply in float32, not TensorFloat-32
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32")

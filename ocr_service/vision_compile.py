@@ -49,10 +49,10 @@ def compiled_graphs() -> int:
 
 
 def compile_vision_towers(model, backend: str = "inductor", log: Callable[[str], None] = print,
-                          sides: Optional[list] = None) -> dict:
+                          sides: Optional[list] = None, options: Optional[dict] = None) -> dict:
     """Compiles the towers' repeated blocks of `model` (a DeepSeek-OCR model of either kind) in place and runs
     each view size (`sides`, default `view_sides(model)`) through them once with one and with two views, so
-    that every compile happens now. Returns {"seconds", "graphs", "sides"}; afterwards the process's compile
+    that every compile happens now. `options`: Inductor's (torch.compile's `options`). Returns {"seconds", "graphs", "sides"}; afterwards the process's compile
     stance is `eager_on_recompile`. If compiling fails, the blocks are left eager and the error raised."""
     import torch._dynamo
 
@@ -65,7 +65,7 @@ def compile_vision_towers(model, backend: str = "inductor", log: Callable[[str],
         inner.encode_views(torch.zeros(1, 3, min(sides), min(sides), device=device, dtype=dtype))
     blocks = inner.repeated_vision_blocks()
     for block in blocks:
-        _compile_block(block, backend)
+        _compile_block(block, backend, options)
     log(f"compiling the vision towers' {len(blocks)} blocks for views of {', '.join(map(str, sides))} pixels (on "
         "the H200 ~100 s the first time on a machine, ~20 s from Inductor's cache; DEEPSEEK_OCR_VISION=fast skips it)")
     graphs_before, started = compiled_graphs(), time.monotonic()
@@ -118,13 +118,13 @@ def is_compiled(block) -> bool:
     return "forward" in block.__dict__
 
 
-def _compile_block(block, backend) -> None:
+def _compile_block(block, backend, options=None) -> None:
     """`block.forward` compiled, with only the number of views (or windows) dynamic: each call marks dimension
     0 of the inputs that carry it as dynamic and every other dimension as static, so that the other sizes of a
     view size are compiled as constants (Inductor of torch 2.11 fails on the index arithmetic of a symbolic grid
     side: "TensorReferenceAnalysis has no attribute python_mod"), and a new view size compiles its own graph.
     Blocks of one kind share their graphs: Dynamo keeps them by the code of `forward`."""
-    compiled = torch.compile(block.forward, backend=backend)
+    compiled = torch.compile(block.forward, backend=backend, options=options)
 
     def forward(*args, **kwargs):
         _mark_shapes(args)

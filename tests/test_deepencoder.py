@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from checkpoints.deepencoder import (
     ClipAttention, ClipLayer, ClipMLP, ClipSettings, ClipVisionModel, LinearProjector, PatchEmbed, SamAttention,
     SamBlock, SamEncoder, SamSettings, cudnn_first, encode_views, merge_windows, partition_windows,
-    relative_positions,
+    relative_positions, relative_terms,
 )
 from checkpoints.fused_ops import quick_gelu
 
@@ -226,6 +226,27 @@ def test_sam_attention_with_cudnn_first_computes_the_same_attention():
         torch.testing.assert_close(attn(x), plain_sam_attention(attn, x, 2), **EXACT)
 
 
+@pytest.mark.parametrize("height, width", [(14, 14), (5, 7), (8, 16)])
+def test_term_tables_padded_for_the_kernel_hold_the_same_terms_then_zeros(height, width):
+    q = randn(2, 3, height * width, 16, seed=height)
+    rel_h, rel_w = randn(height, height, 16, seed=1), randn(width, width, 16, seed=2)
+    rows, cols = relative_terms(q, rel_h, rel_w, height, width)
+    padded_rows, padded_cols = relative_terms(q, rel_h, rel_w, height, width, pad_to=8)
+    assert padded_rows.shape[-1] == -(-height // 8) * 8 and padded_cols.shape[-1] == -(-width // 8) * 8
+    torch.testing.assert_close(padded_rows[..., :height], rows, **EXACT)
+    torch.testing.assert_close(padded_cols[..., :width], cols, **EXACT)
+    assert not padded_rows[..., height:].any() and not padded_cols[..., width:].any()
+
+
+@pytest.mark.parametrize("windows", [True, False])
+def test_the_kernel_is_chosen_for_every_block_or_the_global_ones(windows):
+    sam = SamEncoder(TINY_SAM)  # global blocks 1 and 3
+    sam.use_relative_attention_kernel(True, windows=windows)
+    assert [block.attn.relative_kernel for block in sam.blocks] == [windows, True, windows, True]
+    sam.use_relative_attention_kernel(False)
+    assert not any(block.attn.relative_kernel for block in sam.blocks)
+
+
 def test_sam_attention_bias_depends_on_the_relative_position_tables():
     # Guard against a reference and a module that both ignore the tables: changing a table changes the output.
     attn = randomized(SamAttention(16, 2, 4), seed=7)
@@ -403,8 +424,10 @@ def test_an_unknown_relative_position_mode_is_refused():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("grid", [16, 10])  # a key row of 16 (the kernel's block) and of 10 (masked keys)
-def test_global_attention_through_the_kernel_is_as_close_to_float32_as_the_folded_path(grid):
+# a grid walked a key row of 16 at a time, one walked by rectangles that cover it exactly (40 × 40 as a 640 tile's,
+# by 8 × 8) and one they overhang (14 × 14, a window, by 4 × 16: masked keys)
+@pytest.mark.parametrize("grid", [16, 40, 14])
+def test_attention_through_the_kernel_is_as_close_to_float32_as_the_folded_path(grid):
     """bf16 through the Triton kernel against the dense-bias order in float32, no further from it than the
     folded path (both round the terms to bf16; the kernel scales q·k after the product, the folded path before)."""
     from checkpoints.deepencoder import SamAttention

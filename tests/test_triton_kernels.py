@@ -589,22 +589,30 @@ def relative_attention_reference(q, k, v, row_terms, col_terms):
 
 @check
 def check_relative_attention(device):
-    """SAM's global attention with the relative positions added in the kernel: square and oblong grids, a
-    row narrower than the kernel's key block (masked keys), more queries than one block, q/k/v cut out of
-    one fused projection (strided views), head dims 16 and 64."""
+    """SAM's attention with the relative positions added in the kernel: square and oblong grids walked a row
+    at a time (a width that is a power of two) and by rectangles of keys (the rest: a 14 × 14 window, a grid
+    the rectangles cover exactly and ones they overhang, whose keys are masked), the rectangles' terms
+    gathered and broadcast, more queries than one block, q/k/v cut out of one fused projection (strided
+    views), term tables wider than the grid (their extra entries unread), head dims 16, 32 and 64."""
     (kernels,) = load_kernel_modules("triton_relative_attention")
     generator = torch.Generator().manual_seed(0)
     for dtype in float_types():
-        for batch, heads, height, width, head_dim in ((2, 2, 5, 7, 16), (1, 3, 12, 12, 64), (1, 1, 16, 20, 32)):
+        for batch, heads, height, width, head_dim, gather in ((2, 2, 5, 7, 16, True), (1, 3, 12, 12, 64, False),
+                                                              (1, 1, 16, 20, 32, True), (1, 1, 16, 16, 16, True),
+                                                              (2, 1, 14, 14, 64, True), (1, 2, 16, 24, 16, False)):
             tokens = height * width
             qkv = torch.randn(batch, tokens, 3, heads, head_dim, generator=generator).to(dtype)
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [B, n, N, d] strided, as SamAttention cuts them
-            row_terms = torch.randn(batch, heads, tokens, height, generator=generator).to(dtype)
-            col_terms = torch.randn(batch, heads, tokens, width, generator=generator).to(dtype)
+            # tables padded to a multiple of 8 entries, as SamAttention computes them for the kernel
+            row_table = torch.randn(batch, heads, tokens, height + (-height) % 8, generator=generator).to(dtype)
+            col_table = torch.randn(batch, heads, tokens, width + (-width) % 8, generator=generator).to(dtype)
+            row_terms, col_terms = row_table[..., :height], col_table[..., :width]
             expected = relative_attention_reference(q, k, v, row_terms, col_terms)
-            got = kernels.relative_attention(q.to(device), k.to(device), v.to(device), row_terms.to(device),
-                                             col_terms.to(device), height, width)
-            assert_close(got, expected, dtype, f"relative_attention {height}x{width} d={head_dim} {dtype}")
+            got = kernels.relative_attention(q.to(device), k.to(device), v.to(device), row_table.to(device),
+                                             col_table.to(device), height, width, gather=gather)
+            tiles = kernels.key_tiles(height, width)
+            assert_close(got, expected, dtype,
+                         f"relative_attention {height}x{width} by {tiles} gather={gather} d={head_dim} {dtype}")
 
 
 # ---------------------------------------------------------------- running the checks
