@@ -308,6 +308,9 @@ SERVED_TRIALS = {
     "cuDNN attention, folded": (True, None, None),
     "Triton kernel for global blocks, cuDNN for windows": (True, "global", None),
     "Triton kernel for every block": (False, "all", None),
+    # Inductor's own GEMM templates, to fuse the GELU into the first MLP product: on the H200 its autotuning
+    # took 10-20 s a shape (and its templates ran at 55-61% of the best choice), the towers' compile more
+    # than five minutes (h200-2026-11-30l, call 1)
     "Triton kernel for every block, GEMMs autotuned": (False, "all", {"max_autotune_gemm": True}),
 }
 
@@ -430,14 +433,16 @@ def attention_options(model, groups: dict, pages: int, ceilings: dict) -> dict:
                 lambda: relative_terms(q, rel_h, rel_w, side, side, pad_to=8), 5)
             options["the folded path's terms (two products)"] = median_ms(
                 lambda: relative_terms(q, rel_h, rel_w, side, side), 5)
-            for keys, gather, tiles in kernel_options(side):
-                label = (f"Triton kernel, keys by {keys[0]}×{keys[1]}{', gathered' if gather else ''}, "
-                         f"{tiles[0]} queries, {tiles[1]} warps, {tiles[2]} stages")
+            for keys, tiles in kernel_options(side):
+                label = f"Triton kernel, keys by {keys[0]}×{keys[1]}, {tiles[0]} queries, {tiles[1]} warps, {tiles[2]} stages"
                 try:
                     options[label] = median_ms(lambda: relative_attention(
-                        q, k, v, row_terms, col_terms, side, side, tiles=tiles, keys=keys, gather=gather), 5)
+                        q, k, v, row_terms, col_terms, side, side, tiles=tiles, keys=keys), 5)
                 except Exception as error:
                     options[f"{label} failed"] = repr(error)[:200]
+            if attn is window_attn:  # as served: the windows read where they lie in each view's grid
+                options["Triton kernel, windows read in the views' grids (terms included)"] = median_ms(
+                    windows_in_grids(groups, attn, settings_heads, head_dim, window), 5)
         row = {"work_flops": work, "floor_ms": work / ceilings["matmul_flops"] * 1e3, "pages": pages,
                "ms": {name: ms for name, ms in options.items() if isinstance(ms, float)},
                "tflops": {name: work / ms / 1e9 for name, ms in options.items() if isinstance(ms, float)},
@@ -449,17 +454,38 @@ def attention_options(model, groups: dict, pages: int, ceilings: dict) -> dict:
 
 
 def kernel_options(side: int) -> list:
-    """(key rectangle, gathered terms, (queries, warps, stages)) to time the Triton kernel with over a side ×
-    side grid: its default rectangle and the others that cover the grid, at a few tiles."""
+    """(key rectangle, (queries, warps, stages)) to time the Triton kernel with over a side × side grid: its
+    default rectangle at a few tiles, and the other rectangles that cover the grid."""
     from checkpoints.triton_relative_attention import key_tiles
 
     default = key_tiles(side, side)
     tiles = ((64, 4, 3), (64, 4, 2), (32, 4, 3), (128, 8, 3))
-    if default[0] == 1:  # whole rows: the terms are neither gathered nor broadcast
-        return [(default, True, t) for t in tiles]
-    rectangles = [default] + [r for r in ((8, 8), (4, 16), (2, 32)) if r != default]
-    return ([(default, gather, t) for gather in (True, False) for t in tiles]
-            + [(r, True, (64, 4, 3)) for r in rectangles[1:]])
+    others = [] if default[0] == 1 else [r for r in ((8, 8), (4, 16), (2, 32)) if r != default]
+    return [(default, t) for t in tiles] + [(r, (64, 4, 3)) for r in others]
+
+
+def windows_in_grids(groups: dict, attn, heads: int, head_dim: int, window: int):
+    """One windowed block's attention as the engine serves it, to time: over each view size's grids (random
+    q, k, v; the block's tables and biases), the terms, then the kernel reading the windows where they lie."""
+    from checkpoints.deepencoder import relative_positions, relative_terms
+    from checkpoints.triton_relative_attention import relative_attention
+
+    _, k_bias, v_bias = attn.qkv.bias.detach().to(DTYPE).view(3, heads, -1)
+    grids = []
+    for size, views in groups.items():
+        side = size // 16
+        place = torch.arange(side, device=DEVICE) % window
+        grids.append((side, [torch.randn(views.shape[0], heads, side * side, head_dim, device=DEVICE, dtype=DTYPE)
+                             for _ in range(3)],
+                      relative_positions(window, window, attn.rel_pos_h.detach()).to(DTYPE)[place],
+                      relative_positions(window, window, attn.rel_pos_w.detach()).to(DTYPE)[place]))
+
+    def run():
+        for side, (q, k, v), rel_h, rel_w in grids:
+            rows, cols = relative_terms(q, rel_h, rel_w, side, side, pad_to=8)
+            relative_attention(q, k, v, rows, cols, side, side, window=window, k_bias=k_bias, v_bias=v_bias)
+
+    return run
 
 
 def print_trials(vision: dict, pages: int) -> None:

@@ -141,24 +141,25 @@ def relative_terms(q: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor, he
     """SAM's decomposed relative positions as two small tables, from the unscaled queries q [B, n, HW, d]:
     row_terms [B, n, HW, H] (query · rel_h[its row, key row]) and col_terms [B, n, HW, W] (query ·
     rel_w[its column, key column]); the bias of query i and key (r, c) is row_terms[i, r] + col_terms[i, c].
+    rel_h [H, K, d] and rel_w [W, K', d] may hold another number of key rows and columns K, K' (those of the
+    windows over a grid: `SamAttention.forward`); the tables are then [B, n, HW, K] and [B, n, HW, K'].
 
     `pad_to`: each table's last dimension rounded up to a multiple of it, the extra entries zero (for the
     Triton kernel, which reads only the first H and W): a window's 14 entries of two bytes leave every row
     unaligned, and the products that compute them ran in a slow kernel made for unaligned matrices."""
     batch, heads, tokens, head_dim = q.shape
     q_grid = q.reshape(batch, heads, height, width, head_dim)
-    rel_h = F.pad(rel_h, (0, 0, 0, (-height) % pad_to))
-    rel_w = F.pad(rel_w, (0, 0, 0, (-width) % pad_to))
+    rel_h = F.pad(rel_h, (0, 0, 0, -rel_h.shape[1] % pad_to))
+    rel_w = F.pad(rel_w, (0, 0, 0, -rel_w.shape[1] % pad_to))
     row_terms = torch.einsum("bnhwc,hkc->bnhwk", q_grid, rel_h).reshape(batch, heads, tokens, rel_h.shape[1])
     col_terms = torch.einsum("bnhwc,wkc->bnhwk", q_grid, rel_w).reshape(batch, heads, tokens, rel_w.shape[1])
     return row_terms, col_terms
 
 
-def relative_attention_kernel_applies(q: torch.Tensor) -> bool:
-    """Whether `relative_attention` (Triton) runs on q: on a GPU, with Triton, for a head dim that is a power
-    of two from 16 (the tensor-core tile). Any grid: the kernel walks its keys by rectangles that fit it."""
-    head_dim = q.shape[-1]
-    return q.is_cuda and triton_available() and head_dim >= 16 and head_dim & (head_dim - 1) == 0
+def relative_attention_kernel_applies(device: torch.device, head_dim: int) -> bool:
+    """Whether `relative_attention` (Triton) runs: on a GPU, with Triton, for a head dim that is a power of two
+    from 16 (the tensor-core tile). Any grid: the kernel walks its keys by rectangles that fit it."""
+    return device.type == "cuda" and triton_available() and head_dim >= 16 and head_dim & (head_dim - 1) == 0
 
 
 def folded_relative_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_terms: torch.Tensor,
@@ -250,16 +251,36 @@ class SamAttention(nn.Module):
         # `SamEncoder.use_cudnn_attention`.
         self.attention_backends = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def runs_the_kernel(self, x: torch.Tensor) -> bool:
+        """Whether x's attention goes through the Triton kernel (which also reads windows where they lie)."""
+        return (self.fold_relative_positions and self.relative_kernel
+                and relative_attention_kernel_applies(x.device, self.rel_pos_h.shape[-1]))
+
+    def forward(self, x: torch.Tensor, window: int = 0) -> torch.Tensor:
+        """x [B, H, W, C] → [B, H, W, C]: attention over the grid, or with `window` within each window × window
+        window of it, the grid padded to whole windows with zero tokens (only through the kernel,
+        `runs_the_kernel`; SamBlock otherwise cuts the windows out and calls this on each)."""
         batch, height, width, _ = x.shape
         qkv = self.qkv(x).reshape(batch, height * width, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # [B, heads, HW, d]
+        if window or self.runs_the_kernel(x):
+            if not self.runs_the_kernel(x):
+                raise ValueError("attention within windows of the grid runs only through the Triton kernel")
+            if window:  # a token's terms are those of its place in its window
+                place = torch.arange(max(height, width), device=x.device) % window
+                rel_h = relative_positions(window, window, self.rel_pos_h)[place[:height]]  # [H, window, d]
+                rel_w = relative_positions(window, window, self.rel_pos_w)[place[:width]]  # [W, window, d]
+            else:
+                rel_h = relative_positions(height, height, self.rel_pos_h)  # [H, H, d]
+                rel_w = relative_positions(width, width, self.rel_pos_w)  # [W, W, d]
+            row_terms, col_terms = relative_terms(q, rel_h, rel_w, height, width, pad_to=8)
+            # a padded token's key and value: the projection of zero, its bias
+            _, k_bias, v_bias = self.qkv.bias.view(3, self.heads, -1)
+            out = relative_attention(q, k, v, row_terms, col_terms, height, width, window=window,
+                                     k_bias=k_bias, v_bias=v_bias)  # [B, HW, heads, d]
+            return self.proj(out.reshape(batch, height, width, -1))
         rel_h = relative_positions(height, height, self.rel_pos_h)  # [H, H, d]
         rel_w = relative_positions(width, width, self.rel_pos_w)  # [W, W, d]
-        if self.fold_relative_positions and self.relative_kernel and relative_attention_kernel_applies(q):
-            row_terms, col_terms = relative_terms(q, rel_h, rel_w, height, width, pad_to=8)
-            out = relative_attention(q, k, v, row_terms, col_terms, height, width)  # [B, HW, heads, d]
-            return self.proj(out.reshape(batch, height, width, -1))
         if self.fold_relative_positions:
             row_terms, col_terms = relative_terms(q, rel_h, rel_w, height, width)
             out = folded_relative_attention(q, k, v, row_terms, col_terms, height, width, self.attention_backends)
@@ -306,7 +327,9 @@ class SamBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
         x = self.norm1(x)
-        if self.window_size:
+        if self.window_size and self.attn.runs_the_kernel(x):  # the kernel reads the windows in the grid
+            x = self.attn(x, window=self.window_size)
+        elif self.window_size:
             height, width = x.shape[1:3]
             x, padded = partition_windows(x, self.window_size)
             x = merge_windows(self.attn(x), self.window_size, padded, (height, width))

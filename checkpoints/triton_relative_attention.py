@@ -14,16 +14,23 @@ keys one tile of the grid at a time, adding two terms to each score.
 Key tiles (`key_tiles`): a grid whose width is a power of two from 16 is walked a whole row at a time
 (64 keys of a 1024 view): a row's column terms are the same block of values for every row, loaded once,
 and its row term is one value per query. Other grids are walked in rectangles of 64 keys that cover them
-with the fewest padded keys (8 × 8 for a 640 tile's 40 × 40 grid: none; 4 × 16 for a 14 × 14 window),
-each rectangle's terms gathered from the two small tables (`GATHER`) or loaded as a few rows and columns
-and broadcast into the rectangle. Shapes: B views, n heads, N = height·width tokens, d head dim.
+with the fewest padded keys (8 × 8 for a 640 tile's 40 × 40 grid: none; 4 × 16 for a 14 × 14 window);
+a rectangle's terms are its few rows' and columns' entries of the two tables, summed into it. (Gathering
+each score's two terms from the tables instead took 6.2 ms for one pass's 640 tiles against 3.5, H200.)
+
+Windows are read where they lie in the view's grid (`window`): SAM pads the grid to whole windows with
+zero tokens after its norm, so a padded key is the qkv projection of zero, its bias: the kernel uses the
+biases for keys past the grid, and writes only the grid's queries. The copies that cut the windows out
+and put them back, and the projections of the padded tokens, are not needed.
+
+Shapes: B views, n heads, N = height·width tokens, d head dim.
 """
 
 import math
 
 import torch
 
-from .triton_common import _INTERPRETED, _cdiv, _next_power_of_2, tl, triton  # noqa: F401
+from .triton_common import _INTERPRETED, _cdiv, tl, triton  # noqa: F401
 
 # 64 queries a program, 4 warps, 3 stages: one pass's global attention over 16 views of 1024 in 2.6 ms on the
 # H200, against 4.4 with 128 queries and 8 warps (`bench_vision.py --steps attention-options`).
@@ -49,65 +56,74 @@ def key_tiles(height: int, width: int, keys: int = TILE_KEYS) -> tuple:
 if triton is not None:
 
     @triton.jit
-    def _relative_attention_kernel(q_ptr, k_ptr, v_ptr, rows_ptr, cols_ptr, out_ptr,
+    def _relative_attention_kernel(q_ptr, k_ptr, v_ptr, rows_ptr, cols_ptr, k_bias_ptr, v_bias_ptr, out_ptr,
                                    q_view, q_head, q_token, k_view, k_head, k_token, v_view, v_head, v_token,
                                    rows_view, rows_head, rows_token, cols_view, cols_head, cols_token,
                                    out_view, out_token, out_head,
-                                   heads, tokens, height, width, score_scale, term_scale,
+                                   heads, height, width, walk_height, walk_width, windows_across,
+                                   score_scale, term_scale,
                                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, TILE_ROWS: tl.constexpr,
-                                   TILE_COLS: tl.constexpr, GATHER: tl.constexpr,
+                                   TILE_COLS: tl.constexpr, WINDOWED: tl.constexpr,
                                    DOT_IN_FP32: tl.constexpr, PRECISION: tl.constexpr):
+        # The keys walked are a walk_height × walk_width part of the grid from (first_row, first_col): the
+        # whole grid, or one window of it (program axis 2), whose positions past the grid are padding.
         block = tl.program_id(0)
         view_head = tl.program_id(1).to(tl.int64)
         view, head = view_head // heads, view_head % heads
-        query = block * BLOCK_M + tl.arange(0, BLOCK_M)
+        first_row = (tl.program_id(2) // windows_across) * walk_height
+        first_col = (tl.program_id(2) % windows_across) * walk_width
+        local = block * BLOCK_M + tl.arange(0, BLOCK_M)
+        query_row, query_col = first_row + local // walk_width, first_col + local % walk_width
+        is_query = (local < walk_height * walk_width) & (query_row < height) & (query_col < width)
+        query = query_row * width + query_col
         dim = tl.arange(0, HEAD_DIM)
         slot = tl.arange(0, TILE_ROWS * TILE_COLS)
         slot_row, slot_col = slot // TILE_COLS, slot % TILE_COLS
-        is_query = query < tokens
         q = tl.load(q_ptr + view * q_view + head * q_head + query[:, None] * q_token + dim[None, :],
                     mask=is_query[:, None], other=0.0)
         if DOT_IN_FP32:
             q = q.to(tl.float32)
         k_at = k_ptr + view * k_view + head * k_head
         v_at = v_ptr + view * v_view + head * v_head
+        if WINDOWED:  # a padded key: the projection of a zero token
+            k_bias = tl.load(k_bias_ptr + head * HEAD_DIM + dim)
+            v_bias = tl.load(v_bias_ptr + head * HEAD_DIM + dim)
         rows_at = rows_ptr + view * rows_view + head * rows_head + query * rows_token
         cols_at = cols_ptr + view * cols_view + head * cols_head + query * cols_token
         # Scores are kept in log2 units (exp2 below): the terms are scaled by log2(e), q·k by that and 1/√d.
         if TILE_ROWS == 1:  # whole rows: every row's column terms are these
             col_terms = tl.load(cols_at[:, None] + slot_col[None, :],
-                                mask=is_query[:, None] & (slot_col < width)[None, :], other=0.0)
+                                mask=is_query[:, None] & (slot_col < walk_width)[None, :], other=0.0)
             col_terms = col_terms.to(tl.float32) * term_scale
         best = tl.full([BLOCK_M], float("-inf"), tl.float32)
         total = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-        tiles_across = tl.cdiv(width, TILE_COLS)
-        for tile in range(0, tl.cdiv(height, TILE_ROWS) * tiles_across):
-            first_row = (tile // tiles_across) * TILE_ROWS
-            first_col = (tile % tiles_across) * TILE_COLS
-            key_row, key_col = first_row + slot_row, first_col + slot_col
-            is_key = (key_row < height) & (key_col < width)
-            key = key_row * width + key_col
-            k = tl.load(k_at + key[:, None] * k_token + dim[None, :], mask=is_key[:, None], other=0.0)
-            v = tl.load(v_at + key[:, None] * v_token + dim[None, :], mask=is_key[:, None], other=0.0)
+        tiles_across = tl.cdiv(walk_width, TILE_COLS)
+        for tile in range(0, tl.cdiv(walk_height, TILE_ROWS) * tiles_across):
+            tile_row = (tile // tiles_across) * TILE_ROWS
+            tile_col = (tile % tiles_across) * TILE_COLS
+            key_row, key_col = tile_row + slot_row, tile_col + slot_col  # in the walked part
+            is_key = (key_row < walk_height) & (key_col < walk_width)
+            in_grid = is_key & (first_row + key_row < height) & (first_col + key_col < width)
+            key = (first_row + key_row) * width + first_col + key_col
+            k = tl.load(k_at + key[:, None] * k_token + dim[None, :], mask=in_grid[:, None], other=0.0)
+            v = tl.load(v_at + key[:, None] * v_token + dim[None, :], mask=in_grid[:, None], other=0.0)
+            if WINDOWED:
+                k = tl.where(in_grid[:, None], k, k_bias[None, :])
+                v = tl.where(in_grid[:, None], v, v_bias[None, :])
             if DOT_IN_FP32:
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
             if TILE_ROWS == 1:
-                row_term = tl.load(rows_at + first_row, mask=is_query, other=0.0).to(tl.float32) * term_scale
+                row_term = tl.load(rows_at + tile_row, mask=is_query, other=0.0).to(tl.float32) * term_scale
                 terms = col_terms + row_term[:, None]
-            elif GATHER:  # each score's two terms gathered from the tables (a rectangle's few rows cached)
-                both = is_query[:, None] & is_key[None, :]
-                terms = (tl.load(rows_at[:, None] + key_row[None, :], mask=both, other=0.0).to(tl.float32)
-                         + tl.load(cols_at[:, None] + key_col[None, :], mask=both, other=0.0).to(tl.float32))
-                terms = terms * term_scale
             else:  # the rectangle's row terms and column terms, summed into it
-                rect_row = first_row + tl.arange(0, TILE_ROWS)
-                rect_col = first_col + tl.arange(0, TILE_COLS)
+                rect_row = tile_row + tl.arange(0, TILE_ROWS)
+                rect_col = tile_col + tl.arange(0, TILE_COLS)
                 row_terms = tl.load(rows_at[:, None] + rect_row[None, :],
-                                    mask=is_query[:, None] & (rect_row < height)[None, :], other=0.0)
+                                    mask=is_query[:, None] & (rect_row < walk_height)[None, :], other=0.0)
                 col_terms = tl.load(cols_at[:, None] + rect_col[None, :],
-                                    mask=is_query[:, None] & (rect_col < width)[None, :], other=0.0)
+                                    mask=is_query[:, None] & (rect_col < walk_width)[None, :], other=0.0)
                 terms = tl.reshape(row_terms.to(tl.float32)[:, :, None] + col_terms.to(tl.float32)[:, None, :],
                                    [BLOCK_M, TILE_ROWS * TILE_COLS]) * term_scale
             scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * score_scale + terms
@@ -127,30 +143,42 @@ if triton is not None:
 # stays compiled; in the engine the whole pass is a CUDA graph, launches included).
 @torch.compiler.disable
 def relative_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_terms: torch.Tensor,
-                       col_terms: torch.Tensor, height: int, width: int, tiles: tuple = None,
-                       keys: tuple = None, gather: bool = True) -> torch.Tensor:
-    """softmax(q·kᵀ/√d + row_terms[i, r] + col_terms[i, c])·v for keys (r, c) of a height × width grid.
-    q, k, v [B, n, N, d] (any strides with a unit stride along d); row_terms [B, n, N, ≥ height], col_terms
-    [B, n, N, ≥ width] (unit stride along the last dimension; entries past height / width are not read) →
-    [B, N, n, d] (the layout the block's output projection reads). For benchmarks' sweeps: `tiles` (queries
-    a program, warps, pipeline stages), `keys` (the key rectangle's rows and columns, `key_tiles` by
-    default), `gather` (how a rectangle's terms are read, see the kernel)."""
+                       col_terms: torch.Tensor, height: int, width: int, window: int = 0,
+                       k_bias: torch.Tensor = None, v_bias: torch.Tensor = None, tiles: tuple = None,
+                       keys: tuple = None) -> torch.Tensor:
+    """softmax(q·kᵀ/√d + row_terms[i, r] + col_terms[i, c])·v for keys (r, c) of a height × width grid, or
+    with `window`, of the window × window window holding the query, the grid cut in windows from its top left
+    and padded to whole windows with keys k_bias and values v_bias ([n, d]: the projection of a zero token),
+    r and c then counted in the window.
+    q, k, v [B, n, N, d] (any strides with a unit stride along d); row_terms [B, n, N, ≥ height or window],
+    col_terms [B, n, N, ≥ width or window] (unit stride along the last dimension; entries past those are not
+    read) → [B, N, n, d] (the layout the block's output projection reads). For benchmarks' sweeps: `tiles`
+    (queries a program, warps, pipeline stages), `keys` (the key rectangle's rows and columns, `key_tiles` by
+    default)."""
     batch, heads, tokens, head_dim = q.shape
+    if tokens != height * width:
+        raise ValueError(f"{tokens} tokens are not a {height} × {width} grid")
     block_queries, warps, stages = tiles or (BLOCK_QUERIES, WARPS, STAGES)
-    tile_rows, tile_cols = keys or key_tiles(height, width)
-    if tile_rows == 1 and tile_cols < width:
-        raise ValueError(f"a key tile of one row must hold the grid's {width} columns, not {tile_cols}")
+    walk_height, walk_width = (window, window) if window else (height, width)
+    tile_rows, tile_cols = keys or key_tiles(walk_height, walk_width)
+    if tile_rows == 1 and tile_cols < walk_width:
+        raise ValueError(f"a key tile of one row must hold the grid's {walk_width} columns, not {tile_cols}")
+    if window and (k_bias is None or v_bias is None):
+        raise ValueError("windows need the keys' and values' biases for their padding")
+    windows_down, windows_across = (_cdiv(height, window), _cdiv(width, window)) if window else (1, 1)
+    if window:
+        k_bias, v_bias = k_bias.to(k.dtype).contiguous(), v_bias.to(v.dtype).contiguous()
     out = q.new_empty(batch, tokens, heads, head_dim)
-    grid = (_cdiv(tokens, block_queries), batch * heads)
+    grid = (_cdiv(walk_height * walk_width, block_queries), batch * heads, windows_down * windows_across)
     _relative_attention_kernel[grid](
-        q, k, v, row_terms, col_terms, out,
+        q, k, v, row_terms, col_terms, k_bias if window else q, v_bias if window else q, out,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         row_terms.stride(0), row_terms.stride(1), row_terms.stride(2),
         col_terms.stride(0), col_terms.stride(1), col_terms.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        heads, tokens, height, width, _LOG2_E / math.sqrt(head_dim), _LOG2_E,
-        HEAD_DIM=head_dim, BLOCK_M=block_queries, TILE_ROWS=tile_rows, TILE_COLS=tile_cols, GATHER=gather,
+        heads, height, width, walk_height, walk_width, windows_across, _LOG2_E / math.sqrt(head_dim), _LOG2_E,
+        HEAD_DIM=head_dim, BLOCK_M=block_queries, TILE_ROWS=tile_rows, TILE_COLS=tile_cols, WINDOWED=bool(window),
         DOT_IN_FP32=_INTERPRETED, num_warps=warps, num_stages=stages,
         # float32 inputs (the tests' reference precision) multiply in float32, not TensorFloat-32
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32")

@@ -452,3 +452,39 @@ def test_attention_through_the_kernel_is_as_close_to_float32_as_the_folded_path(
         return float((out - reference).norm() / reference.norm())
 
     assert error(through_kernel) <= 1.5 * error(folded) + 1e-3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+# windows that pad the grid (16 by 7; a 640 tile's 40 by 14) and one that fits it exactly
+@pytest.mark.parametrize("grid, window", [(16, 7), (40, 14), (14, 14)])
+def test_a_windowed_block_through_the_kernel_is_as_close_to_float32_as_the_folded_path(grid, window):
+    """The kernel reads the windows in the grid, padded with the projection's biases: the block in bf16 against
+    itself in float32 with the windows cut out and a dense bias, no further from it than the folded path."""
+    torch.manual_seed(0)
+    block = SamBlock(128, 2, 4.0, window, grid).cuda()
+    with torch.no_grad():
+        block.attn.rel_pos_h.normal_(0, 0.5)
+        block.attn.rel_pos_w.normal_(0, 0.5)
+        block.attn.qkv.bias.normal_(0, 1.0)  # padded keys and values differ from zero
+    x = torch.randn(2, grid, grid, 128, device="cuda")
+    with torch.inference_mode():
+        block.attn.fold_relative_positions = False
+        reference = block(x)  # float32, windows cut out, the dense bias
+        block.attn.fold_relative_positions = True
+        block.to(torch.bfloat16)
+        block.attn.relative_kernel = True
+        assert block.attn.runs_the_kernel(x)
+        through_kernel = block(x.bfloat16()).float()
+        block.attn.relative_kernel = False
+        folded = block(x.bfloat16()).float()
+
+    def error(out):  # on what the block adds to x (the residual would hide the attention's error)
+        return float((out - reference).norm() / (reference - x).norm())
+
+    assert error(through_kernel) <= 1.5 * error(folded) + 1e-3
+
+
+def test_attention_within_windows_of_the_grid_needs_the_kernel():
+    attention = SamAttention(16, 2, 5)
+    with pytest.raises(ValueError, match="only through the Triton kernel"):
+        attention(torch.zeros(1, 7, 7, 16), window=5)

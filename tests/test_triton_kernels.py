@@ -587,32 +587,66 @@ def relative_attention_reference(q, k, v, row_terms, col_terms):
     return out.transpose(1, 2).to(q.dtype)
 
 
+def windowed_relative_attention_reference(q, k, v, row_terms, col_terms, height, width, window, k_bias, v_bias):
+    """The definition of attention within windows: the grid padded to whole windows with keys k_bias and values
+    v_bias (SAM's zero tokens after its projection), cut into windows, each window's attention as above with
+    the terms of its queries, put back and cropped to the grid."""
+    batch, heads, _, head_dim = q.shape
+    down, across = -(-height // window), -(-width // window)
+
+    def windows_of(x, pad_value):  # [B, n, H·W, C] → [B·windows, n, window², C]
+        grid = x.reshape(batch, heads, height, width, -1)
+        padded = pad_value.reshape(1, heads, 1, 1, -1).expand(batch, heads, down * window, across * window,
+                                                               grid.shape[-1]).clone()
+        padded[:, :, :height, :width] = grid
+        cut = padded.reshape(batch, heads, down, window, across, window, -1).permute(0, 2, 4, 1, 3, 5, 6)
+        return cut.reshape(batch * down * across, heads, window * window, -1)
+
+    zeros = torch.zeros(heads, head_dim, dtype=q.dtype)
+    out = relative_attention_reference(
+        windows_of(q, zeros), windows_of(k, k_bias), windows_of(v, v_bias),
+        windows_of(row_terms, torch.zeros(heads, window, dtype=q.dtype)),
+        windows_of(col_terms, torch.zeros(heads, window, dtype=q.dtype)))  # [B·windows, window², n, d]
+    out = out.reshape(batch, down, across, window, window, heads, head_dim).permute(0, 1, 3, 2, 4, 5, 6)
+    out = out.reshape(batch, down * window, across * window, heads, head_dim)[:, :height, :width]
+    return out.reshape(batch, height * width, heads, head_dim)
+
+
 @check
 def check_relative_attention(device):
     """SAM's attention with the relative positions added in the kernel: square and oblong grids walked a row
     at a time (a width that is a power of two) and by rectangles of keys (the rest: a 14 × 14 window, a grid
-    the rectangles cover exactly and ones they overhang, whose keys are masked), the rectangles' terms
-    gathered and broadcast, more queries than one block, q/k/v cut out of one fused projection (strided
-    views), term tables wider than the grid (their extra entries unread), head dims 16, 32 and 64."""
+    the rectangles cover exactly and ones they overhang, whose keys are masked), windows read in the grid
+    (padded to whole windows with the biases, one window larger than the grid, one that fits it exactly),
+    more queries than one block, q/k/v cut out of one fused projection (strided views), term tables wider
+    than needed (their extra entries unread), head dims 16, 32 and 64."""
     (kernels,) = load_kernel_modules("triton_relative_attention")
     generator = torch.Generator().manual_seed(0)
     for dtype in float_types():
-        for batch, heads, height, width, head_dim, gather in ((2, 2, 5, 7, 16, True), (1, 3, 12, 12, 64, False),
-                                                              (1, 1, 16, 20, 32, True), (1, 1, 16, 16, 16, True),
-                                                              (2, 1, 14, 14, 64, True), (1, 2, 16, 24, 16, False)):
+        for batch, heads, height, width, window, head_dim in (
+                (2, 2, 5, 7, 0, 16), (1, 3, 12, 12, 0, 64), (1, 1, 16, 20, 0, 32), (1, 1, 16, 16, 0, 16),
+                (2, 1, 14, 14, 0, 64), (1, 2, 16, 24, 0, 16),
+                (2, 2, 5, 7, 3, 16), (1, 2, 16, 20, 7, 32), (1, 1, 12, 12, 14, 16), (1, 1, 14, 14, 14, 64)):
             tokens = height * width
             qkv = torch.randn(batch, tokens, 3, heads, head_dim, generator=generator).to(dtype)
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [B, n, N, d] strided, as SamAttention cuts them
+            across, down = window or width, window or height
             # tables padded to a multiple of 8 entries, as SamAttention computes them for the kernel
-            row_table = torch.randn(batch, heads, tokens, height + (-height) % 8, generator=generator).to(dtype)
-            col_table = torch.randn(batch, heads, tokens, width + (-width) % 8, generator=generator).to(dtype)
-            row_terms, col_terms = row_table[..., :height], col_table[..., :width]
-            expected = relative_attention_reference(q, k, v, row_terms, col_terms)
+            row_table = torch.randn(batch, heads, tokens, down + (-down) % 8, generator=generator).to(dtype)
+            col_table = torch.randn(batch, heads, tokens, across + (-across) % 8, generator=generator).to(dtype)
+            row_terms, col_terms = row_table[..., :down], col_table[..., :across]
+            k_bias, v_bias = (torch.randn(heads, head_dim, generator=generator).to(dtype) for _ in range(2))
+            if window:
+                expected = windowed_relative_attention_reference(q, k, v, row_terms, col_terms, height, width,
+                                                                 window, k_bias, v_bias)
+            else:
+                expected = relative_attention_reference(q, k, v, row_terms, col_terms)
             got = kernels.relative_attention(q.to(device), k.to(device), v.to(device), row_table.to(device),
-                                             col_table.to(device), height, width, gather=gather)
-            tiles = kernels.key_tiles(height, width)
+                                             col_table.to(device), height, width, window=window,
+                                             k_bias=k_bias.to(device), v_bias=v_bias.to(device))
+            tiles = kernels.key_tiles(down, across)
             assert_close(got, expected, dtype,
-                         f"relative_attention {height}x{width} by {tiles} gather={gather} d={head_dim} {dtype}")
+                         f"relative_attention {height}x{width} window {window} by {tiles} d={head_dim} {dtype}")
 
 
 # ---------------------------------------------------------------- running the checks
