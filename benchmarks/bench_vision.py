@@ -302,10 +302,12 @@ def flops_by_kind(model, views: list) -> dict:
 
 
 # name → (SDPA with cuDNN's kernels first for what SAM runs through SDPA, SAM's blocks through the Triton kernel:
-# None, "global" or "all", Inductor's options for compiling the blocks)
+# None, "rows" (grids it walks by whole rows: the default), "global" (global blocks) or "all", Inductor's options
+# for compiling the blocks)
 SERVED_TRIALS = {
     "flash attention, folded": (False, None, None),
     "cuDNN attention, folded": (True, None, None),
+    "Triton kernel for grids walked by rows, cuDNN for the rest": (True, "rows", None),
     "Triton kernel for global blocks, cuDNN for windows": (True, "global", None),
     "Triton kernel for every block": (False, "all", None),
     # Inductor's own GEMM templates, to fuse the GELU into the first MLP product: on the H200 its autotuning
@@ -341,7 +343,8 @@ def served_trial(model, groups: dict, pages: int, reference32: dict, base: dict,
     sides = list(groups)
     cudnn, kernel, options = SERVED_TRIALS[name]
     inner.sam_model.use_cudnn_attention(cudnn)
-    inner.sam_model.use_relative_attention_kernel(kernel is not None, windows=kernel == "all")
+    inner.sam_model.use_relative_attention_kernel(kernel is not None, windows=kernel != "global",
+                                                  any_grid=kernel != "rows")
     uncompile_vision_towers(model)
     torch._dynamo.reset()
     try:
@@ -434,12 +437,12 @@ def attention_options(model, groups: dict, pages: int, ceilings: dict) -> dict:
             options["the folded path's terms (two products)"] = median_ms(
                 lambda: relative_terms(q, rel_h, rel_w, side, side), 5)
             for keys, tiles in kernel_options(side):
-                label = f"Triton kernel, keys by {keys[0]}×{keys[1]}, {tiles[0]} queries, {tiles[1]} warps, {tiles[2]} stages"
+                option = f"Triton kernel, keys by {keys[0]}×{keys[1]}, {tiles[0]} queries, {tiles[1]} warps, {tiles[2]} stages"
                 try:
-                    options[label] = median_ms(lambda: relative_attention(
+                    options[option] = median_ms(lambda: relative_attention(
                         q, k, v, row_terms, col_terms, side, side, tiles=tiles, keys=keys), 5)
                 except Exception as error:
-                    options[f"{label} failed"] = repr(error)[:200]
+                    options[f"{option} failed"] = repr(error)[:200]
             if attn is window_attn:  # as served: the windows read where they lie in each view's grid
                 options["Triton kernel, windows read in the views' grids (terms included)"] = median_ms(
                     windows_in_grids(groups, attn, settings_heads, head_dim, window), 5)

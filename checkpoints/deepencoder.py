@@ -238,6 +238,10 @@ class SamAttention(nn.Module):
         # widened q, k and v written); otherwise the folded path. README "Faithfulness".
         self.global_attention = global_attention
         self.relative_kernel = False
+        # With `relative_kernel`: every grid through the kernel (its windows read in the grid), or only grids
+        # it walks a whole row at a time (a width that is a power of two from 16: a 1024 or 512 view's global
+        # blocks), the rest through the folded path. Set by `SamEncoder.use_relative_attention_kernel`.
+        self.kernel_for_any_grid = True
         head_dim = dim // heads
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
@@ -251,9 +255,11 @@ class SamAttention(nn.Module):
         # `SamEncoder.use_cudnn_attention`.
         self.attention_backends = None
 
-    def runs_the_kernel(self, x: torch.Tensor) -> bool:
-        """Whether x's attention goes through the Triton kernel (which also reads windows where they lie)."""
-        return (self.fold_relative_positions and self.relative_kernel
+    def runs_the_kernel(self, x: torch.Tensor, window: int = 0) -> bool:
+        """Whether x's attention (within windows of `window`, if given) goes through the Triton kernel."""
+        walked_width = window or x.shape[2]
+        by_rows = walked_width >= 16 and walked_width & (walked_width - 1) == 0
+        return (self.fold_relative_positions and self.relative_kernel and (self.kernel_for_any_grid or by_rows)
                 and relative_attention_kernel_applies(x.device, self.rel_pos_h.shape[-1]))
 
     def forward(self, x: torch.Tensor, window: int = 0) -> torch.Tensor:
@@ -264,7 +270,7 @@ class SamAttention(nn.Module):
         qkv = self.qkv(x).reshape(batch, height * width, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # [B, heads, HW, d]
         if window or self.runs_the_kernel(x):
-            if not self.runs_the_kernel(x):
+            if not self.runs_the_kernel(x, window):
                 raise ValueError("attention within windows of the grid runs only through the Triton kernel")
             if window:  # a token's terms are those of its place in its window
                 place = torch.arange(max(height, width), device=x.device) % window
@@ -327,7 +333,7 @@ class SamBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
         x = self.norm1(x)
-        if self.window_size and self.attn.runs_the_kernel(x):  # the kernel reads the windows in the grid
+        if self.window_size and self.attn.runs_the_kernel(x, self.window_size):  # it reads the windows in the grid
             x = self.attn(x, window=self.window_size)
         elif self.window_size:
             height, width = x.shape[1:3]
@@ -377,11 +383,13 @@ class SamEncoder(nn.Module):
         for block in self.blocks:
             block.attn.attention_backends = cudnn_first() if enabled else None
 
-    def use_relative_attention_kernel(self, enabled: bool, windows: bool = True) -> None:
+    def use_relative_attention_kernel(self, enabled: bool, windows: bool = True, any_grid: bool = True) -> None:
         """The blocks' attention through the Triton kernel (`SamAttention.relative_kernel`) or not; `windows`:
-        the windowed blocks' too, or only the global blocks'."""
+        the windowed blocks' too, or only the global blocks'; `any_grid`: every grid, or only those the kernel
+        walks by whole rows (`SamAttention.kernel_for_any_grid`)."""
         for block in self.blocks:
             block.attn.relative_kernel = enabled and (windows or block.attn.global_attention)
+            block.attn.kernel_for_any_grid = any_grid
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(pixels)  # [B, H, W, C]

@@ -101,12 +101,15 @@ def checkpoint_tensor_shapes(folder: Path) -> dict:
 
 def choose_vision_kernels(model, settings: Settings, graphs: bool) -> None:
     """SAM's attention kernels as the engine serves them (README "Faithfulness"), `graphs`: whether the towers
-    are replayed as CUDA graphs. Unless the towers run in the original's order: the global blocks over grids
-    whose rows fill the Triton kernel's key blocks (a 1024 view's) through that kernel (DEEPSEEK_OCR_SAM_KERNEL),
-    and the rest of the folded attention through cuDNN's kernels when the shapes are the graphs' (cuDNN builds
-    a plan per new shape; captured at load, each is built once; DEEPSEEK_OCR_VISION_CUDNN)."""
+    are replayed as CUDA graphs. Unless the towers run in the original's order: the blocks over grids the
+    Triton kernel walks a whole row at a time (a 1024 or 512 view's global blocks) through that kernel
+    (DEEPSEEK_OCR_SAM_KERNEL=1; `all`: every block, its windows read in the grid, faster but further from
+    float32 on three presets, README "Performance"), and the rest of the folded attention through cuDNN's
+    kernels when the shapes are the graphs' (cuDNN builds a plan per new shape; captured at load, each is
+    built once; DEEPSEEK_OCR_VISION_CUDNN)."""
     sam = model.model.sam_model
-    sam.use_relative_attention_kernel(settings.sam_kernel and settings.vision != "original")
+    sam.use_relative_attention_kernel(settings.sam_kernel != "0" and settings.vision != "original",
+                                      any_grid=settings.sam_kernel == "all")
     sam.use_cudnn_attention(settings.vision_cudnn and graphs and settings.vision != "original")
 
 

@@ -488,3 +488,18 @@ def test_attention_within_windows_of_the_grid_needs_the_kernel():
     attention = SamAttention(16, 2, 5)
     with pytest.raises(ValueError, match="only through the Triton kernel"):
         attention(torch.zeros(1, 7, 7, 16), window=5)
+
+
+@pytest.mark.parametrize("any_grid", [True, False])
+def test_the_kernel_takes_every_grid_or_those_it_walks_by_whole_rows(monkeypatch, any_grid):
+    import checkpoints.deepencoder as deepencoder
+
+    monkeypatch.setattr(deepencoder, "relative_attention_kernel_applies", lambda device, head_dim: True)
+    attention = SamAttention(32, 2, 14)
+    attention.relative_kernel, attention.kernel_for_any_grid = True, any_grid
+    assert attention.runs_the_kernel(torch.zeros(1, 64, 64, 32))  # a 1024 view's rows of 64 keys
+    assert attention.runs_the_kernel(torch.zeros(1, 32, 32, 32))  # a 512 view's
+    assert attention.runs_the_kernel(torch.zeros(1, 40, 40, 32)) is any_grid  # a 640 tile's rows of 40
+    assert attention.runs_the_kernel(torch.zeros(1, 64, 64, 32), window=14) is any_grid  # windows of 14
+    attention.relative_kernel = False
+    assert not attention.runs_the_kernel(torch.zeros(1, 64, 64, 32))

@@ -269,10 +269,11 @@ def test_a_failed_prompt_takes_its_predictions_other_pages_out_of_the_page_by_pa
 
 
 @pytest.mark.parametrize("vision, sam_kernel, vision_cudnn, graphs, kernel_on, cudnn_on", [
-    ("compiled", True, True, True, True, True),  # the defaults on a GPU
-    ("compiled", True, True, False, True, False),  # towers called, not replayed: shapes vary, no cuDNN plans
-    ("fast", False, False, True, False, False),  # both turned off
-    ("original", True, True, False, False, False),  # the original's order keeps PyTorch's own kernels
+    ("compiled", "1", True, True, True, True),  # the defaults on a GPU
+    ("compiled", "all", True, True, True, True),  # the kernel for every grid
+    ("compiled", "1", True, False, True, False),  # towers called, not replayed: shapes vary, no cuDNN plans
+    ("fast", "0", False, True, False, False),  # both turned off
+    ("original", "1", True, False, False, False),  # the original's order keeps PyTorch's own kernels
 ])
 def test_sams_attention_kernels_follow_the_settings(tiny_model, vision, sam_kernel, vision_cudnn, graphs, kernel_on,
                                                      cudnn_on):
@@ -280,12 +281,13 @@ def test_sams_attention_kernels_follow_the_settings(tiny_model, vision, sam_kern
     from ocr_service.engine import choose_vision_kernels
 
     settings = Settings.from_env({"DEEPSEEK_OCR_DEVICE": "cpu", "DEEPSEEK_OCR_VISION": vision,
-                                  "DEEPSEEK_OCR_SAM_KERNEL": str(int(sam_kernel)),
+                                  "DEEPSEEK_OCR_SAM_KERNEL": sam_kernel,
                                   "DEEPSEEK_OCR_VISION_CUDNN": str(int(vision_cudnn))})
     try:
         choose_vision_kernels(tiny_model, settings, graphs)
         for block in tiny_model.model.sam_model.blocks:
             assert block.attn.relative_kernel is kernel_on
+            assert block.attn.kernel_for_any_grid is (sam_kernel == "all")
             assert block.attn.attention_backends == (cudnn_first() if cudnn_on else None)
     finally:
         choose_vision_kernels(tiny_model, Settings.from_env({"DEEPSEEK_OCR_DEVICE": "cpu", "DEEPSEEK_OCR_SAM_KERNEL": "0",
