@@ -149,8 +149,10 @@ def relative_terms(q: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor, he
     unaligned, and the products that compute them ran in a slow kernel made for unaligned matrices."""
     batch, heads, tokens, head_dim = q.shape
     q_grid = q.reshape(batch, heads, height, width, head_dim)
-    rel_h = F.pad(rel_h, (0, 0, 0, -rel_h.shape[1] % pad_to))
-    rel_w = F.pad(rel_w, (0, 0, 0, -rel_w.shape[1] % pad_to))
+    if rel_h.shape[1] % pad_to:
+        rel_h = F.pad(rel_h, (0, 0, 0, -rel_h.shape[1] % pad_to))
+    if rel_w.shape[1] % pad_to:
+        rel_w = F.pad(rel_w, (0, 0, 0, -rel_w.shape[1] % pad_to))
     row_terms = torch.einsum("bnhwc,hkc->bnhwk", q_grid, rel_h).reshape(batch, heads, tokens, rel_h.shape[1])
     col_terms = torch.einsum("bnhwc,wkc->bnhwk", q_grid, rel_w).reshape(batch, heads, tokens, rel_w.shape[1])
     return row_terms, col_terms
@@ -269,9 +271,10 @@ class SamAttention(nn.Module):
         batch, height, width, _ = x.shape
         qkv = self.qkv(x).reshape(batch, height * width, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # [B, heads, HW, d]
-        if window or self.runs_the_kernel(x):
-            if not self.runs_the_kernel(x, window):
-                raise ValueError("attention within windows of the grid runs only through the Triton kernel")
+        through_kernel = self.runs_the_kernel(x, window)
+        if window and not through_kernel:
+            raise ValueError("attention within windows of the grid runs only through the Triton kernel")
+        if through_kernel:
             if window:  # a token's terms are those of its place in its window
                 place = torch.arange(max(height, width), device=x.device) % window
                 rel_h = relative_positions(window, window, self.rel_pos_h)[place[:height]]  # [H, window, d]
