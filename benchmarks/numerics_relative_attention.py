@@ -2,9 +2,12 @@
 that adds the relative positions inside (`checkpoints/triton_relative_attention.py`), the folded path
 (`deepencoder.folded_relative_attention`, what the engine serves) and the dense bias itself. On a GPU the kernel
 runs as compiled; on the CPU under Triton's interpreter (`TRITON_INTERPRET=1`, bf16 rounding emulated as
-tests/test_triton_kernels.py does; a 64 × 64 grid takes about a minute there).
+tests/test_triton_kernels.py does; a 64 × 64 grid takes about a minute there). With `--window`, SAM's windowed
+attention over the grid instead: the kernel reading the windows in the grid (padded keys its biases), the folded
+path over the windows cut out, against the windows cut out in float32.
 
     TRITON_INTERPRET=1 python benchmarks/numerics_relative_attention.py --grid 64     # CPU
+    TRITON_INTERPRET=1 python benchmarks/numerics_relative_attention.py --grid 40 --window 14
     python benchmarks/numerics_relative_attention.py --grid 64 --views 4               # GPU
 """
 
@@ -21,7 +24,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from test_triton_kernels import load_kernel_modules, make_interpreter_faithful  # noqa: E402
+from test_triton_kernels import (  # noqa: E402
+    load_kernel_modules, make_interpreter_faithful, windowed_relative_attention_reference,
+)
 
 
 def main() -> None:
@@ -29,6 +34,7 @@ def main() -> None:
     parser.add_argument("--grid", type=int, default=64, help="grid side (64: a 1024 view's global blocks)")
     parser.add_argument("--heads", type=int, default=2)
     parser.add_argument("--views", type=int, default=1)
+    parser.add_argument("--window", type=int, default=0, help="windows of this side (14: SAM's windowed blocks)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
@@ -38,6 +44,13 @@ def main() -> None:
     (kernel,) = load_kernel_modules("triton_relative_attention")
     deepencoder = importlib.import_module("checkpoints.deepencoder")
     torch.manual_seed(0)
+    if args.window:
+        report = windowed(kernel, deepencoder, args, device)
+        report["interpreted"] = interpreted
+        print(json.dumps(report, indent=1))
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=1))
+        return
     views, heads, side, head_dim = args.views, args.heads, args.grid, 64
     tokens = side * side
     # SAM-like scales: unit queries and keys, relative-position tables of order 0.5
@@ -64,6 +77,40 @@ def main() -> None:
     print(json.dumps(report, indent=1))
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
+
+
+def windowed(kernel, deepencoder, args, device) -> dict:
+    """The --window comparison (module docstring)."""
+    views, heads, side, window, head_dim = args.views, args.heads, args.grid, args.window, 64
+    tokens = side * side
+    q, k, v = torch.randn(views, tokens, 3, heads, head_dim, device=device).permute(2, 0, 3, 1, 4).unbind(0)
+    rel_h, rel_w = (torch.randn(window, window, head_dim, device=device) * 0.5 for _ in range(2))
+    k_bias, v_bias = (torch.randn(heads, head_dim, device=device) for _ in range(2))
+    place = torch.arange(side, device=device) % window
+
+    def terms(q, rel_h, rel_w, pad_to=1):  # each token's terms, those of its place in its window
+        return deepencoder.relative_terms(q, rel_h[place], rel_w[place], side, side, pad_to=pad_to)
+
+    reference = windowed_relative_attention_reference(q, k, v, *terms(q, rel_h, rel_w), side, side, window,
+                                                      k_bias, v_bias)
+    bf16 = [t.bfloat16() for t in (q, k, v, rel_h, rel_w, k_bias, v_bias)]
+    rows, cols = terms(bf16[0], bf16[3], bf16[4], pad_to=8)
+
+    def folded(q, k, v, rows, cols):
+        return deepencoder.folded_relative_attention(q, k, v, rows, cols, window, window).transpose(1, 2)
+
+    results = {
+        "kernel, windows in the grid": kernel.relative_attention(*bf16[:3], rows, cols, side, side, window=window,
+                                                                 k_bias=bf16[5], v_bias=bf16[6]).float(),
+        "folded, windows cut out": windowed_relative_attention_reference(
+            *bf16[:3], *terms(bf16[0], bf16[3], bf16[4]), side, side, window, bf16[5], bf16[6],
+            attend=folded).float(),
+    }
+    distance = {name: float((out - reference).norm() / reference.norm()) for name, out in results.items()}
+    kernel_out, folded_out = results.values()
+    distance["kernel vs folded"] = float((kernel_out - folded_out).norm() / folded_out.norm())
+    return {"device": device, "grid": side, "window": window, "heads": heads, "views": views,
+            "relative_distance_from_float32": distance}
 
 
 if __name__ == "__main__":

@@ -587,10 +587,11 @@ def relative_attention_reference(q, k, v, row_terms, col_terms):
     return out.transpose(1, 2).to(q.dtype)
 
 
-def windowed_relative_attention_reference(q, k, v, row_terms, col_terms, height, width, window, k_bias, v_bias):
+def windowed_relative_attention_reference(q, k, v, row_terms, col_terms, height, width, window, k_bias, v_bias,
+                                          attend=relative_attention_reference):
     """The definition of attention within windows: the grid padded to whole windows with keys k_bias and values
-    v_bias (SAM's zero tokens after its projection), cut into windows, each window's attention as above with
-    the terms of its queries, put back and cropped to the grid."""
+    v_bias (SAM's zero tokens after its projection), cut into windows, each window's attention (`attend`, by
+    default the definition above) with the terms of its queries, put back and cropped to the grid."""
     batch, heads, _, head_dim = q.shape
     down, across = -(-height // window), -(-width // window)
 
@@ -602,11 +603,10 @@ def windowed_relative_attention_reference(q, k, v, row_terms, col_terms, height,
         cut = padded.reshape(batch, heads, down, window, across, window, -1).permute(0, 2, 4, 1, 3, 5, 6)
         return cut.reshape(batch * down * across, heads, window * window, -1)
 
-    zeros = torch.zeros(heads, head_dim, dtype=q.dtype)
-    out = relative_attention_reference(
-        windows_of(q, zeros), windows_of(k, k_bias), windows_of(v, v_bias),
-        windows_of(row_terms, torch.zeros(heads, window, dtype=q.dtype)),
-        windows_of(col_terms, torch.zeros(heads, window, dtype=q.dtype)))  # [B·windows, window², n, d]
+    zeros = q.new_zeros(heads, max(head_dim, window))
+    out = attend(windows_of(q, zeros[:, :head_dim]), windows_of(k, k_bias), windows_of(v, v_bias),
+                 windows_of(row_terms, zeros[:, :window]), windows_of(col_terms, zeros[:, :window]))
+    # out: [B·windows, window², n, d]
     out = out.reshape(batch, down, across, window, window, heads, head_dim).permute(0, 1, 3, 2, 4, 5, 6)
     out = out.reshape(batch, down * window, across * window, heads, head_dim)[:, :height, :width]
     return out.reshape(batch, height * width, heads, head_dim)
