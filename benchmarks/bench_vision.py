@@ -470,18 +470,17 @@ def kernel_options(side: int) -> list:
 def windows_in_grids(groups: dict, attn, heads: int, head_dim: int, window: int):
     """One windowed block's attention as the engine serves it, to time: over each view size's grids (random
     q, k, v; the block's tables and biases), the terms, then the kernel reading the windows where they lie."""
-    from checkpoints.deepencoder import relative_positions, relative_terms
+    from checkpoints.deepencoder import relative_positions_in_windows, relative_terms
     from checkpoints.triton_relative_attention import relative_attention
 
     _, k_bias, v_bias = attn.qkv.bias.detach().to(DTYPE).view(3, heads, -1)
     grids = []
     for size, views in groups.items():
         side = size // 16
-        place = torch.arange(side, device=DEVICE) % window
         grids.append((side, [torch.randn(views.shape[0], heads, side * side, head_dim, device=DEVICE, dtype=DTYPE)
                              for _ in range(3)],
-                      relative_positions(window, window, attn.rel_pos_h.detach()).to(DTYPE)[place],
-                      relative_positions(window, window, attn.rel_pos_w.detach()).to(DTYPE)[place]))
+                      relative_positions_in_windows(side, window, attn.rel_pos_h.detach()).to(DTYPE),
+                      relative_positions_in_windows(side, window, attn.rel_pos_w.detach()).to(DTYPE)))
 
     def run():
         for side, (q, k, v), rel_h, rel_w in grids:

@@ -84,12 +84,13 @@ def windowed(kernel, deepencoder, args, device) -> dict:
     views, heads, side, window, head_dim = args.views, args.heads, args.grid, args.window, 64
     tokens = side * side
     q, k, v = torch.randn(views, tokens, 3, heads, head_dim, device=device).permute(2, 0, 3, 1, 4).unbind(0)
-    rel_h, rel_w = (torch.randn(window, window, head_dim, device=device) * 0.5 for _ in range(2))
+    rel_h, rel_w = (torch.randn(2 * window - 1, head_dim, device=device) * 0.5 for _ in range(2))  # the tables
     k_bias, v_bias = (torch.randn(heads, head_dim, device=device) for _ in range(2))
-    place = torch.arange(side, device=device) % window
 
     def terms(q, rel_h, rel_w, pad_to=1):  # each token's terms, those of its place in its window
-        return deepencoder.relative_terms(q, rel_h[place], rel_w[place], side, side, pad_to=pad_to)
+        return deepencoder.relative_terms(q, deepencoder.relative_positions_in_windows(side, window, rel_h),
+                                          deepencoder.relative_positions_in_windows(side, window, rel_w),
+                                          side, side, pad_to=pad_to)
 
     reference = windowed_relative_attention_reference(q, k, v, *terms(q, rel_h, rel_w), side, side, window,
                                                       k_bias, v_bias)

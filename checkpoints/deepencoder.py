@@ -136,6 +136,14 @@ def relative_positions(q_size: int, k_size: int, table: torch.Tensor) -> torch.T
     return table[offsets.long()]
 
 
+def relative_positions_in_windows(side: int, window: int, table: torch.Tensor) -> torch.Tensor:
+    """[side, window, C]: for each row (or column) of a side-long grid cut into windows from its start, the
+    relative-position embeddings of its place in its window against the window's rows (`relative_positions`
+    of the window)."""
+    place = torch.arange(side, device=table.device) % window
+    return relative_positions(window, window, table)[place]
+
+
 def relative_terms(q: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor, height: int, width: int,
                    pad_to: int = 1) -> tuple:
     """SAM's decomposed relative positions as two small tables, from the unscaled queries q [B, n, HW, d]:
@@ -276,9 +284,8 @@ class SamAttention(nn.Module):
             raise ValueError("attention within windows of the grid runs only through the Triton kernel")
         if through_kernel:
             if window:  # a token's terms are those of its place in its window
-                place = torch.arange(max(height, width), device=x.device) % window
-                rel_h = relative_positions(window, window, self.rel_pos_h)[place[:height]]  # [H, window, d]
-                rel_w = relative_positions(window, window, self.rel_pos_w)[place[:width]]  # [W, window, d]
+                rel_h = relative_positions_in_windows(height, window, self.rel_pos_h)  # [H, window, d]
+                rel_w = relative_positions_in_windows(width, window, self.rel_pos_w)  # [W, window, d]
             else:
                 rel_h = relative_positions(height, height, self.rel_pos_h)  # [H, H, d]
                 rel_w = relative_positions(width, width, self.rel_pos_w)  # [W, W, d]

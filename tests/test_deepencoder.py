@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from checkpoints.deepencoder import (
     ClipAttention, ClipLayer, ClipMLP, ClipSettings, ClipVisionModel, LinearProjector, PatchEmbed, SamAttention,
     SamBlock, SamEncoder, SamSettings, cudnn_first, encode_views, merge_windows, partition_windows,
-    relative_positions, relative_terms,
+    relative_positions, relative_positions_in_windows, relative_terms,
 )
 from checkpoints.fused_ops import quick_gelu
 
@@ -190,6 +190,14 @@ def test_relative_positions_are_the_offset_embeddings(size, trained_for):
     if size == trained_for:  # the table itself, read at i − j
         assert torch.equal(relative_positions(size, size, table)[size - 1, 0], table[2 * size - 2])
         assert torch.equal(relative_positions(size, size, table)[0, size - 1], table[0])
+
+
+def test_a_grid_cut_into_windows_reads_each_place_in_its_window():
+    table = randn(2 * 5 - 1, 3, seed=9)
+    in_windows = relative_positions_in_windows(12, 5, table)  # windows of 5, 5 and 2 (padded) rows
+    assert in_windows.shape == (12, 5, 3)
+    for row in range(12):
+        torch.testing.assert_close(in_windows[row], relative_positions(5, 5, table)[row % 5], **EXACT)
 
 
 def test_a_resampled_table_keeps_its_ends_and_its_centre():
