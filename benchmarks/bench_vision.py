@@ -149,6 +149,8 @@ def vision_variants(model, model_name: str, tokenizer, pages: int, chunks: dict,
             inner.sam_model.use_relative_positions("folded")
             if "attention-options" in steps and DEVICE == "cuda":
                 results["attention_options"] = attention_options(model, groups, pages, ceilings)
+            if "linear-gelu" in steps and DEVICE == "cuda":
+                results["linear_gelu"] = linear_gelu_options(model, groups, ceilings)
             if "served-trials" in steps:
                 results["served_trials"] = served_trials(model, groups, pages, reference32, base, work, ceilings,
                                                          list(trials))
@@ -303,17 +305,19 @@ def flops_by_kind(model, views: list) -> dict:
 
 # name → (SDPA with cuDNN's kernels first for what SAM runs through SDPA, SAM's blocks through the Triton kernel:
 # None, "rows" (grids it walks by whole rows: the default), "global" (global blocks) or "all", Inductor's options
-# for compiling the blocks)
+# for compiling the blocks, the MLPs' first product and GELU in one Triton kernel)
 SERVED_TRIALS = {
-    "flash attention, folded": (False, None, None),
-    "cuDNN attention, folded": (True, None, None),
-    "Triton kernel for grids walked by rows, cuDNN for the rest": (True, "rows", None),
-    "Triton kernel for global blocks, cuDNN for windows": (True, "global", None),
-    "Triton kernel for every block": (False, "all", None),
+    "flash attention, folded": (False, None, None, False),
+    "cuDNN attention, folded": (True, None, None, False),
+    "Triton kernel for grids walked by rows, cuDNN for the rest": (True, "rows", None, False),
+    "Triton kernel for grids walked by rows, cuDNN for the rest, GELU kernel": (True, "rows", None, True),
+    "Triton kernel for global blocks, cuDNN for windows": (True, "global", None, False),
+    "Triton kernel for every block": (False, "all", None, False),
+    "Triton kernel for every block, GELU kernel": (False, "all", None, True),
     # Inductor's own GEMM templates, to fuse the GELU into the first MLP product: on the H200 its autotuning
     # took 10-20 s a shape (and its templates ran at 55-61% of the best choice), the towers' compile more
     # than five minutes (h200-2026-11-30l, call 1)
-    "Triton kernel for every block, GEMMs autotuned": (False, "all", {"max_autotune_gemm": True}),
+    "Triton kernel for every block, GEMMs autotuned": (False, "all", {"max_autotune_gemm": True}, False),
 }
 
 
@@ -334,6 +338,7 @@ def served_trials(model, groups: dict, pages: int, reference32: dict, base: dict
     torch._dynamo.reset()
     inner.sam_model.use_relative_attention_kernel(False)
     inner.sam_model.use_cudnn_attention(False)
+    inner.sam_model.use_gelu_kernel(False)
     return results
 
 
@@ -341,8 +346,9 @@ def served_trial(model, groups: dict, pages: int, reference32: dict, base: dict,
     """One of `served_trials`' rows (its docstring), or {"error"} if the trial failed."""
     inner = model.model
     sides = list(groups)
-    cudnn, kernel, options = SERVED_TRIALS[name]
+    cudnn, kernel, options, gelu_kernel = SERVED_TRIALS[name]
     inner.sam_model.use_cudnn_attention(cudnn)
+    inner.sam_model.use_gelu_kernel(gelu_kernel)
     inner.sam_model.use_relative_attention_kernel(kernel is not None, windows=kernel != "global",
                                                   any_grid=kernel != "rows")
     uncompile_vision_towers(model)
@@ -453,6 +459,57 @@ def attention_options(model, groups: dict, pages: int, ceilings: dict) -> dict:
         results[label] = row
         print("attention", label, json.dumps(row), flush=True)
         del q, k, v
+    return results
+
+
+# (tile (rows, columns, depth), warps, stages) to time the MLP's product-and-GELU kernel with
+LINEAR_GELU_OPTIONS = (((128, 128, 64), 8, 3), ((128, 128, 64), 4, 4), ((128, 256, 64), 8, 3),
+                       ((128, 256, 64), 8, 4), ((256, 128, 64), 8, 3), ((64, 256, 64), 4, 4), ((128, 128, 32), 4, 4))
+
+
+def linear_gelu_options(model, groups: dict, ceilings: dict) -> dict:
+    """SAM's MLP first product with its GELU alone, at the tokens of one pass's views of each size: PyTorch's
+    order eager (cuBLAS's product, then the GELU) and compiled (Inductor's GELU kernel after cuBLAS's), the
+    product alone, and the Triton kernel (`triton_linear_gelu`) at several tiles; each beside its floors
+    (its arithmetic at the matmul rate; the bytes of x, W and the output at the copy rate) and, for the plain
+    order and the kernel's default, its distance from a float32 result."""
+    import torch.nn.functional as F
+
+    from checkpoints.triton_linear_gelu import linear_gelu
+
+    mlp = model.model.sam_model.blocks[0].mlp
+    weight, bias = mlp.lin1.weight.detach(), mlp.lin1.bias.detach()
+    hidden, width = weight.shape
+    results = {}
+    for size, views in groups.items():
+        rows = views.shape[0] * (size // 16) ** 2
+        x = torch.randn(rows, width, device=DEVICE, dtype=DTYPE)
+        flops, moved = 2 * rows * width * hidden, (rows * (width + hidden) + width * hidden) * x.element_size()
+        plain = lambda: F.gelu(F.linear(x, weight, bias))  # noqa: E731
+        compiled = torch.compile(plain)
+        options = {"PyTorch's order, eager": plain, "PyTorch's order, compiled": compiled,
+                   "the product alone (cuBLAS)": lambda: F.linear(x, weight, bias)}
+        for tile, warps, stages in LINEAR_GELU_OPTIONS:
+            options[f"Triton kernel, tile {tile[0]}×{tile[1]}×{tile[2]}, {warps} warps, {stages} stages"] = (
+                lambda tile=tile, warps=warps, stages=stages: linear_gelu(x, weight, bias, tile, warps, stages))
+        timings = {}
+        with torch.inference_mode():
+            for name, fn in options.items():
+                try:
+                    timings[name] = median_ms(fn, 10)
+                except Exception as error:
+                    timings[name] = repr(error)[:200]
+            reference = F.gelu(F.linear(x.float(), weight.float(), bias.float()))
+            errors = {"PyTorch's order": relative_error(plain(), reference),
+                      "Triton kernel (default tile)": relative_error(linear_gelu(x, weight, bias), reference)}
+        row = {"rows": rows, "flops": flops, "floor_ms": flops / ceilings["matmul_flops"] * 1e3,
+               "bytes_floor_ms": moved / ceilings["copy_bytes_s"] * 1e3,
+               "ms": {n: t for n, t in timings.items() if isinstance(t, float)},
+               "tflops": {n: flops / t / 1e9 for n, t in timings.items() if isinstance(t, float)},
+               "failed": {n: t for n, t in timings.items() if isinstance(t, str)}, "vs_float32": errors}
+        results[f"{views.shape[0]} views of {size}"] = row
+        print("linear-gelu", size, json.dumps(row), flush=True)
+        del x
     return results
 
 
@@ -568,11 +625,12 @@ def main():
     parser.add_argument("--profile", type=Path, help="folder for the kernel profiles of the vision pass and the "
                         "prefill")
     parser.add_argument("--steps", nargs="+", default=["variants", "prefill"],
-                        choices=["variants", "served-trials", "attention-options", "prefill"],
+                        choices=["variants", "served-trials", "attention-options", "linear-gelu", "prefill"],
                         help="variants: the ways of running the towers above; served-trials: the served path "
                         "(compiled blocks, CUDA graphs) under --trials, with its GPU time by kind of kernel beside "
                         "each kind's floor; attention-options: SAM's attention alone at one pass's shapes, each way "
-                        "of computing it; prefill: the prefill alone")
+                        "of computing it; linear-gelu: SAM's MLP first product and GELU alone, PyTorch's order against the Triton "
+                        "kernel; prefill: the prefill alone")
     parser.add_argument("--trials", nargs="+", default=list(SERVED_TRIALS), choices=list(SERVED_TRIALS),
                         help="served-trials' attention choices (default: all)")
     parser.add_argument("--json", type=Path)
