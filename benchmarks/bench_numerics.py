@@ -133,6 +133,9 @@ def main():
     parser.add_argument("--original", help="folder with the original remote-code .py files")
     parser.add_argument("--original-site", help="site-packages folder with transformers 4.46.3 for the original")
     parser.add_argument("--original-timeout", type=int, default=400)
+    parser.add_argument("--variants", nargs="*", default=[], metavar="NAME=VALUE[,NAME=VALUE]",
+                        help="served towers again under other settings (e.g. DEEPSEEK_OCR_SAM_GELU_KERNEL=1), each a "
+                        "column of its own")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.checkpoint is None:
@@ -171,6 +174,14 @@ def main():
     compile_vision_towers(model, backend="inductor" if DEVICE == "cuda" else "eager")
     ours_compiled = ours(model, tokenizer, images, args.tokens, presets)
     uncompile_vision_towers(model)
+    ours_variants = {}
+    for variant in args.variants:  # the served towers under other settings
+        torch._dynamo.reset()
+        overrides = dict(pair.split("=", 1) for pair in variant.split(","))
+        choose_vision_kernels(model, Settings.from_env({**os.environ, **overrides}), graphs=DEVICE == "cuda")
+        compile_vision_towers(model, backend="inductor" if DEVICE == "cuda" else "eager")
+        ours_variants[variant] = ours(model, tokenizer, images, args.tokens, presets)
+        uncompile_vision_towers(model)
     del model
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
@@ -184,7 +195,8 @@ def main():
             return summarise([compare(a[key], b[key]) for key in keys])
 
         row = {"bf16_vs_fp32": against(ours_f32_rotary, ours_fp32), "compiled_vs_fp32": against(ours_compiled, ours_fp32),
-               "compiled_vs_served": against(ours_compiled, ours_f32_rotary)}
+               "compiled_vs_served": against(ours_compiled, ours_f32_rotary),
+               "variants_vs_fp32": {variant: against(out, ours_fp32) for variant, out in ours_variants.items()}}
         if all(key in theirs for key in keys):
             row["compiled_vision"] = against(ours_compiled, theirs)
             row["original_vs_fp32"] = against(theirs, ours_fp32)
@@ -202,7 +214,8 @@ def main():
             "served: logits rel err", "top-10", "greedy same",
             "served, original rotary: logits rel err", "top-10", "greedy same",
             "original's order: logits rel err", "top-10", "greedy same",
-            "compiled vision: logits rel err", "top-10", "greedy same"]
+            "compiled vision: logits rel err", "top-10", "greedy same"] + [
+            f"compiled vision, {variant}, vs fp32" for variant in args.variants]
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for name, row in rows.items():
         def distance(c):
@@ -214,6 +227,7 @@ def main():
             c = row.get(mode)
             cells += ([f"{c['rel_error']:.2%}", f"{c['top10']}/{c['top10_of']}", f"{c['same_prefix']}/{c['compared']}"]
                       if c else ["-", "-", "-"])
+        cells += [distance(row["variants_vs_fp32"][variant]) for variant in args.variants]
         print("| " + " | ".join(cells) + " |")
 
 

@@ -303,21 +303,29 @@ def flops_by_kind(model, views: list) -> dict:
     return {"matrix products": float(counter.get_total_flops() - attention), "attention": float(attention)}
 
 
-# name → (SDPA with cuDNN's kernels first for what SAM runs through SDPA, SAM's blocks through the Triton kernel:
-# None, "rows" (grids it walks by whole rows: the default), "global" (global blocks) or "all", Inductor's options
-# for compiling the blocks, the MLPs' first product and GELU in one Triton kernel)
+# name → how the served towers run: "cudnn" (SDPA with cuDNN's kernels first for what SAM runs through SDPA),
+# "kernel" (SAM's blocks through the Triton kernel: None, "rows" (grids it walks by whole rows: the default),
+# "global" (global blocks) or "all"), "tables" (the kernel computes the relative terms from the tables), "gelu"
+# (the MLPs' first product and GELU in one Triton kernel), "options" (Inductor's, for compiling the blocks)
 SERVED_TRIALS = {
-    "flash attention, folded": (False, None, None, False),
-    "cuDNN attention, folded": (True, None, None, False),
-    "Triton kernel for grids walked by rows, cuDNN for the rest": (True, "rows", None, False),
-    "Triton kernel for grids walked by rows, cuDNN for the rest, GELU kernel": (True, "rows", None, True),
-    "Triton kernel for global blocks, cuDNN for windows": (True, "global", None, False),
-    "Triton kernel for every block": (False, "all", None, False),
-    "Triton kernel for every block, GELU kernel": (False, "all", None, True),
+    "flash attention, folded": dict(cudnn=False, kernel=None),
+    "cuDNN attention, folded": dict(cudnn=True, kernel=None),
+    "Triton kernel for grids walked by rows, cuDNN for the rest": dict(cudnn=True, kernel="rows"),
+    "Triton kernel for grids walked by rows, cuDNN for the rest, GELU kernel": dict(cudnn=True, kernel="rows",
+                                                                                   gelu=True),
+    "Triton kernel for grids walked by rows (terms inside), cuDNN for the rest, GELU kernel": dict(
+        cudnn=True, kernel="rows", tables=True, gelu=True),
+    "Triton kernel for global blocks, cuDNN for windows": dict(cudnn=True, kernel="global"),
+    "Triton kernel for every block": dict(cudnn=False, kernel="all"),
+    "Triton kernel for every block, GELU kernel": dict(cudnn=False, kernel="all", gelu=True),
+    "Triton kernel for every block (terms inside)": dict(cudnn=False, kernel="all", tables=True),
+    "Triton kernel for every block (terms inside), GELU kernel": dict(cudnn=False, kernel="all", tables=True,
+                                                                      gelu=True),
     # Inductor's own GEMM templates, to fuse the GELU into the first MLP product: on the H200 its autotuning
     # took 10-20 s a shape (and its templates ran at 55-61% of the best choice), the towers' compile more
     # than five minutes (h200-2026-11-30l, call 1)
-    "Triton kernel for every block, GEMMs autotuned": (False, "all", {"max_autotune_gemm": True}, False),
+    "Triton kernel for every block, GEMMs autotuned": dict(cudnn=False, kernel="all",
+                                                           options={"max_autotune_gemm": True}),
 }
 
 
@@ -346,11 +354,12 @@ def served_trial(model, groups: dict, pages: int, reference32: dict, base: dict,
     """One of `served_trials`' rows (its docstring), or {"error"} if the trial failed."""
     inner = model.model
     sides = list(groups)
-    cudnn, kernel, options, gelu_kernel = SERVED_TRIALS[name]
-    inner.sam_model.use_cudnn_attention(cudnn)
-    inner.sam_model.use_gelu_kernel(gelu_kernel)
+    trial = SERVED_TRIALS[name]
+    kernel, options = trial["kernel"], trial.get("options")
+    inner.sam_model.use_cudnn_attention(trial["cudnn"])
+    inner.sam_model.use_gelu_kernel(trial.get("gelu", False))
     inner.sam_model.use_relative_attention_kernel(kernel is not None, windows=kernel != "global",
-                                                  any_grid=kernel != "rows")
+                                                  any_grid=kernel != "rows", terms_in_kernel=trial.get("tables", False))
     uncompile_vision_towers(model)
     torch._dynamo.reset()
     try:
@@ -396,7 +405,7 @@ def attention_options(model, groups: dict, pages: int, ceilings: dict) -> dict:
     relative positions (what attention over 64 dimensions costs: the floor of any way to add them), the folded
     path under flash and cuDNN, and the Triton kernel at several tiles."""
     from checkpoints.deepencoder import (folded_relative_attention, relative_positions, relative_terms,
-                                         widened_qkv)
+                                         resized_relative_table, widened_qkv)
     from checkpoints.triton_relative_attention import relative_attention
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -449,9 +458,24 @@ def attention_options(model, groups: dict, pages: int, ceilings: dict) -> dict:
                         q, k, v, row_terms, col_terms, side, side, tiles=tiles, keys=keys), 5)
                 except Exception as error:
                     options[f"{option} failed"] = repr(error)[:200]
+            tables = (resized_relative_table(side, attn.rel_pos_h.detach()), resized_relative_table(side, attn.rel_pos_w.detach()))
+            for by_gather in (True, False):  # the terms computed in the kernel from the tables: no terms above
+                for tiles in ((64, 4, 3), (64, 4, 2), (32, 4, 3), (128, 8, 3)):
+                    option = (f"Triton kernel, terms inside ({'gather' if by_gather else 'select'}), "
+                              f"{tiles[0]} queries, {tiles[1]} warps, {tiles[2]} stages")
+                    try:
+                        options[option] = median_ms(lambda: relative_attention(
+                            q, k, v, None, None, side, side, tiles=tiles, tables=tables, by_gather=by_gather), 5)
+                    except Exception as error:
+                        options[f"{option} failed"] = repr(error)[:200]
             if attn is window_attn:  # as served: the windows read where they lie in each view's grid
                 options["Triton kernel, windows read in the views' grids (terms included)"] = median_ms(
                     windows_in_grids(groups, attn, settings_heads, head_dim, window), 5)
+                try:
+                    options["Triton kernel, windows read in the views' grids, terms inside"] = median_ms(
+                        windows_in_grids(groups, attn, settings_heads, head_dim, window, terms_inside=True), 5)
+                except Exception as error:
+                    options["Triton kernel, windows read in the views' grids, terms inside: failed"] = repr(error)[:200]
         row = {"work_flops": work, "floor_ms": work / ceilings["matmul_flops"] * 1e3, "pages": pages,
                "ms": {name: ms for name, ms in options.items() if isinstance(ms, float)},
                "tflops": {name: work / ms / 1e9 for name, ms in options.items() if isinstance(ms, float)},
@@ -524,10 +548,11 @@ def kernel_options(side: int) -> list:
     return [(default, t) for t in tiles] + [(r, (64, 4, 3)) for r in others]
 
 
-def windows_in_grids(groups: dict, attn, heads: int, head_dim: int, window: int):
+def windows_in_grids(groups: dict, attn, heads: int, head_dim: int, window: int, terms_inside: bool = False):
     """One windowed block's attention as the engine serves it, to time: over each view size's grids (random
-    q, k, v; the block's tables and biases), the terms, then the kernel reading the windows where they lie."""
-    from checkpoints.deepencoder import relative_positions_in_windows, relative_terms
+    q, k, v; the block's tables and biases), the terms, then the kernel reading the windows where they lie;
+    with `terms_inside`, the kernel computing the terms from the tables."""
+    from checkpoints.deepencoder import relative_positions_in_windows, relative_terms, resized_relative_table
     from checkpoints.triton_relative_attention import relative_attention
 
     _, k_bias, v_bias = attn.qkv.bias.detach().to(DTYPE).view(3, heads, -1)
@@ -539,8 +564,15 @@ def windows_in_grids(groups: dict, attn, heads: int, head_dim: int, window: int)
                       relative_positions_in_windows(side, window, attn.rel_pos_h.detach()).to(DTYPE),
                       relative_positions_in_windows(side, window, attn.rel_pos_w.detach()).to(DTYPE)))
 
+    tables = (resized_relative_table(window, attn.rel_pos_h.detach()).to(DTYPE),
+              resized_relative_table(window, attn.rel_pos_w.detach()).to(DTYPE))
+
     def run():
         for side, (q, k, v), rel_h, rel_w in grids:
+            if terms_inside:
+                relative_attention(q, k, v, None, None, side, side, window=window, k_bias=k_bias, v_bias=v_bias,
+                                   tables=tables)
+                continue
             rows, cols = relative_terms(q, rel_h, rel_w, side, side, pad_to=8)
             relative_attention(q, k, v, rows, cols, side, side, window=window, k_bias=k_bias, v_bias=v_bias)
 

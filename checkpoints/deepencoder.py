@@ -138,14 +138,20 @@ def relative_positions(q_size: int, k_size: int, table: torch.Tensor) -> torch.T
     The table is sized for the resolution the block was trained at; for another grid it is
     linearly resampled to 2·max(q, k) − 1 entries first.
     """
-    length = 2 * max(q_size, k_size) - 1
-    if table.shape[0] != length:
-        resized = F.interpolate(table.float().t()[None], size=length, mode="linear")
-        table = resized[0].t().to(table.dtype)
+    table = resized_relative_table(max(q_size, k_size), table)
     q_coords = torch.arange(q_size, device=table.device)[:, None] * max(k_size / q_size, 1.0)
     k_coords = torch.arange(k_size, device=table.device)[None, :] * max(q_size / k_size, 1.0)
     offsets = (q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)
     return table[offsets.long()]
+
+
+def resized_relative_table(size: int, table: torch.Tensor) -> torch.Tensor:
+    """`table` [L, C] for a grid (or window) side of `size`: as it is if it has 2·size − 1 entries, else
+    linearly resampled to that many (`relative_positions`' first step)."""
+    length = 2 * size - 1
+    if table.shape[0] == length:
+        return table
+    return F.interpolate(table.float().t()[None], size=length, mode="linear")[0].t().to(table.dtype)
 
 
 def relative_positions_in_windows(side: int, window: int, table: torch.Tensor) -> torch.Tensor:
@@ -264,6 +270,9 @@ class SamAttention(nn.Module):
         # it walks a whole row at a time (a width that is a power of two from 16: a 1024 or 512 view's global
         # blocks), the rest through the folded path. Set by `SamEncoder.use_relative_attention_kernel`.
         self.kernel_for_any_grid = True
+        # With `relative_kernel`: the kernel computes the terms itself from the two tables (`terms_in_kernel`), in
+        # float32 and never written, or reads them computed here (two products and their copies of q).
+        self.terms_in_kernel = False
         head_dim = dim // heads
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
@@ -294,6 +303,14 @@ class SamAttention(nn.Module):
         through_kernel = self.runs_the_kernel(x, window)
         if window and not through_kernel:
             raise ValueError("attention within windows of the grid runs only through the Triton kernel")
+        if through_kernel and self.terms_in_kernel:
+            _, k_bias, v_bias = self.qkv.bias.view(3, self.heads, -1)
+            walked_height, walked_width = (window, window) if window else (height, width)
+            tables = (resized_relative_table(walked_height, self.rel_pos_h),
+                      resized_relative_table(walked_width, self.rel_pos_w))
+            out = relative_attention(q, k, v, None, None, height, width, window=window, k_bias=k_bias, v_bias=v_bias,
+                                     tables=tables)  # [B, HW, heads, d]
+            return self.proj(out.reshape(batch, height, width, -1))
         if through_kernel:
             if window:  # a token's terms are those of its place in its window
                 rel_h = relative_positions_in_windows(height, window, self.rel_pos_h)  # [H, window, d]
@@ -405,13 +422,16 @@ class SamEncoder(nn.Module):
         for block in self.blocks:
             block.attn.attention_backends = cudnn_first() if enabled else None
 
-    def use_relative_attention_kernel(self, enabled: bool, windows: bool = True, any_grid: bool = True) -> None:
+    def use_relative_attention_kernel(self, enabled: bool, windows: bool = True, any_grid: bool = True,
+                                      terms_in_kernel: bool = False) -> None:
         """The blocks' attention through the Triton kernel (`SamAttention.relative_kernel`) or not; `windows`:
         the windowed blocks' too, or only the global blocks'; `any_grid`: every grid, or only those the kernel
-        walks by whole rows (`SamAttention.kernel_for_any_grid`)."""
+        walks by whole rows (`SamAttention.kernel_for_any_grid`); `terms_in_kernel`: the kernel computes the
+        relative terms from the tables (`SamAttention.terms_in_kernel`)."""
         for block in self.blocks:
             block.attn.relative_kernel = enabled and (windows or block.attn.global_attention)
             block.attn.kernel_for_any_grid = any_grid
+            block.attn.terms_in_kernel = terms_in_kernel
 
     def use_gelu_kernel(self, enabled: bool) -> None:
         """The blocks' MLPs' first product with its GELU through the Triton kernel (`MLPBlock.gelu_kernel`) or not."""

@@ -55,6 +55,27 @@ def key_tiles(height: int, width: int, keys: int = TILE_KEYS) -> tuple:
 if triton is not None:
 
     @triton.jit
+    def _look_up(products, index, ENTRIES: tl.constexpr, BY_GATHER: tl.constexpr):
+        """products [M, ENTRIES], index [M, C] → [M, C]: products[m, index[m, c]] (index within the entries)."""
+        if BY_GATHER:
+            return tl.gather(products, index, 1)
+        else:  # the same by selecting: ENTRIES compares a value, no gather
+            entry = tl.arange(0, ENTRIES)
+            return tl.sum(tl.where(index[:, :, None] == entry[None, None, :], products[:, None, :], 0.0), 2)
+
+    @triton.jit
+    def _table_products(q, table_ptr, size, dim, HEAD_DIM: tl.constexpr, ENTRIES: tl.constexpr,
+                        DOT_IN_FP32: tl.constexpr, PRECISION: tl.constexpr):
+        """q [M, d] against each of a relative-position table's 2·size − 1 entries ([ENTRIES ≥ that, d] read,
+        the rest zero): [M, ENTRIES], float32."""
+        entry = tl.arange(0, ENTRIES)
+        table = tl.load(table_ptr + entry[:, None] * HEAD_DIM + dim[None, :], mask=(entry < 2 * size - 1)[:, None],
+                        other=0.0)
+        if DOT_IN_FP32:
+            table = table.to(tl.float32)
+        return tl.dot(q, tl.trans(table), input_precision=PRECISION)
+
+    @triton.jit
     def _relative_attention_kernel(q_ptr, k_ptr, v_ptr, rows_ptr, cols_ptr, k_bias_ptr, v_bias_ptr, out_ptr,
                                    q_view, q_head, q_token, k_view, k_head, k_token, v_view, v_head, v_token,
                                    rows_view, rows_head, rows_token, cols_view, cols_head, cols_token,
@@ -63,7 +84,9 @@ if triton is not None:
                                    score_scale, term_scale,
                                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, TILE_ROWS: tl.constexpr,
                                    TILE_COLS: tl.constexpr, WINDOWED: tl.constexpr,
-                                   DOT_IN_FP32: tl.constexpr, PRECISION: tl.constexpr):
+                                   DOT_IN_FP32: tl.constexpr, PRECISION: tl.constexpr,
+                                   TABLES: tl.constexpr, ENTRIES_H: tl.constexpr, ENTRIES_W: tl.constexpr,
+                                   BY_GATHER: tl.constexpr):
         # The keys walked are a walk_height × walk_width part of the grid from (first_row, first_col): the
         # whole grid, or one window of it (program axis 2), whose positions past the grid are padding.
         block = tl.program_id(0)
@@ -72,7 +95,8 @@ if triton is not None:
         first_row = (tl.program_id(2) // windows_across) * walk_height
         first_col = (tl.program_id(2) % windows_across) * walk_width
         local = block * BLOCK_M + tl.arange(0, BLOCK_M)
-        query_row, query_col = first_row + local // walk_width, first_col + local % walk_width
+        walked_row, walked_col = local // walk_width, local % walk_width  # the query's place in the walked part
+        query_row, query_col = first_row + walked_row, first_col + walked_col
         is_query = (local < walk_height * walk_width) & (query_row < height) & (query_col < width)
         query = query_row * width + query_col
         dim = tl.arange(0, HEAD_DIM)
@@ -95,10 +119,24 @@ if triton is not None:
         rows_at = rows_ptr + view * rows_view + head * rows_head + query * rows_token
         cols_at = cols_ptr + view * cols_view + head * cols_head + query * cols_token
         # Scores are kept in log2 units (exp2 below): the terms are scaled by log2(e), q·k by that and 1/√d.
+        if TABLES:
+            # The terms from the tables (rows_ptr, cols_ptr: [2·walk − 1, d], one for every head): each query
+            # against every entry, by a product of its own, then for key row r the entry of offset (query's row
+            # − r) (SAM's get_rel_pos: index row − r + walk − 1), and likewise for columns.
+            by_row = _table_products(q, rows_ptr, walk_height, dim, HEAD_DIM, ENTRIES_H, DOT_IN_FP32,
+                                     PRECISION) * term_scale
+            by_col = _table_products(q, cols_ptr, walk_width, dim, HEAD_DIM, ENTRIES_W, DOT_IN_FP32,
+                                     PRECISION) * term_scale
+            row_offset = tl.minimum(walked_row, walk_height - 1) + walk_height - 1  # a lane past the queries: clamped
+            col_offset = walked_col + walk_width - 1
         if TILE_ROWS == 1:  # whole rows: every row's column terms are these
-            col_terms = tl.load(cols_at[:, None] + slot_col[None, :],
-                                mask=is_query[:, None] & (slot_col < walk_width)[None, :], other=0.0)
-            col_terms = col_terms.to(tl.float32) * term_scale
+            if TABLES:
+                index = tl.minimum(tl.maximum(col_offset[:, None] - slot_col[None, :], 0), ENTRIES_W - 1)
+                col_terms = _look_up(by_col, index, ENTRIES_W, BY_GATHER)
+            else:
+                col_terms = tl.load(cols_at[:, None] + slot_col[None, :],
+                                    mask=is_query[:, None] & (slot_col < walk_width)[None, :], other=0.0)
+                col_terms = col_terms.to(tl.float32) * term_scale
         best = tl.full([BLOCK_M], float("-inf"), tl.float32)
         total = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -115,18 +153,28 @@ if triton is not None:
             if DOT_IN_FP32:
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
-            if TILE_ROWS == 1:
+            if TILE_ROWS == 1 and TABLES:
+                row_term = _look_up(by_row, (row_offset - tile_row)[:, None], ENTRIES_H, BY_GATHER)
+                terms = col_terms + row_term
+            elif TILE_ROWS == 1:
                 row_term = tl.load(rows_at + tile_row, mask=is_query, other=0.0).to(tl.float32) * term_scale
                 terms = col_terms + row_term[:, None]
             else:  # the rectangle's row terms and column terms, summed into it
                 rect_row = tile_row + tl.arange(0, TILE_ROWS)
                 rect_col = tile_col + tl.arange(0, TILE_COLS)
-                row_terms = tl.load(rows_at[:, None] + rect_row[None, :],
-                                    mask=is_query[:, None] & (rect_row < walk_height)[None, :], other=0.0)
-                col_terms = tl.load(cols_at[:, None] + rect_col[None, :],
-                                    mask=is_query[:, None] & (rect_col < walk_width)[None, :], other=0.0)
-                terms = tl.reshape(row_terms.to(tl.float32)[:, :, None] + col_terms.to(tl.float32)[:, None, :],
-                                   [BLOCK_M, TILE_ROWS * TILE_COLS]) * term_scale
+                if TABLES:  # offsets of keys past the walked part (masked below) clamped into the table
+                    row_index = tl.minimum(tl.maximum(row_offset[:, None] - rect_row[None, :], 0), ENTRIES_H - 1)
+                    col_index = tl.minimum(tl.maximum(col_offset[:, None] - rect_col[None, :], 0), ENTRIES_W - 1)
+                    row_terms = _look_up(by_row, row_index, ENTRIES_H, BY_GATHER)
+                    col_terms = _look_up(by_col, col_index, ENTRIES_W, BY_GATHER)
+                    terms = tl.reshape(row_terms[:, :, None] + col_terms[:, None, :], [BLOCK_M, TILE_ROWS * TILE_COLS])
+                else:
+                    row_terms = tl.load(rows_at[:, None] + rect_row[None, :],
+                                        mask=is_query[:, None] & (rect_row < walk_height)[None, :], other=0.0)
+                    col_terms = tl.load(cols_at[:, None] + rect_col[None, :],
+                                        mask=is_query[:, None] & (rect_col < walk_width)[None, :], other=0.0)
+                    terms = tl.reshape(row_terms.to(tl.float32)[:, :, None] + col_terms.to(tl.float32)[:, None, :],
+                                       [BLOCK_M, TILE_ROWS * TILE_COLS]) * term_scale
             products = tl.dot(q, tl.trans(k), input_precision=PRECISION)
             if WINDOWED:
                 products = tl.where(in_grid[None, :], products, padded_score[:, None])
@@ -151,16 +199,20 @@ if triton is not None:
 def relative_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_terms: torch.Tensor,
                        col_terms: torch.Tensor, height: int, width: int, window: int = 0,
                        k_bias: torch.Tensor = None, v_bias: torch.Tensor = None, tiles: tuple = None,
-                       keys: tuple = None) -> torch.Tensor:
+                       keys: tuple = None, tables: tuple = None, by_gather: bool = True) -> torch.Tensor:
     """softmax(q·kᵀ/√d + row_terms[i, r] + col_terms[i, c])·v for keys (r, c) of a height × width grid, or
     with `window`, of the window × window window holding the query, the grid cut in windows from its top left
     and padded to whole windows with keys k_bias and values v_bias ([n, d]: the projection of a zero token),
     r and c then counted in the window.
     q, k, v [B, n, N, d] (any strides with a unit stride along d); row_terms [B, n, N, ≥ height or window],
     col_terms [B, n, N, ≥ width or window] (unit stride along the last dimension; entries past those are not
-    read) → [B, N, n, d] (the layout the block's output projection reads). For benchmarks' sweeps: `tiles`
-    (queries a program, warps, pipeline stages), `keys` (the key rectangle's rows and columns, `key_tiles` by
-    default)."""
+    read) → [B, N, n, d] (the layout the block's output projection reads).
+    `tables`: instead of the terms, SAM's relative-position tables (rel_h, rel_w) ([2·s − 1, d] each, s the
+    walked height and width: the grid's or the window's, `deepencoder.resized_relative_table`), from which the
+    kernel computes the terms itself (row_terms[i, r] = q_i · rel_h[row(i) − r + s − 1]), in float32, without
+    writing them; `by_gather`: it looks them up with tl.gather, or by selecting (no gather).
+    For benchmarks' sweeps: `tiles` (queries a program, warps, pipeline stages), `keys` (the key rectangle's
+    rows and columns, `key_tiles` by default)."""
     batch, heads, tokens, head_dim = q.shape
     if tokens != height * width:
         raise ValueError(f"{tokens} tokens are not a {height} × {width} grid")
@@ -175,6 +227,14 @@ def relative_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_te
     if window:
         windows_down, windows_across = _cdiv(height, window), _cdiv(width, window)
         k_bias, v_bias = k_bias.to(k.dtype).contiguous(), v_bias.to(v.dtype).contiguous()
+    entries_h = entries_w = 1
+    if tables is not None:
+        rel_h, rel_w = (table.to(q.dtype).contiguous() for table in tables)
+        if rel_h.shape != (2 * walk_height - 1, head_dim) or rel_w.shape != (2 * walk_width - 1, head_dim):
+            raise ValueError(f"tables {tuple(rel_h.shape)} and {tuple(rel_w.shape)} are not [2·s − 1, {head_dim}] "
+                             f"for a walk of {walk_height} × {walk_width}")
+        entries_h, entries_w = (max(16, triton.next_power_of_2(2 * s - 1)) for s in (walk_height, walk_width))
+        row_terms, col_terms = rel_h[None, None], rel_w[None, None]  # read as tables; their strides unused
     out = q.new_empty(batch, tokens, heads, head_dim)
     grid = (_cdiv(walk_height * walk_width, block_queries), batch * heads, windows_down * windows_across)
     _relative_attention_kernel[grid](
@@ -188,5 +248,6 @@ def relative_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_te
         HEAD_DIM=head_dim, BLOCK_M=block_queries, TILE_ROWS=tile_rows, TILE_COLS=tile_cols, WINDOWED=bool(window),
         DOT_IN_FP32=_INTERPRETED, num_warps=warps, num_stages=stages,
         # float32 inputs (the tests' reference precision) multiply in float32, not TensorFloat-32
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        TABLES=tables is not None, ENTRIES_H=entries_h, ENTRIES_W=entries_w, BY_GATHER=by_gather)
     return out

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from checkpoints.deepencoder import (
     ClipAttention, ClipLayer, ClipMLP, ClipSettings, ClipVisionModel, LinearProjector, MLPBlock, PatchEmbed, SamAttention,
     SamBlock, SamEncoder, SamSettings, cudnn_first, encode_views, merge_windows, partition_windows,
-    relative_positions, relative_positions_in_windows, relative_terms,
+    relative_positions, relative_positions_in_windows, relative_terms, resized_relative_table,
 )
 from checkpoints.fused_ops import quick_gelu
 
@@ -453,6 +453,8 @@ def test_attention_through_the_kernel_is_as_close_to_float32_as_the_folded_path(
         attention.to(torch.bfloat16)
         attention.relative_kernel = True
         through_kernel = attention(x.bfloat16()).float()
+        attention.terms_in_kernel = True  # the terms computed in the kernel, from the tables
+        terms_inside = attention(x.bfloat16()).float()
         attention.relative_kernel = False
         folded = attention(x.bfloat16()).float()
 
@@ -460,6 +462,7 @@ def test_attention_through_the_kernel_is_as_close_to_float32_as_the_folded_path(
         return float((out - reference).norm() / reference.norm())
 
     assert error(through_kernel) <= 1.5 * error(folded) + 1e-3
+    assert error(terms_inside) <= 1.5 * error(folded) + 1e-3
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -483,6 +486,8 @@ def test_a_windowed_block_through_the_kernel_is_as_close_to_float32_as_the_folde
         block.attn.relative_kernel = True
         assert block.attn.runs_the_kernel(x)
         through_kernel = block(x.bfloat16()).float()
+        block.attn.terms_in_kernel = True  # the terms computed in the kernel, from the tables
+        terms_inside = block(x.bfloat16()).float()
         block.attn.relative_kernel = False
         folded = block(x.bfloat16()).float()
 
@@ -490,6 +495,27 @@ def test_a_windowed_block_through_the_kernel_is_as_close_to_float32_as_the_folde
         return float((out - reference).norm() / (reference - x).norm())
 
     assert error(through_kernel) <= 1.5 * error(folded) + 1e-3
+    assert error(terms_inside) <= 1.5 * error(folded) + 1e-3
+
+
+@pytest.mark.parametrize("size", [14, 40, 64])
+def test_a_resized_table_holds_the_relative_positions_by_offset(size):
+    """The kernel's terms from the tables use entry row − r + size − 1 of the resized table: what
+    `relative_positions` looks up for rows (and columns) of a size × size grid."""
+    table = torch.randn(2 * 64 - 1, 8)  # a 1024 view's (SAM's native) table
+    resized = resized_relative_table(size, table)
+    assert resized.shape == (2 * size - 1, 8)
+    offsets = torch.arange(size)[:, None] - torch.arange(size)[None, :] + size - 1
+    torch.testing.assert_close(resized[offsets], relative_positions(size, size, table), **EXACT)
+    assert resized_relative_table(64, table) is table
+
+
+def test_the_terms_in_the_kernel_are_chosen_with_the_kernel():
+    sam = SamEncoder(TINY_SAM)
+    sam.use_relative_attention_kernel(True, terms_in_kernel=True)
+    assert all(block.attn.terms_in_kernel for block in sam.blocks)
+    sam.use_relative_attention_kernel(True)
+    assert not any(block.attn.terms_in_kernel for block in sam.blocks)
 
 
 def test_the_gelu_kernel_is_chosen_for_every_blocks_mlp_and_only_on_a_gpu():

@@ -647,6 +647,28 @@ def check_relative_attention(device):
             tiles = kernels.key_tiles(down, across)
             assert_close(got, expected, dtype,
                          f"relative_attention {height}x{width} window {window} by {tiles} d={head_dim} {dtype}")
+            # The terms computed in the kernel from SAM's tables: row_terms[i, r] = q_i · rel_h[row(i) − r + s − 1],
+            # row(i) counted in the walked part (the grid, or the query's window), s its height (columns alike).
+            # (scaled so that the terms are of the size of the ones above)
+            rel_h = (torch.randn(2 * down - 1, head_dim, generator=generator) / head_dim ** 0.5).to(dtype)
+            rel_w = (torch.randn(2 * across - 1, head_dim, generator=generator) / head_dim ** 0.5).to(dtype)
+            token = torch.arange(tokens)
+            walked_row, walked_col = token // width % down, token % width % across
+            by_row = rel_h.float()[walked_row[:, None] - torch.arange(down)[None, :] + down - 1]  # [N, down, d]
+            by_col = rel_w.float()[walked_col[:, None] - torch.arange(across)[None, :] + across - 1]
+            row_terms = torch.einsum("bntd,tkd->bntk", q.float(), by_row)
+            col_terms = torch.einsum("bntd,tkd->bntk", q.float(), by_col)
+            if window:
+                expected = windowed_relative_attention_reference(q, k, v, row_terms, col_terms, height, width,
+                                                                 window, k_bias, v_bias)
+            else:
+                expected = relative_attention_reference(q, k, v, row_terms, col_terms)
+            for by_gather in (True, False):
+                got = kernels.relative_attention(q.to(device), k.to(device), v.to(device), None, None, height, width,
+                                                 window=window, k_bias=k_bias.to(device), v_bias=v_bias.to(device),
+                                                 tables=(rel_h.to(device), rel_w.to(device)), by_gather=by_gather)
+                assert_close(got, expected, dtype, f"relative_attention from tables ({'gather' if by_gather else 'select'}) "
+                             f"{height}x{width} window {window} by {tiles} d={head_dim} {dtype}")
 
 
 @check
