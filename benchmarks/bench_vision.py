@@ -460,7 +460,7 @@ def attention_options(model, groups: dict, pages: int, ceilings: dict) -> dict:
                     options[f"{option} failed"] = repr(error)[:200]
             tables = (resized_relative_table(side, attn.rel_pos_h.detach()), resized_relative_table(side, attn.rel_pos_w.detach()))
             for by_gather in (True, False):  # the terms computed in the kernel from the tables: no terms above
-                for tiles in ((64, 4, 3), (64, 4, 2), (32, 4, 3), (128, 8, 3)):
+                for tiles in ((64, 4, 3), (64, 4, 2), (32, 4, 3), (128, 8, 3)) if by_gather else ((64, 4, 3),):
                     option = (f"Triton kernel, terms inside ({'gather' if by_gather else 'select'}), "
                               f"{tiles[0]} queries, {tiles[1]} warps, {tiles[2]} stages")
                     try:
