@@ -305,7 +305,7 @@ def flops_by_kind(model, views: list) -> dict:
 
 # name → how the served towers run: "cudnn" (SDPA with cuDNN's kernels first for what SAM runs through SDPA),
 # "kernel" (SAM's blocks through the Triton kernel: None, "rows" (grids it walks by whole rows: the default),
-# "global" (global blocks) or "all"), "tables" (the kernel computes the relative terms from the tables), "gelu"
+# "global" (global blocks) or "all"), "tables" (within windows, the kernel computes the relative terms from the tables), "gelu"
 # (the MLPs' first product and GELU in one Triton kernel), "options" (Inductor's, for compiling the blocks)
 SERVED_TRIALS = {
     "flash attention, folded": dict(cudnn=False, kernel=None),
@@ -313,13 +313,11 @@ SERVED_TRIALS = {
     "Triton kernel for grids walked by rows, cuDNN for the rest": dict(cudnn=True, kernel="rows"),
     "Triton kernel for grids walked by rows, cuDNN for the rest, GELU kernel": dict(cudnn=True, kernel="rows",
                                                                                    gelu=True),
-    "Triton kernel for grids walked by rows (terms inside), cuDNN for the rest, GELU kernel": dict(
-        cudnn=True, kernel="rows", tables=True, gelu=True),
     "Triton kernel for global blocks, cuDNN for windows": dict(cudnn=True, kernel="global"),
     "Triton kernel for every block": dict(cudnn=False, kernel="all"),
     "Triton kernel for every block, GELU kernel": dict(cudnn=False, kernel="all", gelu=True),
-    "Triton kernel for every block (terms inside)": dict(cudnn=False, kernel="all", tables=True),
-    "Triton kernel for every block (terms inside), GELU kernel": dict(cudnn=False, kernel="all", tables=True,
+    "Triton kernel for every block (windows' terms inside)": dict(cudnn=False, kernel="all", tables=True),
+    "Triton kernel for every block (windows' terms inside), GELU kernel": dict(cudnn=False, kernel="all", tables=True,
                                                                       gelu=True),
     # Inductor's own GEMM templates, to fuse the GELU into the first MLP product: on the H200 its autotuning
     # took 10-20 s a shape (and its templates ran at 55-61% of the best choice), the towers' compile more
@@ -459,15 +457,13 @@ def attention_options(model, groups: dict, pages: int, ceilings: dict) -> dict:
                 except Exception as error:
                     options[f"{option} failed"] = repr(error)[:200]
             tables = (resized_relative_table(side, attn.rel_pos_h.detach()), resized_relative_table(side, attn.rel_pos_w.detach()))
-            for by_gather in (True, False):  # the terms computed in the kernel from the tables: no terms above
-                for tiles in ((64, 4, 3), (64, 4, 2), (32, 4, 3), (128, 8, 3)) if by_gather else ((64, 4, 3),):
-                    option = (f"Triton kernel, terms inside ({'gather' if by_gather else 'select'}), "
-                              f"{tiles[0]} queries, {tiles[1]} warps, {tiles[2]} stages")
-                    try:
-                        options[option] = median_ms(lambda: relative_attention(
-                            q, k, v, None, None, side, side, tiles=tiles, tables=tables, by_gather=by_gather), 5)
-                    except Exception as error:
-                        options[f"{option} failed"] = repr(error)[:200]
+            for tiles in ((64, 4, 3), (64, 4, 2), (128, 8, 3)):  # the terms computed in the kernel from the tables
+                option = f"Triton kernel, terms inside, {tiles[0]} queries, {tiles[1]} warps, {tiles[2]} stages"
+                try:
+                    options[option] = median_ms(lambda: relative_attention(
+                        q, k, v, None, None, side, side, tiles=tiles, tables=tables), 5)
+                except Exception as error:
+                    options[f"{option} failed"] = repr(error)[:200]
             if attn is window_attn:  # as served: the windows read where they lie in each view's grid
                 options["Triton kernel, windows read in the views' grids (terms included)"] = median_ms(
                     windows_in_grids(groups, attn, settings_heads, head_dim, window), 5)

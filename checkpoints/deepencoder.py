@@ -270,8 +270,11 @@ class SamAttention(nn.Module):
         # it walks a whole row at a time (a width that is a power of two from 16: a 1024 or 512 view's global
         # blocks), the rest through the folded path. Set by `SamEncoder.use_relative_attention_kernel`.
         self.kernel_for_any_grid = True
-        # With `relative_kernel`: the kernel computes the terms itself from the two tables (`terms_in_kernel`), in
-        # float32 and never written, or reads them computed here (two products and their copies of q).
+        # With `relative_kernel`, within windows: the kernel computes the terms itself from the two tables
+        # (`terms_in_kernel`), in float32 and never written, or reads them computed here (two products and their
+        # copies of q). A grid's global attention always reads them: there the kernel's look-ups in its loop over
+        # the keys cost more than the products saved (H200: 5.5 ms against 2.7 + 0.5 for one pass's 1024 views,
+        # 14.9 against 3.5 + 0.9 for its 640 tiles; the windows 2.4 against 3.1, h200-2026-12-01).
         self.terms_in_kernel = False
         head_dim = dim // heads
         self.qkv = nn.Linear(dim, dim * 3)
@@ -303,11 +306,9 @@ class SamAttention(nn.Module):
         through_kernel = self.runs_the_kernel(x, window)
         if window and not through_kernel:
             raise ValueError("attention within windows of the grid runs only through the Triton kernel")
-        if through_kernel and self.terms_in_kernel:
+        if through_kernel and window and self.terms_in_kernel:
             _, k_bias, v_bias = self.qkv.bias.view(3, self.heads, -1)
-            walked_height, walked_width = (window, window) if window else (height, width)
-            tables = (resized_relative_table(walked_height, self.rel_pos_h),
-                      resized_relative_table(walked_width, self.rel_pos_w))
+            tables = (resized_relative_table(window, self.rel_pos_h), resized_relative_table(window, self.rel_pos_w))
             out = relative_attention(q, k, v, None, None, height, width, window=window, k_bias=k_bias, v_bias=v_bias,
                                      tables=tables)  # [B, HW, heads, d]
             return self.proj(out.reshape(batch, height, width, -1))
@@ -426,8 +427,8 @@ class SamEncoder(nn.Module):
                                       terms_in_kernel: bool = False) -> None:
         """The blocks' attention through the Triton kernel (`SamAttention.relative_kernel`) or not; `windows`:
         the windowed blocks' too, or only the global blocks'; `any_grid`: every grid, or only those the kernel
-        walks by whole rows (`SamAttention.kernel_for_any_grid`); `terms_in_kernel`: the kernel computes the
-        relative terms from the tables (`SamAttention.terms_in_kernel`)."""
+        walks by whole rows (`SamAttention.kernel_for_any_grid`); `terms_in_kernel`: within windows, the kernel
+        computes the relative terms from the tables (`SamAttention.terms_in_kernel`)."""
         for block in self.blocks:
             block.attn.relative_kernel = enabled and (windows or block.attn.global_attention)
             block.attn.kernel_for_any_grid = any_grid

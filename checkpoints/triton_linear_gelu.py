@@ -22,7 +22,6 @@ from .triton_common import _INTERPRETED, _cdiv, tl, triton  # noqa: F401
 TILE = (128, 128, 64)
 WARPS = 8
 STAGES = 3
-_SQRT_HALF = 0.7071067811865476
 
 
 def takes(x: torch.Tensor, weight: torch.Tensor, bias, tile: tuple = TILE) -> bool:
@@ -63,7 +62,7 @@ if triton is not None:
             x_tile += BLOCK_K
             w_tile += BLOCK_K
         total += tl.load(bias_ptr + column).to(tl.float32)[None, :]
-        activated = 0.5 * total * (1.0 + tl.math.erf(total * _SQRT_HALF))
+        activated = 0.5 * total * (1.0 + tl.math.erf(total * 0.7071067811865476))  # x·Φ(x): erf(x/√2)
         out = out_ptr + row[:, None].to(tl.int64) * out_row + column[None, :]
         tl.store(out, activated.to(out_ptr.dtype.element_ty), mask=row_inside[:, None])
 

@@ -55,15 +55,6 @@ def key_tiles(height: int, width: int, keys: int = TILE_KEYS) -> tuple:
 if triton is not None:
 
     @triton.jit
-    def _look_up(products, index, ENTRIES: tl.constexpr, BY_GATHER: tl.constexpr):
-        """products [M, ENTRIES], index [M, C] → [M, C]: products[m, index[m, c]] (index within the entries)."""
-        if BY_GATHER:
-            return tl.gather(products, index, 1)
-        else:  # the same by selecting: ENTRIES compares a value, no gather
-            entry = tl.arange(0, ENTRIES)
-            return tl.sum(tl.where(index[:, :, None] == entry[None, None, :], products[:, None, :], 0.0), 2)
-
-    @triton.jit
     def _table_products(q, table_ptr, size, dim, HEAD_DIM: tl.constexpr, ENTRIES: tl.constexpr,
                         DOT_IN_FP32: tl.constexpr, PRECISION: tl.constexpr):
         """q [M, d] against each of a relative-position table's 2·size − 1 entries ([ENTRIES ≥ that, d] read,
@@ -85,8 +76,7 @@ if triton is not None:
                                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, TILE_ROWS: tl.constexpr,
                                    TILE_COLS: tl.constexpr, WINDOWED: tl.constexpr,
                                    DOT_IN_FP32: tl.constexpr, PRECISION: tl.constexpr,
-                                   TABLES: tl.constexpr, ENTRIES_H: tl.constexpr, ENTRIES_W: tl.constexpr,
-                                   BY_GATHER: tl.constexpr):
+                                   TABLES: tl.constexpr, ENTRIES_H: tl.constexpr, ENTRIES_W: tl.constexpr):
         # The keys walked are a walk_height × walk_width part of the grid from (first_row, first_col): the
         # whole grid, or one window of it (program axis 2), whose positions past the grid are padding.
         block = tl.program_id(0)
@@ -132,7 +122,7 @@ if triton is not None:
         if TILE_ROWS == 1:  # whole rows: every row's column terms are these
             if TABLES:
                 index = tl.minimum(tl.maximum(col_offset[:, None] - slot_col[None, :], 0), ENTRIES_W - 1)
-                col_terms = _look_up(by_col, index, ENTRIES_W, BY_GATHER)
+                col_terms = tl.gather(by_col, index, 1)
             else:
                 col_terms = tl.load(cols_at[:, None] + slot_col[None, :],
                                     mask=is_query[:, None] & (slot_col < walk_width)[None, :], other=0.0)
@@ -154,7 +144,7 @@ if triton is not None:
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
             if TILE_ROWS == 1 and TABLES:
-                row_term = _look_up(by_row, (row_offset - tile_row)[:, None], ENTRIES_H, BY_GATHER)
+                row_term = tl.gather(by_row, (row_offset - tile_row)[:, None], 1)
                 terms = col_terms + row_term
             elif TILE_ROWS == 1:
                 row_term = tl.load(rows_at + tile_row, mask=is_query, other=0.0).to(tl.float32) * term_scale
@@ -165,8 +155,8 @@ if triton is not None:
                 if TABLES:  # offsets of keys past the walked part (masked below) clamped into the table
                     row_index = tl.minimum(tl.maximum(row_offset[:, None] - rect_row[None, :], 0), ENTRIES_H - 1)
                     col_index = tl.minimum(tl.maximum(col_offset[:, None] - rect_col[None, :], 0), ENTRIES_W - 1)
-                    row_terms = _look_up(by_row, row_index, ENTRIES_H, BY_GATHER)
-                    col_terms = _look_up(by_col, col_index, ENTRIES_W, BY_GATHER)
+                    row_terms = tl.gather(by_row, row_index, 1)
+                    col_terms = tl.gather(by_col, col_index, 1)
                     terms = tl.reshape(row_terms[:, :, None] + col_terms[:, None, :], [BLOCK_M, TILE_ROWS * TILE_COLS])
                 else:
                     row_terms = tl.load(rows_at[:, None] + rect_row[None, :],
@@ -199,7 +189,7 @@ if triton is not None:
 def relative_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_terms: torch.Tensor,
                        col_terms: torch.Tensor, height: int, width: int, window: int = 0,
                        k_bias: torch.Tensor = None, v_bias: torch.Tensor = None, tiles: tuple = None,
-                       keys: tuple = None, tables: tuple = None, by_gather: bool = True) -> torch.Tensor:
+                       keys: tuple = None, tables: tuple = None) -> torch.Tensor:
     """softmax(q·kᵀ/√d + row_terms[i, r] + col_terms[i, c])·v for keys (r, c) of a height × width grid, or
     with `window`, of the window × window window holding the query, the grid cut in windows from its top left
     and padded to whole windows with keys k_bias and values v_bias ([n, d]: the projection of a zero token),
@@ -210,7 +200,7 @@ def relative_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_te
     `tables`: instead of the terms, SAM's relative-position tables (rel_h, rel_w) ([2·s − 1, d] each, s the
     walked height and width: the grid's or the window's, `deepencoder.resized_relative_table`), from which the
     kernel computes the terms itself (row_terms[i, r] = q_i · rel_h[row(i) − r + s − 1]), in float32, without
-    writing them; `by_gather`: it looks them up with tl.gather, or by selecting (no gather).
+    writing them: faster than reading them within windows, slower over a whole grid (`SamAttention.terms_in_kernel`).
     For benchmarks' sweeps: `tiles` (queries a program, warps, pipeline stages), `keys` (the key rectangle's
     rows and columns, `key_tiles` by default)."""
     batch, heads, tokens, head_dim = q.shape
@@ -249,5 +239,5 @@ def relative_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_te
         DOT_IN_FP32=_INTERPRETED, num_warps=warps, num_stages=stages,
         # float32 inputs (the tests' reference precision) multiply in float32, not TensorFloat-32
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        TABLES=tables is not None, ENTRIES_H=entries_h, ENTRIES_W=entries_w, BY_GATHER=by_gather)
+        TABLES=tables is not None, ENTRIES_H=entries_h, ENTRIES_W=entries_w)
     return out

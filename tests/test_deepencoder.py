@@ -453,8 +453,6 @@ def test_attention_through_the_kernel_is_as_close_to_float32_as_the_folded_path(
         attention.to(torch.bfloat16)
         attention.relative_kernel = True
         through_kernel = attention(x.bfloat16()).float()
-        attention.terms_in_kernel = True  # the terms computed in the kernel, from the tables
-        terms_inside = attention(x.bfloat16()).float()
         attention.relative_kernel = False
         folded = attention(x.bfloat16()).float()
 
@@ -462,7 +460,6 @@ def test_attention_through_the_kernel_is_as_close_to_float32_as_the_folded_path(
         return float((out - reference).norm() / reference.norm())
 
     assert error(through_kernel) <= 1.5 * error(folded) + 1e-3
-    assert error(terms_inside) <= 1.5 * error(folded) + 1e-3
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -486,7 +483,7 @@ def test_a_windowed_block_through_the_kernel_is_as_close_to_float32_as_the_folde
         block.attn.relative_kernel = True
         assert block.attn.runs_the_kernel(x)
         through_kernel = block(x.bfloat16()).float()
-        block.attn.terms_in_kernel = True  # the terms computed in the kernel, from the tables
+        block.attn.terms_in_kernel = True  # the windows' terms computed in the kernel, from the tables
         terms_inside = block(x.bfloat16()).float()
         block.attn.relative_kernel = False
         folded = block(x.bfloat16()).float()

@@ -663,12 +663,11 @@ def check_relative_attention(device):
                                                                  window, k_bias, v_bias)
             else:
                 expected = relative_attention_reference(q, k, v, row_terms, col_terms)
-            for by_gather in (True, False):
-                got = kernels.relative_attention(q.to(device), k.to(device), v.to(device), None, None, height, width,
-                                                 window=window, k_bias=k_bias.to(device), v_bias=v_bias.to(device),
-                                                 tables=(rel_h.to(device), rel_w.to(device)), by_gather=by_gather)
-                assert_close(got, expected, dtype, f"relative_attention from tables ({'gather' if by_gather else 'select'}) "
-                             f"{height}x{width} window {window} by {tiles} d={head_dim} {dtype}")
+            got = kernels.relative_attention(q.to(device), k.to(device), v.to(device), None, None, height, width,
+                                             window=window, k_bias=k_bias.to(device), v_bias=v_bias.to(device),
+                                             tables=(rel_h.to(device), rel_w.to(device)))
+            assert_close(got, expected, dtype, f"relative_attention from tables {height}x{width} window {window} "
+                         f"by {tiles} d={head_dim} {dtype}")
 
 
 @check
