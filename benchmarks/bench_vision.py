@@ -149,8 +149,6 @@ def vision_variants(model, model_name: str, tokenizer, pages: int, chunks: dict,
             inner.sam_model.use_relative_positions("folded")
             if "attention-options" in steps and DEVICE == "cuda":
                 results["attention_options"] = attention_options(model, groups, pages, ceilings)
-            if "linear-gelu" in steps and DEVICE == "cuda":
-                results["linear_gelu"] = linear_gelu_options(model, groups, ceilings)
             if "served-trials" in steps:
                 results["served_trials"] = served_trials(model, groups, pages, reference32, base, work, ceilings,
                                                          list(trials))
@@ -305,20 +303,15 @@ def flops_by_kind(model, views: list) -> dict:
 
 # name → how the served towers run: "cudnn" (SDPA with cuDNN's kernels first for what SAM runs through SDPA),
 # "kernel" (SAM's blocks through the Triton kernel: None, "rows" (grids it walks by whole rows: the default),
-# "global" (global blocks) or "all"), "tables" (within windows, the kernel computes the relative terms from the tables), "gelu"
-# (the MLPs' first product and GELU in one Triton kernel), "options" (Inductor's, for compiling the blocks)
+# "global" (global blocks) or "all"), "tables" (within windows, the kernel computes the relative terms from the
+# tables), "options" (Inductor's, for compiling the blocks)
 SERVED_TRIALS = {
     "flash attention, folded": dict(cudnn=False, kernel=None),
     "cuDNN attention, folded": dict(cudnn=True, kernel=None),
     "Triton kernel for grids walked by rows, cuDNN for the rest": dict(cudnn=True, kernel="rows"),
-    "Triton kernel for grids walked by rows, cuDNN for the rest, GELU kernel": dict(cudnn=True, kernel="rows",
-                                                                                   gelu=True),
     "Triton kernel for global blocks, cuDNN for windows": dict(cudnn=True, kernel="global"),
-    "Triton kernel for every block": dict(cudnn=False, kernel="all"),
-    "Triton kernel for every block, GELU kernel": dict(cudnn=False, kernel="all", gelu=True),
-    "Triton kernel for every block (windows' terms inside)": dict(cudnn=False, kernel="all", tables=True),
-    "Triton kernel for every block (windows' terms inside), GELU kernel": dict(cudnn=False, kernel="all", tables=True,
-                                                                      gelu=True),
+    "Triton kernel for every block, windows' terms read": dict(cudnn=False, kernel="all"),
+    "Triton kernel for every block": dict(cudnn=False, kernel="all", tables=True),  # DEEPSEEK_OCR_SAM_KERNEL=all
     # Inductor's own GEMM templates, to fuse the GELU into the first MLP product: on the H200 its autotuning
     # took 10-20 s a shape (and its templates ran at 55-61% of the best choice), the towers' compile more
     # than five minutes (h200-2026-11-30l, call 1)
@@ -344,7 +337,6 @@ def served_trials(model, groups: dict, pages: int, reference32: dict, base: dict
     torch._dynamo.reset()
     inner.sam_model.use_relative_attention_kernel(False)
     inner.sam_model.use_cudnn_attention(False)
-    inner.sam_model.use_gelu_kernel(False)
     return results
 
 
@@ -355,7 +347,6 @@ def served_trial(model, groups: dict, pages: int, reference32: dict, base: dict,
     trial = SERVED_TRIALS[name]
     kernel, options = trial["kernel"], trial.get("options")
     inner.sam_model.use_cudnn_attention(trial["cudnn"])
-    inner.sam_model.use_gelu_kernel(trial.get("gelu", False))
     inner.sam_model.use_relative_attention_kernel(kernel is not None, windows=kernel != "global",
                                                   any_grid=kernel != "rows", terms_in_kernel=trial.get("tables", False))
     uncompile_vision_towers(model)
@@ -457,11 +448,14 @@ def attention_options(model, groups: dict, pages: int, ceilings: dict) -> dict:
                 except Exception as error:
                     options[f"{option} failed"] = repr(error)[:200]
             tables = (resized_relative_table(side, attn.rel_pos_h.detach()), resized_relative_table(side, attn.rel_pos_w.detach()))
-            for tiles in ((64, 4, 3), (64, 4, 2), (128, 8, 3)):  # the terms computed in the kernel from the tables
-                option = f"Triton kernel, terms inside, {tiles[0]} queries, {tiles[1]} warps, {tiles[2]} stages"
+            for keys, tiles in kernel_options(side):  # the terms computed in the kernel from the tables
+                if attn is not window_attn:
+                    break  # over a whole grid the look-ups cost more than they save (h200-2026-12-01, call 1)
+                option = (f"Triton kernel, terms inside, keys by {keys[0]}×{keys[1]}, {tiles[0]} queries, "
+                          f"{tiles[1]} warps, {tiles[2]} stages")
                 try:
                     options[option] = median_ms(lambda: relative_attention(
-                        q, k, v, None, None, side, side, tiles=tiles, tables=tables), 5)
+                        q, k, v, None, None, side, side, tiles=tiles, keys=keys, tables=tables), 5)
                 except Exception as error:
                     options[f"{option} failed"] = repr(error)[:200]
             if attn is window_attn:  # as served: the windows read where they lie in each view's grid
@@ -482,66 +476,18 @@ def attention_options(model, groups: dict, pages: int, ceilings: dict) -> dict:
     return results
 
 
-# (tile (rows, columns, depth), warps, stages) to time the MLP's product-and-GELU kernel with
-LINEAR_GELU_OPTIONS = (((128, 128, 64), 8, 3), ((128, 128, 64), 4, 4), ((128, 256, 64), 8, 3),
-                       ((128, 256, 64), 8, 4), ((256, 128, 64), 8, 3), ((64, 256, 64), 4, 4), ((128, 128, 32), 4, 4))
-
-
-def linear_gelu_options(model, groups: dict, ceilings: dict) -> dict:
-    """SAM's MLP first product with its GELU alone, at the tokens of one pass's views of each size: PyTorch's
-    order eager (cuBLAS's product, then the GELU) and compiled (Inductor's GELU kernel after cuBLAS's), the
-    product alone, and the Triton kernel (`triton_linear_gelu`) at several tiles; each beside its floors
-    (its arithmetic at the matmul rate; the bytes of x, W and the output at the copy rate) and, for the plain
-    order and the kernel's default, its distance from a float32 result."""
-    import torch.nn.functional as F
-
-    from checkpoints.triton_linear_gelu import linear_gelu
-
-    mlp = model.model.sam_model.blocks[0].mlp
-    weight, bias = mlp.lin1.weight.detach(), mlp.lin1.bias.detach()
-    hidden, width = weight.shape
-    results = {}
-    for size, views in groups.items():
-        rows = views.shape[0] * (size // 16) ** 2
-        x = torch.randn(rows, width, device=DEVICE, dtype=DTYPE)
-        flops, moved = 2 * rows * width * hidden, (rows * (width + hidden) + width * hidden) * x.element_size()
-        plain = lambda: F.gelu(F.linear(x, weight, bias))  # noqa: E731
-        compiled = torch.compile(plain)
-        options = {"PyTorch's order, eager": plain, "PyTorch's order, compiled": compiled,
-                   "the product alone (cuBLAS)": lambda: F.linear(x, weight, bias)}
-        for tile, warps, stages in LINEAR_GELU_OPTIONS:
-            options[f"Triton kernel, tile {tile[0]}×{tile[1]}×{tile[2]}, {warps} warps, {stages} stages"] = (
-                lambda tile=tile, warps=warps, stages=stages: linear_gelu(x, weight, bias, tile, warps, stages))
-        timings = {}
-        with torch.inference_mode():
-            for name, fn in options.items():
-                try:
-                    timings[name] = median_ms(fn, 10)
-                except Exception as error:
-                    timings[name] = repr(error)[:200]
-            reference = F.gelu(F.linear(x.float(), weight.float(), bias.float()))
-            errors = {"PyTorch's order": relative_error(plain(), reference),
-                      "Triton kernel (default tile)": relative_error(linear_gelu(x, weight, bias), reference)}
-        row = {"rows": rows, "flops": flops, "floor_ms": flops / ceilings["matmul_flops"] * 1e3,
-               "bytes_floor_ms": moved / ceilings["copy_bytes_s"] * 1e3,
-               "ms": {n: t for n, t in timings.items() if isinstance(t, float)},
-               "tflops": {n: flops / t / 1e9 for n, t in timings.items() if isinstance(t, float)},
-               "failed": {n: t for n, t in timings.items() if isinstance(t, str)}, "vs_float32": errors}
-        results[f"{views.shape[0]} views of {size}"] = row
-        print("linear-gelu", size, json.dumps(row), flush=True)
-        del x
-    return results
-
-
 def kernel_options(side: int) -> list:
     """(key rectangle, (queries, warps, stages)) to time the Triton kernel with over a side × side grid: its
-    default rectangle at a few tiles, and the other rectangles that cover the grid."""
+    default rectangle at a few tiles, the other rectangles of 64 keys that cover the grid, and rectangles of 128
+    keys (fewer, larger steps of the loop over the keys)."""
     from checkpoints.triton_relative_attention import key_tiles
 
     default = key_tiles(side, side)
-    tiles = ((64, 4, 3), (64, 4, 2), (32, 4, 3), (128, 8, 3))
+    tiles = ((64, 4, 3), (64, 4, 2), (32, 4, 3), (128, 8, 3), (64, 8, 3), (128, 8, 2))
     others = [] if default[0] == 1 else [r for r in ((8, 8), (4, 16), (2, 32)) if r != default]
-    return [(default, t) for t in tiles] + [(r, (64, 4, 3)) for r in others]
+    wider = [key_tiles(side, side, keys=128)] if default[0] != 1 else [(2, side)] if side <= 64 else []
+    return ([(default, t) for t in tiles] + [(r, (64, 4, 3)) for r in others]
+            + [(r, t) for r in wider for t in ((64, 4, 3), (64, 4, 2), (64, 8, 3), (128, 8, 2))])
 
 
 def windows_in_grids(groups: dict, attn, heads: int, head_dim: int, window: int, terms_inside: bool = False):
@@ -653,12 +599,11 @@ def main():
     parser.add_argument("--profile", type=Path, help="folder for the kernel profiles of the vision pass and the "
                         "prefill")
     parser.add_argument("--steps", nargs="+", default=["variants", "prefill"],
-                        choices=["variants", "served-trials", "attention-options", "linear-gelu", "prefill"],
+                        choices=["variants", "served-trials", "attention-options", "prefill"],
                         help="variants: the ways of running the towers above; served-trials: the served path "
                         "(compiled blocks, CUDA graphs) under --trials, with its GPU time by kind of kernel beside "
                         "each kind's floor; attention-options: SAM's attention alone at one pass's shapes, each way "
-                        "of computing it; linear-gelu: SAM's MLP first product and GELU alone, PyTorch's order against the Triton "
-                        "kernel; prefill: the prefill alone")
+                        "of computing it; prefill: the prefill alone")
     parser.add_argument("--trials", nargs="+", default=list(SERVED_TRIALS), choices=list(SERVED_TRIALS),
                         help="served-trials' attention choices (default: all)")
     parser.add_argument("--json", type=Path)

@@ -21,8 +21,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .fused_ops import quick_gelu
 from .triton_common import available as triton_available
-from .triton_linear_gelu import linear_gelu
-from .triton_linear_gelu import takes as linear_gelu_takes
 from .triton_relative_attention import relative_attention
 
 
@@ -117,18 +115,8 @@ class MLPBlock(nn.Module):
         super().__init__()
         self.lin1 = nn.Linear(dim, hidden)
         self.lin2 = nn.Linear(hidden, dim)
-        # With `gelu_kernel` (`SamEncoder.use_gelu_kernel`), on a GPU with Triton: the first product, its bias and
-        # the GELU in one kernel (`triton_linear_gelu`), whose output is rounded once instead of twice and whose
-        # pre-activation is never written. Otherwise PyTorch's order, the original's.
-        self.gelu_kernel = False
-
-    def runs_the_kernel(self, x: torch.Tensor) -> bool:
-        return (self.gelu_kernel and x.is_cuda and triton_available()
-                and linear_gelu_takes(x, self.lin1.weight, self.lin1.bias))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.runs_the_kernel(x):
-            return self.lin2(linear_gelu(x, self.lin1.weight, self.lin1.bias))
         return self.lin2(F.gelu(self.lin1(x)))
 
 
@@ -433,11 +421,6 @@ class SamEncoder(nn.Module):
             block.attn.relative_kernel = enabled and (windows or block.attn.global_attention)
             block.attn.kernel_for_any_grid = any_grid
             block.attn.terms_in_kernel = terms_in_kernel
-
-    def use_gelu_kernel(self, enabled: bool) -> None:
-        """The blocks' MLPs' first product with its GELU through the Triton kernel (`MLPBlock.gelu_kernel`) or not."""
-        for block in self.blocks:
-            block.mlp.gelu_kernel = enabled
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(pixels)  # [B, H, W, C]

@@ -104,16 +104,13 @@ def choose_vision_kernels(model, settings: Settings, graphs: bool) -> None:
     are replayed as CUDA graphs. Unless the towers run in the original's order: the blocks over grids the
     Triton kernel walks a whole row at a time (a 1024 or 512 view's global blocks) through that kernel
     (DEEPSEEK_OCR_SAM_KERNEL=1; `all`: every block, its windows read in the grid, faster but further from
-    float32 on three presets, README "Performance"), and the rest of the folded attention through cuDNN's
+    float32 than the original on the Gundam preset, README "Performance"), and the rest of the folded attention through cuDNN's
     kernels when the shapes are the graphs' (cuDNN builds a plan per new shape; captured at load, each is
-    built once; DEEPSEEK_OCR_VISION_CUDNN). DEEPSEEK_OCR_SAM_TERMS_IN_KERNEL: the kernel computes the relative
-    terms from the tables itself. DEEPSEEK_OCR_SAM_GELU_KERNEL: the MLPs' first product and GELU in one Triton
-    kernel (`checkpoints/triton_linear_gelu.py`)."""
+    built once; DEEPSEEK_OCR_VISION_CUDNN). With `all`, the kernel computes the windows' relative terms itself
+    from the tables (`SamAttention.terms_in_kernel`)."""
     sam = model.model.sam_model
     sam.use_relative_attention_kernel(settings.sam_kernel != "0" and settings.vision != "original",
-                                      any_grid=settings.sam_kernel == "all",
-                                      terms_in_kernel=settings.sam_terms_in_kernel)
-    sam.use_gelu_kernel(settings.sam_gelu_kernel and settings.vision != "original")
+                                      any_grid=settings.sam_kernel == "all", terms_in_kernel=settings.sam_kernel == "all")
     sam.use_cudnn_attention(settings.vision_cudnn and graphs and settings.vision != "original")
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from checkpoints.deepencoder import (
-    ClipAttention, ClipLayer, ClipMLP, ClipSettings, ClipVisionModel, LinearProjector, MLPBlock, PatchEmbed, SamAttention,
+    ClipAttention, ClipLayer, ClipMLP, ClipSettings, ClipVisionModel, LinearProjector, PatchEmbed, SamAttention,
     SamBlock, SamEncoder, SamSettings, cudnn_first, encode_views, merge_windows, partition_windows,
     relative_positions, relative_positions_in_windows, relative_terms, resized_relative_table,
 )
@@ -513,40 +513,6 @@ def test_the_terms_in_the_kernel_are_chosen_with_the_kernel():
     assert all(block.attn.terms_in_kernel for block in sam.blocks)
     sam.use_relative_attention_kernel(True)
     assert not any(block.attn.terms_in_kernel for block in sam.blocks)
-
-
-def test_the_gelu_kernel_is_chosen_for_every_blocks_mlp_and_only_on_a_gpu():
-    sam = SamEncoder(TINY_SAM)
-    sam.use_gelu_kernel(True)
-    assert all(block.mlp.gelu_kernel for block in sam.blocks)
-    mlp = sam.blocks[0].mlp
-    x = torch.randn(1, 4, 4, mlp.lin1.in_features)
-    assert not mlp.runs_the_kernel(x)  # CPU tensors: PyTorch's order, bit for bit
-    torch.testing.assert_close(mlp(x), mlp.lin2(F.gelu(mlp.lin1(x))), rtol=0, atol=0)
-    sam.use_gelu_kernel(False)
-    assert not any(block.mlp.gelu_kernel for block in sam.blocks)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_an_mlp_through_the_gelu_kernel_is_closer_to_float32_than_pytorchs_order():
-    """SAM's MLP in bf16, its first product and GELU in one kernel (rounded once) against PyTorch's order (rounded
-    after each), both against the MLP in float32."""
-    torch.manual_seed(0)
-    mlp = MLPBlock(768, 3072).cuda()
-    x = torch.randn(2, 40, 40, 768, device="cuda")
-    with torch.inference_mode():
-        reference = mlp(x)
-        mlp.to(torch.bfloat16)
-        mlp.gelu_kernel = True
-        assert mlp.runs_the_kernel(x.bfloat16())
-        through_kernel = mlp(x.bfloat16()).float()
-        mlp.gelu_kernel = False
-        plain = mlp(x.bfloat16()).float()
-
-    def error(out):
-        return float((out - reference).norm() / reference.norm())
-
-    assert error(through_kernel) <= error(plain) * 1.02
 
 
 def test_attention_within_windows_of_the_grid_needs_the_kernel():

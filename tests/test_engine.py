@@ -288,28 +288,8 @@ def test_sams_attention_kernels_follow_the_settings(tiny_model, vision, sam_kern
         for block in tiny_model.model.sam_model.blocks:
             assert block.attn.relative_kernel is kernel_on
             assert block.attn.kernel_for_any_grid is (sam_kernel == "all")
+            assert block.attn.terms_in_kernel is (sam_kernel == "all")  # the windows' terms from the tables
             assert block.attn.attention_backends == (cudnn_first() if cudnn_on else None)
-    finally:
-        choose_vision_kernels(tiny_model, Settings.from_env({"DEEPSEEK_OCR_DEVICE": "cpu", "DEEPSEEK_OCR_SAM_KERNEL": "0",
-                                                             "DEEPSEEK_OCR_VISION_CUDNN": "0"}), False)
-
-
-@pytest.mark.parametrize("vision, gelu_kernel, gelu_on", [
-    ("compiled", None, False),  # off unless asked for
-    ("compiled", "1", True),
-    ("fast", "1", True),
-    ("original", "1", False),  # the original's order keeps PyTorch's own
-])
-def test_sams_gelu_kernel_follows_the_settings(tiny_model, vision, gelu_kernel, gelu_on):
-    from ocr_service.engine import choose_vision_kernels
-
-    env = {"DEEPSEEK_OCR_DEVICE": "cpu", "DEEPSEEK_OCR_VISION": vision}
-    if gelu_kernel is not None:
-        env["DEEPSEEK_OCR_SAM_GELU_KERNEL"] = gelu_kernel
-    try:
-        choose_vision_kernels(tiny_model, Settings.from_env(env), False)
-        assert [block.mlp.gelu_kernel for block in tiny_model.model.sam_model.blocks] == [gelu_on] * len(
-            tiny_model.model.sam_model.blocks)
     finally:
         choose_vision_kernels(tiny_model, Settings.from_env({"DEEPSEEK_OCR_DEVICE": "cpu", "DEEPSEEK_OCR_SAM_KERNEL": "0",
                                                              "DEEPSEEK_OCR_VISION_CUDNN": "0"}), False)

@@ -670,38 +670,6 @@ def check_relative_attention(device):
                          f"by {tiles} d={head_dim} {dtype}")
 
 
-@check
-def check_linear_gelu(device):
-    """A vision MLP's first product with its bias and exact GELU in one kernel: rows that fill no tile, one tile
-    and several (the last part-filled), x a strided view (rows further apart than their width), the default tile
-    and a small one (several column blocks and depth steps). float32 to float32's precision; bfloat16 rounded
-    once, so at least as close to the float32 result as PyTorch's order (rounded after the product and again
-    after the GELU), and within two units in the last place of it."""
-    (kernels,) = load_kernel_modules("triton_linear_gelu")
-    gelu_linear = lambda x, w, b: torch.nn.functional.gelu(torch.nn.functional.linear(x, w, b))  # noqa: E731
-    generator = torch.Generator().manual_seed(0)
-    for dtype in float_types():
-        for leading, width, hidden, tile in (((130,), 128, 256, kernels.TILE), ((2, 3, 7), 64, 128, (32, 32, 16)),
-                                             ((1,), 128, 128, kernels.TILE), ((0,), 128, 128, kernels.TILE)):
-            wide = torch.randn(*leading, 2 * width, generator=generator).to(dtype)
-            x = wide[..., :width]  # a strided view, as a block's input may be
-            weight = (torch.randn(hidden, width, generator=generator) / width ** 0.5).to(dtype)
-            bias = torch.randn(hidden, generator=generator).to(dtype)
-            assert kernels.takes(x, weight, bias, tile)
-            got = kernels.linear_gelu(x.to(device), weight.to(device), bias.to(device), tile=tile).cpu()
-            what = f"linear_gelu {tuple(leading)} {width}->{hidden} tile {tile} {dtype}"
-            expected = gelu_linear(x, weight, bias)
-            assert_close(got, expected, dtype, what)
-            if dtype == torch.bfloat16 and x.numel():
-                exact = gelu_linear(x.float(), weight.float(), bias.float())
-                distance = lambda y: float((y.float() - exact).norm() / exact.norm())  # noqa: E731
-                assert distance(got) <= distance(expected) * 1.01, f"{what}: {distance(got)} vs {distance(expected)}"
-    weight, bias = torch.zeros(256, 128), torch.zeros(256)
-    assert not kernels.takes(torch.zeros(4, 128), weight, None), "no bias: PyTorch's order"
-    assert not kernels.takes(torch.zeros(4, 128), torch.zeros(200, 128), torch.zeros(200)), "200 columns: no tile"
-    assert not kernels.takes(torch.zeros(4, 128).bfloat16(), weight, bias), "mixed dtypes"
-
-
 # ---------------------------------------------------------------- running the checks
 
 
