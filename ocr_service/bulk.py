@@ -482,10 +482,13 @@ def check_preset_applies(options, settings: Settings) -> None:
     resolution(options.resolution_size, presets, model.title)
 
 
-def load_engine(settings: Settings, log: Callable[[str], None], ignore_eos: bool = False):
+def load_engine(settings: Settings, log: Callable[[str], None], ignore_eos: bool = False,
+                resolutions: Optional[list] = None):
+    """The run's engine; `resolutions`: the run's resolution_size, whose view sizes alone it compiles at load
+    (`OCREngine`)."""
     from .engine import OCREngine
 
-    return OCREngine(weights_folder(settings, log), settings, log=log, ignore_eos=ignore_eos)
+    return OCREngine(weights_folder(settings, log), settings, log=log, ignore_eos=ignore_eos, resolutions=resolutions)
 
 
 # ---------------------------------------------------------------- the command
@@ -678,7 +681,10 @@ def run_with_ray(*arguments) -> Summary:
 
 def run_here(args, sources, folder, previous, options, settings, run_options, progress, log, signals) -> Summary:
     pages_in_flight = args.pages_in_flight  # None: twice the engine's rows, once it is loaded
-    run = LocalRun(lambda: load_engine(settings, log.engine, ignore_eos=args.ignore_eos), sources, folder, previous, options, settings, run_options, progress, args.readers,
+    def engine():  # compiled for the run's resolution_size alone
+        return load_engine(settings, log.engine, ignore_eos=args.ignore_eos, resolutions=[options.resolution_size])
+
+    run = LocalRun(engine, sources, folder, previous, options, settings, run_options, progress, args.readers,
                    pages_in_flight, args.retry_refused)
 
     def poll() -> None:

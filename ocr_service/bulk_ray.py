@@ -109,7 +109,9 @@ class OCRActor:
 
             settings = Settings.from_env({**os.environ, **environment})
             weights_dir = _weights_on_this_node(settings, weights_folder)
-            self.engine = OCREngine(weights_dir, settings, log=_log, ignore_eos=ignore_eos)
+            # compiled for the run's resolution_size alone (half the compile of every preset's views)
+            self.engine = OCREngine(weights_dir, settings, log=_log, ignore_eos=ignore_eos,
+                                    resolutions=[self.options.resolution_size])
             self.prompt, _ = self.options.prompt_and_preset(self.engine.special_token_texts)
             # the served model's own geometry; a preset it has no equivalent for stops the run, not each document
             self.preset = self.engine.resolution(self.options.resolution_size)

@@ -25,7 +25,7 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 # Two streams (vision, decoding) allocate beside each other: segments that grow in place keep what the
 # caching allocator reserves close to what is allocated. Set before CUDA starts; an operator's value wins.
@@ -52,7 +52,7 @@ from .vision import (
     PREFILL_RANGE, DECODE_RANGE, Preprocessor, VisionWorker, limit_cpu_threads, pass_pixels, record_function,
     vision_pass_shapes,
 )
-from .vision_compile import compile_vision_towers
+from .vision_compile import compile_vision_towers, view_sides
 from .vision_graphs import GraphedTowers
 from .weights import model_in
 
@@ -116,8 +116,13 @@ def choose_vision_kernels(model, settings: Settings, graphs: bool) -> None:
 
 class OCREngine:
     def __init__(self, weights_dir: Path, settings: Optional[Settings] = None,
-                 log: Callable[[str], None] = print, ignore_eos: bool = False):
-        """`ignore_eos`: for benchmarks, every page decodes its max_new_tokens."""
+                 log: Callable[[str], None] = print, ignore_eos: bool = False,
+                 resolutions: Optional[Iterable[str]] = None):
+        """`ignore_eos`: for benchmarks, every page decodes its max_new_tokens. `resolutions`: the resolution_size
+        choices this engine will serve (a bulk run's one), whose view sizes alone the towers are compiled and
+        captured for at load (Gundam's two of the first model's four: half the compile, which is most of a load:
+        ~50 s on a fresh H200, ~9 s from Inductor's cache); a page of another choice is refused. None: every
+        choice the model has (the predictor's engine)."""
         from transformers import PreTrainedTokenizerFast
 
         self.settings = settings = settings or Settings.from_env()
@@ -150,6 +155,11 @@ class OCREngine:
         # The decode step's Triton kernels start while the kernel before them ends (README "Performance")
         triton_common.use_programmatic_launch(settings.programmatic_launch)
         self.presets = model_presets(self.model.processing)  # resolution_size choice → this model's geometry
+        self.restricted = resolutions is not None
+        if self.restricted:  # only these (each checked to be one of the model's)
+            self.presets = {name: self.resolution(name) for name in dict.fromkeys(resolutions)}
+        # (base_size, image_size, crop_mode) of what it serves: the view sizes compiled and captured at load
+        self.view_modes = sorted({(r.base_size, r.image_size, r.crop_mode) for r in self.presets.values()})
         self.repetition = {"serving": SERVING_NO_REPEAT_RULE, "original": ORIGINAL_NO_REPEAT_RULE}[
             settings.repetition_rule]
         self.loop_rule = DEFAULT_LOOP_STOP if settings.stop_loops else LOOP_STOP_OFF
@@ -178,10 +188,10 @@ class OCREngine:
                 and self.settings.vision != "original")
 
     def compile_vision(self) -> Optional[dict]:
-        """The towers compiled at load (`vision_compile.py`); if compiling fails the engine serves them eagerly,
-        slower but the same model, and says so."""
+        """The towers compiled at load (`vision_compile.py`) for the view sizes it serves; if compiling fails the
+        engine serves them eagerly, slower but the same model, and says so."""
         try:
-            return compile_vision_towers(self.model, log=self.log)
+            return compile_vision_towers(self.model, log=self.log, sides=view_sides(self.model, self.view_modes))
         except Exception as error:  # the compiler's failure must not keep the service from starting
             self.log(f"compiling the vision towers failed ({type(error).__name__}: {str(error)[:300]}); "
                      "encoding with the eager towers (DEEPSEEK_OCR_VISION=fast does so without trying)")
@@ -195,13 +205,24 @@ class OCREngine:
     # ------------------------------------------------------------------ requests
 
     def resolution(self, name: str) -> Resolution:
-        """This model's geometry for a resolution_size choice (InputError for a choice it has no mode for)."""
-        return preset_resolution(name, self.presets, self.served.title)
+        """This model's geometry for a resolution_size choice (InputError for a choice it has no mode for, or that
+        this engine was not started for: `resolutions`)."""
+        every = model_presets(self.model.processing)
+        if name in every and name not in self.presets:
+            raise InputError(f"resolution_size {name!r}: this engine was started for {', '.join(self.presets)} only "
+                             "(its towers are compiled for their view sizes); use one of those")
+        return preset_resolution(name, every, self.served.title)
 
     def model_resolution(self, resolution: Resolution) -> Resolution:
         """The geometry this model reads a preset with: a preset chosen by name (presets.resolution, whatever
-        model's geometry it holds) → this model's for that choice; one given by geometry alone → as it is."""
-        return self.resolution(resolution.choice) if resolution.choice else resolution
+        model's geometry it holds) → this model's for that choice; one given by geometry alone → as it is, if the
+        engine serves it (`resolutions`)."""
+        if resolution.choice:
+            return self.resolution(resolution.choice)
+        geometry = (resolution.base_size, resolution.image_size, resolution.crop_mode)
+        if self.restricted and geometry not in self.view_modes:
+            raise InputError(f"views of {geometry[:2]}: this engine was started for {', '.join(self.presets)} only")
+        return resolution
 
     def prompt_tokens(self, prompt: str, image_size: tuple, resolution) -> int:
         """Tokens a page's prompt takes (BOS, text, image tokens), computed without preprocessing the image."""
@@ -508,14 +529,15 @@ class ServingLoop:
             self.vision_graphs = self.towers.capture(self.log)
             return
         with torch.inference_mode():
-            for views in vision_pass_shapes(model, self.PAGES_PER_VISION_PASS, pass_pixels(model)):
+            for views in vision_pass_shapes(model, self.PAGES_PER_VISION_PASS, pass_pixels(model), engine.view_modes):
                 model.model.encode_views(torch.zeros(views, device=engine.device, dtype=engine.dtype))
 
     def _most_views_per_call(self) -> dict:
         """side → the most views of that side one call of the towers holds in a pass."""
         most: dict = {}
         model = self.engine.model
-        for views, _, side, _ in vision_pass_shapes(model, self.PAGES_PER_VISION_PASS, pass_pixels(model)):
+        for views, _, side, _ in vision_pass_shapes(model, self.PAGES_PER_VISION_PASS, pass_pixels(model),
+                                                    self.engine.view_modes):
             most[side] = max(most.get(side, 0), views)
         return most
 

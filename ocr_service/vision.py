@@ -21,7 +21,7 @@ import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
@@ -37,12 +37,13 @@ record_function = torch.profiler.record_function
 MATERIALISED_PASS_PIXELS = 4 * 1024 * 1024
 
 
-def pass_views(model, pages: int) -> set:
+def pass_views(model, pages: int, modes: Optional[Iterable[tuple]] = None) -> set:
     """(side, views): the most views of each size a pass of `pages` pages can hold, over the model's resolution
-    modes (a global view per page; in crop mode, as many tiles as the model cuts at most)."""
+    modes, or `modes` ((base_size, image_size, crop_mode) each: those an engine serves) (a global view per page;
+    in crop mode, as many tiles as the model cuts at most)."""
     processing = model.processing
     views = set()
-    for base_size, image_size, crop_mode in processing.RESOLUTION_MODES.values():
+    for base_size, image_size, crop_mode in (processing.RESOLUTION_MODES.values() if modes is None else modes):
         if crop_mode:
             views.add((base_size, pages))
             views.add((image_size, pages * processing.MAX_TILES))
@@ -51,11 +52,11 @@ def pass_views(model, pages: int) -> set:
     return views
 
 
-def vision_pass_shapes(model, pages: int, call_pixels: int) -> list:
-    """The largest calls of the towers a pass of `pages` pages can make, per view size of the model's modes:
-    [views, 3, side, side] each (what sizes the vision encoder's memory)."""
+def vision_pass_shapes(model, pages: int, call_pixels: int, modes: Optional[Iterable[tuple]] = None) -> list:
+    """The largest calls of the towers a pass of `pages` pages can make, per view size of the model's modes (or
+    `modes`, as `pass_views`): [views, 3, side, side] each (what sizes the vision encoder's memory)."""
     return sorted((min(views, max(1, call_pixels // side**2)), 3, side, side)
-                  for side, views in pass_views(model, pages))
+                  for side, views in pass_views(model, pages, modes))
 
 
 def pass_pixels(model, pages: int = 16) -> int:

@@ -21,7 +21,7 @@ second start on the same machine or container traces the blocks again but takes 
 
 import contextlib
 import time
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 
@@ -33,9 +33,10 @@ from .vision import pass_views
 RECOMPILE_LIMIT = 64
 
 
-def view_sides(model) -> list:
-    """The square view sizes the model's resolution modes give its towers, its default (Gundam) views first."""
-    sides = {side for side, _ in pass_views(model, 1)}
+def view_sides(model, modes: Optional[Iterable[tuple]] = None) -> list:
+    """The square view sizes the model's resolution modes (or `modes`, those an engine serves: `pass_views`) give
+    its towers, its default (Gundam) views first."""
+    sides = {side for side, _ in pass_views(model, 1, modes)}
     default = model.processing.RESOLUTION_MODES.get("Gundam")
     first = [default[0], default[1]] if default else []
     return [side for side in first if side in sides] + sorted(sides - set(first))

@@ -147,6 +147,22 @@ def first_run(corpus, engine, tmp_path_factory):
     return {"out": out, "code": code, "backgrounds": backgrounds, "calls": engine.take()}
 
 
+def test_the_command_loads_its_engine_for_the_runs_resolution_alone(monkeypatch, engine, tmp_path):
+    """The engine compiles the vision towers for the preset's view sizes only (OCREngine's `resolutions`)."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.new("RGB", (64, 48), "white").save(folder / "page.png")
+    asked = []
+    for name, value in ENVIRONMENT.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(bulk, "load_engine", lambda *args, **kwargs: asked.append(kwargs) or engine.engine)
+    try:
+        assert bulk.main([str(folder), str(tmp_path / "out"), *ARGUMENTS]) == 0
+    finally:
+        engine.take()
+    assert [call["resolutions"] for call in asked] == [[TASK["resolution_size"]]]
+
+
 def test_progress_counts_its_rate_and_time_left_from_when_an_engine_has_work(monkeypatch):
     clock = [1000.0]
     monkeypatch.setattr(bulk.time, "time", lambda: clock[0])

@@ -93,13 +93,14 @@ def test_a_failing_compile_leaves_the_towers_eager(tiny_model, compiled_copy):
 def test_the_engine_serves_eagerly_when_the_compile_fails(monkeypatch):
     from ocr_service import engine as engine_module
 
-    def failing(model, log):
+    def failing(model, log, sides):
         raise RuntimeError("inductor is missing")
 
     monkeypatch.setattr(engine_module, "compile_vision_towers", failing)
+    monkeypatch.setattr(engine_module, "view_sides", lambda model, modes: [1024])
     logged = []
     engine = object.__new__(engine_module.OCREngine)  # only what compile_vision reads
-    engine.model, engine.log = None, logged.append
+    engine.model, engine.log, engine.view_modes = None, logged.append, None
     assert engine.compile_vision() is None
     assert "compiling the vision towers failed (RuntimeError: inductor is missing)" in logged[0]
     assert "DEEPSEEK_OCR_VISION=fast" in logged[0]
@@ -135,11 +136,46 @@ def test_the_engine_compiles_after_it_sets_the_cpu_threads(tiny_checkpoint, monk
     monkeypatch.setattr(engine_module.OCREngine, "limits_cpu_threads", property(lambda self: True))
     monkeypatch.setattr(engine_module, "limit_cpu_threads", lambda workers, cores: torch.set_num_threads(1))
     monkeypatch.setattr(engine_module, "compile_vision_towers",
-                        lambda model, log: threads_when_compiled.append(torch.get_num_threads()) or {"graphs": 0})
+                        lambda model, log, sides: threads_when_compiled.append(torch.get_num_threads()) or {"graphs": 0})
     before = torch.get_num_threads()
     try:
         engine = engine_module.OCREngine(tiny_checkpoint, Settings.from_env().replace(device="cpu"), log=lambda _: None)
         assert engine.server.vision_compile == {"graphs": 0}
         assert threads_when_compiled == [torch.get_num_threads()] == [1]
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_an_engine_started_for_one_preset_compiles_its_view_sizes_alone_and_refuses_the_others(tiny_checkpoint,
+                                                                                           monkeypatch):
+    """A bulk run serves one resolution_size: its engine compiles (and would capture) the towers for that preset's
+    view sizes only, Gundam's 1024 and 640 of the four, and a page of another preset is refused, naming the input,
+    rather than run through uncompiled towers whose memory nobody reserved."""
+    from ocr_service import engine as engine_module
+    from ocr_service.errors import InputError
+    from ocr_service.presets import Resolution
+    from ocr_service.settings import Settings
+
+    compiled_sides = []
+    monkeypatch.setattr(engine_module.OCREngine, "compiles_vision", property(lambda self: True))
+    monkeypatch.setattr(engine_module, "compile_vision_towers",
+                        lambda model, log, sides: compiled_sides.append(sides) or {"graphs": 0})
+    settings = Settings.from_env().replace(device="cpu")
+    before = torch.get_num_threads()
+    try:
+        engine = engine_module.OCREngine(tiny_checkpoint, settings, log=lambda _: None,
+                                         resolutions=["Gundam (Recommended)"])
+        assert compiled_sides == [[1024, 640]]
+        assert {side for side in engine.server._most_views_per_call()} == {1024, 640}
+        assert engine.resolution("Gundam (Recommended)") == Resolution(1024, 640, True)
+        with pytest.raises(InputError, match="resolution_size 'Tiny': this engine was started for Gundam"):
+            engine.resolution("Tiny")
+        with pytest.raises(InputError, match="started for Gundam"):
+            engine.model_resolution(Resolution(512, 512, False))
+        with pytest.raises(InputError, match="unknown resolution_size"):
+            engine_module.OCREngine(tiny_checkpoint, settings, log=lambda _: None, resolutions=["Huge"])
+        every = engine_module.OCREngine(tiny_checkpoint, settings, log=lambda _: None)
+        assert compiled_sides[-1] == [1024, 640, 512, 1280]  # the predictor's engine: every preset
+        assert every.model_resolution(Resolution(512, 512, False)) == Resolution(512, 512, False)
     finally:
         torch.set_num_threads(before)
