@@ -109,7 +109,7 @@ class OCRActor:
 
             settings = Settings.from_env({**os.environ, **environment})
             weights_dir = _weights_on_this_node(settings, weights_folder)
-            # compiled for the run's resolution_size alone (half the compile of every preset's views)
+            # compiled for the run's resolution_size alone (a shorter load: OCREngine's `resolutions`)
             self.engine = OCREngine(weights_dir, settings, log=_log, ignore_eos=ignore_eos,
                                     resolutions=[self.options.resolution_size])
             self.prompt, _ = self.options.prompt_and_preset(self.engine.special_token_texts)

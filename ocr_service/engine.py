@@ -120,9 +120,9 @@ class OCREngine:
                  resolutions: Optional[Iterable[str]] = None):
         """`ignore_eos`: for benchmarks, every page decodes its max_new_tokens. `resolutions`: the resolution_size
         choices this engine will serve (a bulk run's one), whose view sizes alone the towers are compiled and
-        captured for at load (Gundam's two of the first model's four: half the compile, which is most of a load:
-        ~50 s on a fresh H200, ~9 s from Inductor's cache); a page of another choice is refused. None: every
-        choice the model has (the predictor's engine)."""
+        captured for at load (Gundam's two of the first model's four: on a fresh H200 the compile took 34 s and the
+        load 60, against 53 and 74 for every preset's views; benchmarks/results/h200-2026-12-01); a page of another
+        choice is refused. None: every choice the model has (the predictor's engine)."""
         from transformers import PreTrainedTokenizerFast
 
         self.settings = settings = settings or Settings.from_env()
