@@ -103,14 +103,15 @@ def choose_vision_kernels(model, settings: Settings, graphs: bool) -> None:
     """SAM's attention kernels as the engine serves them (README "Faithfulness"), `graphs`: whether the towers
     are replayed as CUDA graphs. Unless the towers run in the original's order: the blocks over grids the
     Triton kernel walks a whole row at a time (a 1024 or 512 view's global blocks) through that kernel
-    (DEEPSEEK_OCR_SAM_KERNEL=1; `all`: every block, its windows read in the grid, faster but further from
-    float32 than the original on the Gundam preset, README "Performance"), and the rest of the folded attention through cuDNN's
-    kernels when the shapes are the graphs' (cuDNN builds a plan per new shape; captured at load, each is
-    built once; DEEPSEEK_OCR_VISION_CUDNN). With `all`, the kernel computes the windows' relative terms itself
-    from the tables (`SamAttention.terms_in_kernel`)."""
+    (DEEPSEEK_OCR_SAM_KERNEL=1; `all`: every block, its windows read in the grid and their relative terms
+    computed in the kernel from the tables, faster but further from float32 than the original on the Gundam
+    preset, README "Performance"), and the rest of the folded attention through cuDNN's kernels when the shapes
+    are the graphs' (cuDNN builds a plan per new shape; captured at load, each is built once;
+    DEEPSEEK_OCR_VISION_CUDNN)."""
     sam = model.model.sam_model
+    every_block = settings.sam_kernel == "all"
     sam.use_relative_attention_kernel(settings.sam_kernel != "0" and settings.vision != "original",
-                                      any_grid=settings.sam_kernel == "all", terms_in_kernel=settings.sam_kernel == "all")
+                                      any_grid=every_block, terms_in_kernel=every_block)
     sam.use_cudnn_attention(settings.vision_cudnn and graphs and settings.vision != "original")
 
 
@@ -154,10 +155,10 @@ class OCREngine:
         choose_vision_kernels(self.model, settings, self.graphs_vision)
         # The decode step's Triton kernels start while the kernel before them ends (README "Performance")
         triton_common.use_programmatic_launch(settings.programmatic_launch)
-        self.presets = model_presets(self.model.processing)  # resolution_size choice → this model's geometry
-        self.restricted = resolutions is not None
-        if self.restricted:  # only these (each checked to be one of the model's)
-            self.presets = {name: self.resolution(name) for name in dict.fromkeys(resolutions)}
+        self.every_preset = model_presets(self.model.processing)  # resolution_size choice → this model's geometry
+        self.restricted = resolutions is not None  # the choices it serves: these (each one of the model's), or all
+        self.presets = ({name: preset_resolution(name, self.every_preset, self.served.title)
+                         for name in dict.fromkeys(resolutions)} if self.restricted else self.every_preset)
         # (base_size, image_size, crop_mode) of what it serves: the view sizes compiled and captured at load
         self.view_modes = sorted({(r.base_size, r.image_size, r.crop_mode) for r in self.presets.values()})
         self.repetition = {"serving": SERVING_NO_REPEAT_RULE, "original": ORIGINAL_NO_REPEAT_RULE}[
@@ -207,11 +208,10 @@ class OCREngine:
     def resolution(self, name: str) -> Resolution:
         """This model's geometry for a resolution_size choice (InputError for a choice it has no mode for, or that
         this engine was not started for: `resolutions`)."""
-        every = model_presets(self.model.processing)
-        if name in every and name not in self.presets:
+        if name in self.every_preset and name not in self.presets:
             raise InputError(f"resolution_size {name!r}: this engine was started for {', '.join(self.presets)} only "
                              "(its towers are compiled for their view sizes); use one of those")
-        return preset_resolution(name, every, self.served.title)
+        return preset_resolution(name, self.every_preset, self.served.title)
 
     def model_resolution(self, resolution: Resolution) -> Resolution:
         """The geometry this model reads a preset with: a preset chosen by name (presets.resolution, whatever
