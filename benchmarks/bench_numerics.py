@@ -134,7 +134,7 @@ def main():
     parser.add_argument("--original-site", help="site-packages folder with transformers 4.46.3 for the original")
     parser.add_argument("--original-timeout", type=int, default=400)
     parser.add_argument("--variants", nargs="*", default=[], metavar="NAME=VALUE[,NAME=VALUE]",
-                        help="served towers again under other settings (e.g. DEEPSEEK_OCR_SAM_GELU_KERNEL=1), each a "
+                        help="served towers again under other settings (e.g. DEEPSEEK_OCR_SAM_KERNEL=all), each a "
                         "column of its own")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()

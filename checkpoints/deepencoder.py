@@ -294,24 +294,23 @@ class SamAttention(nn.Module):
         through_kernel = self.runs_the_kernel(x, window)
         if window and not through_kernel:
             raise ValueError("attention within windows of the grid runs only through the Triton kernel")
-        if through_kernel and window and self.terms_in_kernel:
-            _, k_bias, v_bias = self.qkv.bias.view(3, self.heads, -1)
-            tables = (resized_relative_table(window, self.rel_pos_h), resized_relative_table(window, self.rel_pos_w))
-            out = relative_attention(q, k, v, None, None, height, width, window=window, k_bias=k_bias, v_bias=v_bias,
-                                     tables=tables)  # [B, HW, heads, d]
-            return self.proj(out.reshape(batch, height, width, -1))
         if through_kernel:
-            if window:  # a token's terms are those of its place in its window
+            terms, tables = (None, None), None
+            if window and self.terms_in_kernel:  # the kernel computes them from the window's tables
+                tables = (resized_relative_table(window, self.rel_pos_h),
+                          resized_relative_table(window, self.rel_pos_w))
+            elif window:  # a token's terms are those of its place in its window
                 rel_h = relative_positions_in_windows(height, window, self.rel_pos_h)  # [H, window, d]
                 rel_w = relative_positions_in_windows(width, window, self.rel_pos_w)  # [W, window, d]
+                terms = relative_terms(q, rel_h, rel_w, height, width, pad_to=8)
             else:
                 rel_h = relative_positions(height, height, self.rel_pos_h)  # [H, H, d]
                 rel_w = relative_positions(width, width, self.rel_pos_w)  # [W, W, d]
-            row_terms, col_terms = relative_terms(q, rel_h, rel_w, height, width, pad_to=8)
+                terms = relative_terms(q, rel_h, rel_w, height, width, pad_to=8)
             # a padded token's key and value: the projection of zero, its bias
             _, k_bias, v_bias = self.qkv.bias.view(3, self.heads, -1)
-            out = relative_attention(q, k, v, row_terms, col_terms, height, width, window=window,
-                                     k_bias=k_bias, v_bias=v_bias)  # [B, HW, heads, d]
+            out = relative_attention(q, k, v, *terms, height, width, window=window, k_bias=k_bias, v_bias=v_bias,
+                                     tables=tables)  # [B, HW, heads, d]
             return self.proj(out.reshape(batch, height, width, -1))
         rel_h = relative_positions(height, height, self.rel_pos_h)  # [H, H, d]
         rel_w = relative_positions(width, width, self.rel_pos_w)  # [W, W, d]
