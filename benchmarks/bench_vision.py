@@ -440,13 +440,16 @@ def attention_options(model, groups: dict, pages: int, ceilings: dict) -> dict:
                 lambda: relative_terms(q, rel_h, rel_w, side, side, pad_to=8), 5)
             options["the folded path's terms (two products)"] = median_ms(
                 lambda: relative_terms(q, rel_h, rel_w, side, side), 5)
-            for keys, tiles in kernel_options(side):
+            for index, (keys, tiles) in enumerate(kernel_options(side)):
                 option = f"Triton kernel, keys by {keys[0]}×{keys[1]}, {tiles[0]} queries, {tiles[1]} warps, {tiles[2]} stages"
-                try:
-                    options[option] = median_ms(lambda: relative_attention(
-                        q, k, v, row_terms, col_terms, side, side, tiles=tiles, keys=keys), 5)
-                except Exception as error:
-                    options[f"{option} failed"] = repr(error)[:200]
+                for by_product in (True, False) if index == 0 and keys[0] > 1 else (True,):
+                    label = option if by_product else f"{option}, rectangle's terms summed (before)"
+                    try:
+                        options[label] = median_ms(lambda: relative_attention(
+                            q, k, v, row_terms, col_terms, side, side, tiles=tiles, keys=keys,
+                            terms_by_product=by_product), 5)
+                    except Exception as error:
+                        options[f"{label} failed"] = repr(error)[:200]
             tables = (resized_relative_table(side, attn.rel_pos_h.detach()), resized_relative_table(side, attn.rel_pos_w.detach()))
             for keys, tiles in kernel_options(side):  # the terms computed in the kernel from the tables
                 if attn is not window_attn:
@@ -458,14 +461,21 @@ def attention_options(model, groups: dict, pages: int, ceilings: dict) -> dict:
                         q, k, v, None, None, side, side, tiles=tiles, keys=keys, tables=tables), 5)
                 except Exception as error:
                     options[f"{option} failed"] = repr(error)[:200]
+            if attn is window_attn:
+                option = "Triton kernel, terms inside, default tiles, rectangle's terms gathered and summed (before)"
+                options[option] = median_ms(lambda: relative_attention(
+                    q, k, v, None, None, side, side, tables=tables, terms_by_product=False), 5)
             if attn is window_attn:  # as served: the windows read where they lie in each view's grid
                 options["Triton kernel, windows read in the views' grids (terms included)"] = median_ms(
                     windows_in_grids(groups, attn, settings_heads, head_dim, window), 5)
-                try:
-                    options["Triton kernel, windows read in the views' grids, terms inside"] = median_ms(
-                        windows_in_grids(groups, attn, settings_heads, head_dim, window, terms_inside=True), 5)
-                except Exception as error:
-                    options["Triton kernel, windows read in the views' grids, terms inside: failed"] = repr(error)[:200]
+                for by_product in (True, False):
+                    option = "Triton kernel, windows read in the views' grids, terms inside" + (
+                        "" if by_product else ", gathered and summed (before)")
+                    try:
+                        options[option] = median_ms(windows_in_grids(groups, attn, settings_heads, head_dim, window,
+                                                                     terms_inside=True, terms_by_product=by_product), 5)
+                    except Exception as error:
+                        options[f"{option}: failed"] = repr(error)[:200]
         row = {"work_flops": work, "floor_ms": work / ceilings["matmul_flops"] * 1e3, "pages": pages,
                "ms": {name: ms for name, ms in options.items() if isinstance(ms, float)},
                "tflops": {name: work / ms / 1e9 for name, ms in options.items() if isinstance(ms, float)},
@@ -490,7 +500,8 @@ def kernel_options(side: int) -> list:
             + [(r, t) for r in wider for t in ((64, 4, 3), (64, 4, 2), (64, 8, 3), (128, 8, 2))])
 
 
-def windows_in_grids(groups: dict, attn, heads: int, head_dim: int, window: int, terms_inside: bool = False):
+def windows_in_grids(groups: dict, attn, heads: int, head_dim: int, window: int, terms_inside: bool = False,
+                     terms_by_product: bool = True):
     """One windowed block's attention as the engine serves it, to time: over each view size's grids (random
     q, k, v; the block's tables and biases), the terms, then the kernel reading the windows where they lie;
     with `terms_inside`, the kernel computing the terms from the tables."""
@@ -513,10 +524,11 @@ def windows_in_grids(groups: dict, attn, heads: int, head_dim: int, window: int,
         for side, (q, k, v), rel_h, rel_w in grids:
             if terms_inside:
                 relative_attention(q, k, v, None, None, side, side, window=window, k_bias=k_bias, v_bias=v_bias,
-                                   tables=tables)
+                                   tables=tables, terms_by_product=terms_by_product)
                 continue
             rows, cols = relative_terms(q, rel_h, rel_w, side, side, pad_to=8)
-            relative_attention(q, k, v, rows, cols, side, side, window=window, k_bias=k_bias, v_bias=v_bias)
+            relative_attention(q, k, v, rows, cols, side, side, window=window, k_bias=k_bias, v_bias=v_bias,
+                               terms_by_product=terms_by_product)
 
     return run
 
