@@ -149,6 +149,8 @@ def vision_variants(model, model_name: str, tokenizer, pages: int, chunks: dict,
             inner.sam_model.use_relative_positions("folded")
             if "attention-options" in steps and DEVICE == "cuda":
                 results["attention_options"] = attention_options(model, groups, pages, ceilings)
+            if "gelu" in steps and DEVICE == "cuda":
+                results["gelu_options"] = gelu_options(model, groups, ceilings)
             if "served-trials" in steps:
                 results["served_trials"] = served_trials(model, groups, pages, reference32, base, work, ceilings,
                                                          list(trials))
@@ -442,14 +444,14 @@ def attention_options(model, groups: dict, pages: int, ceilings: dict) -> dict:
                 lambda: relative_terms(q, rel_h, rel_w, side, side), 5)
             for index, (keys, tiles) in enumerate(kernel_options(side)):
                 option = f"Triton kernel, keys by {keys[0]}×{keys[1]}, {tiles[0]} queries, {tiles[1]} warps, {tiles[2]} stages"
-                for by_product in (True, False) if index == 0 and keys[0] > 1 else (True,):
-                    label = option if by_product else f"{option}, rectangle's terms summed (before)"
+                for acc_in_dot in (True, False) if index == 0 else (True,):
+                    name = option if acc_in_dot else f"{option}, the product added to the sum (before)"
                     try:
-                        options[label] = median_ms(lambda: relative_attention(
+                        options[name] = median_ms(lambda: relative_attention(
                             q, k, v, row_terms, col_terms, side, side, tiles=tiles, keys=keys,
-                            terms_by_product=by_product), 5)
+                            acc_in_dot=acc_in_dot), 5)
                     except Exception as error:
-                        options[f"{label} failed"] = repr(error)[:200]
+                        options[f"{name} failed"] = repr(error)[:200]
             tables = (resized_relative_table(side, attn.rel_pos_h.detach()), resized_relative_table(side, attn.rel_pos_w.detach()))
             for keys, tiles in kernel_options(side):  # the terms computed in the kernel from the tables
                 if attn is not window_attn:
@@ -462,18 +464,18 @@ def attention_options(model, groups: dict, pages: int, ceilings: dict) -> dict:
                 except Exception as error:
                     options[f"{option} failed"] = repr(error)[:200]
             if attn is window_attn:
-                option = "Triton kernel, terms inside, default tiles, rectangle's terms gathered and summed (before)"
+                option = "Triton kernel, terms inside, default tiles, the product added to the sum (before)"
                 options[option] = median_ms(lambda: relative_attention(
-                    q, k, v, None, None, side, side, tables=tables, terms_by_product=False), 5)
+                    q, k, v, None, None, side, side, tables=tables, acc_in_dot=False), 5)
             if attn is window_attn:  # as served: the windows read where they lie in each view's grid
                 options["Triton kernel, windows read in the views' grids (terms included)"] = median_ms(
                     windows_in_grids(groups, attn, settings_heads, head_dim, window), 5)
-                for by_product in (True, False):
+                for acc_in_dot in (True, False):
                     option = "Triton kernel, windows read in the views' grids, terms inside" + (
-                        "" if by_product else ", gathered and summed (before)")
+                        "" if acc_in_dot else ", the product added to the sum (before)")
                     try:
                         options[option] = median_ms(windows_in_grids(groups, attn, settings_heads, head_dim, window,
-                                                                     terms_inside=True, terms_by_product=by_product), 5)
+                                                                     terms_inside=True, acc_in_dot=acc_in_dot), 5)
                     except Exception as error:
                         options[f"{option}: failed"] = repr(error)[:200]
         row = {"work_flops": work, "floor_ms": work / ceilings["matmul_flops"] * 1e3, "pages": pages,
@@ -483,6 +485,46 @@ def attention_options(model, groups: dict, pages: int, ceilings: dict) -> dict:
         results[label] = row
         print("attention", label, json.dumps(row), flush=True)
         del q, k, v
+    return results
+
+
+def gelu_options(model, groups: dict, ceilings: dict) -> dict:
+    """SAM's MLP GELU alone at one pass's hidden layers (its tokens × 3,072, bf16; random values at the spread
+    of a trained layer's), each way: PyTorch's kernel, Inductor's, the Triton kernel with libdevice's erf and with
+    the short erf at a few block sizes; a copy of the same bytes for the bandwidth; and each way's outputs against
+    PyTorch's (how many of them differ, the largest difference)."""
+    from checkpoints.triton_ops import gelu
+
+    hidden = model.model.sam_model.blocks[0].mlp.lin1.out_features
+    compiled = torch.compile(torch.nn.functional.gelu)
+    results = {}
+    for size, views in groups.items():
+        tokens = views.shape[0] * (size // 16) ** 2
+        x = torch.randn(tokens, hidden, device=DEVICE, dtype=DTYPE) * 1.5
+        reference = torch.nn.functional.gelu(x)
+        ways = {"copy (the bytes alone)": lambda: x.clone(), "PyTorch (eager)": lambda: torch.nn.functional.gelu(x),
+                "Inductor (compiled)": lambda: compiled(x),
+                "Triton, libdevice erf": lambda: gelu(x, fast_erf=False)}
+        for block, warps in ((1024, 4), (2048, 4), (4096, 8), (8192, 8)):
+            ways[f"Triton, short erf, {block} a program, {warps} warps"] = (
+                lambda block=block, warps=warps: gelu(x, block=block, warps=warps))
+        row = {"tokens": tokens, "bytes_floor_ms": 4 * x.numel() / ceilings["copy_bytes_s"] * 1e3, "ms": {},
+               "differing": {}, "largest_difference": {}}
+        with torch.inference_mode():
+            for name, way in ways.items():
+                try:
+                    row["ms"][name] = median_ms(way, 10)
+                    if name.startswith("copy"):
+                        continue
+                    out = way()
+                    row["differing"][name] = int((out != reference).sum())
+                    row["largest_difference"][name] = float((out.float() - reference.float()).abs().max())
+                except Exception as error:
+                    row["ms"][name] = repr(error)[:200]
+        row["elements"] = x.numel()
+        results[f"{views.shape[0]} views of {size}"] = row
+        print("gelu", size, json.dumps(row), flush=True)
+        del x, reference
     return results
 
 
@@ -501,7 +543,7 @@ def kernel_options(side: int) -> list:
 
 
 def windows_in_grids(groups: dict, attn, heads: int, head_dim: int, window: int, terms_inside: bool = False,
-                     terms_by_product: bool = True):
+                     acc_in_dot: bool = True):
     """One windowed block's attention as the engine serves it, to time: over each view size's grids (random
     q, k, v; the block's tables and biases), the terms, then the kernel reading the windows where they lie;
     with `terms_inside`, the kernel computing the terms from the tables."""
@@ -524,11 +566,11 @@ def windows_in_grids(groups: dict, attn, heads: int, head_dim: int, window: int,
         for side, (q, k, v), rel_h, rel_w in grids:
             if terms_inside:
                 relative_attention(q, k, v, None, None, side, side, window=window, k_bias=k_bias, v_bias=v_bias,
-                                   tables=tables, terms_by_product=terms_by_product)
+                                   tables=tables, acc_in_dot=acc_in_dot)
                 continue
             rows, cols = relative_terms(q, rel_h, rel_w, side, side, pad_to=8)
             relative_attention(q, k, v, rows, cols, side, side, window=window, k_bias=k_bias, v_bias=v_bias,
-                               terms_by_product=terms_by_product)
+                               acc_in_dot=acc_in_dot)
 
     return run
 
@@ -611,11 +653,11 @@ def main():
     parser.add_argument("--profile", type=Path, help="folder for the kernel profiles of the vision pass and the "
                         "prefill")
     parser.add_argument("--steps", nargs="+", default=["variants", "prefill"],
-                        choices=["variants", "served-trials", "attention-options", "prefill"],
+                        choices=["variants", "served-trials", "attention-options", "gelu", "prefill"],
                         help="variants: the ways of running the towers above; served-trials: the served path "
                         "(compiled blocks, CUDA graphs) under --trials, with its GPU time by kind of kernel beside "
                         "each kind's floor; attention-options: SAM's attention alone at one pass's shapes, each way "
-                        "of computing it; prefill: the prefill alone")
+                        "of computing it; gelu: SAM's MLP GELU alone, each way; prefill: the prefill alone")
     parser.add_argument("--trials", nargs="+", default=list(SERVED_TRIALS), choices=list(SERVED_TRIALS),
                         help="served-trials' attention choices (default: all)")
     parser.add_argument("--json", type=Path)

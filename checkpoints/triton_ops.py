@@ -113,6 +113,46 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+# ---------------------------------------------------------------- SAM's exact GELU
+
+
+if triton is not None:
+
+    @triton.jit
+    def _erf_by_exponential(x):
+        """erf(x) within 1.5e-7 (Abramowitz and Stegun 7.1.26): 1 − t·P(t)·exp(−x²) with t = 1/(1 + 0.3275911·|x|),
+        the sign of x given back. About fifteen instructions, where the math library's erff takes a branch of
+        polynomials several times as long: on the H200 a pass's GELU was arithmetic-bound (`bench_vision.py --steps
+        gelu`)."""
+        a = tl.abs(x)
+        t = tl.fdiv(1.0, 1.0 + 0.3275911 * a, ieee_rounding=False)
+        poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+        magnitude = 1.0 - poly * tl.exp2(-1.4426950408889634 * a * a)
+        return tl.where(x < 0, -magnitude, magnitude)
+
+    @triton.jit
+    def _gelu_kernel(x_ptr, out_ptr, count, BLOCK: tl.constexpr, FAST_ERF: tl.constexpr):
+        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        inside = offsets < count
+        x = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+        if FAST_ERF:
+            erf = _erf_by_exponential(x * 0.7071067811865476)
+        else:
+            erf = tl.math.erf(x * 0.7071067811865476)
+        tl.store(out_ptr + offsets, (0.5 * x * (1.0 + erf)).to(out_ptr.dtype.element_ty), mask=inside)
+
+
+def gelu(x: torch.Tensor, fast_erf: bool = True, block: int = 2048, warps: int = 4) -> torch.Tensor:
+    """The exact GELU, x · (1 + erf(x / √2)) / 2, in float32 and rounded once (PyTorch's `F.gelu` on bf16 does the
+    same with the math library's erf): one read and one write of x. `fast_erf` computes erf to 1.5e-7 in a few
+    instructions (`_erf_by_exponential`); off, Triton's libdevice erf."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    if x.numel():
+        _gelu_kernel[(_cdiv(x.numel(), block),)](x, out, x.numel(), BLOCK=block, FAST_ERF=fast_erf, num_warps=warps)
+    return out
+
+
 # ---------------------------------------------------------------- rotary embedding
 
 

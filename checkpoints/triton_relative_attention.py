@@ -83,8 +83,7 @@ if triton is not None:
                                    TILE_COLS: tl.constexpr, WINDOWED: tl.constexpr,
                                    DOT_IN_FP32: tl.constexpr, PRECISION: tl.constexpr,
                                    TABLES: tl.constexpr, ENTRIES_H: tl.constexpr, ENTRIES_W: tl.constexpr,
-                                   TERMS_BY_PRODUCT: tl.constexpr, ROW_SLOTS: tl.constexpr,
-                                   COL_SLOTS: tl.constexpr, COVERED: tl.constexpr):
+                                   COVERED: tl.constexpr, ACC_IN_DOT: tl.constexpr):
         # The keys walked are a walk_height × walk_width part of the grid from (first_row, first_col): the
         # whole grid, or one window of it (program axis 2), whose positions past the grid are padding.
         block = tl.program_id(0)
@@ -135,21 +134,6 @@ if triton is not None:
                 col_terms = tl.load(cols_at[:, None] + slot_col[None, :],
                                     mask=is_query[:, None] & (slot_col < walk_width)[None, :], other=0.0)
                 col_terms = col_terms.to(tl.float32) * term_scale
-        if TILE_ROWS > 1 and TERMS_BY_PRODUCT:
-            # A rectangle's terms as one small product: [row terms | column terms] of each query times a 0/1
-            # matrix whose column for a key selects its row's and its column's entry. The sum then lands in the
-            # layout of q·kᵀ's products, where summing the two gathers into a rectangle needed a reshape and a
-            # layout change every step.
-            row_slot = tl.arange(0, ROW_SLOTS)
-            col_slot = tl.arange(0, COL_SLOTS)
-            if TABLES:  # every row's and column's terms of the walked part, once: by_row[i, offset_i − r]
-                row_index = tl.minimum(tl.maximum(row_offset[:, None] - row_slot[None, :], 0), ENTRIES_H - 1)
-                col_index = tl.minimum(tl.maximum(col_offset[:, None] - col_slot[None, :], 0), ENTRIES_W - 1)
-                walk_row_terms = tl.gather(by_row, row_index, 1)
-                walk_col_terms = tl.gather(by_col, col_index, 1)
-            else:  # selecting the rectangle's own entries, loaded each step: the same matrix for every step
-                row_hot = (row_slot[:, None] == slot_row[None, :]).to(q.dtype)
-                col_hot = (col_slot[:, None] == slot_col[None, :]).to(q.dtype)
         best = tl.full([BLOCK_M], float("-inf"), tl.float32)
         total = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -172,26 +156,6 @@ if triton is not None:
             elif TILE_ROWS == 1:
                 row_term = tl.load(rows_at + tile_row, mask=is_query, other=0.0).to(tl.float32) * term_scale
                 terms = col_terms + row_term[:, None]
-            elif TERMS_BY_PRODUCT and TABLES:  # the walk's terms times the 0/1 selection of this rectangle's keys
-                row_hot = (row_slot[:, None] == (tile_row + slot_row)[None, :]).to(tl.float32)
-                col_hot = (col_slot[:, None] == (tile_col + slot_col)[None, :]).to(tl.float32)
-                terms = tl.dot(walk_col_terms, col_hot, tl.dot(walk_row_terms, row_hot, input_precision=PRECISION),
-                               input_precision=PRECISION)
-            elif TERMS_BY_PRODUCT:  # this rectangle's terms (entries past it zero) times the fixed selection
-                row_terms = tl.load(rows_at[:, None] + tile_row + row_slot[None, :],
-                                    mask=is_query[:, None] & ((row_slot < TILE_ROWS)
-                                                              & (tile_row + row_slot < walk_height))[None, :],
-                                    other=0.0)
-                col_terms = tl.load(cols_at[:, None] + tile_col + col_slot[None, :],
-                                    mask=is_query[:, None] & ((col_slot < TILE_COLS)
-                                                              & (tile_col + col_slot < walk_width))[None, :],
-                                    other=0.0)
-                if DOT_IN_FP32:
-                    row_terms = row_terms.to(tl.float32)
-                    col_terms = col_terms.to(tl.float32)
-                terms = tl.dot(col_terms, col_hot.to(col_terms.dtype),
-                               tl.dot(row_terms, row_hot.to(row_terms.dtype), input_precision=PRECISION),
-                               input_precision=PRECISION) * term_scale
             else:  # the rectangle's row terms and column terms, summed into it
                 rect_row = tile_row + tl.arange(0, TILE_ROWS)
                 rect_col = tile_col + tl.arange(0, TILE_COLS)
@@ -218,7 +182,10 @@ if triton is not None:
             decay = tl.exp2(best - new_best)
             weights = tl.exp2(scores - new_best[:, None])
             total = total * decay + tl.sum(weights, 1)
-            acc = acc * decay[:, None] + tl.dot(weights.to(v.dtype), v, input_precision=PRECISION)
+            if ACC_IN_DOT:  # the product accumulates into the rescaled sum (no separate result to add)
+                acc = tl.dot(weights.to(v.dtype), v, acc * decay[:, None], input_precision=PRECISION)
+            else:
+                acc = acc * decay[:, None] + tl.dot(weights.to(v.dtype), v, input_precision=PRECISION)
             if WINDOWED:  # the padded keys' weights times their value (loaded as zeros above)
                 acc += tl.sum(tl.where(in_grid[None, :], 0.0, weights), 1)[:, None] * v_bias[None, :]
             best = new_best
@@ -233,7 +200,7 @@ if triton is not None:
 def relative_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_terms: torch.Tensor,
                        col_terms: torch.Tensor, height: int, width: int, window: int = 0,
                        k_bias: torch.Tensor = None, v_bias: torch.Tensor = None, tiles: tuple = None,
-                       keys: tuple = None, tables: tuple = None, terms_by_product: bool = True) -> torch.Tensor:
+                       keys: tuple = None, tables: tuple = None, acc_in_dot: bool = True) -> torch.Tensor:
     """softmax(q·kᵀ/√d + row_terms[i, r] + col_terms[i, c])·v for keys (r, c) of a height × width grid, or
     with `window`, of the window × window window holding the query, the grid cut in windows from its top left
     and padded to whole windows with keys k_bias and values v_bias ([n, d]: the projection of a zero token),
@@ -269,10 +236,6 @@ def relative_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_te
                              f"for a walk of {walk_height} × {walk_width}")
         entries_h, entries_w = (max(16, triton.next_power_of_2(2 * s - 1)) for s in (walk_height, walk_width))
         row_terms, col_terms = rel_h[None, None], rel_w[None, None]  # read as tables; their strides unused
-    # entries of the products' row and column terms (at least 16: a product's smallest inner size): the
-    # rectangle's rows and columns, or with the tables every row and column of the walk
-    row_slots, col_slots = (max(16, triton.next_power_of_2(n)) for n in
-                            ((walk_height, walk_width) if tables is not None else (tile_rows, tile_cols)))
     out = q.new_empty(batch, tokens, heads, head_dim)
     grid = (_cdiv(walk_height * walk_width, block_queries), batch * heads, windows_down * windows_across)
     _relative_attention_kernel[grid](
@@ -288,6 +251,5 @@ def relative_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_te
         # float32 inputs (the tests' reference precision) multiply in float32, not TensorFloat-32
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         TABLES=tables is not None, ENTRIES_H=entries_h, ENTRIES_W=entries_w,
-        TERMS_BY_PRODUCT=terms_by_product, ROW_SLOTS=row_slots, COL_SLOTS=col_slots,
-        COVERED=walk_height % tile_rows == 0 and walk_width % tile_cols == 0)
+        COVERED=walk_height % tile_rows == 0 and walk_width % tile_cols == 0, ACC_IN_DOT=acc_in_dot)
     return out
