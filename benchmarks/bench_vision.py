@@ -442,16 +442,13 @@ def attention_options(model, groups: dict, pages: int, ceilings: dict) -> dict:
                 lambda: relative_terms(q, rel_h, rel_w, side, side, pad_to=8), 5)
             options["the folded path's terms (two products)"] = median_ms(
                 lambda: relative_terms(q, rel_h, rel_w, side, side), 5)
-            for index, (keys, tiles) in enumerate(kernel_options(side)):
+            for keys, tiles in kernel_options(side):
                 option = f"Triton kernel, keys by {keys[0]}×{keys[1]}, {tiles[0]} queries, {tiles[1]} warps, {tiles[2]} stages"
-                for acc_in_dot in (True, False) if index == 0 else (True,):
-                    name = option if acc_in_dot else f"{option}, the product added to the sum (before)"
-                    try:
-                        options[name] = median_ms(lambda: relative_attention(
-                            q, k, v, row_terms, col_terms, side, side, tiles=tiles, keys=keys,
-                            acc_in_dot=acc_in_dot), 5)
-                    except Exception as error:
-                        options[f"{name} failed"] = repr(error)[:200]
+                try:
+                    options[option] = median_ms(lambda: relative_attention(
+                        q, k, v, row_terms, col_terms, side, side, tiles=tiles, keys=keys), 5)
+                except Exception as error:
+                    options[f"{option} failed"] = repr(error)[:200]
             tables = (resized_relative_table(side, attn.rel_pos_h.detach()), resized_relative_table(side, attn.rel_pos_w.detach()))
             for keys, tiles in kernel_options(side):  # the terms computed in the kernel from the tables
                 if attn is not window_attn:
@@ -463,21 +460,14 @@ def attention_options(model, groups: dict, pages: int, ceilings: dict) -> dict:
                         q, k, v, None, None, side, side, tiles=tiles, keys=keys, tables=tables), 5)
                 except Exception as error:
                     options[f"{option} failed"] = repr(error)[:200]
-            if attn is window_attn:
-                option = "Triton kernel, terms inside, default tiles, the product added to the sum (before)"
-                options[option] = median_ms(lambda: relative_attention(
-                    q, k, v, None, None, side, side, tables=tables, acc_in_dot=False), 5)
             if attn is window_attn:  # as served: the windows read where they lie in each view's grid
                 options["Triton kernel, windows read in the views' grids (terms included)"] = median_ms(
                     windows_in_grids(groups, attn, settings_heads, head_dim, window), 5)
-                for acc_in_dot in (True, False):
-                    option = "Triton kernel, windows read in the views' grids, terms inside" + (
-                        "" if acc_in_dot else ", the product added to the sum (before)")
-                    try:
-                        options[option] = median_ms(windows_in_grids(groups, attn, settings_heads, head_dim, window,
-                                                                     terms_inside=True, acc_in_dot=acc_in_dot), 5)
-                    except Exception as error:
-                        options[f"{option}: failed"] = repr(error)[:200]
+                try:
+                    options["Triton kernel, windows read in the views' grids, terms inside"] = median_ms(
+                        windows_in_grids(groups, attn, settings_heads, head_dim, window, terms_inside=True), 5)
+                except Exception as error:
+                    options["Triton kernel, windows read in the views' grids, terms inside: failed"] = repr(error)[:200]
         row = {"work_flops": work, "floor_ms": work / ceilings["matmul_flops"] * 1e3, "pages": pages,
                "ms": {name: ms for name, ms in options.items() if isinstance(ms, float)},
                "tflops": {name: work / ms / 1e9 for name, ms in options.items() if isinstance(ms, float)},
@@ -490,9 +480,10 @@ def attention_options(model, groups: dict, pages: int, ceilings: dict) -> dict:
 
 def gelu_options(model, groups: dict, ceilings: dict) -> dict:
     """SAM's MLP GELU alone at one pass's hidden layers (its tokens × 3,072, bf16; random values at the spread
-    of a trained layer's), each way: PyTorch's kernel, Inductor's, the Triton kernel with libdevice's erf and with
-    the short erf at a few block sizes; a copy of the same bytes for the bandwidth; and each way's outputs against
-    PyTorch's (how many of them differ, the largest difference)."""
+    of a trained layer's), each way: PyTorch's kernel, Inductor's, the Triton kernel (its short erf) at a few block
+    sizes; a copy of the same bytes for the bandwidth; and each way's outputs against PyTorch's (how many of them
+    differ, the largest difference). (Triton's libdevice erf in the same kernel: 0.287 / 0.643 ms at 16 pages' 1024
+    views / 640 tiles, arithmetic-bound like Inductor's; h200-2026-12-01b, call 2.)"""
     from checkpoints.triton_ops import gelu
 
     hidden = model.model.sam_model.blocks[0].mlp.lin1.out_features
@@ -503,8 +494,7 @@ def gelu_options(model, groups: dict, ceilings: dict) -> dict:
         x = torch.randn(tokens, hidden, device=DEVICE, dtype=DTYPE) * 1.5
         reference = torch.nn.functional.gelu(x)
         ways = {"copy (the bytes alone)": lambda: x.clone(), "PyTorch (eager)": lambda: torch.nn.functional.gelu(x),
-                "Inductor (compiled)": lambda: compiled(x),
-                "Triton, libdevice erf": lambda: gelu(x, fast_erf=False)}
+                "Inductor (compiled)": lambda: compiled(x)}
         for block, warps in ((1024, 4), (2048, 4), (4096, 8), (8192, 8)):
             ways[f"Triton, short erf, {block} a program, {warps} warps"] = (
                 lambda block=block, warps=warps: gelu(x, block=block, warps=warps))
@@ -542,8 +532,7 @@ def kernel_options(side: int) -> list:
             + [(r, t) for r in wider for t in ((64, 4, 3), (64, 4, 2), (64, 8, 3), (128, 8, 2))])
 
 
-def windows_in_grids(groups: dict, attn, heads: int, head_dim: int, window: int, terms_inside: bool = False,
-                     acc_in_dot: bool = True):
+def windows_in_grids(groups: dict, attn, heads: int, head_dim: int, window: int, terms_inside: bool = False):
     """One windowed block's attention as the engine serves it, to time: over each view size's grids (random
     q, k, v; the block's tables and biases), the terms, then the kernel reading the windows where they lie;
     with `terms_inside`, the kernel computing the terms from the tables."""
@@ -566,11 +555,10 @@ def windows_in_grids(groups: dict, attn, heads: int, head_dim: int, window: int,
         for side, (q, k, v), rel_h, rel_w in grids:
             if terms_inside:
                 relative_attention(q, k, v, None, None, side, side, window=window, k_bias=k_bias, v_bias=v_bias,
-                                   tables=tables, acc_in_dot=acc_in_dot)
+                                   tables=tables)
                 continue
             rows, cols = relative_terms(q, rel_h, rel_w, side, side, pad_to=8)
-            relative_attention(q, k, v, rows, cols, side, side, window=window, k_bias=k_bias, v_bias=v_bias,
-                               acc_in_dot=acc_in_dot)
+            relative_attention(q, k, v, rows, cols, side, side, window=window, k_bias=k_bias, v_bias=v_bias)
 
     return run
 

@@ -21,6 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .fused_ops import quick_gelu
 from .triton_common import available as triton_available
+from .triton_ops import gelu as gelu_kernel
 from .triton_relative_attention import relative_attention
 
 
@@ -115,9 +116,14 @@ class MLPBlock(nn.Module):
         super().__init__()
         self.lin1 = nn.Linear(dim, hidden)
         self.lin2 = nn.Linear(hidden, dim)
+        # The GELU through the Triton kernel (`triton_ops.gelu`: erf in a few instructions, to 1.5e-7) instead of
+        # F.gelu, whose erf made the hidden layer's pass arithmetic-bound (Inductor's too). On CUDA tensors only;
+        # set by `SamEncoder.use_gelu_kernel`.
+        self.gelu_kernel = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin2(F.gelu(self.lin1(x)))
+        hidden = self.lin1(x)
+        return self.lin2(gelu_kernel(hidden) if self.gelu_kernel and hidden.is_cuda else F.gelu(hidden))
 
 
 def relative_positions(q_size: int, k_size: int, table: torch.Tensor) -> torch.Tensor:
@@ -420,6 +426,11 @@ class SamEncoder(nn.Module):
             block.attn.relative_kernel = enabled and (windows or block.attn.global_attention)
             block.attn.kernel_for_any_grid = any_grid
             block.attn.terms_in_kernel = terms_in_kernel
+
+    def use_gelu_kernel(self, enabled: bool) -> None:
+        """The blocks' MLP GELU through the Triton kernel (`MLPBlock.gelu_kernel`) or F.gelu."""
+        for block in self.blocks:
+            block.mlp.gelu_kernel = enabled and triton_available()
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(pixels)  # [B, H, W, C]

@@ -83,7 +83,7 @@ if triton is not None:
                                    TILE_COLS: tl.constexpr, WINDOWED: tl.constexpr,
                                    DOT_IN_FP32: tl.constexpr, PRECISION: tl.constexpr,
                                    TABLES: tl.constexpr, ENTRIES_H: tl.constexpr, ENTRIES_W: tl.constexpr,
-                                   COVERED: tl.constexpr, ACC_IN_DOT: tl.constexpr):
+                                   COVERED: tl.constexpr):
         # The keys walked are a walk_height × walk_width part of the grid from (first_row, first_col): the
         # whole grid, or one window of it (program axis 2), whose positions past the grid are padding.
         block = tl.program_id(0)
@@ -182,10 +182,7 @@ if triton is not None:
             decay = tl.exp2(best - new_best)
             weights = tl.exp2(scores - new_best[:, None])
             total = total * decay + tl.sum(weights, 1)
-            if ACC_IN_DOT:  # the product accumulates into the rescaled sum (no separate result to add)
-                acc = tl.dot(weights.to(v.dtype), v, acc * decay[:, None], input_precision=PRECISION)
-            else:
-                acc = acc * decay[:, None] + tl.dot(weights.to(v.dtype), v, input_precision=PRECISION)
+            acc = tl.dot(weights.to(v.dtype), v, acc * decay[:, None], input_precision=PRECISION)
             if WINDOWED:  # the padded keys' weights times their value (loaded as zeros above)
                 acc += tl.sum(tl.where(in_grid[None, :], 0.0, weights), 1)[:, None] * v_bias[None, :]
             best = new_best
@@ -200,7 +197,7 @@ if triton is not None:
 def relative_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_terms: torch.Tensor,
                        col_terms: torch.Tensor, height: int, width: int, window: int = 0,
                        k_bias: torch.Tensor = None, v_bias: torch.Tensor = None, tiles: tuple = None,
-                       keys: tuple = None, tables: tuple = None, acc_in_dot: bool = True) -> torch.Tensor:
+                       keys: tuple = None, tables: tuple = None) -> torch.Tensor:
     """softmax(q·kᵀ/√d + row_terms[i, r] + col_terms[i, c])·v for keys (r, c) of a height × width grid, or
     with `window`, of the window × window window holding the query, the grid cut in windows from its top left
     and padded to whole windows with keys k_bias and values v_bias ([n, d]: the projection of a zero token),
@@ -251,5 +248,5 @@ def relative_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_te
         # float32 inputs (the tests' reference precision) multiply in float32, not TensorFloat-32
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         TABLES=tables is not None, ENTRIES_H=entries_h, ENTRIES_W=entries_w,
-        COVERED=walk_height % tile_rows == 0 and walk_width % tile_cols == 0, ACC_IN_DOT=acc_in_dot)
+        COVERED=walk_height % tile_rows == 0 and walk_width % tile_cols == 0)
     return out

@@ -107,11 +107,13 @@ def choose_vision_kernels(model, settings: Settings, graphs: bool) -> None:
     computed in the kernel from the tables, faster but further from float32 than the original on the Gundam
     preset, README "Performance"), and the rest of the folded attention through cuDNN's kernels when the shapes
     are the graphs' (cuDNN builds a plan per new shape; captured at load, each is built once;
-    DEEPSEEK_OCR_VISION_CUDNN)."""
+    DEEPSEEK_OCR_VISION_CUDNN). The MLP's GELU through the Triton kernel (DEEPSEEK_OCR_SAM_GELU; its outputs
+    differ from F.gelu's less often than Inductor's do, `triton_ops.gelu`)."""
     sam = model.model.sam_model
     every_block = settings.sam_kernel == "all"
     sam.use_relative_attention_kernel(settings.sam_kernel != "0" and settings.vision != "original",
                                       any_grid=every_block, terms_in_kernel=every_block)
+    sam.use_gelu_kernel(settings.sam_gelu and settings.vision != "original")
     sam.use_cudnn_attention(settings.vision_cudnn and graphs and settings.vision != "original")
 
 

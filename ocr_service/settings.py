@@ -90,6 +90,7 @@ class Settings:
     vision_graphs: bool = True  # DEEPSEEK_OCR_VISION_GRAPHS
     vision_cudnn: bool = True  # DEEPSEEK_OCR_VISION_CUDNN
     sam_kernel: str = "1"  # DEEPSEEK_OCR_SAM_KERNEL: "0", "1" (grids walked by whole rows) or "all"
+    sam_gelu: bool = True  # DEEPSEEK_OCR_SAM_GELU (SAM's MLP GELU through the Triton kernel)
     programmatic_launch: bool = True  # DEEPSEEK_OCR_PDL (the decode step's kernels, on Hopper and later)
     # requests
     max_pages: int = 50  # DEEPSEEK_OCR_MAX_PAGES
@@ -130,6 +131,7 @@ class Settings:
             vision_graphs=_flag(env, "DEEPSEEK_OCR_VISION_GRAPHS", True),
             vision_cudnn=_flag(env, "DEEPSEEK_OCR_VISION_CUDNN", True),
             sam_kernel=_text(env, "DEEPSEEK_OCR_SAM_KERNEL", "1", ("0", "1", "all")),
+            sam_gelu=_flag(env, "DEEPSEEK_OCR_SAM_GELU", True),
             programmatic_launch=_flag(env, "DEEPSEEK_OCR_PDL", True),
             max_pages=_number(env, "DEEPSEEK_OCR_MAX_PAGES", 50),
             max_pixels=_number(env, "DEEPSEEK_OCR_MAX_PIXELS", 64_000_000),
@@ -178,7 +180,7 @@ ENVIRONMENT_VARIABLES = (
     "DEEPSEEK_OCR_CPU_CACHE_GIB", "DEEPSEEK_OCR_MAX_ROWS", "DEEPSEEK_OCR_SYNC_EVERY", "DEEPSEEK_OCR_PREFILL_TOKENS",
     "DEEPSEEK_OCR_PREPROCESS_WORKERS", "DEEPSEEK_OCR_REPETITION_RULE", "DEEPSEEK_OCR_STOP_LOOPS",
     "DEEPSEEK_OCR_ROTARY", "DEEPSEEK_OCR_VISION", "DEEPSEEK_OCR_VISION_GRAPHS", "DEEPSEEK_OCR_VISION_CUDNN",
-    "DEEPSEEK_OCR_SAM_KERNEL",
+    "DEEPSEEK_OCR_SAM_KERNEL", "DEEPSEEK_OCR_SAM_GELU",
     "DEEPSEEK_OCR_PDL", "DEEPSEEK_OCR_MAX_PAGES", "DEEPSEEK_OCR_MAX_PIXELS", "DEEPSEEK_OCR_PDF_DPI",
     "DEEPSEEK_OCR_REQUEST_TIMEOUT", "COG_MAX_CONCURRENCY", "DEEPSEEK_OCR_TRITON",
 )

@@ -268,21 +268,23 @@ def test_a_failed_prompt_takes_its_predictions_other_pages_out_of_the_page_by_pa
     assert wait_idle(batched.server) == {"rows": 0, "blocks": 0, "waiting": 0, "predictions": 0}
 
 
-@pytest.mark.parametrize("vision, sam_kernel, vision_cudnn, graphs, kernel_on, cudnn_on", [
-    ("compiled", "1", True, True, True, True),  # the defaults on a GPU
-    ("compiled", "all", True, True, True, True),  # the kernel for every grid
-    ("compiled", "1", True, False, True, False),  # towers called, not replayed: shapes vary, no cuDNN plans
-    ("fast", "0", False, True, False, False),  # both turned off
-    ("original", "1", True, False, False, False),  # the original's order keeps PyTorch's own kernels
+@pytest.mark.parametrize("vision, sam_kernel, vision_cudnn, sam_gelu, graphs, kernel_on, cudnn_on, gelu_on", [
+    ("compiled", "1", True, True, True, True, True, True),  # the defaults on a GPU
+    ("compiled", "all", True, True, True, True, True, True),  # the kernel for every grid
+    ("compiled", "1", True, True, False, True, False, True),  # towers called, not replayed: no cuDNN plans
+    ("fast", "0", False, False, True, False, False, False),  # all turned off
+    ("original", "1", True, True, False, False, False, False),  # the original's order keeps PyTorch's own kernels
 ])
-def test_sams_attention_kernels_follow_the_settings(tiny_model, vision, sam_kernel, vision_cudnn, graphs, kernel_on,
-                                                     cudnn_on):
-    from checkpoints.deepencoder import cudnn_first
+def test_sams_kernels_follow_the_settings(tiny_model, vision, sam_kernel, vision_cudnn, sam_gelu, graphs, kernel_on,
+                                          cudnn_on, gelu_on):
+    from checkpoints.deepencoder import cudnn_first, triton_available
     from ocr_service.engine import choose_vision_kernels
 
     settings = Settings.from_env({"DEEPSEEK_OCR_DEVICE": "cpu", "DEEPSEEK_OCR_VISION": vision,
-                                  "DEEPSEEK_OCR_SAM_KERNEL": sam_kernel,
+                                  "DEEPSEEK_OCR_SAM_KERNEL": sam_kernel, "DEEPSEEK_OCR_SAM_GELU": str(int(sam_gelu)),
                                   "DEEPSEEK_OCR_VISION_CUDNN": str(int(vision_cudnn))})
+    off = Settings.from_env({"DEEPSEEK_OCR_DEVICE": "cpu", "DEEPSEEK_OCR_SAM_KERNEL": "0", "DEEPSEEK_OCR_SAM_GELU": "0",
+                             "DEEPSEEK_OCR_VISION_CUDNN": "0"})
     try:
         choose_vision_kernels(tiny_model, settings, graphs)
         for block in tiny_model.model.sam_model.blocks:
@@ -290,6 +292,6 @@ def test_sams_attention_kernels_follow_the_settings(tiny_model, vision, sam_kern
             assert block.attn.kernel_for_any_grid is (sam_kernel == "all")
             assert block.attn.terms_in_kernel is (sam_kernel == "all")  # the windows' terms from the tables
             assert block.attn.attention_backends == (cudnn_first() if cudnn_on else None)
+            assert block.mlp.gelu_kernel is (gelu_on and triton_available())  # Triton optional
     finally:
-        choose_vision_kernels(tiny_model, Settings.from_env({"DEEPSEEK_OCR_DEVICE": "cpu", "DEEPSEEK_OCR_SAM_KERNEL": "0",
-                                                             "DEEPSEEK_OCR_VISION_CUDNN": "0"}), False)
+        choose_vision_kernels(tiny_model, off, False)
