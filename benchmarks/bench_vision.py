@@ -311,9 +311,14 @@ SERVED_TRIALS = {
     "flash attention, folded": dict(cudnn=False, kernel=None),
     "cuDNN attention, folded": dict(cudnn=True, kernel=None),
     "Triton kernel for grids walked by rows, cuDNN for the rest": dict(cudnn=True, kernel="rows"),
+    # the default (DEEPSEEK_OCR_SAM_GELU=1): the MLP's GELU through its Triton kernel
+    "Triton kernel for grids walked by rows, cuDNN for the rest, GELU kernel": dict(cudnn=True, kernel="rows",
+                                                                                     gelu=True),
     "Triton kernel for global blocks, cuDNN for windows": dict(cudnn=True, kernel="global"),
     "Triton kernel for every block, windows' terms read": dict(cudnn=False, kernel="all"),
-    "Triton kernel for every block": dict(cudnn=False, kernel="all", tables=True),  # DEEPSEEK_OCR_SAM_KERNEL=all
+    "Triton kernel for every block": dict(cudnn=False, kernel="all", tables=True),
+    # DEEPSEEK_OCR_SAM_KERNEL=all
+    "Triton kernel for every block, GELU kernel": dict(cudnn=False, kernel="all", tables=True, gelu=True),
     # Inductor's own GEMM templates, to fuse the GELU into the first MLP product: on the H200 its autotuning
     # took 10-20 s a shape (and its templates ran at 55-61% of the best choice), the towers' compile more
     # than five minutes (h200-2026-11-30l, call 1)
@@ -339,6 +344,7 @@ def served_trials(model, groups: dict, pages: int, reference32: dict, base: dict
     torch._dynamo.reset()
     inner.sam_model.use_relative_attention_kernel(False)
     inner.sam_model.use_cudnn_attention(False)
+    inner.sam_model.use_gelu_kernel(False)
     return results
 
 
@@ -351,6 +357,7 @@ def served_trial(model, groups: dict, pages: int, reference32: dict, base: dict,
     inner.sam_model.use_cudnn_attention(trial["cudnn"])
     inner.sam_model.use_relative_attention_kernel(kernel is not None, windows=kernel != "global",
                                                   any_grid=kernel != "rows", terms_in_kernel=trial.get("tables", False))
+    inner.sam_model.use_gelu_kernel(trial.get("gelu", False))
     uncompile_vision_towers(model)
     torch._dynamo.reset()
     try:
