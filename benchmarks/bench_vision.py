@@ -311,7 +311,7 @@ SERVED_TRIALS = {
     "flash attention, folded": dict(cudnn=False, kernel=None),
     "cuDNN attention, folded": dict(cudnn=True, kernel=None),
     "Triton kernel for grids walked by rows, cuDNN for the rest": dict(cudnn=True, kernel="rows"),
-    # the default (DEEPSEEK_OCR_SAM_GELU=1): the MLP's GELU through its Triton kernel
+    # DEEPSEEK_OCR_SAM_GELU=1 (opt-in): the MLP's GELU through its Triton kernel
     "Triton kernel for grids walked by rows, cuDNN for the rest, GELU kernel": dict(cudnn=True, kernel="rows",
                                                                                      gelu=True),
     "Triton kernel for global blocks, cuDNN for windows": dict(cudnn=True, kernel="global"),

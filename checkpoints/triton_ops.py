@@ -1,6 +1,7 @@
 """Triton kernels of the small steps in `fused_ops.py`: residual add + RMSNorm, SiLU-gated product,
-CLIP's quick GELU, rotary embedding of queries and keys, the router's softmax + top-k. Each kernel
-sits beside the function that launches it; `triton_common.py` says what all the families share.
+CLIP's quick GELU, rotary embedding of queries and keys, the router's softmax + top-k; and SAM's exact
+GELU (called by `deepencoder.MLPBlock` when its `gelu_kernel` is set). Each kernel sits beside the
+function that launches it; `triton_common.py` says what all the families share.
 
 Shapes in comments: N tokens, D hidden, H heads, Hkv key/value heads, Dh head dim, E experts,
 K experts per token.

@@ -90,7 +90,7 @@ class Settings:
     vision_graphs: bool = True  # DEEPSEEK_OCR_VISION_GRAPHS
     vision_cudnn: bool = True  # DEEPSEEK_OCR_VISION_CUDNN
     sam_kernel: str = "1"  # DEEPSEEK_OCR_SAM_KERNEL: "0", "1" (grids walked by whole rows) or "all"
-    sam_gelu: bool = True  # DEEPSEEK_OCR_SAM_GELU (SAM's MLP GELU through the Triton kernel)
+    sam_gelu: bool = False  # DEEPSEEK_OCR_SAM_GELU (SAM's MLP GELU through the Triton kernel; opt-in)
     programmatic_launch: bool = True  # DEEPSEEK_OCR_PDL (the decode step's kernels, on Hopper and later)
     # requests
     max_pages: int = 50  # DEEPSEEK_OCR_MAX_PAGES
@@ -131,7 +131,7 @@ class Settings:
             vision_graphs=_flag(env, "DEEPSEEK_OCR_VISION_GRAPHS", True),
             vision_cudnn=_flag(env, "DEEPSEEK_OCR_VISION_CUDNN", True),
             sam_kernel=_text(env, "DEEPSEEK_OCR_SAM_KERNEL", "1", ("0", "1", "all")),
-            sam_gelu=_flag(env, "DEEPSEEK_OCR_SAM_GELU", True),
+            sam_gelu=_flag(env, "DEEPSEEK_OCR_SAM_GELU", False),
             programmatic_launch=_flag(env, "DEEPSEEK_OCR_PDL", True),
             max_pages=_number(env, "DEEPSEEK_OCR_MAX_PAGES", 50),
             max_pixels=_number(env, "DEEPSEEK_OCR_MAX_PIXELS", 64_000_000),
