@@ -114,21 +114,25 @@ def check_quick_gelu(device):
 @check
 def check_gelu(device):
     """SAM's exact GELU with its short erf (`triton_ops.gelu`) against F.gelu: within 1e-6 of it (relative beyond
-    1) in float32 over a dense range, within the bf16 tolerance elsewhere, and on a GPU (which rounds to nearest,
-    as PyTorch does) equal to F.gelu's bf16 outputs in all but a few."""
+    1) in float32 over a dense range, within the bf16 tolerance elsewhere, and equal to F.gelu's bf16 outputs in
+    all but a few."""
     (kernels,) = load_kernel_modules("triton_ops")
     dense = torch.linspace(-12, 12, 200_001)
     error = (kernels.gelu(dense.to(device)).cpu().double() - torch.nn.functional.gelu(dense.double())).abs()
     assert (error / dense.double().abs().clamp(min=1)).max() < 1e-6, f"gelu float32: {error.max().item()}"
     generator = torch.Generator().manual_seed(5)
+    differing, outputs = 0, 0
     for dtype in float_types():
         for shape in ((5, 40), (3, 7, 1500), (70_000,)):  # partial programs of 4096, and several of them
             h = (1.5 * torch.randn(shape, generator=generator)).to(dtype)
             got, expected = kernels.gelu(h.to(device)).cpu(), torch.nn.functional.gelu(h)
             assert_close(got, expected, dtype, f"gelu {dtype} {shape}")
-            if device != "cpu" and dtype == torch.bfloat16:
-                differing = (got != expected).double().mean().item()
-                assert differing < 0.005, f"gelu bf16 {shape}: {differing:.2%} of the outputs differ from F.gelu's"
+            if dtype == torch.bfloat16:
+                differing, outputs = differing + int((got != expected).sum()), outputs + got.numel()
+    # Counted over every shape together: one output of the smallest (200) alone is 0.5% of it. The erf's last bits
+    # (here and in F.gelu's math library) decide a few roundings: 0.24% under the interpreter, 0.14% on the H200
+    # against the GPU's F.gelu (h200-2026-12-01b, call 2).
+    assert differing < 0.005 * outputs, f"gelu bf16: {differing} of {outputs} outputs differ from F.gelu's"
 
 
 @check
