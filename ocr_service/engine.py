@@ -111,11 +111,12 @@ def choose_vision_kernels(model, settings: Settings, graphs: bool) -> None:
     (`triton_ops.gelu`: 0.15 ms a page faster, but the first-step logits further from float32 than the original's
     on the Gundam preset in both runs that measured it, README "Performance"; opt-in, like `all`)."""
     sam = model.model.sam_model
+    own_kernels = settings.vision != "original"  # the original's order keeps PyTorch's kernels throughout
     every_block = settings.sam_kernel == "all"
-    sam.use_relative_attention_kernel(settings.sam_kernel != "0" and settings.vision != "original",
+    sam.use_relative_attention_kernel(own_kernels and settings.sam_kernel != "0",
                                       any_grid=every_block, terms_in_kernel=every_block)
-    sam.use_gelu_kernel(settings.sam_gelu and settings.vision != "original")
-    sam.use_cudnn_attention(settings.vision_cudnn and graphs and settings.vision != "original")
+    sam.use_gelu_kernel(own_kernels and settings.sam_gelu)
+    sam.use_cudnn_attention(own_kernels and settings.vision_cudnn and graphs)
 
 
 class OCREngine:
