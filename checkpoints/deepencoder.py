@@ -21,6 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .fused_ops import quick_gelu
 from .triton_common import available as triton_available
+from .triton_common import interpreted as triton_interpreted
 from .triton_ops import gelu as gelu_kernel
 from .triton_relative_attention import relative_attention
 
@@ -179,9 +180,11 @@ def relative_terms(q: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor, he
 
 
 def relative_attention_kernel_applies(device: torch.device, head_dim: int) -> bool:
-    """Whether `relative_attention` (Triton) runs: on a GPU, with Triton, for a head dim that is a power of two
-    from 16 (the tensor-core tile). Any grid: the kernel walks its keys by rectangles that fit it."""
-    return device.type == "cuda" and triton_available() and head_dim >= 16 and head_dim & (head_dim - 1) == 0
+    """Whether `relative_attention` (Triton) runs: on a GPU (or on the CPU under Triton's interpreter, as the
+    tests run it), with Triton, for a head dim that is a power of two from 16 (the tensor-core tile). Any grid:
+    the kernel walks its keys by rectangles that fit it."""
+    return ((device.type == "cuda" or triton_interpreted()) and triton_available() and head_dim >= 16
+            and head_dim & (head_dim - 1) == 0)
 
 
 def folded_relative_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_terms: torch.Tensor,
@@ -265,10 +268,10 @@ class SamAttention(nn.Module):
         # blocks), the rest through the folded path. Set by `SamEncoder.use_relative_attention_kernel`.
         self.kernel_for_any_grid = True
         # With `relative_kernel`, within windows: the kernel computes the terms itself from the two tables
-        # (`terms_in_kernel`), in float32 and never written, or reads them computed here (two products and their
-        # copies of q). A grid's global attention always reads them: there the kernel's look-ups in its loop over
-        # the keys cost more than the products saved (H200: 5.5 ms against 2.7 + 0.5 for one pass's 1024 views,
-        # 14.9 against 3.5 + 0.9 for its 640 tiles; the windows 2.4 against 3.1, h200-2026-12-01).
+        # (`terms_in_kernel`), in float32 and never written, or reads them computed first (`table_terms`: a small
+        # product per line of the grid). A grid's global attention always reads them: there the kernel's look-ups
+        # in its loop over the keys cost more than the products saved (H200: 5.5 ms against 2.7 + 0.5 for one
+        # pass's 1024 views, 14.9 against 3.5 + 0.9 for its 640 tiles, h200-2026-12-01).
         self.terms_in_kernel = False
         head_dim = dim // heads
         self.qkv = nn.Linear(dim, dim * 3)
@@ -301,23 +304,14 @@ class SamAttention(nn.Module):
         if window and not through_kernel:
             raise ValueError("attention within windows of the grid runs only through the Triton kernel")
         if through_kernel:
-            terms, tables = (None, None), None
-            if window and self.terms_in_kernel:  # the kernel computes them from the window's tables
-                tables = (resized_relative_table(window, self.rel_pos_h),
-                          resized_relative_table(window, self.rel_pos_w))
-            elif window:  # a token's terms are those of its place in its window
-                rel_h = relative_positions_in_windows(height, window, self.rel_pos_h)  # [H, window, d]
-                rel_w = relative_positions_in_windows(width, window, self.rel_pos_w)  # [W, window, d]
-                terms = relative_terms(q, rel_h, rel_w, height, width, pad_to=8)
-            else:
-                rel_h = relative_positions(height, height, self.rel_pos_h)  # [H, H, d]
-                rel_w = relative_positions(width, width, self.rel_pos_w)  # [W, W, d]
-                terms = relative_terms(q, rel_h, rel_w, height, width, pad_to=8)
+            # the tables of the walked part (the grid, or a window: a token's terms are those of its place in it)
+            tables = (resized_relative_table(window or height, self.rel_pos_h),
+                      resized_relative_table(window or width, self.rel_pos_w))
             # a padded token's key and value: the projection of zero, its bias
             _, k_bias, v_bias = self.qkv.bias.view(3, self.heads, -1)
-            out = relative_attention(q, k, v, *terms, height, width, window=window, k_bias=k_bias, v_bias=v_bias,
-                                     tables=tables)  # [B, HW, heads, d]
-            return self.proj(out.reshape(batch, height, width, -1))
+            out = relative_attention(q, k, v, None, None, height, width, window=window, k_bias=k_bias, v_bias=v_bias,
+                                     tables=tables, terms_first=not (window and self.terms_in_kernel))
+            return self.proj(out.reshape(batch, height, width, -1))  # out [B, HW, heads, d]
         rel_h = relative_positions(height, height, self.rel_pos_h)  # [H, H, d]
         rel_w = relative_positions(width, width, self.rel_pos_w)  # [W, W, d]
         if self.fold_relative_positions:

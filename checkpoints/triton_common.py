@@ -44,6 +44,11 @@ def available() -> bool:
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+
+def interpreted() -> bool:
+    """Whether Triton's interpreter runs the kernels (on CPU tensors), as the tests run them."""
+    return _INTERPRETED
+
 # Programmatic dependent launch: the kernels of a decode step that take it may be launched while the
 # kernel before them still runs, and wait for its results inside (`_wait_for_previous`). At batch 1 a
 # step is ~200 kernels of a few microseconds each, and between two of them the GPU otherwise drains the

@@ -23,7 +23,9 @@ zero tokens after its norm, so a padded key is the qkv projection of zero, its b
 biases for keys past the grid, and writes only the grid's queries. The copies that cut the windows out
 and put them back, and the projections of the padded tokens, are not needed.
 
-The terms are read from tables computed before the kernel, or (`tables`) computed in it from SAM's two
+The terms are read from tables computed before the kernel (by `table_terms`, a product for each line of the
+grid, reading q where it lies in the fused projection; einsums over gathered tables cost copies of q in and of the
+terms out), or (`tables`) computed in it from SAM's two
 relative-position tables: each query against every entry (2·s − 1 of them) by one small product, and for
 each key the entry of its offset from the query looked up with tl.gather. Within a window that is faster
 (no terms written, no copies of q for their products: one pass's windows 2.4 ms against 3.1 on the H200);
@@ -191,13 +193,72 @@ if triton is not None:
                  acc.to(out_ptr.dtype.element_ty), mask=is_query[:, None])
 
 
+    @triton.jit
+    def _line_terms_kernel(q_ptr, table_ptr, out_ptr, q_view, q_head, q_token, out_view, out_head, out_token,
+                           heads, length, line_step, along_step, walk,
+                           HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, ENTRIES: tl.constexpr,
+                           DOT_IN_FP32: tl.constexpr, PRECISION: tl.constexpr):
+        # One line of the grid (program axis 1: a row for the row terms, a column for the column terms), a block
+        # of its tokens: every token there has the same place in the walked part (line % walk), so all of them
+        # meet the same table entries, (place − key + walk − 1) for key 0..walk − 1, and their terms are one product.
+        along = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        line = tl.program_id(1)
+        view_head = tl.program_id(2).to(tl.int64)
+        view, head = view_head // heads, view_head % heads
+        is_token = along < length
+        token = line * line_step + along * along_step
+        dim = tl.arange(0, HEAD_DIM)
+        q = tl.load(q_ptr + view * q_view + head * q_head + token[:, None] * q_token + dim[None, :],
+                    mask=is_token[:, None], other=0.0)
+        key = tl.arange(0, ENTRIES)
+        is_key = key < walk
+        entry = tl.where(is_key, line % walk - key + walk - 1, 0)
+        table = tl.load(table_ptr + entry[:, None] * HEAD_DIM + dim[None, :], mask=is_key[:, None], other=0.0)
+        if DOT_IN_FP32:
+            q = q.to(tl.float32)
+            table = table.to(tl.float32)
+        terms = tl.dot(q, tl.trans(table), input_precision=PRECISION)
+        tl.store(out_ptr + view * out_view + head * out_head + token[:, None] * out_token + key[None, :],
+                 terms.to(out_ptr.dtype.element_ty), mask=is_token[:, None] & is_key[None, :])
+
+
+def table_terms(q: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor, height: int, width: int,
+                window: int = 0) -> tuple:
+    """SAM's two tables of relative terms for the queries q [B, n, N, d] (any strides with a unit stride along d:
+    read where they lie in the fused projection) of a height × width grid, from its relative-position tables rel_h,
+    rel_w ([2·s − 1, d], s the walked height and width: the grid's, or with `window` the window's;
+    `deepencoder.resized_relative_table`): row_terms[i, r] = q_i · rel_h[row(i) − r + s − 1], col_terms likewise
+    with columns, row(i) counted in the walked part → ([B, n, N, ≥ s_h], [B, n, N, ≥ s_w]), each row padded to a
+    multiple of 8 entries (unwritten: the attention kernel reads the first s). What `deepencoder.relative_terms`
+    computes from the gathered tables, with no copy of q in and none of the terms out: tokens of one grid row share
+    their row entries (those of a column their column entries), so each line of the grid is one small product."""
+    batch, heads, tokens, head_dim = q.shape
+    walk_height, walk_width = (window, window) if window else (height, width)
+    terms = []
+    # (table, walked side, lines, tokens a line, step between lines, step along a line)
+    for table, walk, lines, length, line_step, along_step in ((rel_h, walk_height, height, width, width, 1),
+                                                               (rel_w, walk_width, width, height, 1, width)):
+        table = table.to(q.dtype).contiguous()
+        if table.shape != (2 * walk - 1, head_dim):
+            raise ValueError(f"table {tuple(table.shape)} is not [2·s − 1, {head_dim}] for a walk of {walk}")
+        out = q.new_empty(batch, heads, tokens, _cdiv(walk, 8) * 8)
+        block = max(16, min(64, triton.next_power_of_2(length)))
+        _line_terms_kernel[(_cdiv(length, block), lines, batch * heads)](
+            q, table, out, q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            heads, length, line_step, along_step, walk,
+            HEAD_DIM=head_dim, BLOCK=block, ENTRIES=max(16, triton.next_power_of_2(walk)), DOT_IN_FP32=_INTERPRETED,
+            PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4)
+        terms.append(out)
+    return tuple(terms)
+
+
 # Called from the vision towers' compiled blocks: run as it is, not traced (the compiled code before and after it
 # stays compiled; in the engine the whole pass is a CUDA graph, launches included).
 @torch.compiler.disable
 def relative_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_terms: torch.Tensor,
                        col_terms: torch.Tensor, height: int, width: int, window: int = 0,
                        k_bias: torch.Tensor = None, v_bias: torch.Tensor = None, tiles: tuple = None,
-                       keys: tuple = None, tables: tuple = None) -> torch.Tensor:
+                       keys: tuple = None, tables: tuple = None, terms_first: bool = False) -> torch.Tensor:
     """softmax(q·kᵀ/√d + row_terms[i, r] + col_terms[i, c])·v for keys (r, c) of a height × width grid, or
     with `window`, of the window × window window holding the query, the grid cut in windows from its top left
     and padded to whole windows with keys k_bias and values v_bias ([n, d]: the projection of a zero token),
@@ -209,6 +270,7 @@ def relative_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_te
     walked height and width: the grid's or the window's, `deepencoder.resized_relative_table`), from which the
     kernel computes the terms itself (row_terms[i, r] = q_i · rel_h[row(i) − r + s − 1]), in float32, without
     writing them: faster than reading them within windows, slower over a whole grid (`SamAttention.terms_in_kernel`).
+    With `terms_first` as well, the terms are computed from the tables before the attention (`table_terms`) and read.
     For benchmarks' sweeps: `tiles` (queries a program, warps, pipeline stages), `keys` (the key rectangle's
     rows and columns, `key_tiles` by default)."""
     batch, heads, tokens, head_dim = q.shape
@@ -226,6 +288,9 @@ def relative_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_te
         windows_down, windows_across = _cdiv(height, window), _cdiv(width, window)
         k_bias, v_bias = k_bias.to(k.dtype).contiguous(), v_bias.to(v.dtype).contiguous()
     entries_h = entries_w = 1
+    if tables is not None and terms_first:
+        row_terms, col_terms = table_terms(q, *tables, height, width, window)
+        tables = None
     if tables is not None:
         rel_h, rel_w = (table.to(q.dtype).contiguous() for table in tables)
         if rel_h.shape != (2 * walk_height - 1, head_dim) or rel_w.shape != (2 * walk_width - 1, head_dim):

@@ -643,7 +643,8 @@ def check_relative_attention(device):
     the rectangles cover exactly and ones they overhang, whose keys are masked), windows read in the grid
     (padded to whole windows with the biases, one window larger than the grid, one that fits it exactly),
     more queries than one block, q/k/v cut out of one fused projection (strided views), term tables wider
-    than needed (their extra entries unread), head dims 16, 32 and 64."""
+    than needed (their extra entries unread), head dims 16, 32 and 64; the terms from SAM's tables computed in
+    the attention kernel, and computed first by `table_terms` (checked against their definition) and read."""
     (kernels,) = load_kernel_modules("triton_relative_attention")
     generator = torch.Generator().manual_seed(0)
     for dtype in float_types():
@@ -692,6 +693,48 @@ def check_relative_attention(device):
                                              tables=(rel_h.to(device), rel_w.to(device)))
             assert_close(got, expected, dtype, f"relative_attention from tables {height}x{width} window {window} "
                          f"by {tiles} d={head_dim} {dtype}")
+            # the same terms computed first, a product for each line of the grid (`table_terms`), then read
+            got_rows, got_cols = kernels.table_terms(q.to(device), rel_h.to(device), rel_w.to(device), height, width,
+                                                     window)
+            assert got_rows.shape[-1] % 8 == 0 and got_cols.shape[-1] % 8 == 0, "rows of the tables not padded to 8"
+            assert_close(got_rows[..., :down], row_terms.to(dtype), dtype, f"table_terms rows {height}x{width} "
+                         f"window {window} d={head_dim} {dtype}")
+            assert_close(got_cols[..., :across], col_terms.to(dtype), dtype, f"table_terms columns {height}x{width} "
+                         f"window {window} d={head_dim} {dtype}")
+            got = kernels.relative_attention(q.to(device), k.to(device), v.to(device), None, None, height, width,
+                                             window=window, k_bias=k_bias.to(device), v_bias=v_bias.to(device),
+                                             tables=(rel_h.to(device), rel_w.to(device)), terms_first=True)
+            assert_close(got, expected, dtype, f"relative_attention, terms first from tables {height}x{width} "
+                         f"window {window} by {tiles} d={head_dim} {dtype}")
+
+
+@check
+def check_sam_blocks_through_the_kernel(device):
+    """SAM's blocks with their attention through the Triton kernel as `SamAttention` calls it (the tables resized
+    for the grid or the window; the terms computed first by `table_terms`, or within windows in the kernel; the
+    windows read in the grid, padded with the qkv biases) against the same block on the materialised path (the
+    dense bias, the original's order), float32: global blocks over grids walked by rows and by rectangles, windowed
+    blocks whose windows overhang the grid and fit it, tables trained for another size (resampled)."""
+    (deepencoder,) = load_kernel_modules("deepencoder")
+    generator = torch.Generator().manual_seed(3)
+    for grid, window, trained_for in ((16, 0, 16), (12, 0, 20), (16, 7, 7), (12, 6, 9)):
+        block = deepencoder.SamBlock(64, 2, 2.0, window, trained_for)
+        with torch.no_grad():
+            for parameter in block.parameters():
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
+        block = block.to(device)
+        x = torch.randn(2, grid, grid, 64, generator=generator).to(device)
+        block.attn.fold_relative_positions = False
+        with torch.no_grad():
+            expected = block(x)
+        block.attn.fold_relative_positions, block.attn.relative_kernel = True, True
+        assert block.attn.runs_the_kernel(x, window), f"grid {grid} window {window}: not through the kernel"
+        for terms_inside in (False, True) if window else (False,):
+            block.attn.terms_in_kernel = terms_inside
+            with torch.no_grad():
+                got = block(x)
+            assert_close(got, expected, torch.float32, f"SamBlock grid {grid} window {window} "
+                         f"terms {'inside' if terms_inside else 'first'} through the kernel")
 
 
 # ---------------------------------------------------------------- running the checks
