@@ -132,10 +132,11 @@ class DeepseekOCRModel(ImagePromptMixin, DeepseekV2Model):
         return self.run_vision_towers(
             lambda views: encode_views(self.sam_model, self.vision_model, self.projector, views), pixels)
 
-    def repeated_vision_blocks(self) -> list:
-        """The towers' blocks that repeat with one structure (SAM's blocks, CLIP-L's layers): where nearly all
-        of the vision pass's work is, and what a compiler can compile once per kind and reuse."""
-        return [*self.sam_model.blocks, *self.vision_model.transformer.layers]
+    def compiled_vision_parts(self) -> list:
+        """What `ocr_service.vision_compile` compiles: the towers' blocks that repeat with one structure (SAM's
+        blocks, CLIP-L's layers; nearly all of the vision pass's work, compiled once per kind and reused) and
+        SAM's neck (whose LayerNorm2d, eager, ran as a dozen float32 kernels under autocast)."""
+        return [*self.sam_model.blocks, *self.vision_model.transformer.layers, self.sam_model.neck]
 
     def _with_row_ends(self, grid: torch.Tensor) -> torch.Tensor:
         """[rows, cols, D] feature grid → [rows·(cols + 1), D], each row closed by the newline vector."""

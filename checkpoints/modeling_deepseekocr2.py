@@ -65,9 +65,10 @@ class DeepseekOCR2Model(ImagePromptMixin, DeepseekV2Model):
         return self.run_vision_towers(
             lambda views: encode_views(self.sam_model, self.qwen2_model, self.projector, views), pixels)
 
-    def repeated_vision_blocks(self) -> list:
-        """The towers' blocks that repeat with one structure (SAM's blocks, the query encoder's layers)."""
-        return [*self.sam_model.blocks, *self.qwen2_model.model.model.layers]
+    def compiled_vision_parts(self) -> list:
+        """What `ocr_service.vision_compile` compiles: the towers' blocks that repeat with one structure (SAM's
+        blocks, the query encoder's layers) and SAM's neck (`DeepseekOCRModel.compiled_vision_parts`)."""
+        return [*self.sam_model.blocks, *self.qwen2_model.model.model.layers, self.sam_model.neck]
 
     def arrange_image(self, views: ImageViews, global_features: torch.Tensor,
                       tile_features: Optional[torch.Tensor] = None) -> torch.Tensor:

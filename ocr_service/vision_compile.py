@@ -3,10 +3,10 @@
 Eager, the towers spend most of their GPU time in element-wise kernels (the copies that lay out windows and
 heads, the extended queries and keys of the folded relative positions, the casts bf16 autocast puts around
 every LayerNorm and GELU; README "Performance"): Inductor fuses them into the few kernels around each matrix
-product. What is compiled is each of the towers' repeated blocks (`repeated_vision_blocks`: SAM's blocks,
-CLIP-L's or the query encoder's layers), not the whole pass: blocks of one kind share one compiled graph, so
-compiling costs a few graphs instead of the towers unrolled (the whole towers took 122 s to compile on the
-H200), and nearly all the work is inside the blocks.
+product. What is compiled is each of the towers' repeated blocks (`compiled_vision_parts`: SAM's blocks,
+CLIP-L's or the query encoder's layers) and SAM's neck, not the whole pass: blocks of one kind share one compiled
+graph, so compiling costs a few graphs instead of the towers unrolled (the whole towers took 122 s to compile on
+the H200), and nearly all the work is inside the blocks.
 
 The number of views in a call is dynamic (it varies with the pages in a pass); each view size has graphs of its
 own (`_compile_block`). Everything is compiled at load: every view size the model's resolution modes use is run
@@ -51,7 +51,7 @@ def compiled_graphs() -> int:
 
 def compile_vision_towers(model, backend: str = "inductor", log: Callable[[str], None] = print,
                           sides: Optional[list] = None, options: Optional[dict] = None) -> dict:
-    """Compiles the towers' repeated blocks of `model` (a DeepSeek-OCR model of either kind) in place and runs
+    """Compiles the towers' parts (`compiled_vision_parts`) of `model` (a DeepSeek-OCR model of either kind) in place and runs
     each view size (`sides`, default `view_sides(model)`) through them once with one and with two views, so
     that every compile happens now. `options`: Inductor's (torch.compile's `options`). Returns {"seconds",
     "graphs", "sides"}; afterwards the process's compile stance is `eager_on_recompile`. If compiling fails,
@@ -65,11 +65,12 @@ def compile_vision_towers(model, backend: str = "inductor", log: Callable[[str],
     # once eagerly: what the model sets up on its first run (fused weights) is not traced
     with torch.inference_mode(), attention_backends_kept():
         inner.encode_views(torch.zeros(1, 3, min(sides), min(sides), device=device, dtype=dtype))
-    blocks = inner.repeated_vision_blocks()
+    blocks = inner.compiled_vision_parts()
     for block in blocks:
         _compile_block(block, backend, options)
-    log(f"compiling the vision towers' {len(blocks)} blocks for views of {', '.join(map(str, sides))} pixels (on "
-        "the H200 ~100 s the first time on a machine, ~20 s from Inductor's cache; DEEPSEEK_OCR_VISION=fast skips it)")
+    log(f"compiling the vision towers' {len(blocks)} parts (blocks, SAM's neck) for views of "
+        f"{', '.join(map(str, sides))} pixels (on the H200 ~100 s the first time on a machine, ~20 s from "
+        "Inductor's cache; DEEPSEEK_OCR_VISION=fast skips it)")
     graphs_before, started = compiled_graphs(), time.monotonic()
     try:
         # A process may load a second model (tests do): its warm-up must compile, whatever the stance left.
@@ -84,7 +85,7 @@ def compile_vision_towers(model, backend: str = "inductor", log: Callable[[str],
         raise
     torch.compiler.set_stance("eager_on_recompile")
     report = {"seconds": time.monotonic() - started, "graphs": compiled_graphs() - graphs_before, "sides": sides}
-    log(f"compiled the vision towers' {len(blocks)} blocks ({report['graphs']} graphs, views of "
+    log(f"compiled the vision towers' {len(blocks)} parts ({report['graphs']} graphs, views of "
         f"{', '.join(map(str, sides))} pixels) in {report['seconds']:.1f} s")
     return report
 
@@ -111,8 +112,8 @@ def attention_backends_kept():
 
 
 def uncompile_vision_towers(model) -> None:
-    """The towers' blocks back to eager."""
-    for block in model.model.repeated_vision_blocks():
+    """The towers' compiled parts back to eager."""
+    for block in model.model.compiled_vision_parts():
         block.__dict__.pop("forward", None)
 
 

@@ -34,7 +34,7 @@ def test_compiled_towers_give_the_eager_features_and_compile_nothing_after_load(
     assert report["sides"] == [512] and report["graphs"] >= 2  # one view apart from several
     assert logged[0].startswith("compiling the vision towers' ") and "DEEPSEEK_OCR_VISION=fast" in logged[0]
     assert logged[1].startswith("compiled the vision towers' ")
-    assert all(is_compiled(block) for block in compiled_copy.model.repeated_vision_blocks())
+    assert all(is_compiled(block) for block in compiled_copy.model.compiled_vision_parts())
     torch.manual_seed(0)
     with torch.inference_mode():
         for views, side in ((1, 512), (3, 512), (5, 512), (2, 640)):
@@ -83,7 +83,7 @@ def test_a_failing_compile_leaves_the_towers_eager(tiny_model, compiled_copy):
 
     with pytest.raises(Exception, match="no compiler here"):
         compile_vision_towers(compiled_copy, backend=broken_backend, log=lambda line: None, sides=[512])
-    assert all(not is_compiled(block) for block in compiled_copy.model.repeated_vision_blocks())
+    assert all(not is_compiled(block) for block in compiled_copy.model.compiled_vision_parts())
     pixels = torch.randn(1, 3, 512, 512)
     with torch.inference_mode():
         torch.testing.assert_close(compiled_copy.model.encode_views(pixels), tiny_model.model.encode_views(pixels),
