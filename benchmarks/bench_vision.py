@@ -315,7 +315,9 @@ SERVED_TRIALS = {
     "Triton kernel for grids walked by rows, cuDNN for the rest, GELU kernel": dict(cudnn=True, kernel="rows",
                                                                                      gelu=True),
     "Triton kernel for global blocks, cuDNN for windows": dict(cudnn=True, kernel="global"),
+    # the windows' terms computed first (`table_terms`) and read, as the global blocks' are
     "Triton kernel for every block, windows' terms read": dict(cudnn=False, kernel="all"),
+    "Triton kernel for every block, windows' terms read, GELU kernel": dict(cudnn=False, kernel="all", gelu=True),
     "Triton kernel for every block": dict(cudnn=False, kernel="all", tables=True),
     # DEEPSEEK_OCR_SAM_KERNEL=all
     "Triton kernel for every block, GELU kernel": dict(cudnn=False, kernel="all", tables=True, gelu=True),
@@ -404,7 +406,7 @@ def attention_options(model, groups: dict, pages: int, ceilings: dict) -> dict:
     path under flash and cuDNN, and the Triton kernel at several tiles."""
     from checkpoints.deepencoder import (folded_relative_attention, relative_positions, relative_terms,
                                          resized_relative_table, widened_qkv)
-    from checkpoints.triton_relative_attention import relative_attention
+    from checkpoints.triton_relative_attention import relative_attention, table_terms
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     sam = model.model.sam_model
@@ -449,6 +451,12 @@ def attention_options(model, groups: dict, pages: int, ceilings: dict) -> dict:
                 lambda: relative_terms(q, rel_h, rel_w, side, side, pad_to=8), 5)
             options["the folded path's terms (two products)"] = median_ms(
                 lambda: relative_terms(q, rel_h, rel_w, side, side), 5)
+            grid_tables = (resized_relative_table(side, attn.rel_pos_h.detach()).to(DTYPE),
+                           resized_relative_table(side, attn.rel_pos_w.detach()).to(DTYPE))
+            options["the kernel's terms by table_terms (a product a grid line)"] = median_ms(
+                lambda: table_terms(q, *grid_tables, side, side), 5)
+            options["Triton kernel, terms first by table_terms, default tiles (both included)"] = median_ms(
+                lambda: relative_attention(q, k, v, None, None, side, side, tables=grid_tables, terms_first=True), 5)
             for keys, tiles in kernel_options(side):
                 option = f"Triton kernel, keys by {keys[0]}×{keys[1]}, {tiles[0]} queries, {tiles[1]} warps, {tiles[2]} stages"
                 try:
@@ -468,13 +476,17 @@ def attention_options(model, groups: dict, pages: int, ceilings: dict) -> dict:
                 except Exception as error:
                     options[f"{option} failed"] = repr(error)[:200]
             if attn is window_attn:  # as served: the windows read where they lie in each view's grid
-                options["Triton kernel, windows read in the views' grids (terms included)"] = median_ms(
-                    windows_in_grids(groups, attn, settings_heads, head_dim, window), 5)
-                try:
-                    options["Triton kernel, windows read in the views' grids, terms inside"] = median_ms(
-                        windows_in_grids(groups, attn, settings_heads, head_dim, window, terms_inside=True), 5)
-                except Exception as error:
-                    options["Triton kernel, windows read in the views' grids, terms inside: failed"] = repr(error)[:200]
+                options["Triton kernel, windows read in the views' grids, terms by two products (included)"] = \
+                    median_ms(windows_in_grids(groups, attn, settings_heads, head_dim, window, terms="products"), 5)
+                for keys in (None, (8, 16)):
+                    for terms in ("first", "inside"):
+                        option = (f"Triton kernel, windows read in the views' grids, terms {terms}"
+                                  + (f", keys by {keys[0]}×{keys[1]}" if keys else ""))
+                        try:
+                            options[option] = median_ms(windows_in_grids(groups, attn, settings_heads, head_dim,
+                                                                         window, terms=terms, keys=keys), 5)
+                        except Exception as error:
+                            options[f"{option}: failed"] = repr(error)[:200]
         row = {"work_flops": work, "floor_ms": work / ceilings["matmul_flops"] * 1e3, "pages": pages,
                "ms": {name: ms for name, ms in options.items() if isinstance(ms, float)},
                "tflops": {name: work / ms / 1e9 for name, ms in options.items() if isinstance(ms, float)},
@@ -539,10 +551,12 @@ def kernel_options(side: int) -> list:
             + [(r, t) for r in wider for t in ((64, 4, 3), (64, 4, 2), (64, 8, 3), (128, 8, 2))])
 
 
-def windows_in_grids(groups: dict, attn, heads: int, head_dim: int, window: int, terms_inside: bool = False):
+def windows_in_grids(groups: dict, attn, heads: int, head_dim: int, window: int, terms: str = "first",
+                     keys: tuple = None):
     """One windowed block's attention as the engine serves it, to time: over each view size's grids (random
-    q, k, v; the block's tables and biases), the terms, then the kernel reading the windows where they lie;
-    with `terms_inside`, the kernel computing the terms from the tables."""
+    q, k, v; the block's tables and biases), the kernel reading the windows where they lie, its terms computed
+    first by `table_terms` ("first"), by the kernel from the tables ("inside"), or first by two einsums over the
+    gathered tables ("products", as served before `table_terms`); `keys`: the kernel's key rectangle."""
     from checkpoints.deepencoder import relative_positions_in_windows, relative_terms, resized_relative_table
     from checkpoints.triton_relative_attention import relative_attention
 
@@ -560,12 +574,13 @@ def windows_in_grids(groups: dict, attn, heads: int, head_dim: int, window: int,
 
     def run():
         for side, (q, k, v), rel_h, rel_w in grids:
-            if terms_inside:
+            if terms != "products":
                 relative_attention(q, k, v, None, None, side, side, window=window, k_bias=k_bias, v_bias=v_bias,
-                                   tables=tables)
+                                   tables=tables, terms_first=terms == "first", keys=keys)
                 continue
             rows, cols = relative_terms(q, rel_h, rel_w, side, side, pad_to=8)
-            relative_attention(q, k, v, rows, cols, side, side, window=window, k_bias=k_bias, v_bias=v_bias)
+            relative_attention(q, k, v, rows, cols, side, side, window=window, k_bias=k_bias, v_bias=v_bias,
+                               keys=keys)
 
     return run
 
