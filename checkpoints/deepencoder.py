@@ -359,7 +359,11 @@ class SamBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
-        x = self.norm1(x)
+        # The norm's output feeds the qkv projection alone, which takes it in the weights' dtype (under autocast
+        # the norm returns float32 and the projection casts it): cast here, the same values. In a compiled block
+        # the Triton kernel's graph break falls between the norm and the projection, and without this the norm
+        # wrote float32 and a kernel of its own cast it (0.18 ms a page, h200-2026-12-01c call 1).
+        x = self.norm1(x).to(self.attn.qkv.weight.dtype)
         if self.window_size and self.attn.runs_the_kernel(x, self.window_size):  # it reads the windows in the grid
             x = self.attn(x, window=self.window_size)
         elif self.window_size:
