@@ -101,13 +101,13 @@ def checkpoint_tensor_shapes(folder: Path) -> dict:
 
 def choose_vision_kernels(model, settings: Settings, graphs: bool) -> None:
     """SAM's attention kernels as the engine serves them (README "Faithfulness"), `graphs`: whether the towers
-    are replayed as CUDA graphs. Unless the towers run in the original's order: the blocks over grids the
-    Triton kernel walks a whole row at a time (a 1024 or 512 view's global blocks) through that kernel
-    (DEEPSEEK_OCR_SAM_KERNEL=1; `all`: every block, its windows read in the grid and their relative terms
-    computed in the kernel from the tables, faster but further from float32 than the original on the Gundam
-    preset, README "Performance"), and the rest of the folded attention through cuDNN's kernels when the shapes
-    are the graphs' (cuDNN builds a plan per new shape; captured at load, each is built once;
-    DEEPSEEK_OCR_VISION_CUDNN). With DEEPSEEK_OCR_SAM_GELU=1, the MLP's GELU through the Triton kernel
+    are replayed as CUDA graphs. Unless the towers run in the original's order: every block's attention through
+    the Triton kernel that adds the relative positions inside (DEEPSEEK_OCR_SAM_KERNEL=all, the default: the
+    windows read in the grid, their relative terms computed in the kernel from the tables; `1`: only the grids it
+    walks a whole row at a time, a 1024 or 512 view's global blocks, README "Performance"), and any folded
+    attention left through cuDNN's kernels when the shapes are the graphs' (cuDNN builds a plan per new shape;
+    captured at load, each is built once; DEEPSEEK_OCR_VISION_CUDNN). With DEEPSEEK_OCR_SAM_GELU=1, the MLP's
+    GELU through the Triton kernel
     (`triton_ops.gelu`: 0.15 ms a page faster, but the first-step logits further from float32 than the original's
     on the Gundam preset in both runs that measured it, README "Performance"; opt-in, like `all`)."""
     sam = model.model.sam_model

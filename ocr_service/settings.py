@@ -89,7 +89,7 @@ class Settings:
     vision: str = "compiled"  # DEEPSEEK_OCR_VISION
     vision_graphs: bool = True  # DEEPSEEK_OCR_VISION_GRAPHS
     vision_cudnn: bool = True  # DEEPSEEK_OCR_VISION_CUDNN
-    sam_kernel: str = "1"  # DEEPSEEK_OCR_SAM_KERNEL: "0", "1" (grids walked by whole rows) or "all"
+    sam_kernel: str = "all"  # DEEPSEEK_OCR_SAM_KERNEL: "all" (every block), "1" (grids walked by whole rows) or "0"
     sam_gelu: bool = False  # DEEPSEEK_OCR_SAM_GELU (SAM's MLP GELU through the Triton kernel; opt-in)
     programmatic_launch: bool = True  # DEEPSEEK_OCR_PDL (the decode step's kernels, on Hopper and later)
     # requests
@@ -130,7 +130,7 @@ class Settings:
             vision=_text(env, "DEEPSEEK_OCR_VISION", "compiled", ("compiled", "fast", "original")),
             vision_graphs=_flag(env, "DEEPSEEK_OCR_VISION_GRAPHS", True),
             vision_cudnn=_flag(env, "DEEPSEEK_OCR_VISION_CUDNN", True),
-            sam_kernel=_text(env, "DEEPSEEK_OCR_SAM_KERNEL", "1", ("0", "1", "all")),
+            sam_kernel=_text(env, "DEEPSEEK_OCR_SAM_KERNEL", "all", ("0", "1", "all")),
             sam_gelu=_flag(env, "DEEPSEEK_OCR_SAM_GELU", False),
             programmatic_launch=_flag(env, "DEEPSEEK_OCR_PDL", True),
             max_pages=_number(env, "DEEPSEEK_OCR_MAX_PAGES", 50),

@@ -269,7 +269,8 @@ def test_a_failed_prompt_takes_its_predictions_other_pages_out_of_the_page_by_pa
 
 
 @pytest.mark.parametrize("vision, sam_kernel, vision_cudnn, sam_gelu, graphs, kernel_on, cudnn_on, gelu_on", [
-    ("compiled", "1", True, False, True, True, True, False),  # the defaults on a GPU
+    ("compiled", "all", True, False, True, True, True, False),  # the defaults on a GPU
+    ("compiled", "1", True, False, True, True, True, False),  # the kernel for grids walked by rows alone
     ("compiled", "all", True, True, True, True, True, True),  # the kernel for every grid and the GELU kernel
     ("compiled", "1", True, True, False, True, False, True),  # towers called, not replayed: no cuDNN plans
     ("fast", "0", False, False, True, False, False, False),  # all turned off
