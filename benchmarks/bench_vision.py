@@ -310,6 +310,7 @@ def flops_by_kind(model, views: list) -> dict:
 SERVED_TRIALS = {
     "flash attention, folded": dict(cudnn=False, kernel=None),
     "cuDNN attention, folded": dict(cudnn=True, kernel=None),
+    # DEEPSEEK_OCR_SAM_KERNEL=1
     "Triton kernel for grids walked by rows, cuDNN for the rest": dict(cudnn=True, kernel="rows"),
     # DEEPSEEK_OCR_SAM_GELU=1 (opt-in): the MLP's GELU through its Triton kernel
     "Triton kernel for grids walked by rows, cuDNN for the rest, GELU kernel": dict(cudnn=True, kernel="rows",
@@ -318,8 +319,9 @@ SERVED_TRIALS = {
     # the windows' terms computed first (`table_terms`) and read, as the global blocks' are
     "Triton kernel for every block, windows' terms read": dict(cudnn=False, kernel="all"),
     "Triton kernel for every block, windows' terms read, GELU kernel": dict(cudnn=False, kernel="all", gelu=True),
+    # DEEPSEEK_OCR_SAM_KERNEL=all, the default since h200-2026-12-01c
     "Triton kernel for every block": dict(cudnn=False, kernel="all", tables=True),
-    # DEEPSEEK_OCR_SAM_KERNEL=all
+    # ... with DEEPSEEK_OCR_SAM_GELU=1
     "Triton kernel for every block, GELU kernel": dict(cudnn=False, kernel="all", tables=True, gelu=True),
     # Inductor's own GEMM templates, to fuse the GELU into the first MLP product: on the H200 its autotuning
     # took 10-20 s a shape (and its templates ran at 55-61% of the best choice), the towers' compile more
