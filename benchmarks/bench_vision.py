@@ -459,9 +459,6 @@ def attention_options(model, groups: dict, pages: int, ceilings: dict) -> dict:
                 lambda: table_terms(q, *grid_tables, side, side), 5)
             options["Triton kernel, terms first by table_terms, default tiles (both included)"] = median_ms(
                 lambda: relative_attention(q, k, v, None, None, side, side, tables=grid_tables, terms_first=True), 5)
-            if side & (side - 1) == 0:  # walked by rows: each row's terms loaded in the step before, or in their own
-                options["Triton kernel, default tiles, each row's terms loaded in its own step"] = median_ms(
-                    lambda: relative_attention(q, k, v, row_terms, col_terms, side, side, prefetch=False), 5)
             for keys, tiles in kernel_options(side):
                 option = f"Triton kernel, keys by {keys[0]}×{keys[1]}, {tiles[0]} queries, {tiles[1]} warps, {tiles[2]} stages"
                 try:

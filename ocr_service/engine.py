@@ -107,9 +107,8 @@ def choose_vision_kernels(model, settings: Settings, graphs: bool) -> None:
     walks a whole row at a time, a 1024 or 512 view's global blocks, README "Performance"), and any folded
     attention left through cuDNN's kernels when the shapes are the graphs' (cuDNN builds a plan per new shape;
     captured at load, each is built once; DEEPSEEK_OCR_VISION_CUDNN). With DEEPSEEK_OCR_SAM_GELU=1, the MLP's
-    GELU through the Triton kernel
-    (`triton_ops.gelu`: 0.15 ms a page faster, but the first-step logits further from float32 than the original's
-    on the Gundam preset in both runs that measured it, README "Performance"; opt-in, like `all`)."""
+    GELU through the Triton kernel (`triton_ops.gelu`: 0.15 ms a page faster, but the first-step logits further from
+    float32 than the original's on Gundam in two runs and on Base in the latest, README "Performance"; opt-in)."""
     sam = model.model.sam_model
     own_kernels = settings.vision != "original"  # the original's order keeps PyTorch's kernels throughout
     every_block = settings.sam_kernel == "all"

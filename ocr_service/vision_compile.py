@@ -51,11 +51,11 @@ def compiled_graphs() -> int:
 
 def compile_vision_towers(model, backend: str = "inductor", log: Callable[[str], None] = print,
                           sides: Optional[list] = None, options: Optional[dict] = None) -> dict:
-    """Compiles the towers' parts (`compiled_vision_parts`) of `model` (a DeepSeek-OCR model of either kind) in place and runs
-    each view size (`sides`, default `view_sides(model)`) through them once with one and with two views, so
-    that every compile happens now. `options`: Inductor's (torch.compile's `options`). Returns {"seconds",
-    "graphs", "sides"}; afterwards the process's compile stance is `eager_on_recompile`. If compiling fails,
-    the blocks are left eager and the error raised."""
+    """Compiles the towers' parts (`compiled_vision_parts`) of `model` (a DeepSeek-OCR model of either kind) in
+    place and runs each view size (`sides`, default `view_sides(model)`) through them once with one and with two
+    views, so that every compile happens now. `options`: Inductor's (torch.compile's `options`). Returns
+    {"seconds", "graphs", "sides"}; afterwards the process's compile stance is `eager_on_recompile`. If compiling
+    fails, the parts are left eager and the error raised."""
     import torch._dynamo
 
     inner = model.model
