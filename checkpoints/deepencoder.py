@@ -163,10 +163,12 @@ def relative_terms(q: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor, he
     row_terms [B, n, HW, H] (query · rel_h[its row, key row]) and col_terms [B, n, HW, W] (query ·
     rel_w[its column, key column]); the bias of query i and key (r, c) is row_terms[i, r] + col_terms[i, c].
     rel_h [H, K, d] and rel_w [W, K', d] may hold another number of key rows and columns K, K' (those of the
-    windows over a grid: `SamAttention.forward`); the tables are then [B, n, HW, K] and [B, n, HW, K'].
+    windows over a grid: `relative_positions_in_windows`); the tables are then [B, n, HW, K] and [B, n, HW, K'].
+    The folded path's terms; the Triton kernel's come from `triton_relative_attention.table_terms`, which reads q
+    in place (these einsums copy q in and the terms out), and these are its definition and its benchmarks' baseline.
 
-    `pad_to`: each table's last dimension rounded up to a multiple of it, the extra entries zero (for the
-    Triton kernel, which reads only the first H and W): a window's 14 entries of two bytes leave every row
+    `pad_to`: each table's last dimension rounded up to a multiple of it, the extra entries zero (for handing them
+    to the Triton kernel, which reads only the first H and W): a window's 14 entries of two bytes leave every row
     unaligned, and the products that compute them ran in a slow kernel made for unaligned matrices."""
     batch, heads, tokens, head_dim = q.shape
     q_grid = q.reshape(batch, heads, height, width, head_dim)
