@@ -47,8 +47,6 @@ WARPS = 4
 STAGES = 3
 # keys in a rectangle of a grid walked by rectangles (`key_tiles`)
 TILE_KEYS = 64
-# a rectangle's terms added by a product with a 0/1 matrix (see the kernel), not by a broadcast sum
-TERMS_BY_PRODUCT = False
 _LOG2_E = 1.4426950408889634
 
 
@@ -82,13 +80,12 @@ if triton is not None:
                                    rows_view, rows_head, rows_token, cols_view, cols_head, cols_token,
                                    out_view, out_token, out_head,
                                    heads, height, width, walk_height, walk_width, windows_across,
-                                   score_scale, term_scale, inverse_root,
+                                   score_scale, term_scale,
                                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, TILE_ROWS: tl.constexpr,
                                    TILE_COLS: tl.constexpr, WINDOWED: tl.constexpr,
                                    DOT_IN_FP32: tl.constexpr, PRECISION: tl.constexpr,
                                    TABLES: tl.constexpr, ENTRIES_H: tl.constexpr, ENTRIES_W: tl.constexpr,
-                                   COVERED: tl.constexpr, BY_PRODUCT: tl.constexpr, TERM_SLOTS: tl.constexpr,
-                                   TERM_PARTS: tl.constexpr, NO_TERMS: tl.constexpr, V_SELECT: tl.constexpr):
+                                   COVERED: tl.constexpr):
         # The keys walked are a walk_height × walk_width part of the grid from (first_row, first_col): the
         # whole grid, or one window of it (program axis 2), whose positions past the grid are padding.
         block = tl.program_id(0)
@@ -125,11 +122,10 @@ if triton is not None:
             # The terms from the tables (rows_ptr, cols_ptr: [2·walk − 1, d], one for every head): each query
             # against every entry, by a product of its own, then for key row r the entry of offset (query's row
             # − r) (SAM's get_rel_pos: index row − r + walk − 1), and likewise for columns.
-            by_row = _table_products(q, rows_ptr, walk_height, dim, HEAD_DIM, ENTRIES_H, DOT_IN_FP32, PRECISION)
-            by_col = _table_products(q, cols_ptr, walk_width, dim, HEAD_DIM, ENTRIES_W, DOT_IN_FP32, PRECISION)
-            if not BY_PRODUCT:  # scaled here; on the product path the sum is scaled
-                by_row = by_row * term_scale
-                by_col = by_col * term_scale
+            by_row = _table_products(q, rows_ptr, walk_height, dim, HEAD_DIM, ENTRIES_H, DOT_IN_FP32,
+                                     PRECISION) * term_scale
+            by_col = _table_products(q, cols_ptr, walk_width, dim, HEAD_DIM, ENTRIES_W, DOT_IN_FP32,
+                                     PRECISION) * term_scale
             row_offset = tl.minimum(walked_row, walk_height - 1) + walk_height - 1  # a lane past the queries: clamped
             col_offset = walked_col + walk_width - 1
         if TILE_ROWS == 1:  # whole rows: every row's column terms are these
@@ -142,32 +138,6 @@ if triton is not None:
                 col_terms = col_terms.to(tl.float32) * term_scale
         if TILE_ROWS == 1 and not TABLES:  # each row's terms are loaded a step ahead (2.43 ms against 2.49)
             next_row_term = tl.load(rows_at, mask=is_query, other=0.0)
-        if BY_PRODUCT:  # (rectangles only: `relative_attention` sets it so)
-            # A rectangle's terms added to the scores by a product with a 0/1 matrix instead of summed into the
-            # scores' layout by a broadcast (which converts layouts in every step): each key slot picks its row's
-            # entry and its column's entry out of TERM_SLOTS terms. The products are scaled by 1/√d before, and the
-            # sum by log2(e) after, so the terms go in as they are (exact in one part where their dtype is the
-            # operands'; otherwise split in a high and a low part of the operands' dtype).
-            term_slot = tl.arange(0, TERM_SLOTS)
-            if TABLES:  # every row's and every column's entry for each query, interleaved: slot 2·e + (0 row, 1 col)
-                term_line = term_slot // 2
-                term_is_row = term_slot % 2 == 0
-                line = tl.arange(0, TERM_SLOTS // 2)
-                row_terms = tl.gather(by_row, tl.minimum(tl.maximum(row_offset[:, None] - line[None, :], 0),
-                                                         ENTRIES_H - 1), 1)
-                col_terms = tl.gather(by_col, tl.minimum(tl.maximum(col_offset[:, None] - line[None, :], 0),
-                                                         ENTRIES_W - 1), 1)
-                table_part = tl.reshape(tl.join(row_terms, col_terms), [BLOCK_M, TERM_SLOTS])
-                term_high = table_part.to(q.dtype)
-                if TERM_PARTS == 2:
-                    term_low = (table_part - term_high.to(tl.float32)).to(q.dtype)
-            else:  # the rectangle's rows first, then its columns
-                term_is_row = term_slot < TILE_ROWS
-                term_line = tl.where(term_is_row, term_slot, term_slot - TILE_ROWS)
-                is_term = term_slot < TILE_ROWS + TILE_COLS
-                picks = ((term_is_row[:, None] & (term_line[:, None] == slot_row[None, :]))
-                         | (~term_is_row[:, None] & is_term[:, None] & (term_line[:, None] == slot_col[None, :])))
-                picks = picks.to(q.dtype)
         best = tl.full([BLOCK_M], float("-inf"), tl.float32)
         total = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -181,8 +151,6 @@ if triton is not None:
             key = (first_row + key_row) * width + first_col + key_col
             k = tl.load(k_at + key[:, None] * k_token + dim[None, :], mask=in_grid[:, None], other=0.0)
             v = tl.load(v_at + key[:, None] * v_token + dim[None, :], mask=in_grid[:, None], other=0.0)
-            if WINDOWED and V_SELECT:
-                v = tl.where(in_grid[:, None], v, v_bias[None, :].to(v.dtype))
             if DOT_IN_FP32:
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
@@ -194,20 +162,6 @@ if triton is not None:
                 next_row_term = tl.load(rows_at + tile_row + 1, mask=is_query & (tile_row + 1 < walk_height),
                                         other=0.0)
                 terms = col_terms
-            elif BY_PRODUCT and TABLES:  # the 0/1 matrix picks this rectangle's rows and columns
-                picks = ((term_is_row[:, None] & (term_line[:, None] == key_row[None, :]))
-                         | (~term_is_row[:, None] & (term_line[:, None] == key_col[None, :]))).to(q.dtype)
-            elif BY_PRODUCT:  # this rectangle's row and column terms, one load
-                term_at = tl.where(term_is_row[None, :], rows_at[:, None] + (tile_row + term_line)[None, :],
-                                   cols_at[:, None] + (tile_col + term_line)[None, :])
-                is_term_read = tl.where(term_is_row, tile_row + term_line < walk_height,
-                                        is_term & (tile_col + term_line < walk_width))
-                table_part = tl.load(term_at, mask=is_query[:, None] & is_term_read[None, :], other=0.0)
-                if TERM_PARTS == 2:
-                    table_part = table_part.to(tl.float32)
-                term_high = table_part.to(q.dtype)
-                if TERM_PARTS == 2:
-                    term_low = (table_part - term_high.to(tl.float32)).to(q.dtype)
             else:  # the rectangle's row terms and column terms, summed into it
                 rect_row = tile_row + tl.arange(0, TILE_ROWS)
                 rect_col = tile_col + tl.arange(0, TILE_COLS)
@@ -227,15 +181,7 @@ if triton is not None:
             products = tl.dot(q, tl.trans(k), input_precision=PRECISION)
             if WINDOWED:
                 products = tl.where(in_grid[None, :], products, padded_score[:, None])
-            if BY_PRODUCT:
-                products = tl.dot(term_high, picks, products * inverse_root, input_precision=PRECISION)
-                if TERM_PARTS == 2:
-                    products = tl.dot(term_low, picks, products, input_precision=PRECISION)
-                scores = products * term_scale
-            elif NO_TERMS:
-                scores = products * score_scale
-            else:
-                scores = products * score_scale + terms
+            scores = products * score_scale + terms
             if not COVERED:  # keys past the walked part (a window's last rows and columns)
                 scores = tl.where(is_key[None, :], scores, float("-inf"))
             if TILE_ROWS == 1:
@@ -249,7 +195,7 @@ if triton is not None:
             decay = tl.exp2(best - new_best)
             total = total * decay + tl.sum(weights, 1)
             acc = tl.dot(weights.to(v.dtype), v, acc * decay[:, None], input_precision=PRECISION)
-            if WINDOWED and not V_SELECT:  # the padded keys' weights times their value (loaded as zeros above)
+            if WINDOWED:  # the padded keys' weights times their value (loaded as zeros above)
                 acc += tl.sum(tl.where(in_grid[None, :], 0.0, weights), 1)[:, None] * v_bias[None, :]
             best = new_best
         acc = acc / total[:, None]
@@ -322,8 +268,7 @@ def table_terms(q: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor, heigh
 def relative_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_terms: torch.Tensor,
                        col_terms: torch.Tensor, height: int, width: int, window: int = 0,
                        k_bias: torch.Tensor = None, v_bias: torch.Tensor = None, tiles: tuple = None,
-                       keys: tuple = None, tables: tuple = None, terms_first: bool = False,
-                       by_product: bool = None, no_terms: bool = False, v_select: bool = False) -> torch.Tensor:
+                       keys: tuple = None, tables: tuple = None, terms_first: bool = False) -> torch.Tensor:
     """softmax(q·kᵀ/√d + row_terms[i, r] + col_terms[i, c])·v for keys (r, c) of a height × width grid, or
     with `window`, of the window × window window holding the query, the grid cut in windows from its top left
     and padded to whole windows with keys k_bias and values v_bias ([n, d]: the projection of a zero token),
@@ -363,13 +308,6 @@ def relative_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_te
                              f"for a walk of {walk_height} × {walk_width}")
         entries_h, entries_w = (max(16, triton.next_power_of_2(2 * s - 1)) for s in (walk_height, walk_width))
         row_terms, col_terms = rel_h[None, None], rel_w[None, None]  # read as tables; their strides unused
-    by_product = (TERMS_BY_PRODUCT if by_product is None else by_product) and tile_rows > 1
-    if tables is not None:
-        term_slots = 2 * max(8, triton.next_power_of_2(max(walk_height, walk_width)))
-    else:
-        term_slots = max(16, triton.next_power_of_2(tile_rows + tile_cols))
-    fp32_operands = _INTERPRETED or q.dtype == torch.float32
-    terms_in_operand_dtype = tables is None and row_terms.dtype == q.dtype and col_terms.dtype == q.dtype
     out = q.new_empty(batch, tokens, heads, head_dim)
     grid = (_cdiv(walk_height * walk_width, block_queries), batch * heads, windows_down * windows_across)
     _relative_attention_kernel[grid](
@@ -380,13 +318,10 @@ def relative_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_te
         col_terms.stride(0), col_terms.stride(1), col_terms.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         heads, height, width, walk_height, walk_width, windows_across, _LOG2_E / math.sqrt(head_dim), _LOG2_E,
-        1 / math.sqrt(head_dim),
         HEAD_DIM=head_dim, BLOCK_M=block_queries, TILE_ROWS=tile_rows, TILE_COLS=tile_cols, WINDOWED=bool(window),
         DOT_IN_FP32=_INTERPRETED, num_warps=warps, num_stages=stages,
         # float32 inputs (the tests' reference precision) multiply in float32, not TensorFloat-32
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         TABLES=tables is not None, ENTRIES_H=entries_h, ENTRIES_W=entries_w,
-        COVERED=walk_height % tile_rows == 0 and walk_width % tile_cols == 0,
-        BY_PRODUCT=by_product, TERM_SLOTS=term_slots,
-        TERM_PARTS=1 if fp32_operands or terms_in_operand_dtype else 2, NO_TERMS=no_terms, V_SELECT=v_select)
+        COVERED=walk_height % tile_rows == 0 and walk_width % tile_cols == 0)
     return out
