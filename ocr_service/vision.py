@@ -153,9 +153,9 @@ def encode_prompts(model, prompts: Sequence[PromptInputs], call_pixels: Optional
             if views.has_tiles:
                 groups.setdefault(views.tiles.shape[-1], []).append(((p, i, "tiles"), views.tiles))
     features = {}
-    uploads = _upload_groups(groups, device)
     for size, members in groups.items():
-        pixels = uploads[size]()
+        # each view copied as it is (the Preprocessor leaves them pinned, as uint8 pixels), joined there
+        pixels = torch.cat([v.to(device, non_blocking=True) for _, v in members])
         per_pass = max(1, call_pixels // (size * size))
         calls = []
         for start in range(0, pixels.shape[0], per_pass):
@@ -174,46 +174,6 @@ def encode_prompts(model, prompts: Sequence[PromptInputs], call_pixels: Optional
     if arranged:
         embeds.index_copy_(0, positions, torch.cat(arranged).to(embeds.dtype))
     return list(embeds.split([int(prompt.input_ids.numel()) for prompt in prompts]))
-
-
-_COPY_STREAMS: dict = {}  # CUDA device index → the stream the pages' pixels are uploaded on
-
-
-def _upload_groups(groups: dict, device: torch.device) -> dict:
-    """Each group's views (uint8 pixels, left pinned by the Preprocessor) joined on the device: size → a
-    function returning them, ready for the current stream. On CUDA every group's copy is queued at once on a
-    stream of its own, so that the tiles' copy (70% of an A4 Gundam page's 10.5 MB) runs while the towers encode
-    the global views, instead of after them in the encoding stream's order; the function makes the current
-    stream wait for its group's copy alone. The destination is allocated on the current stream, which alone
-    uses it afterwards (the copy stream first waits for the current stream's work, whose freed blocks it may
-    be reusing)."""
-    if device.type != "cuda":
-        return {size: (lambda members=members: torch.cat([v.to(device) for _, v in members]))
-                for size, members in groups.items()}
-    current = torch.cuda.current_stream(device)
-    copy_stream = _COPY_STREAMS.get(device.index)
-    if copy_stream is None:
-        copy_stream = _COPY_STREAMS.setdefault(device.index, torch.cuda.Stream(device))
-    copy_stream.wait_stream(current)
-    uploads = {}
-    for size, members in groups.items():
-        views = [v for _, v in members]
-        pixels = torch.empty((sum(v.shape[0] for v in views), *views[0].shape[1:]), dtype=views[0].dtype,
-                             device=device)
-        with torch.cuda.stream(copy_stream):
-            start = 0
-            for v in views:
-                pixels[start:start + v.shape[0]].copy_(v, non_blocking=True)
-                start += v.shape[0]
-            copied = torch.cuda.Event()
-            copied.record(copy_stream)
-
-        def ready(pixels=pixels, copied=copied):
-            current.wait_event(copied)
-            return pixels
-
-        uploads[size] = ready
-    return uploads
 
 
 def _ids_and_image_positions(prompts: Sequence[PromptInputs], pin: bool) -> tuple:
