@@ -312,17 +312,20 @@ SERVED_TRIALS = {
     "cuDNN attention, folded": dict(cudnn=True, kernel=None),
     # DEEPSEEK_OCR_SAM_KERNEL=1
     "Triton kernel for grids walked by rows, cuDNN for the rest": dict(cudnn=True, kernel="rows"),
-    # DEEPSEEK_OCR_SAM_GELU=1 (opt-in): the MLP's GELU through its Triton kernel
+    # ... with DEEPSEEK_OCR_SAM_GELU=1: the MLP's GELU through its Triton kernel
     "Triton kernel for grids walked by rows, cuDNN for the rest, GELU kernel": dict(cudnn=True, kernel="rows",
-                                                                                     gelu=True),
+                                                                                     gelu="kernel"),
     "Triton kernel for global blocks, cuDNN for windows": dict(cudnn=True, kernel="global"),
     # the windows' terms computed first (`table_terms`) and read, as the global blocks' are
     "Triton kernel for every block, windows' terms read": dict(cudnn=False, kernel="all"),
-    "Triton kernel for every block, windows' terms read, GELU kernel": dict(cudnn=False, kernel="all", gelu=True),
-    # DEEPSEEK_OCR_SAM_KERNEL=all, the default since h200-2026-12-01c
+    "Triton kernel for every block, windows' terms read, GELU kernel": dict(cudnn=False, kernel="all", gelu="kernel"),
+    # DEEPSEEK_OCR_SAM_KERNEL=all, the default since h200-2026-12-01c, with DEEPSEEK_OCR_SAM_GELU=0
     "Triton kernel for every block": dict(cudnn=False, kernel="all", tables=True),
     # ... with DEEPSEEK_OCR_SAM_GELU=1
-    "Triton kernel for every block, GELU kernel": dict(cudnn=False, kernel="all", tables=True, gelu=True),
+    "Triton kernel for every block, GELU kernel": dict(cudnn=False, kernel="all", tables=True, gelu="kernel"),
+    # ... with DEEPSEEK_OCR_SAM_GELU=epilogue: the GELU in cuBLASLt's epilogue of the first product
+    "Triton kernel for every block, GELU in the product's epilogue": dict(cudnn=False, kernel="all", tables=True,
+                                                                         gelu="epilogue"),
     # Inductor's own GEMM templates, to fuse the GELU into the first MLP product: on the H200 its autotuning
     # took 10-20 s a shape (and its templates ran at 55-61% of the best choice), the towers' compile more
     # than five minutes (h200-2026-11-30l, call 1)
@@ -348,7 +351,7 @@ def served_trials(model, groups: dict, pages: int, reference32: dict, base: dict
     torch._dynamo.reset()
     inner.sam_model.use_relative_attention_kernel(False)
     inner.sam_model.use_cudnn_attention(False)
-    inner.sam_model.use_gelu_kernel(False)
+    inner.sam_model.use_gelu("exact")
     return results
 
 
@@ -361,7 +364,7 @@ def served_trial(model, groups: dict, pages: int, reference32: dict, base: dict,
     inner.sam_model.use_cudnn_attention(trial["cudnn"])
     inner.sam_model.use_relative_attention_kernel(kernel is not None, windows=kernel != "global",
                                                   any_grid=kernel != "rows", terms_in_kernel=trial.get("tables", False))
-    inner.sam_model.use_gelu_kernel(trial.get("gelu", False))
+    inner.sam_model.use_gelu(trial.get("gelu", "exact"))
     uncompile_vision_towers(model)
     torch._dynamo.reset()
     try:
@@ -533,10 +536,42 @@ def gelu_options(model, groups: dict, ceilings: dict) -> dict:
                 except Exception as error:
                     row["ms"][name] = repr(error)[:200]
         row["elements"] = x.numel()
+        row["with_the_product"] = product_and_gelu(tokens, model.model.sam_model.blocks[0].mlp.lin1)
         results[f"{views.shape[0]} views of {size}"] = row
         print("gelu", size, json.dumps(row), flush=True)
         del x, reference
     return results
+
+
+def product_and_gelu(tokens: int, lin1) -> dict:
+    """SAM's first MLP product and its GELU at `tokens` tokens (random inputs, the layer's weights scaled so that
+    the hidden layer has the spread of a trained one's), each way: the product alone (the floor of any way), then
+    F.gelu (eager and compiled, as served before), and cuBLASLt's product with the GELU in its epilogue
+    (`MLPBlock.gelu_way` "epilogue"); ms, and each way's distance from the float32 product and exact GELU
+    (mean and root-mean-square of the differences; the float32 result rounded once to bf16 for scale)."""
+    import torch.nn.functional as F
+
+    x = torch.randn(tokens, lin1.in_features, device=DEVICE).to(DTYPE)
+    weight = (torch.randn(lin1.out_features, lin1.in_features, device=DEVICE) * 1.5 / lin1.in_features ** 0.5).to(DTYPE)
+    bias = (torch.randn(lin1.out_features, device=DEVICE) * 0.1).to(DTYPE)
+    compiled = torch.compile(lambda x: F.gelu(F.linear(x, weight, bias)))
+    ways = {"the product alone": lambda: F.linear(x, weight, bias),
+            "the product, then F.gelu (eager)": lambda: F.gelu(F.linear(x, weight, bias)),
+            "the product, then F.gelu (compiled)": lambda: compiled(x),
+            "the product with the GELU in cuBLASLt's epilogue": lambda: torch._addmm_activation(
+                bias, x, weight.t(), use_gelu=True)}
+    row = {"ms": {}, "mean_abs_from_float32": {}, "rms_from_float32": {}}
+    with torch.inference_mode():
+        exact = F.gelu(x.float() @ weight.float().t() + bias.float())
+        outputs = {name: way for name, way in ways.items() if name != "the product alone"}
+        outputs["float32, rounded once to bf16"] = lambda: exact.to(DTYPE)
+        for name, way in ways.items():
+            row["ms"][name] = median_ms(way, 10)
+        for name, way in outputs.items():
+            difference = way().float() - exact
+            row["mean_abs_from_float32"][name] = float(difference.abs().mean())
+            row["rms_from_float32"][name] = float(difference.pow(2).mean().sqrt())
+    return row
 
 
 def kernel_options(side: int) -> list:
