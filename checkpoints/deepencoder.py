@@ -117,14 +117,26 @@ class MLPBlock(nn.Module):
         super().__init__()
         self.lin1 = nn.Linear(dim, hidden)
         self.lin2 = nn.Linear(hidden, dim)
-        # The GELU through the Triton kernel (`triton_ops.gelu`: erf in a few instructions, to 1.5e-7) instead of
-        # F.gelu, whose erf made the hidden layer's pass arithmetic-bound (Inductor's too). On CUDA tensors only;
-        # set by `SamEncoder.use_gelu_kernel`.
-        self.gelu_kernel = False
+        # How the GELU runs on CUDA tensors (`SamEncoder.use_gelu`; elsewhere always "exact"):
+        # "exact": F.gelu after the product, as the original (its erf made the hidden layer's pass
+        #   arithmetic-bound, Inductor's too);
+        # "kernel": F.gelu's erf through the Triton kernel (`triton_ops.gelu`: erf in a few instructions, to 1.5e-7);
+        # "epilogue": inside the first product, in cuBLASLt's epilogue (its tanh form of GELU, applied to the float32
+        #   sum before the one rounding to bf16): the hidden layer is never written and read back before its GELU.
+        self.gelu_way = "exact"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = self.lin1(x)
-        return self.lin2(gelu_kernel(hidden) if self.gelu_kernel and hidden.is_cuda else F.gelu(hidden))
+        if self.gelu_way == "epilogue" and x.is_cuda:
+            # (not under autocast's casts: the operands in the weights' dtype, as autocast hands them to lin1)
+            weight = self.lin1.weight
+            rows = x.reshape(-1, x.shape[-1]).to(weight.dtype)
+            hidden = torch._addmm_activation(self.lin1.bias.to(weight.dtype), rows, weight.t(),
+                                             use_gelu=True).view(*x.shape[:-1], weight.shape[0])
+        elif self.gelu_way == "kernel" and x.is_cuda:
+            hidden = gelu_kernel(self.lin1(x))
+        else:
+            hidden = F.gelu(self.lin1(x))
+        return self.lin2(hidden)
 
 
 def relative_positions(q_size: int, k_size: int, table: torch.Tensor) -> torch.Tensor:
@@ -427,10 +439,13 @@ class SamEncoder(nn.Module):
             block.attn.kernel_for_any_grid = any_grid
             block.attn.terms_in_kernel = terms_in_kernel
 
-    def use_gelu_kernel(self, enabled: bool) -> None:
-        """The blocks' MLP GELU through the Triton kernel (`MLPBlock.gelu_kernel`) or F.gelu."""
+    def use_gelu(self, way: str) -> None:
+        """How the blocks' MLP GELU runs on CUDA (`MLPBlock.gelu_way`): "exact", "kernel" (Triton's; "exact"
+        where Triton is missing) or "epilogue"."""
+        if way not in ("exact", "kernel", "epilogue"):
+            raise ValueError(f"no GELU way {way!r}: exact, kernel or epilogue")
         for block in self.blocks:
-            block.mlp.gelu_kernel = enabled and triton_available()
+            block.mlp.gelu_way = "exact" if way == "kernel" and not triton_available() else way
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(pixels)  # [B, H, W, C]

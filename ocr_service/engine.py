@@ -106,15 +106,16 @@ def choose_vision_kernels(model, settings: Settings, graphs: bool) -> None:
     windows read in the grid, their relative terms computed in the kernel from the tables; `1`: only the grids it
     walks a whole row at a time, a 1024 or 512 view's global blocks, README "Performance"), and any folded
     attention left through cuDNN's kernels when the shapes are the graphs' (cuDNN builds a plan per new shape;
-    captured at load, each is built once; DEEPSEEK_OCR_VISION_CUDNN). With DEEPSEEK_OCR_SAM_GELU=1, the MLP's
-    GELU through the Triton kernel (`triton_ops.gelu`: 0.15 ms a page faster, but the first-step logits further from
-    float32 than the original's on Gundam in two runs and on Base in the latest, README "Performance"; opt-in)."""
+    captured at load, each is built once; DEEPSEEK_OCR_VISION_CUDNN). SAM's MLP GELU in the first product's
+    epilogue (cuBLASLt's; DEEPSEEK_OCR_SAM_GELU=epilogue, the default: 0.56 ms a page faster, its hidden layer
+    closer to float32 than F.gelu after the rounded product, README "Faithfulness"), `1` through the Triton kernel
+    (`triton_ops.gelu`), `0` F.gelu after the product as the original."""
     sam = model.model.sam_model
     own_kernels = settings.vision != "original"  # the original's order keeps PyTorch's kernels throughout
     every_block = settings.sam_kernel == "all"
     sam.use_relative_attention_kernel(own_kernels and settings.sam_kernel != "0",
                                       any_grid=every_block, terms_in_kernel=every_block)
-    sam.use_gelu_kernel(own_kernels and settings.sam_gelu)
+    sam.use_gelu({"0": "exact", "1": "kernel", "epilogue": "epilogue"}[settings.sam_gelu] if own_kernels else "exact")
     sam.use_cudnn_attention(own_kernels and settings.vision_cudnn and graphs)
 
 

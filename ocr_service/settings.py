@@ -90,7 +90,9 @@ class Settings:
     vision_graphs: bool = True  # DEEPSEEK_OCR_VISION_GRAPHS
     vision_cudnn: bool = True  # DEEPSEEK_OCR_VISION_CUDNN
     sam_kernel: str = "all"  # DEEPSEEK_OCR_SAM_KERNEL: "all" (every block), "1" (grids walked by whole rows) or "0"
-    sam_gelu: bool = False  # DEEPSEEK_OCR_SAM_GELU (SAM's MLP GELU through the Triton kernel; opt-in)
+    # DEEPSEEK_OCR_SAM_GELU: SAM's MLP GELU in the first product's epilogue (cuBLASLt's), "1" through the Triton
+    # kernel, "0" F.gelu after the product (the original's)
+    sam_gelu: str = "epilogue"
     programmatic_launch: bool = True  # DEEPSEEK_OCR_PDL (the decode step's kernels, on Hopper and later)
     # requests
     max_pages: int = 50  # DEEPSEEK_OCR_MAX_PAGES
@@ -131,7 +133,7 @@ class Settings:
             vision_graphs=_flag(env, "DEEPSEEK_OCR_VISION_GRAPHS", True),
             vision_cudnn=_flag(env, "DEEPSEEK_OCR_VISION_CUDNN", True),
             sam_kernel=_text(env, "DEEPSEEK_OCR_SAM_KERNEL", "all", ("0", "1", "all")),
-            sam_gelu=_flag(env, "DEEPSEEK_OCR_SAM_GELU", False),
+            sam_gelu=_text(env, "DEEPSEEK_OCR_SAM_GELU", "epilogue", ("0", "1", "epilogue")),
             programmatic_launch=_flag(env, "DEEPSEEK_OCR_PDL", True),
             max_pages=_number(env, "DEEPSEEK_OCR_MAX_PAGES", 50),
             max_pixels=_number(env, "DEEPSEEK_OCR_MAX_PIXELS", 64_000_000),

@@ -7,6 +7,7 @@ by their outputs, so any implementation of the same maths passes.
 """
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -534,3 +535,48 @@ def test_the_kernel_takes_every_grid_or_those_it_walks_by_whole_rows(monkeypatch
     assert attention.runs_the_kernel(torch.zeros(1, 64, 64, 32), window=14) is any_grid  # windows of 14
     attention.relative_kernel = False
     assert not attention.runs_the_kernel(torch.zeros(1, 64, 64, 32))
+
+
+@pytest.mark.parametrize("way", ["exact", "kernel", "epilogue"])
+def test_sam_mlp_off_cuda_applies_the_exact_gelu_whatever_the_way(way):
+    from checkpoints.deepencoder import MLPBlock
+
+    torch.manual_seed(0)
+    mlp = MLPBlock(32, 128)
+    mlp.gelu_way = way  # the kernel and the epilogue serve CUDA tensors alone
+    x = torch.randn(2, 5, 7, 32)
+    assert torch.equal(mlp(x), mlp.lin2(F.gelu(mlp.lin1(x))))
+
+
+def test_an_unknown_gelu_way_is_refused():
+    from checkpoints.deepencoder import SamEncoder
+
+    with pytest.raises(ValueError, match="exact, kernel or epilogue"):
+        SamEncoder.use_gelu(SimpleNamespace(blocks=[]), "tanh")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_gelu_in_the_products_epilogue_is_as_close_to_float32_as_gelu_after_it():
+    """Under bf16 autocast, as the towers run: the MLP with cuBLASLt's epilogue (GELU's tanh form on the float32
+    sum, one rounding) no further from the float32 MLP with exact GELU than with F.gelu on the product rounded to
+    bf16 (the original's way), at a trained layer's spread of the hidden layer (std ~1.5)."""
+    from checkpoints.deepencoder import MLPBlock
+
+    torch.manual_seed(0)
+    reference = MLPBlock(768, 3072).cuda()
+    with torch.no_grad():
+        reference.lin1.weight.normal_(0, 1.5 / 768 ** 0.5)
+    x = torch.randn(4, 16, 16, 768, device="cuda")
+    served = MLPBlock(768, 3072).cuda()
+    served.load_state_dict(reference.state_dict())
+    served.to(torch.bfloat16)
+    distances = {}
+    with torch.no_grad():
+        expected = reference(x)  # float32, exact GELU
+        for way in ("exact", "epilogue"):
+            served.gelu_way = way
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = served(x)
+            assert out.dtype == torch.bfloat16 and out.shape == x.shape
+            distances[way] = float((out.float() - expected).abs().mean())
+    assert distances["epilogue"] <= distances["exact"], distances

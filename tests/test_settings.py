@@ -27,7 +27,7 @@ def test_defaults_on_a_gpu():
     assert settings.dtype == "bfloat16" and settings.max_rows is None and settings.gpu_memory_gib is None
     # every SAM block through the Triton kernel; the GELU kernel, whose first-step logits were further from float32
     # than the original's, stays opt-in
-    assert settings.sam_kernel == "all" and not settings.sam_gelu
+    assert settings.sam_kernel == "all" and settings.sam_gelu == "epilogue"
 
 
 def test_rows_and_memory_follow_the_card_unless_set():
