@@ -483,7 +483,7 @@ def attention_options(model, groups: dict, pages: int, ceilings: dict) -> dict:
             if attn is window_attn:  # as served: the windows read where they lie in each view's grid
                 options["Triton kernel, windows read in the views' grids, terms by two products (included)"] = \
                     median_ms(windows_in_grids(groups, attn, settings_heads, head_dim, window, terms="products"), 5)
-                for keys in (None, (8, 16)):
+                for keys in (None, (4, 16)):
                     for terms in ("first", "inside"):
                         option = (f"Triton kernel, windows read in the views' grids, terms {terms}"
                                   + (f", keys by {keys[0]}×{keys[1]}" if keys else ""))
@@ -590,34 +590,35 @@ def kernel_options(side: int) -> list:
 
 def windows_in_grids(groups: dict, attn, heads: int, head_dim: int, window: int, terms: str = "first",
                      keys: tuple = None):
-    """One windowed block's attention as the engine serves it, to time: over each view size's grids (random
-    q, k, v; the block's tables and biases), the kernel reading the windows where they lie, its terms computed
+    """One windowed block's attention as the engine serves it, to time: over each view size's grids padded to
+    whole windows as SamBlock pads them (random q, k, v; the block's tables), the kernel reading the windows where
+    they lie and writing the grid's queries, its terms computed
     first by `table_terms` ("first"), by the kernel from the tables ("inside"), or first by two einsums over the
     gathered tables ("products", as served before `table_terms`); `keys`: the kernel's key rectangle."""
     from checkpoints.deepencoder import relative_positions_in_windows, relative_terms, resized_relative_table
     from checkpoints.triton_relative_attention import relative_attention
 
-    _, k_bias, v_bias = attn.qkv.bias.detach().to(DTYPE).view(3, heads, -1)
     grids = []
     for size, views in groups.items():
         side = size // 16
-        grids.append((side, [torch.randn(views.shape[0], heads, side * side, head_dim, device=DEVICE, dtype=DTYPE)
-                             for _ in range(3)],
-                      relative_positions_in_windows(side, window, attn.rel_pos_h.detach()).to(DTYPE),
-                      relative_positions_in_windows(side, window, attn.rel_pos_w.detach()).to(DTYPE)))
+        padded = -(-side // window) * window
+        grids.append((side, padded,
+                      [torch.randn(views.shape[0], heads, padded * padded, head_dim, device=DEVICE, dtype=DTYPE)
+                       for _ in range(3)],
+                      relative_positions_in_windows(padded, window, attn.rel_pos_h.detach()).to(DTYPE),
+                      relative_positions_in_windows(padded, window, attn.rel_pos_w.detach()).to(DTYPE)))
 
     tables = (resized_relative_table(window, attn.rel_pos_h.detach()).to(DTYPE),
               resized_relative_table(window, attn.rel_pos_w.detach()).to(DTYPE))
 
     def run():
-        for side, (q, k, v), rel_h, rel_w in grids:
+        for side, padded, (q, k, v), rel_h, rel_w in grids:
             if terms != "products":
-                relative_attention(q, k, v, None, None, side, side, window=window, k_bias=k_bias, v_bias=v_bias,
-                                   tables=tables, terms_first=terms == "first", keys=keys)
+                relative_attention(q, k, v, None, None, padded, padded, window=window, tables=tables,
+                                   terms_first=terms == "first", keys=keys, written=(side, side))
                 continue
-            rows, cols = relative_terms(q, rel_h, rel_w, side, side, pad_to=8)
-            relative_attention(q, k, v, rows, cols, side, side, window=window, k_bias=k_bias, v_bias=v_bias,
-                               keys=keys)
+            rows, cols = relative_terms(q, rel_h, rel_w, padded, padded, pad_to=8)
+            relative_attention(q, k, v, rows, cols, padded, padded, window=window, keys=keys, written=(side, side))
 
     return run
 

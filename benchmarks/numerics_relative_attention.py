@@ -3,8 +3,9 @@ that adds the relative positions inside (`checkpoints/triton_relative_attention.
 (`deepencoder.folded_relative_attention`, what the engine serves) and the dense bias itself. On a GPU the kernel
 runs as compiled; on the CPU under Triton's interpreter (`TRITON_INTERPRET=1`, bf16 rounding emulated as
 tests/test_triton_kernels.py does; a 64 × 64 grid takes about a minute there). With `--window`, SAM's windowed
-attention over the grid instead: the kernel reading the windows in the grid (padded keys its biases), the folded
-path over the windows cut out, against the windows cut out in float32.
+attention over the grid instead: the kernel reading the windows in the grid padded to whole windows (the padding's
+keys and values the projection's biases, as SamBlock pads), the folded path over the windows cut out, against the
+windows cut out in float32.
 
     TRITON_INTERPRET=1 python benchmarks/numerics_relative_attention.py --grid 64     # CPU
     TRITON_INTERPRET=1 python benchmarks/numerics_relative_attention.py --grid 40 --window 14
@@ -25,7 +26,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 from test_triton_kernels import (  # noqa: E402
-    load_kernel_modules, make_interpreter_faithful, windowed_relative_attention_reference,
+    load_kernel_modules, make_interpreter_faithful, padded_to_windows, windowed_relative_attention_reference,
 )
 
 
@@ -100,9 +101,18 @@ def windowed(kernel, deepencoder, args, device) -> dict:
     def folded(q, k, v, rows, cols):
         return deepencoder.folded_relative_attention(q, k, v, rows, cols, window, window).transpose(1, 2)
 
+    grid = -(-side // window) * window  # the kernel's grid: padded to whole windows, as SamBlock pads it
+
+    def on_grid(x, pad_value=None):
+        pad_value = x.new_zeros(heads, x.shape[-1]) if pad_value is None else pad_value
+        return padded_to_windows(x, side, side, window, pad_value)
+
+    fused = torch.stack([on_grid(bf16[0]), on_grid(bf16[1], bf16[5]), on_grid(bf16[2], bf16[6])])
+    grid_q, grid_k, grid_v = fused.permute(1, 3, 0, 2, 4).contiguous().permute(2, 0, 3, 1, 4).unbind(0)
     results = {
-        "kernel, windows in the grid": kernel.relative_attention(*bf16[:3], rows, cols, side, side, window=window,
-                                                                 k_bias=bf16[5], v_bias=bf16[6]).float(),
+        "kernel, windows in the grid": kernel.relative_attention(grid_q, grid_k, grid_v, on_grid(rows), on_grid(cols),
+                                                                 grid, grid, window=window,
+                                                                 written=(side, side)).float(),
         "folded, windows cut out": windowed_relative_attention_reference(
             *bf16[:3], *terms(bf16[0], bf16[3], bf16[4]), side, side, window, bf16[5], bf16[6],
             attend=folded).float(),

@@ -307,10 +307,12 @@ class SamAttention(nn.Module):
         return (self.fold_relative_positions and self.relative_kernel and (self.kernel_for_any_grid or by_rows)
                 and relative_attention_kernel_applies(x.device, self.rel_pos_h.shape[-1]))
 
-    def forward(self, x: torch.Tensor, window: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, window: int = 0, written: tuple = None) -> torch.Tensor:
         """x [B, H, W, C] → [B, H, W, C]: attention over the grid, or with `window` within each window × window
-        window of it, the grid padded to whole windows with zero tokens (only through the kernel,
-        `runs_the_kernel`; SamBlock otherwise cuts the windows out and calls this on each)."""
+        window of it (only through the kernel, `runs_the_kernel`; SamBlock otherwise cuts the windows out and calls
+        this on each), the grid padded to whole windows with zero tokens; `written` (h, w): the output is the
+        top-left h × w part of the grid, [B, h, w, C] (SamBlock pads x to whole windows, and the padding's
+        outputs are neither computed nor written)."""
         batch, height, width, _ = x.shape
         qkv = self.qkv(x).reshape(batch, height * width, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # [B, heads, HW, d]
@@ -321,11 +323,9 @@ class SamAttention(nn.Module):
             # the tables of the walked part (the grid, or a window: a token's terms are those of its place in it)
             tables = (resized_relative_table(window or height, self.rel_pos_h),
                       resized_relative_table(window or width, self.rel_pos_w))
-            # a padded token's key and value: the projection of zero, its bias
-            _, k_bias, v_bias = self.qkv.bias.view(3, self.heads, -1)
-            out = relative_attention(q, k, v, None, None, height, width, window=window, k_bias=k_bias, v_bias=v_bias,
-                                     tables=tables, terms_first=not (window and self.terms_in_kernel))
-            return self.proj(out.reshape(batch, height, width, -1))  # out [B, HW, heads, d]
+            out = relative_attention(q, k, v, None, None, height, width, window=window, tables=tables,
+                                     terms_first=not (window and self.terms_in_kernel), written=written)
+            return self.proj(out.reshape(batch, *(written or (height, width)), -1))  # out [B, hw, heads, d]
         rel_h = relative_positions(height, height, self.rel_pos_h)  # [H, H, d]
         rel_w = relative_positions(width, width, self.rel_pos_w)  # [W, W, d]
         if self.fold_relative_positions:
@@ -378,8 +378,17 @@ class SamBlock(nn.Module):
         # the Triton kernel's graph break falls between the norm and the projection, and without this the norm
         # wrote float32 and a kernel of its own cast it (0.18 ms a page, h200-2026-12-01c call 1).
         x = self.norm1(x).to(self.attn.qkv.weight.dtype)
-        if self.window_size and self.attn.runs_the_kernel(x, self.window_size):  # it reads the windows in the grid
-            x = self.attn(x, window=self.window_size)
+        if self.window_size and self.attn.runs_the_kernel(x, self.window_size):
+            # The kernel reads the windows where they lie in the grid, padded here to whole windows as the
+            # original pads them (zero tokens after the norm; compiled, the padding is written by the norm's own
+            # kernel): the padded tokens' keys and values come from the qkv projection (the 1024 view's 64 × 64
+            # grid grows to 70 × 70, a 640 tile's 40 × 40 to 42 × 42) and the kernel's windows are whole. Padding
+            # inside the kernel instead (its keys past the grid replaced by the projection's bias) saves that
+            # projection's extra rows but slows the kernel more: one 16-page pass's windows 2.52 ms against 1.82,
+            # the qkv product 1.17 against 1.38 (h200-2026-12-01e call 1).
+            height, width = x.shape[1:3]
+            pad_h, pad_w = (-height) % self.window_size, (-width) % self.window_size
+            x = self.attn(F.pad(x, (0, 0, 0, pad_w, 0, pad_h)), window=self.window_size, written=(height, width))
         elif self.window_size:
             height, width = x.shape[1:3]
             x, padded = partition_windows(x, self.window_size)

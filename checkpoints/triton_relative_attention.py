@@ -14,14 +14,18 @@ keys one tile of the grid at a time, adding two terms to each score.
 Key tiles (`key_tiles`): a grid whose width is a power of two from 16 is walked a whole row at a time
 (64 keys of a 1024 view): a row's column terms are the same block of values for every row, loaded once,
 and its row term is one value per query. Other grids are walked in rectangles of 64 keys that cover them
-with the fewest padded keys (8 × 8 for a 640 tile's 40 × 40 grid: none; 4 × 16 for a 14 × 14 window);
+with the fewest padded keys (8 × 8 for a 640 tile's 40 × 40 grid: none; in windows, rectangles of 128 keys:
+8 × 16 for a 14 × 14 window);
 a rectangle's terms are its few rows' and columns' entries of the two tables, summed into it. (Gathering
 each score's two terms from the tables instead took 6.2 ms for one pass's 640 tiles against 3.5, H200.)
 
-Windows are read where they lie in the view's grid (`window`): SAM pads the grid to whole windows with
-zero tokens after its norm, so a padded key is the qkv projection of zero, its bias: the kernel uses the
-biases for keys past the grid, and writes only the grid's queries. The copies that cut the windows out
-and put them back, and the projections of the padded tokens, are not needed.
+Windows are read where they lie in a grid of whole windows (`window`): SAM pads the grid to whole windows
+with zero tokens after its norm, and `SamBlock` does so before the qkv projection, so the padded tokens' keys
+and values are the projection's; the kernel writes only the queries of the grid before its padding (`written`).
+The copies that cut the windows out and put them back are not needed. (The kernel once read the unpadded grid
+and made up the keys past it from the projection's bias, which saves the projection of the padding, 13% more
+rows for one pass, 0.20 ms, but slowed the kernel more: one 16-page pass's windows 2.52 ms against 1.82, and
+1.93 with 4 × 16 key rectangles; h200-2026-12-01e calls 1 and 2.)
 
 The terms are read from tables computed before the kernel (by `table_terms`, a product for each line of the
 grid, reading q where it lies in the fused projection; einsums over gathered tables cost copies of q in and of the
@@ -47,6 +51,9 @@ WARPS = 4
 STAGES = 3
 # keys in a rectangle of a grid walked by rectangles (`key_tiles`)
 TILE_KEYS = 64
+# ... and of a window in a grid of whole windows: 8 × 16, two rectangles a 14 × 14 window (one 16-page pass's
+# windows 1.82 ms against 2.17 with 4 × 16, h200-2026-12-01e call 1)
+WINDOW_TILE_KEYS = 128
 _LOG2_E = 1.4426950408889634
 
 
@@ -75,19 +82,20 @@ if triton is not None:
         return tl.dot(q, tl.trans(table), input_precision=PRECISION)
 
     @triton.jit
-    def _relative_attention_kernel(q_ptr, k_ptr, v_ptr, rows_ptr, cols_ptr, k_bias_ptr, v_bias_ptr, out_ptr,
+    def _relative_attention_kernel(q_ptr, k_ptr, v_ptr, rows_ptr, cols_ptr, out_ptr,
                                    q_view, q_head, q_token, k_view, k_head, k_token, v_view, v_head, v_token,
                                    rows_view, rows_head, rows_token, cols_view, cols_head, cols_token,
                                    out_view, out_token, out_head,
                                    heads, height, width, walk_height, walk_width, windows_across,
-                                   score_scale, term_scale,
+                                   written_height, written_width, score_scale, term_scale,
                                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, TILE_ROWS: tl.constexpr,
-                                   TILE_COLS: tl.constexpr, WINDOWED: tl.constexpr,
+                                   TILE_COLS: tl.constexpr,
                                    DOT_IN_FP32: tl.constexpr, PRECISION: tl.constexpr,
                                    TABLES: tl.constexpr, ENTRIES_H: tl.constexpr, ENTRIES_W: tl.constexpr,
                                    COVERED: tl.constexpr):
         # The keys walked are a walk_height × walk_width part of the grid from (first_row, first_col): the
-        # whole grid, or one window of it (program axis 2), whose positions past the grid are padding.
+        # whole grid, or one window of it (program axis 2). Queries past the written part are neither read
+        # nor written.
         block = tl.program_id(0)
         view_head = tl.program_id(1).to(tl.int64)
         view, head = view_head // heads, view_head % heads
@@ -96,8 +104,9 @@ if triton is not None:
         local = block * BLOCK_M + tl.arange(0, BLOCK_M)
         walked_row, walked_col = local // walk_width, local % walk_width  # the query's place in the walked part
         query_row, query_col = first_row + walked_row, first_col + walked_col
-        is_query = (local < walk_height * walk_width) & (query_row < height) & (query_col < width)
+        is_query = (local < walk_height * walk_width) & (query_row < written_height) & (query_col < written_width)
         query = query_row * width + query_col
+        written = query_row * written_width + query_col  # the query's place in the output's grid
         dim = tl.arange(0, HEAD_DIM)
         slot = tl.arange(0, TILE_ROWS * TILE_COLS)
         slot_row, slot_col = slot // TILE_COLS, slot % TILE_COLS
@@ -107,14 +116,6 @@ if triton is not None:
             q = q.to(tl.float32)
         k_at = k_ptr + view * k_view + head * k_head
         v_at = v_ptr + view * v_view + head * v_head
-        if WINDOWED:
-            # Every padded key is the projection of a zero token: one key (q·k_bias for each query) and one
-            # value, added beside the dot products, so that the keys and values load straight into the
-            # products' operands (selecting the biases into the loaded tiles instead ran as fast on the H200:
-            # 44.4 against 44.7 ms for one pass's launches, h200-2026-11-30l).
-            k_bias = tl.load(k_bias_ptr + head * HEAD_DIM + dim).to(tl.float32)
-            v_bias = tl.load(v_bias_ptr + head * HEAD_DIM + dim).to(tl.float32)
-            padded_score = tl.sum(q.to(tl.float32) * k_bias[None, :], 1)
         rows_at = rows_ptr + view * rows_view + head * rows_head + query * rows_token
         cols_at = cols_ptr + view * cols_view + head * cols_head + query * cols_token
         # Scores are kept in log2 units (exp2 below): the terms are scaled by log2(e), q·k by that and 1/√d.
@@ -147,10 +148,9 @@ if triton is not None:
             tile_col = (tile % tiles_across) * TILE_COLS
             key_row, key_col = tile_row + slot_row, tile_col + slot_col  # in the walked part
             is_key = (key_row < walk_height) & (key_col < walk_width)
-            in_grid = is_key & (first_row + key_row < height) & (first_col + key_col < width)
             key = (first_row + key_row) * width + first_col + key_col
-            k = tl.load(k_at + key[:, None] * k_token + dim[None, :], mask=in_grid[:, None], other=0.0)
-            v = tl.load(v_at + key[:, None] * v_token + dim[None, :], mask=in_grid[:, None], other=0.0)
+            k = tl.load(k_at + key[:, None] * k_token + dim[None, :], mask=is_key[:, None], other=0.0)
+            v = tl.load(v_at + key[:, None] * v_token + dim[None, :], mask=is_key[:, None], other=0.0)
             if DOT_IN_FP32:
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
@@ -179,8 +179,6 @@ if triton is not None:
                     terms = tl.reshape(row_terms.to(tl.float32)[:, :, None] + col_terms.to(tl.float32)[:, None, :],
                                        [BLOCK_M, TILE_ROWS * TILE_COLS]) * term_scale
             products = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-            if WINDOWED:
-                products = tl.where(in_grid[None, :], products, padded_score[:, None])
             scores = products * score_scale + terms
             if not COVERED:  # keys past the walked part (a window's last rows and columns)
                 scores = tl.where(is_key[None, :], scores, float("-inf"))
@@ -195,11 +193,9 @@ if triton is not None:
             decay = tl.exp2(best - new_best)
             total = total * decay + tl.sum(weights, 1)
             acc = tl.dot(weights.to(v.dtype), v, acc * decay[:, None], input_precision=PRECISION)
-            if WINDOWED:  # the padded keys' weights times their value (loaded as zeros above)
-                acc += tl.sum(tl.where(in_grid[None, :], 0.0, weights), 1)[:, None] * v_bias[None, :]
             best = new_best
         acc = acc / total[:, None]
-        tl.store(out_ptr + view * out_view + query[:, None] * out_token + head * out_head + dim[None, :],
+        tl.store(out_ptr + view * out_view + written[:, None] * out_token + head * out_head + dim[None, :],
                  acc.to(out_ptr.dtype.element_ty), mask=is_query[:, None])
 
 
@@ -266,16 +262,16 @@ def table_terms(q: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor, heigh
 # stays compiled; in the engine the whole pass is a CUDA graph, launches included).
 @torch.compiler.disable
 def relative_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_terms: torch.Tensor,
-                       col_terms: torch.Tensor, height: int, width: int, window: int = 0,
-                       k_bias: torch.Tensor = None, v_bias: torch.Tensor = None, tiles: tuple = None,
-                       keys: tuple = None, tables: tuple = None, terms_first: bool = False) -> torch.Tensor:
+                       col_terms: torch.Tensor, height: int, width: int, window: int = 0, tiles: tuple = None,
+                       keys: tuple = None, tables: tuple = None, terms_first: bool = False,
+                       written: tuple = None) -> torch.Tensor:
     """softmax(q·kᵀ/√d + row_terms[i, r] + col_terms[i, c])·v for keys (r, c) of a height × width grid, or
-    with `window`, of the window × window window holding the query, the grid cut in windows from its top left
-    and padded to whole windows with keys k_bias and values v_bias ([n, d]: the projection of a zero token),
-    r and c then counted in the window.
+    with `window`, of the window × window window holding the query, the grid (whole windows: its sides multiples
+    of `window`) cut in windows from its top left, r and c then counted in the window.
     q, k, v [B, n, N, d] (any strides with a unit stride along d); row_terms [B, n, N, ≥ height or window],
     col_terms [B, n, N, ≥ width or window] (unit stride along the last dimension; entries past those are not
-    read) → [B, N, n, d] (the layout the block's output projection reads).
+    read) → [B, N', n, d] (the layout the block's output projection reads), the queries of the grid's top-left
+    `written` (h, w) part, N' = h·w (the whole grid by default: N' = N).
     `tables`: instead of the terms, SAM's relative-position tables (rel_h, rel_w) ([2·s − 1, d] each, s the
     walked height and width: the grid's or the window's, `deepencoder.resized_relative_table`), from which the
     kernel computes the terms itself (row_terms[i, r] = q_i · rel_h[row(i) − r + s − 1]), in float32, without
@@ -288,15 +284,15 @@ def relative_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_te
         raise ValueError(f"{tokens} tokens are not a {height} × {width} grid")
     block_queries, warps, stages = tiles or (BLOCK_QUERIES, WARPS, STAGES)
     walk_height, walk_width = (window, window) if window else (height, width)
-    tile_rows, tile_cols = keys or key_tiles(walk_height, walk_width)
+    if window and (height % window or width % window):
+        raise ValueError(f"a {height} × {width} grid is not whole {window} × {window} windows: pad it first")
+    tile_rows, tile_cols = keys or key_tiles(walk_height, walk_width, WINDOW_TILE_KEYS if window else TILE_KEYS)
+    written_height, written_width = written or (height, width)
+    if written_height > height or written_width > width:
+        raise ValueError(f"the written {written_height} × {written_width} grid is not within the {height} × {width} one")
     if tile_rows == 1 and tile_cols < walk_width:
         raise ValueError(f"a key tile of one row must hold the grid's {walk_width} columns, not {tile_cols}")
-    if window and (k_bias is None or v_bias is None):
-        raise ValueError("windows need the keys' and values' biases for their padding")
-    windows_down, windows_across = 1, 1
-    if window:
-        windows_down, windows_across = _cdiv(height, window), _cdiv(width, window)
-        k_bias, v_bias = k_bias.to(k.dtype).contiguous(), v_bias.to(v.dtype).contiguous()
+    windows_down, windows_across = (height // window, width // window) if window else (1, 1)
     entries_h = entries_w = 1
     if tables is not None and terms_first:
         row_terms, col_terms = table_terms(q, *tables, height, width, window)
@@ -308,17 +304,18 @@ def relative_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_te
                              f"for a walk of {walk_height} × {walk_width}")
         entries_h, entries_w = (max(16, triton.next_power_of_2(2 * s - 1)) for s in (walk_height, walk_width))
         row_terms, col_terms = rel_h[None, None], rel_w[None, None]  # read as tables; their strides unused
-    out = q.new_empty(batch, tokens, heads, head_dim)
+    out = q.new_empty(batch, written_height * written_width, heads, head_dim)
     grid = (_cdiv(walk_height * walk_width, block_queries), batch * heads, windows_down * windows_across)
     _relative_attention_kernel[grid](
-        q, k, v, row_terms, col_terms, k_bias if window else q, v_bias if window else q, out,
+        q, k, v, row_terms, col_terms, out,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         row_terms.stride(0), row_terms.stride(1), row_terms.stride(2),
         col_terms.stride(0), col_terms.stride(1), col_terms.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        heads, height, width, walk_height, walk_width, windows_across, _LOG2_E / math.sqrt(head_dim), _LOG2_E,
-        HEAD_DIM=head_dim, BLOCK_M=block_queries, TILE_ROWS=tile_rows, TILE_COLS=tile_cols, WINDOWED=bool(window),
+        heads, height, width, walk_height, walk_width, windows_across, written_height, written_width,
+        _LOG2_E / math.sqrt(head_dim), _LOG2_E,
+        HEAD_DIM=head_dim, BLOCK_M=block_queries, TILE_ROWS=tile_rows, TILE_COLS=tile_cols,
         DOT_IN_FP32=_INTERPRETED, num_warps=warps, num_stages=stages,
         # float32 inputs (the tests' reference precision) multiply in float32, not TensorFloat-32
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",

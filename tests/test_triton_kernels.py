@@ -611,6 +611,18 @@ def relative_attention_reference(q, k, v, row_terms, col_terms):
     return out.transpose(1, 2).to(q.dtype)
 
 
+def padded_to_windows(x, height, width, window, pad_value):
+    """x [B, n, H·W, C] over a height × width grid → [B, n, H'·W', C], the grid padded at its bottom and right to
+    whole window × window windows with the token pad_value [n, C]."""
+    batch, heads = x.shape[:2]
+    down, across = -(-height // window), -(-width // window)
+    grid = x.reshape(batch, heads, height, width, -1)
+    padded = pad_value.reshape(1, heads, 1, 1, -1).expand(batch, heads, down * window, across * window,
+                                                           grid.shape[-1]).clone()
+    padded[:, :, :height, :width] = grid
+    return padded.reshape(batch, heads, down * window * across * window, -1)
+
+
 def windowed_relative_attention_reference(q, k, v, row_terms, col_terms, height, width, window, k_bias, v_bias,
                                           attend=relative_attention_reference):
     """The definition of attention within windows: the grid padded to whole windows with keys k_bias and values
@@ -620,10 +632,7 @@ def windowed_relative_attention_reference(q, k, v, row_terms, col_terms, height,
     down, across = -(-height // window), -(-width // window)
 
     def windows_of(x, pad_value):  # [B, n, H·W, C] → [B·windows, n, window², C]
-        grid = x.reshape(batch, heads, height, width, -1)
-        padded = pad_value.reshape(1, heads, 1, 1, -1).expand(batch, heads, down * window, across * window,
-                                                               grid.shape[-1]).clone()
-        padded[:, :, :height, :width] = grid
+        padded = padded_to_windows(x, height, width, window, pad_value)
         cut = padded.reshape(batch, heads, down, window, across, window, -1).permute(0, 2, 4, 1, 3, 5, 6)
         return cut.reshape(batch * down * across, heads, window * window, -1)
 
@@ -641,7 +650,8 @@ def check_relative_attention(device):
     """SAM's attention with the relative positions added in the kernel: square and oblong grids walked a row
     at a time (a width that is a power of two) and by rectangles of keys (the rest: a 14 × 14 window, a grid
     the rectangles cover exactly and ones they overhang, whose keys are masked), windows read in the grid
-    (padded to whole windows with the biases, one window larger than the grid, one that fits it exactly),
+    (padded to whole windows by tokens whose keys and values are the biases, as SamBlock pads, only the grid's
+    queries written; one window larger than the grid, one that fits it exactly; an unpadded grid refused),
     more queries than one block, q/k/v cut out of one fused projection (strided views), term tables wider
     than needed (their extra entries unread), head dims 16, 32 and 64; the terms from SAM's tables computed in
     the attention kernel, and computed first by `table_terms` (checked against their definition) and read."""
@@ -661,15 +671,35 @@ def check_relative_attention(device):
             col_table = torch.randn(batch, heads, tokens, across + (-across) % 8, generator=generator).to(dtype)
             row_terms, col_terms = row_table[..., :down], col_table[..., :across]
             k_bias, v_bias = (torch.randn(heads, head_dim, generator=generator).to(dtype) for _ in range(2))
+            # The kernel's grid: windows need whole windows, the grid padded as SamBlock pads it (tokens whose keys
+            # and values are the projection's biases; their queries and terms unread), only the grid written.
+            grid_height, grid_width = (-(-height // window) * window, -(-width // window) * window) if window \
+                else (height, width)
+
+            def on_grid(x, pad_value=None):
+                if not window:
+                    return x.to(device)
+                pad_value = x.new_zeros(heads, x.shape[-1]) if pad_value is None else pad_value
+                return padded_to_windows(x, height, width, window, pad_value).to(device)
+            fused = torch.stack([on_grid(q), on_grid(k, k_bias), on_grid(v, v_bias)])  # [3, B, n, N', d]
+            grid_q, grid_k, grid_v = fused.permute(1, 3, 0, 2, 4).contiguous().permute(2, 0, 3, 1, 4).unbind(0)
+            written = (height, width) if window else None
             if window:
                 expected = windowed_relative_attention_reference(q, k, v, row_terms, col_terms, height, width,
                                                                  window, k_bias, v_bias)
+                if (grid_height, grid_width) != (height, width):
+                    try:
+                        kernels.relative_attention(q.to(device), k.to(device), v.to(device), row_table.to(device),
+                                                   col_table.to(device), height, width, window=window)
+                    except ValueError as refused:
+                        assert "pad it first" in str(refused), refused
+                    else:
+                        raise AssertionError(f"a {height}x{width} grid in windows of {window} was not refused")
             else:
                 expected = relative_attention_reference(q, k, v, row_terms, col_terms)
-            got = kernels.relative_attention(q.to(device), k.to(device), v.to(device), row_table.to(device),
-                                             col_table.to(device), height, width, window=window,
-                                             k_bias=k_bias.to(device), v_bias=v_bias.to(device))
-            tiles = kernels.key_tiles(down, across)
+            got = kernels.relative_attention(grid_q, grid_k, grid_v, on_grid(row_table), on_grid(col_table),
+                                             grid_height, grid_width, window=window, written=written)
+            tiles = kernels.key_tiles(down, across, kernels.WINDOW_TILE_KEYS if window else kernels.TILE_KEYS)
             assert_close(got, expected, dtype,
                          f"relative_attention {height}x{width} window {window} by {tiles} d={head_dim} {dtype}")
             # The terms computed in the kernel from SAM's tables: row_terms[i, r] = q_i · rel_h[row(i) − r + s − 1],
@@ -688,9 +718,9 @@ def check_relative_attention(device):
                                                                  window, k_bias, v_bias)
             else:
                 expected = relative_attention_reference(q, k, v, row_terms, col_terms)
-            got = kernels.relative_attention(q.to(device), k.to(device), v.to(device), None, None, height, width,
-                                             window=window, k_bias=k_bias.to(device), v_bias=v_bias.to(device),
-                                             tables=(rel_h.to(device), rel_w.to(device)))
+            got = kernels.relative_attention(grid_q, grid_k, grid_v, None, None, grid_height, grid_width,
+                                             window=window, tables=(rel_h.to(device), rel_w.to(device)),
+                                             written=written)
             assert_close(got, expected, dtype, f"relative_attention from tables {height}x{width} window {window} "
                          f"by {tiles} d={head_dim} {dtype}")
             # the same terms computed first, a product for each line of the grid (`table_terms`), then read
@@ -701,9 +731,9 @@ def check_relative_attention(device):
                          f"window {window} d={head_dim} {dtype}")
             assert_close(got_cols[..., :across], col_terms.to(dtype), dtype, f"table_terms columns {height}x{width} "
                          f"window {window} d={head_dim} {dtype}")
-            got = kernels.relative_attention(q.to(device), k.to(device), v.to(device), None, None, height, width,
-                                             window=window, k_bias=k_bias.to(device), v_bias=v_bias.to(device),
-                                             tables=(rel_h.to(device), rel_w.to(device)), terms_first=True)
+            got = kernels.relative_attention(grid_q, grid_k, grid_v, None, None, grid_height, grid_width,
+                                             window=window, tables=(rel_h.to(device), rel_w.to(device)),
+                                             terms_first=True, written=written)
             assert_close(got, expected, dtype, f"relative_attention, terms first from tables {height}x{width} "
                          f"window {window} by {tiles} d={head_dim} {dtype}")
 
@@ -712,7 +742,7 @@ def check_relative_attention(device):
 def check_sam_blocks_through_the_kernel(device):
     """SAM's blocks with their attention through the Triton kernel as `SamAttention` calls it (the tables resized
     for the grid or the window; the terms computed first by `table_terms`, or within windows in the kernel; the
-    windows read in the grid, padded with the qkv biases) against the same block on the materialised path (the
+    grid padded to whole windows before the projection) against the same block on the materialised path (the
     dense bias, the original's order), float32: global blocks over grids walked by rows and by rectangles, windowed
     blocks whose windows overhang the grid and fit it, tables trained for another size (resampled)."""
     (deepencoder,) = load_kernel_modules("deepencoder")
