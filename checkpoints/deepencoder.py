@@ -362,20 +362,6 @@ def merge_windows(windows: torch.Tensor, size: int, padded: tuple, original: tup
     return x[:, :height, :width, :]
 
 
-def norm_padded_to_windows(norm: nn.Module, x: torch.Tensor, window: int) -> torch.Tensor:
-    """norm(x) for x [B, H, W, C], padded at the bottom and right to whole window × window windows with zero
-    tokens, as SAM pads before its windowed attention. Every padded place reads its nearest token of the grid,
-    is normalised with it and then set to zero, so that compiled it is one kernel that reads the grid once and
-    writes the padded grid: a pad after the norm compiled to a second kernel that read the grid again (0.19 ms a
-    page, h200-2026-12-01e call 4)."""
-    height, width = x.shape[1:3]
-    rows = torch.arange(height + (-height) % window, device=x.device)
-    cols = torch.arange(width + (-width) % window, device=x.device)
-    nearest = x[:, rows.clamp(max=height - 1)][:, :, cols.clamp(max=width - 1)]
-    inside = ((rows < height)[:, None] & (cols < width)[None, :])[..., None]
-    return torch.where(inside, norm(nearest), 0)
-
-
 class SamBlock(nn.Module):
     def __init__(self, dim: int, heads: int, mlp_ratio: float, window_size: int, grid: int):
         super().__init__()
@@ -391,24 +377,24 @@ class SamBlock(nn.Module):
         # the norm returns float32 and the projection casts it): cast here, the same values. In a compiled block
         # the Triton kernel's graph break falls between the norm and the projection, and without this the norm
         # wrote float32 and a kernel of its own cast it (0.18 ms a page, h200-2026-12-01c call 1).
-        dtype = self.attn.qkv.weight.dtype
+        x = self.norm1(x).to(self.attn.qkv.weight.dtype)
         if self.window_size and self.attn.runs_the_kernel(x, self.window_size):
-            # The kernel reads the windows where they lie in the grid, padded to whole windows as the original pads
-            # them (zero tokens after the norm): the padded tokens' keys and values come from the qkv projection
-            # (the 1024 view's 64 × 64 grid grows to 70 × 70, a 640 tile's 40 × 40 to 42 × 42) and the kernel's
-            # windows are whole. Padding inside the kernel instead (its keys past the grid made up from the
-            # projection's bias) saves that projection's extra rows but slows the kernel more: one 16-page pass's
-            # windows 2.52 ms against 1.82, the qkv product 1.17 against 1.38 (h200-2026-12-01e call 1).
+            # The kernel reads the windows where they lie in the grid, padded here to whole windows as the
+            # original pads them (zero tokens after the norm; compiled, the padding is written by the norm's own
+            # kernel): the padded tokens' keys and values come from the qkv projection (the 1024 view's 64 × 64
+            # grid grows to 70 × 70, a 640 tile's 40 × 40 to 42 × 42) and the kernel's windows are whole. Padding
+            # inside the kernel instead (its keys past the grid replaced by the projection's bias) saves that
+            # projection's extra rows but slows the kernel more: one 16-page pass's windows 2.52 ms against 1.82,
+            # the qkv product 1.17 against 1.38 (h200-2026-12-01e call 1).
             height, width = x.shape[1:3]
-            x = self.attn(norm_padded_to_windows(self.norm1, x, self.window_size).to(dtype), window=self.window_size,
-                          written=(height, width))
+            pad_h, pad_w = (-height) % self.window_size, (-width) % self.window_size
+            x = self.attn(F.pad(x, (0, 0, 0, pad_w, 0, pad_h)), window=self.window_size, written=(height, width))
         elif self.window_size:
-            x = self.norm1(x).to(dtype)
             height, width = x.shape[1:3]
             x, padded = partition_windows(x, self.window_size)
             x = merge_windows(self.attn(x), self.window_size, padded, (height, width))
         else:
-            x = self.attn(self.norm1(x).to(dtype))
+            x = self.attn(x)
         x = shortcut + x
         return x + self.mlp(self.norm2(x))
 

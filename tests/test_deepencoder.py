@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 from checkpoints.deepencoder import (
     ClipAttention, ClipLayer, ClipMLP, ClipSettings, ClipVisionModel, LinearProjector, PatchEmbed, SamAttention,
-    SamBlock, SamEncoder, SamSettings, cudnn_first, encode_views, merge_windows, norm_padded_to_windows,
-    partition_windows, relative_positions, relative_positions_in_windows, relative_terms, resized_relative_table,
+    SamBlock, SamEncoder, SamSettings, cudnn_first, encode_views, merge_windows, partition_windows,
+    relative_positions, relative_positions_in_windows, relative_terms, resized_relative_table,
 )
 from checkpoints.fused_ops import quick_gelu
 
@@ -179,19 +179,6 @@ def test_windows_are_the_zero_padded_grid_cut_in_reading_order_and_merge_back(he
     assert torch.equal(windows, torch.stack(expected))
     assert torch.equal(merge_windows(windows, size, padded, (height, width)), x)
 
-
-@pytest.mark.parametrize("height, width, size", [(7, 5, 3), (6, 6, 3), (4, 9, 4), (2, 2, 5)])
-def test_the_norm_padded_to_windows_is_the_norm_then_zero_tokens(height, width, size):
-    norm = torch.nn.LayerNorm(8, eps=1e-6)
-    with torch.no_grad():
-        norm.weight.copy_(randn(8, seed=1))
-        norm.bias.copy_(randn(8, seed=2))  # a zero token's norm would be the bias, not zero
-    x = randn(2, height, width, 8, seed=height * 10 + width) * 3 + 1
-    with torch.no_grad():
-        got = norm_padded_to_windows(norm, x, size)
-        expected = F.pad(norm(x), (0, 0, 0, (-width) % size, 0, (-height) % size))
-    assert got.shape == (2, math.ceil(height / size) * size, math.ceil(width / size) * size, 8)
-    assert torch.equal(got, expected)
 
 # ---------------------------------------------------------------------------------------------- relative positions
 
