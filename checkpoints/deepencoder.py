@@ -23,7 +23,6 @@ from .fused_ops import quick_gelu
 from .triton_common import available as triton_available
 from .triton_common import interpreted as triton_interpreted
 from .triton_ops import gelu as gelu_kernel
-from .triton_ops import layer_norm_padded
 from .triton_relative_attention import relative_attention
 
 
@@ -378,25 +377,24 @@ class SamBlock(nn.Module):
         # the norm returns float32 and the projection casts it): cast here, the same values. In a compiled block
         # the Triton kernel's graph break falls between the norm and the projection, and without this the norm
         # wrote float32 and a kernel of its own cast it (0.18 ms a page, h200-2026-12-01c call 1).
-        dtype = self.attn.qkv.weight.dtype
+        x = self.norm1(x).to(self.attn.qkv.weight.dtype)
         if self.window_size and self.attn.runs_the_kernel(x, self.window_size):
-            # The kernel reads the windows where they lie in the grid, padded to whole windows as the original
-            # pads them (zero tokens after the norm): the padded tokens' keys and values come from the qkv
-            # projection (the 1024 view's 64 × 64 grid grows to 70 × 70, a 640 tile's 40 × 40 to 42 × 42) and the
-            # kernel's windows are whole. Padding inside the kernel instead (its keys past the grid made up from
-            # the projection's bias) saves that projection's extra rows but slows the kernel more: one 16-page
-            # pass's windows 2.52 ms against 1.82, the qkv product 1.17 against 1.38 (h200-2026-12-01e call 1).
-            # The norm and the padding run as one kernel (`layer_norm_padded`).
+            # The kernel reads the windows where they lie in the grid, padded here to whole windows as the
+            # original pads them (zero tokens after the norm; compiled, the padding is written by the norm's own
+            # kernel): the padded tokens' keys and values come from the qkv projection (the 1024 view's 64 × 64
+            # grid grows to 70 × 70, a 640 tile's 40 × 40 to 42 × 42) and the kernel's windows are whole. Padding
+            # inside the kernel instead (its keys past the grid replaced by the projection's bias) saves that
+            # projection's extra rows but slows the kernel more: one 16-page pass's windows 2.52 ms against 1.82,
+            # the qkv product 1.17 against 1.38 (h200-2026-12-01e call 1).
             height, width = x.shape[1:3]
-            x = layer_norm_padded(x, self.norm1.weight, self.norm1.bias, self.norm1.eps,
-                                  height + (-height) % self.window_size, width + (-width) % self.window_size, dtype)
-            x = self.attn(x, window=self.window_size, written=(height, width))
+            pad_h, pad_w = (-height) % self.window_size, (-width) % self.window_size
+            x = self.attn(F.pad(x, (0, 0, 0, pad_w, 0, pad_h)), window=self.window_size, written=(height, width))
         elif self.window_size:
             height, width = x.shape[1:3]
-            x, padded = partition_windows(self.norm1(x).to(dtype), self.window_size)
+            x, padded = partition_windows(x, self.window_size)
             x = merge_windows(self.attn(x), self.window_size, padded, (height, width))
         else:
-            x = self.attn(self.norm1(x).to(dtype))
+            x = self.attn(x)
         x = shortcut + x
         return x + self.mlp(self.norm2(x))
 

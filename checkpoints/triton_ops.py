@@ -1,7 +1,6 @@
 """Triton kernels of the small steps in `fused_ops.py`: residual add + RMSNorm, SiLU-gated product,
-CLIP's quick GELU, rotary embedding of queries and keys, the router's softmax + top-k; SAM's exact
-GELU (called by `deepencoder.MLPBlock` when its `gelu_kernel` is set) and SAM's LayerNorm padded to whole
-windows (`deepencoder.SamBlock`, before the windows' attention kernel). Each kernel sits beside the
+CLIP's quick GELU, rotary embedding of queries and keys, the router's softmax + top-k; and SAM's exact
+GELU (called by `deepencoder.MLPBlock` when its `gelu_kernel` is set). Each kernel sits beside the
 function that launches it; `triton_common.py` says what all the families share.
 
 Shapes in comments: N tokens, D hidden, H heads, Hkv key/value heads, Dh head dim, E experts,
@@ -154,59 +153,6 @@ def gelu(x: torch.Tensor, block: int = 4096, warps: int = 8) -> torch.Tensor:
     out = torch.empty_like(x)
     if x.numel():
         _gelu_kernel[(_cdiv(x.numel(), block),)](x, out, x.numel(), BLOCK=block, num_warps=warps)
-    return out
-
-
-# ---------------------------------------------------------------- SAM's LayerNorm, padded to whole windows
-
-
-if triton is not None:
-
-    @triton.jit
-    def _layer_norm_padded_kernel(x_ptr, weight_ptr, bias_ptr, out_ptr, x_view, x_row, x_col, height, width,
-                                  padded_height, padded_width, places, channels, eps,
-                                  BLOCK: tl.constexpr, ROWS: tl.constexpr):
-        # ROWS places of the padded grid a program (view, row, column); a place past the grid is a zero token.
-        place = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-        view = place // (padded_height * padded_width)
-        row = place // padded_width % padded_height
-        col = place % padded_width
-        inside = (place < places) & (row < height) & (col < width)
-        channel = tl.arange(0, BLOCK)
-        in_row = channel < channels
-        x = tl.load(x_ptr + (view * x_view + row * x_row + col * x_col)[:, None] + channel[None, :],
-                    mask=inside[:, None] & in_row[None, :], other=0.0).to(tl.float32)
-        mean = tl.sum(x, 1) / channels
-        centred = tl.where(in_row[None, :], x - mean[:, None], 0.0)
-        variance = tl.sum(centred * centred, 1) / channels
-        weight = tl.load(weight_ptr + channel, mask=in_row, other=0.0).to(tl.float32)
-        bias = tl.load(bias_ptr + channel, mask=in_row, other=0.0).to(tl.float32)
-        normed = centred * tl.math.rsqrt(variance + eps)[:, None] * weight[None, :] + bias[None, :]
-        tl.store(out_ptr + place[:, None] * channels + channel[None, :],
-                 tl.where(inside[:, None], normed, 0.0).to(out_ptr.dtype.element_ty),
-                 mask=(place < places)[:, None] & in_row[None, :])
-
-
-# Called from the vision towers' compiled blocks, where Dynamo traces the launch into the block's graph (as `gelu`).
-def layer_norm_padded(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, padded_height: int,
-                      padded_width: int, dtype: torch.dtype, rows: int = 8, warps: int = 8) -> torch.Tensor:
-    """LayerNorm over the last dimension of x [B, H, W, C] (float32, as bf16 autocast computes it), rounded to
-    `dtype` and padded at the bottom and right with zero tokens to [B, padded_height, padded_width, C]: what SAM's
-    windowed blocks do before their windows (norm, then pad), in one read of x and one write of the padded grid.
-    Compiled, the pad after the norm was a second kernel that read x again (0.19 ms a page on the H200,
-    h200-2026-12-01e call 4). `rows`, `warps`: places and warps a program."""
-    batch, height, width, channels = x.shape
-    if padded_height < height or padded_width < width:
-        raise ValueError(f"{padded_height} × {padded_width} does not hold the {height} × {width} grid")
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    out = torch.empty(batch, padded_height, padded_width, channels, dtype=dtype, device=x.device)
-    places = batch * padded_height * padded_width
-    if places:
-        _layer_norm_padded_kernel[(_cdiv(places, rows),)](
-            x, weight.contiguous(), bias.contiguous(), out, x.stride(0), x.stride(1), x.stride(2), height, width,
-            padded_height, padded_width, places, channels, eps, BLOCK=_next_power_of_2(channels), ROWS=rows,
-            num_warps=warps)
     return out
 
 

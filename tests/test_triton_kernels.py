@@ -112,31 +112,6 @@ def check_quick_gelu(device):
 
 
 @check
-def check_layer_norm_padded(device):
-    """SAM's LayerNorm padded to whole windows (`triton_ops.layer_norm_padded`) against its definition: F.layer_norm
-    in float32 (bf16 autocast's), rounded to the output dtype, then zero tokens at the bottom and right. Grids
-    that need padding in one direction, both or neither, a grid smaller than one window, channels not a power
-    of two, a strided input, places that end within a program."""
-    (kernels,) = load_kernel_modules("triton_ops")
-    generator = torch.Generator().manual_seed(11)
-    for dtype in float_types():
-        for batch, height, width, channels, window in ((2, 7, 5, 48, 3), (1, 6, 6, 64, 3), (3, 4, 9, 40, 4),
-                                                       (1, 2, 2, 32, 5)):
-            x = (2 * torch.randn(batch, height, width + 1, channels, generator=generator) + 0.5).to(dtype)
-            x = x[:, :, :width]  # strided: the rows of a wider grid
-            weight = torch.randn(channels, generator=generator).to(dtype)
-            bias = torch.randn(channels, generator=generator).to(dtype)  # a zero token's norm would be the bias
-            padded_height, padded_width = -(-height // window) * window, -(-width // window) * window
-            normed = torch.nn.functional.layer_norm(x.float(), (channels,), weight.float(), bias.float(), 1e-6)
-            expected = torch.nn.functional.pad(normed.to(dtype), (0, 0, 0, padded_width - width,
-                                                                  0, padded_height - height))
-            got = kernels.layer_norm_padded(x.to(device), weight.to(device), bias.to(device), 1e-6, padded_height,
-                                            padded_width, dtype, rows=4 if height == 7 else 8)
-            assert_close(got, expected, dtype, f"layer_norm_padded {height}x{width} window {window} {dtype}")
-            assert not got.cpu()[:, height:].any() and not got.cpu()[:, :, width:].any(), "padding not zero"
-
-
-@check
 def check_gelu(device):
     """SAM's exact GELU with its short erf (`triton_ops.gelu`) against F.gelu: within 1e-6 of it (relative beyond
     1) in float32 over a dense range, within the bf16 tolerance elsewhere, and equal to F.gelu's bf16 outputs in
