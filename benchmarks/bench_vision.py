@@ -326,6 +326,9 @@ SERVED_TRIALS = {
     # ... with DEEPSEEK_OCR_SAM_GELU=epilogue: the GELU in cuBLASLt's epilogue of the first product
     "Triton kernel for every block, GELU in the product's epilogue": dict(cudnn=False, kernel="all", tables=True,
                                                                          gelu="epilogue"),
+    # ... with the windows' terms computed first and read (windows whole since h200-2026-12-01e)
+    "Triton kernel for every block, windows' terms read, GELU in the product's epilogue": dict(
+        cudnn=False, kernel="all", gelu="epilogue"),
     # Inductor's own GEMM templates, to fuse the GELU into the first MLP product: on the H200 its autotuning
     # took 10-20 s a shape (and its templates ran at 55-61% of the best choice), the towers' compile more
     # than five minutes (h200-2026-11-30l, call 1)
