@@ -380,12 +380,15 @@ class SamBlock(nn.Module):
         x = self.norm1(x).to(self.attn.qkv.weight.dtype)
         if self.window_size and self.attn.runs_the_kernel(x, self.window_size):
             # The kernel reads the windows where they lie in the grid, padded here to whole windows as the
-            # original pads them (zero tokens after the norm; compiled, the padding is written by the norm's own
-            # kernel): the padded tokens' keys and values come from the qkv projection (the 1024 view's 64 × 64
-            # grid grows to 70 × 70, a 640 tile's 40 × 40 to 42 × 42) and the kernel's windows are whole. Padding
-            # inside the kernel instead (its keys past the grid replaced by the projection's bias) saves that
-            # projection's extra rows but slows the kernel more: one 16-page pass's windows 2.52 ms against 1.82,
-            # the qkv product 1.17 against 1.38 (h200-2026-12-01e call 1).
+            # original pads them (zero tokens after the norm): the padded tokens' keys and values come from the
+            # qkv projection (the 1024 view's 64 × 64 grid grows to 70 × 70, a 640 tile's 40 × 40 to 42 × 42) and
+            # the kernel's windows are whole. Padding inside the kernel instead (its keys past the grid made up
+            # from the projection's bias) saves that projection's extra rows but slows the kernel more: one
+            # 16-page pass's windows 2.52 ms against 1.82, the qkv product 1.17 against 1.38 (h200-2026-12-01e
+            # call 1); a page's vision pass, attention −0.36 ms, products +0.07. Compiled, the pad is a kernel of
+            # its own that reads the norm's input again (+0.19 ms a page, call 4); two ways to fold it into the
+            # norm were slower (the padding's nearest tokens normalised then zeroed: Inductor's looped reduction;
+            # a Triton norm-and-pad kernel; calls 5 and 6).
             height, width = x.shape[1:3]
             pad_h, pad_w = (-height) % self.window_size, (-width) % self.window_size
             x = self.attn(F.pad(x, (0, 0, 0, pad_w, 0, pad_h)), window=self.window_size, written=(height, width))
