@@ -309,10 +309,10 @@ class SamAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, window: int = 0, written: tuple = None) -> torch.Tensor:
         """x [B, H, W, C] → [B, H, W, C]: attention over the grid, or with `window` within each window × window
-        window of it (only through the kernel, `runs_the_kernel`; SamBlock otherwise cuts the windows out and calls
-        this on each), the grid padded to whole windows with zero tokens; `written` (h, w): the output is the
-        top-left h × w part of the grid, [B, h, w, C] (SamBlock pads x to whole windows, and the padding's
-        outputs are neither computed nor written)."""
+        window of it, x then whole windows (SamBlock pads it with zero tokens; only through the kernel,
+        `runs_the_kernel`: otherwise SamBlock cuts the windows out and calls this on each); `written` (h, w): the
+        output is the top-left h × w part of the grid, [B, h, w, C] (the padding's outputs neither computed nor
+        written)."""
         batch, height, width, _ = x.shape
         qkv = self.qkv(x).reshape(batch, height * width, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # [B, heads, HW, d]

@@ -24,8 +24,8 @@ with zero tokens after its norm, and `SamBlock` does so before the qkv projectio
 and values are the projection's; the kernel writes only the queries of the grid before its padding (`written`).
 The copies that cut the windows out and put them back are not needed. (The kernel once read the unpadded grid
 and made up the keys past it from the projection's bias, which saves the projection of the padding, 13% more
-rows for one pass, 0.20 ms, but slowed the kernel more: one 16-page pass's windows 2.52 ms against 1.82, and
-1.93 with 4 × 16 key rectangles; h200-2026-12-01e calls 1 and 2.)
+rows for one pass, 0.21 ms, but slowed the kernel more: one 16-page pass's windows 2.36–2.52 ms against 1.82–1.93
+in the padded grid; h200-2026-12-01e calls 1 and 2.)
 
 The terms are read from tables computed before the kernel (by `table_terms`, a product for each line of the
 grid, reading q where it lies in the fused projection; einsums over gathered tables cost copies of q in and of the
@@ -289,7 +289,8 @@ def relative_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_te
     tile_rows, tile_cols = keys or key_tiles(walk_height, walk_width, WINDOW_TILE_KEYS if window else TILE_KEYS)
     written_height, written_width = written or (height, width)
     if written_height > height or written_width > width:
-        raise ValueError(f"the written {written_height} × {written_width} grid is not within the {height} × {width} one")
+        raise ValueError(f"the written {written_height} × {written_width} part is not within the "
+                         f"{height} × {width} grid")
     if tile_rows == 1 and tile_cols < walk_width:
         raise ValueError(f"a key tile of one row must hold the grid's {walk_width} columns, not {tile_cols}")
     windows_down, windows_across = (height // window, width // window) if window else (1, 1)
