@@ -26,7 +26,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 from test_triton_kernels import (  # noqa: E402
-    load_kernel_modules, make_interpreter_faithful, padded_to_windows, windowed_relative_attention_reference,
+    fused_qkv_on_windows, load_kernel_modules, make_interpreter_faithful, padded_to_windows,
+    windowed_relative_attention_reference,
 )
 
 
@@ -103,12 +104,10 @@ def windowed(kernel, deepencoder, args, device) -> dict:
 
     grid = -(-side // window) * window  # the kernel's grid: padded to whole windows, as SamBlock pads it
 
-    def on_grid(x, pad_value=None):
-        pad_value = x.new_zeros(heads, x.shape[-1]) if pad_value is None else pad_value
-        return padded_to_windows(x, side, side, window, pad_value)
+    def on_grid(terms):
+        return padded_to_windows(terms, side, side, window, terms.new_zeros(heads, terms.shape[-1]))
 
-    fused = torch.stack([on_grid(bf16[0]), on_grid(bf16[1], bf16[5]), on_grid(bf16[2], bf16[6])])
-    grid_q, grid_k, grid_v = fused.permute(1, 3, 0, 2, 4).contiguous().permute(2, 0, 3, 1, 4).unbind(0)
+    grid_q, grid_k, grid_v = fused_qkv_on_windows(*bf16[:3], side, side, window, bf16[5], bf16[6])
     results = {
         "kernel, windows in the grid": kernel.relative_attention(grid_q, grid_k, grid_v, on_grid(rows), on_grid(cols),
                                                                  grid, grid, window=window,

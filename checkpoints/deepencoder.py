@@ -342,13 +342,19 @@ class SamAttention(nn.Module):
         return self.proj(out)
 
 
+def pad_to_windows(x: torch.Tensor, size: int) -> torch.Tensor:
+    """[B, H, W, C] → [B, H', W', C], zero tokens at the bottom and right up to multiples of `size` (SAM's padding
+    before its windows)."""
+    height, width = x.shape[1:3]
+    pad_h, pad_w = (-height) % size, (-width) % size
+    return F.pad(x, (0, 0, 0, pad_w, 0, pad_h)) if pad_h or pad_w else x
+
+
 def partition_windows(x: torch.Tensor, size: int):
     """[B, H, W, C] → [B·nH·nW, size, size, C], zero-padding H and W up to multiples of `size`."""
-    batch, height, width, channels = x.shape
-    pad_h, pad_w = (-height) % size, (-width) % size
-    if pad_h or pad_w:
-        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-    hp, wp = height + pad_h, width + pad_w
+    batch, _, _, channels = x.shape
+    x = pad_to_windows(x, size)
+    hp, wp = x.shape[1:3]
     x = x.view(batch, hp // size, size, wp // size, size, channels)
     return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, size, size, channels), (hp, wp)
 
@@ -389,9 +395,7 @@ class SamBlock(nn.Module):
             # its own that reads the norm's input again (+0.19 ms a page, call 4); two ways to fold it into the
             # norm were slower (the padding's nearest tokens normalised then zeroed: Inductor's looped reduction;
             # a Triton norm-and-pad kernel; calls 5 and 6).
-            height, width = x.shape[1:3]
-            pad_h, pad_w = (-height) % self.window_size, (-width) % self.window_size
-            x = self.attn(F.pad(x, (0, 0, 0, pad_w, 0, pad_h)), window=self.window_size, written=(height, width))
+            x = self.attn(pad_to_windows(x, self.window_size), window=self.window_size, written=x.shape[1:3])
         elif self.window_size:
             height, width = x.shape[1:3]
             x, padded = partition_windows(x, self.window_size)

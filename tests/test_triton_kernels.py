@@ -623,6 +623,17 @@ def padded_to_windows(x, height, width, window, pad_value):
     return padded.reshape(batch, heads, down * window * across * window, -1)
 
 
+def fused_qkv_on_windows(q, k, v, height, width, window, k_bias, v_bias):
+    """q, k, v [B, n, H·W, d] → the same over the grid padded to whole windows as SamBlock pads it (the padding's
+    keys and values the projection's biases k_bias, v_bias [n, d]; its queries zero), as strided views of one
+    fused [B, H'·W', 3, n, d] projection, the layout SamAttention cuts them from."""
+    heads, head_dim = q.shape[1], q.shape[-1]
+    fused = torch.stack([padded_to_windows(q, height, width, window, q.new_zeros(heads, head_dim)),
+                         padded_to_windows(k, height, width, window, k_bias),
+                         padded_to_windows(v, height, width, window, v_bias)])  # [3, B, n, N', d]
+    return fused.permute(1, 3, 0, 2, 4).contiguous().permute(2, 0, 3, 1, 4).unbind(0)
+
+
 def windowed_relative_attention_reference(q, k, v, row_terms, col_terms, height, width, window, k_bias, v_bias,
                                           attend=relative_attention_reference):
     """The definition of attention within windows: the grid padded to whole windows with keys k_bias and values
@@ -676,13 +687,13 @@ def check_relative_attention(device):
             grid_height, grid_width = (-(-height // window) * window, -(-width // window) * window) if window \
                 else (height, width)
 
-            def on_grid(x, pad_value=None):
+            def on_grid(terms):
                 if not window:
-                    return x.to(device)
-                pad_value = x.new_zeros(heads, x.shape[-1]) if pad_value is None else pad_value
-                return padded_to_windows(x, height, width, window, pad_value).to(device)
-            fused = torch.stack([on_grid(q), on_grid(k, k_bias), on_grid(v, v_bias)])  # [3, B, n, N', d]
-            grid_q, grid_k, grid_v = fused.permute(1, 3, 0, 2, 4).contiguous().permute(2, 0, 3, 1, 4).unbind(0)
+                    return terms.to(device)
+                zero = terms.new_zeros(heads, terms.shape[-1])
+                return padded_to_windows(terms, height, width, window, zero).to(device)
+            grid_q, grid_k, grid_v = (x.to(device) for x in (
+                fused_qkv_on_windows(q, k, v, height, width, window, k_bias, v_bias) if window else (q, k, v)))
             written = (height, width) if window else None
             if window:
                 expected = windowed_relative_attention_reference(q, k, v, row_terms, col_terms, height, width,
