@@ -476,11 +476,11 @@ def attention_options(model, groups: dict, pages: int, ceilings: dict) -> dict:
             for keys, tiles in kernel_options(side):  # the terms computed in the kernel from the tables
                 if attn is not window_attn:
                     break  # over a whole grid the look-ups cost more than they save (h200-2026-12-01, call 1)
-                option = (f"Triton kernel, terms inside, keys by {keys[0]}×{keys[1]}, {tiles[0]} queries, "
+                option = (f"Triton window kernel, terms inside, keys by {keys[0]}×{keys[1]}, {tiles[0]} queries, "
                           f"{tiles[1]} warps, {tiles[2]} stages")
-                try:
+                try:  # each cut-out window a grid of one window
                     options[option] = median_ms(lambda: relative_attention(
-                        q, k, v, None, None, side, side, tiles=tiles, keys=keys, tables=tables), 5)
+                        q, k, v, None, None, side, side, window=side, tiles=tiles, keys=keys, tables=tables), 5)
                 except Exception as error:
                     options[f"{option} failed"] = repr(error)[:200]
             if attn is window_attn:  # as served: the windows read where they lie in each view's grid
@@ -584,7 +584,7 @@ def kernel_options(side: int) -> list:
     from checkpoints.triton_relative_attention import key_tiles
 
     default = key_tiles(side, side)
-    tiles = ((64, 4, 3), (64, 4, 2), (32, 4, 3), (128, 8, 3), (64, 8, 3), (128, 8, 2))
+    tiles = ((64, 4, 3), (64, 4, 2), (64, 4, 1), (32, 4, 3), (128, 8, 3), (64, 8, 3), (128, 8, 2))
     others = [] if default[0] == 1 else [r for r in ((8, 8), (4, 16), (2, 32)) if r != default]
     wider = [key_tiles(side, side, keys=128)] if default[0] != 1 else [(2, side)] if side <= 64 else []
     return ([(default, t) for t in tiles] + [(r, (64, 4, 3)) for r in others]

@@ -1,8 +1,8 @@
-"""Triton kernel of SAM's attention with its decomposed relative positions added inside the kernel:
+"""Triton kernels of SAM's attention with its decomposed relative positions added inside the kernel:
 softmax(q·kᵀ/√d + row_terms[i, r] + col_terms[i, c])·v over a height × width grid, where key (r, c) is
-the key of grid row r and column c and the terms are `deepencoder`'s q·rel_h and q·rel_w. It serves the
-global blocks (a whole view's grid: 64 × 64 for a 1024 view, 40 × 40 for a 640 tile) and the windowed
-ones (each 14 × 14 window a grid of its own).
+the key of grid row r and column c and the terms are `deepencoder`'s q·rel_h and q·rel_w. The grid kernel
+serves the global blocks (a whole view's grid: 64 × 64 for a 1024 view, 40 × 40 for a 640 tile), the window
+kernel the windowed ones (each 14 × 14 window a grid of its own).
 
 The folded path (`deepencoder.folded_relative_attention`) gives a fused attention kernel the same sum by
 widening q and k with the terms and one-hot positions: for a 1024-pixel view (64 × 64 grid) the head
@@ -18,22 +18,24 @@ with the fewest padded keys (8 × 8 for a 640 tile's 40 × 40 grid: none; in win
 8 × 16 for a 14 × 14 window);
 a rectangle's terms are its few rows' and columns' entries of the two tables, summed into it. (Gathering
 each score's two terms from the tables instead took 6.2 ms for one pass's 640 tiles against 3.5, H200.)
+The grid's terms are read from tables computed before the kernel (by `table_terms`, a product for each line of
+the grid, reading q where it lies in the fused projection; einsums over gathered tables cost copies of q in and
+of the terms out): computing them in the kernel, with a look-up in every step of its loop over the keys, cost
+more than it saved (h200-2026-12-01).
 
 Windows are read where they lie in a grid of whole windows (`window`): SAM pads the grid to whole windows
 with zero tokens after its norm, and `SamBlock` does so before the qkv projection, so the padded tokens' keys
-and values are the projection's; the kernel writes only the queries of the grid before its padding (`written`).
-The copies that cut the windows out and put them back are not needed. (The kernel once read the unpadded grid
-and made up the keys past it from the projection's bias, which saves the projection of the padding, 13% more
-rows for one pass, 0.21 ms, but slowed the kernel more: one 16-page pass's windows 2.36–2.52 ms against 1.82–1.93
-in the padded grid; h200-2026-12-01e calls 1 and 2.)
-
-The terms are read from tables computed before the kernel (by `table_terms`, a product for each line of the
-grid, reading q where it lies in the fused projection; einsums over gathered tables cost copies of q in and of the
-terms out), or (`tables`) computed in it from SAM's two
-relative-position tables: each query against every entry (2·s − 1 of them) by one small product, and for
-each key the entry of its offset from the query looked up with tl.gather. Within a window that is faster
-(no terms written, no copies of q for their products: one pass's windows 2.4 ms against 3.1 on the H200);
-over a whole grid the look-up in every step of the loop over the keys costs more than it saves.
+and values are the projection's; the window kernel writes only the queries of the grid before its padding
+(`written`). The copies that cut the windows out and put them back are not needed. (A kernel once read the
+unpadded grid and made up the keys past it from the projection's bias, which saves the projection of the
+padding, 13% more rows for one pass, 0.21 ms, but slowed the kernel more: one 16-page pass's windows 2.36–2.52 ms
+against 1.82–1.93 in the padded grid; h200-2026-12-01e calls 1 and 2.) A window is one program: its queries of
+the written part in blocks of 64, the rest in blocks of 16 (a 14 × 14 window's 196 queries: 3 × 64 + 16, where
+blocks of 64 alone make 4 × 64), each block against the window's two key rectangles. Its terms are computed in
+the kernel from SAM's two relative-position tables (`tables`): each query against every entry (2·s − 1 of them)
+by one small product, and for each key the entry of its offset from the query looked up with tl.gather (no terms
+written, no copies of q for their products: one pass's windows 2.4 ms against 3.1 on the H200, in the grid
+kernel of h200-2026-12-01), or read from tables computed first.
 
 Shapes: B views, n heads, N = height·width tokens, d head dim.
 """
@@ -54,6 +56,15 @@ TILE_KEYS = 64
 # ... and of a window in a grid of whole windows: 8 × 16, two rectangles a 14 × 14 window (one 16-page pass's
 # windows 1.82 ms against 2.17 with 4 × 16, h200-2026-12-01e call 1)
 WINDOW_TILE_KEYS = 128
+# The window kernel: a program a window, its queries 64 at a time and the rest 16 at a time, 4 warps, no pipeline
+# stages (its loop over query blocks gains nothing from them and two stages cost shared memory): one 16-page
+# pass's windows 1.50 ms against 1.93 for the grid kernel's windows (h200-2026-12-01f call 2; 2 stages 1.91,
+# tails of 32 1.50, 32 queries 2.14, 8 warps 3.14, both rectangles' keys loaded first 1.74, the window's keys in
+# runs of 128 + 64 + 16 with each key's terms gathered 2.18)
+WINDOW_BLOCK_QUERIES = 64
+WINDOW_TAIL_QUERIES = 16
+WINDOW_WARPS = 4
+WINDOW_STAGES = 1
 _LOG2_E = 1.4426950408889634
 
 
@@ -70,43 +81,20 @@ def key_tiles(height: int, width: int, keys: int = TILE_KEYS) -> tuple:
 if triton is not None:
 
     @triton.jit
-    def _table_products(q, table_ptr, size, dim, HEAD_DIM: tl.constexpr, ENTRIES: tl.constexpr,
-                        DOT_IN_FP32: tl.constexpr, PRECISION: tl.constexpr):
-        """q [M, d] against each of a relative-position table's 2·size − 1 entries ([ENTRIES ≥ that, d] read,
-        the rest zero): [M, ENTRIES], float32."""
-        entry = tl.arange(0, ENTRIES)
-        table = tl.load(table_ptr + entry[:, None] * HEAD_DIM + dim[None, :], mask=(entry < 2 * size - 1)[:, None],
-                        other=0.0)
-        if DOT_IN_FP32:
-            table = table.to(tl.float32)
-        return tl.dot(q, tl.trans(table), input_precision=PRECISION)
-
-    @triton.jit
     def _relative_attention_kernel(q_ptr, k_ptr, v_ptr, rows_ptr, cols_ptr, out_ptr,
                                    q_view, q_head, q_token, k_view, k_head, k_token, v_view, v_head, v_token,
                                    rows_view, rows_head, rows_token, cols_view, cols_head, cols_token,
                                    out_view, out_token, out_head,
-                                   heads, height, width, walk_height, walk_width, windows_across,
-                                   written_height, written_width, score_scale, term_scale,
+                                   heads, height, width, score_scale, term_scale,
                                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, TILE_ROWS: tl.constexpr,
-                                   TILE_COLS: tl.constexpr,
-                                   DOT_IN_FP32: tl.constexpr, PRECISION: tl.constexpr,
-                                   TABLES: tl.constexpr, ENTRIES_H: tl.constexpr, ENTRIES_W: tl.constexpr,
+                                   TILE_COLS: tl.constexpr, DOT_IN_FP32: tl.constexpr, PRECISION: tl.constexpr,
                                    COVERED: tl.constexpr):
-        # The keys walked are a walk_height × walk_width part of the grid from (first_row, first_col): the
-        # whole grid, or one window of it (program axis 2). Queries past the written part are neither read
-        # nor written.
+        # A block of queries of one view and head against every key of the grid, a tile of keys a step.
         block = tl.program_id(0)
         view_head = tl.program_id(1).to(tl.int64)
         view, head = view_head // heads, view_head % heads
-        first_row = (tl.program_id(2) // windows_across) * walk_height
-        first_col = (tl.program_id(2) % windows_across) * walk_width
-        local = block * BLOCK_M + tl.arange(0, BLOCK_M)
-        walked_row, walked_col = local // walk_width, local % walk_width  # the query's place in the walked part
-        query_row, query_col = first_row + walked_row, first_col + walked_col
-        is_query = (local < walk_height * walk_width) & (query_row < written_height) & (query_col < written_width)
-        query = query_row * width + query_col
-        written = query_row * written_width + query_col  # the query's place in the output's grid
+        query = block * BLOCK_M + tl.arange(0, BLOCK_M)
+        is_query = query < height * width
         dim = tl.arange(0, HEAD_DIM)
         slot = tl.arange(0, TILE_ROWS * TILE_COLS)
         slot_row, slot_col = slot // TILE_COLS, slot % TILE_COLS
@@ -119,68 +107,37 @@ if triton is not None:
         rows_at = rows_ptr + view * rows_view + head * rows_head + query * rows_token
         cols_at = cols_ptr + view * cols_view + head * cols_head + query * cols_token
         # Scores are kept in log2 units (exp2 below): the terms are scaled by log2(e), q·k by that and 1/√d.
-        if TABLES:
-            # The terms from the tables (rows_ptr, cols_ptr: [2·walk − 1, d], one for every head): each query
-            # against every entry, by a product of its own, then for key row r the entry of offset (query's row
-            # − r) (SAM's get_rel_pos: index row − r + walk − 1), and likewise for columns.
-            by_row = _table_products(q, rows_ptr, walk_height, dim, HEAD_DIM, ENTRIES_H, DOT_IN_FP32,
-                                     PRECISION) * term_scale
-            by_col = _table_products(q, cols_ptr, walk_width, dim, HEAD_DIM, ENTRIES_W, DOT_IN_FP32,
-                                     PRECISION) * term_scale
-            row_offset = tl.minimum(walked_row, walk_height - 1) + walk_height - 1  # a lane past the queries: clamped
-            col_offset = walked_col + walk_width - 1
-        if TILE_ROWS == 1:  # whole rows: every row's column terms are these
-            if TABLES:
-                index = tl.minimum(tl.maximum(col_offset[:, None] - slot_col[None, :], 0), ENTRIES_W - 1)
-                col_terms = tl.gather(by_col, index, 1)
-            else:
-                col_terms = tl.load(cols_at[:, None] + slot_col[None, :],
-                                    mask=is_query[:, None] & (slot_col < walk_width)[None, :], other=0.0)
-                col_terms = col_terms.to(tl.float32) * term_scale
-        if TILE_ROWS == 1 and not TABLES:  # each row's terms are loaded a step ahead (2.43 ms against 2.49)
+        if TILE_ROWS == 1:  # whole rows: every row's column terms are these, and each row's term is loaded a step
+            # ahead (2.43 ms against 2.49)
+            col_terms = tl.load(cols_at[:, None] + slot_col[None, :],
+                                mask=is_query[:, None] & (slot_col < width)[None, :], other=0.0)
+            col_terms = col_terms.to(tl.float32) * term_scale
             next_row_term = tl.load(rows_at, mask=is_query, other=0.0)
         best = tl.full([BLOCK_M], float("-inf"), tl.float32)
         total = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-        tiles_across = tl.cdiv(walk_width, TILE_COLS)
-        for tile in range(0, tl.cdiv(walk_height, TILE_ROWS) * tiles_across):
+        tiles_across = tl.cdiv(width, TILE_COLS)
+        for tile in range(0, tl.cdiv(height, TILE_ROWS) * tiles_across):
             tile_row = (tile // tiles_across) * TILE_ROWS
             tile_col = (tile % tiles_across) * TILE_COLS
-            key_row, key_col = tile_row + slot_row, tile_col + slot_col  # in the walked part
-            is_key = (key_row < walk_height) & (key_col < walk_width)
-            key = (first_row + key_row) * width + first_col + key_col
+            key_row, key_col = tile_row + slot_row, tile_col + slot_col
+            is_key = (key_row < height) & (key_col < width)
+            key = key_row * width + key_col
             k = tl.load(k_at + key[:, None] * k_token + dim[None, :], mask=is_key[:, None], other=0.0)
             v = tl.load(v_at + key[:, None] * v_token + dim[None, :], mask=is_key[:, None], other=0.0)
             if DOT_IN_FP32:
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
-            if TILE_ROWS == 1 and TABLES:
-                row_term = tl.reshape(tl.gather(by_row, (row_offset - tile_row)[:, None], 1), [BLOCK_M])
-                terms = col_terms
-            elif TILE_ROWS == 1:  # this row's terms were loaded in the step before; load the next row's now
+            if TILE_ROWS == 1:  # this row's terms were loaded in the step before; load the next row's now
                 row_term = next_row_term.to(tl.float32) * term_scale
-                next_row_term = tl.load(rows_at + tile_row + 1, mask=is_query & (tile_row + 1 < walk_height),
-                                        other=0.0)
+                next_row_term = tl.load(rows_at + tile_row + 1, mask=is_query & (tile_row + 1 < height), other=0.0)
                 terms = col_terms
             else:  # the rectangle's row terms and column terms, summed into it
-                rect_row = tile_row + tl.arange(0, TILE_ROWS)
-                rect_col = tile_col + tl.arange(0, TILE_COLS)
-                if TABLES:  # offsets of keys past the walked part (masked below) clamped into the table
-                    row_index = tl.minimum(tl.maximum(row_offset[:, None] - rect_row[None, :], 0), ENTRIES_H - 1)
-                    col_index = tl.minimum(tl.maximum(col_offset[:, None] - rect_col[None, :], 0), ENTRIES_W - 1)
-                    row_terms = tl.gather(by_row, row_index, 1)
-                    col_terms = tl.gather(by_col, col_index, 1)
-                    terms = tl.reshape(row_terms[:, :, None] + col_terms[:, None, :], [BLOCK_M, TILE_ROWS * TILE_COLS])
-                else:
-                    row_terms = tl.load(rows_at[:, None] + rect_row[None, :],
-                                        mask=is_query[:, None] & (rect_row < walk_height)[None, :], other=0.0)
-                    col_terms = tl.load(cols_at[:, None] + rect_col[None, :],
-                                        mask=is_query[:, None] & (rect_col < walk_width)[None, :], other=0.0)
-                    terms = tl.reshape(row_terms.to(tl.float32)[:, :, None] + col_terms.to(tl.float32)[:, None, :],
-                                       [BLOCK_M, TILE_ROWS * TILE_COLS]) * term_scale
+                terms = _rectangle_terms(rows_at, cols_at, is_query, tile_row, tile_col, height, width, term_scale,
+                                         BLOCK_M, TILE_ROWS, TILE_COLS)
             products = tl.dot(q, tl.trans(k), input_precision=PRECISION)
             scores = products * score_scale + terms
-            if not COVERED:  # keys past the walked part (a window's last rows and columns)
+            if not COVERED:  # keys past the grid (rectangles that overhang it)
                 scores = tl.where(is_key[None, :], scores, float("-inf"))
             if TILE_ROWS == 1:
                 # A whole row of keys shares one row term per query: added to the row's maximum and taken off the
@@ -195,9 +152,134 @@ if triton is not None:
             acc = tl.dot(weights.to(v.dtype), v, acc * decay[:, None], input_precision=PRECISION)
             best = new_best
         acc = acc / total[:, None]
-        tl.store(out_ptr + view * out_view + written[:, None] * out_token + head * out_head + dim[None, :],
+        tl.store(out_ptr + view * out_view + query[:, None] * out_token + head * out_head + dim[None, :],
                  acc.to(out_ptr.dtype.element_ty), mask=is_query[:, None])
 
+    @triton.jit
+    def _rectangle_terms(rows_at, cols_at, is_query, tile_row, tile_col, height, width, term_scale,
+                         BLOCK_M: tl.constexpr, TILE_ROWS: tl.constexpr, TILE_COLS: tl.constexpr):
+        """The terms of a TILE_ROWS × TILE_COLS rectangle of keys from (tile_row, tile_col), read from the
+        queries' tables (rows_at, cols_at: each query's row of each): [BLOCK_M, TILE_ROWS·TILE_COLS], log2 units."""
+        rect_row = tile_row + tl.arange(0, TILE_ROWS)
+        rect_col = tile_col + tl.arange(0, TILE_COLS)
+        row_terms = tl.load(rows_at[:, None] + rect_row[None, :],
+                            mask=is_query[:, None] & (rect_row < height)[None, :], other=0.0)
+        col_terms = tl.load(cols_at[:, None] + rect_col[None, :],
+                            mask=is_query[:, None] & (rect_col < width)[None, :], other=0.0)
+        return tl.reshape(row_terms.to(tl.float32)[:, :, None] + col_terms.to(tl.float32)[:, None, :],
+                          [BLOCK_M, TILE_ROWS * TILE_COLS]) * term_scale
+
+    @triton.jit
+    def _window_query_block(q_at, k_at, v_at, out_at, rows_at, cols_at, rel_h, rel_w, first_row, first_col, width,
+                            written_width, valid_width, count, start, q_token, k_token, v_token, out_token,
+                            rows_token, cols_token, score_scale, term_scale,
+                            HEAD_DIM: tl.constexpr, WINDOW: tl.constexpr, ENTRIES: tl.constexpr,
+                            BLOCK_M: tl.constexpr, TILE_ROWS: tl.constexpr, TILE_COLS: tl.constexpr,
+                            TABLES: tl.constexpr, DOT_IN_FP32: tl.constexpr, PRECISION: tl.constexpr):
+        """Queries start .. start + BLOCK_M of a window's `count` (those of the grid's written part, row by row,
+        valid_width a row) against the window's keys, rectangle by rectangle; their outputs stored."""
+        local = start + tl.arange(0, BLOCK_M)
+        is_query = local < count
+        query_row, query_col = local // valid_width, local % valid_width  # in the window
+        query = (first_row + query_row) * width + first_col + query_col
+        written = (first_row + query_row) * written_width + first_col + query_col
+        dim = tl.arange(0, HEAD_DIM)
+        q = tl.load(q_at + query[:, None] * q_token + dim[None, :], mask=is_query[:, None], other=0.0)
+        if DOT_IN_FP32:
+            q = q.to(tl.float32)
+        if TABLES:
+            # each query against every entry of the two tables (one small product each), then for key row r the
+            # entry of offset (query's row − r) (SAM's get_rel_pos: index row − r + window − 1); columns alike
+            by_row = tl.dot(q, tl.trans(rel_h), input_precision=PRECISION) * term_scale
+            by_col = tl.dot(q, tl.trans(rel_w), input_precision=PRECISION) * term_scale
+            row_offset = query_row + WINDOW - 1
+            col_offset = query_col + WINDOW - 1
+        best = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        total = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        slot = tl.arange(0, TILE_ROWS * TILE_COLS)
+        for tile in tl.static_range(tl.cdiv(WINDOW, TILE_ROWS) * tl.cdiv(WINDOW, TILE_COLS)):
+            tile_row = (tile // tl.cdiv(WINDOW, TILE_COLS)) * TILE_ROWS
+            tile_col = (tile % tl.cdiv(WINDOW, TILE_COLS)) * TILE_COLS
+            key_row, key_col = tile_row + slot // TILE_COLS, tile_col + slot % TILE_COLS  # in the window
+            is_key = (key_row < WINDOW) & (key_col < WINDOW)
+            key = (first_row + key_row) * width + first_col + key_col
+            k = tl.load(k_at + key[:, None] * k_token + dim[None, :], mask=is_key[:, None], other=0.0)
+            v = tl.load(v_at + key[:, None] * v_token + dim[None, :], mask=is_key[:, None], other=0.0)
+            if DOT_IN_FP32:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            if TABLES:  # offsets of keys past the window (masked below) clamped into the table
+                rect_row = tile_row + tl.arange(0, TILE_ROWS)
+                rect_col = tile_col + tl.arange(0, TILE_COLS)
+                row_index = tl.minimum(tl.maximum(row_offset[:, None] - rect_row[None, :], 0), ENTRIES - 1)
+                col_index = tl.minimum(tl.maximum(col_offset[:, None] - rect_col[None, :], 0), ENTRIES - 1)
+                terms = tl.reshape(tl.gather(by_row, row_index, 1)[:, :, None]
+                                   + tl.gather(by_col, col_index, 1)[:, None, :], [BLOCK_M, TILE_ROWS * TILE_COLS])
+            else:
+                terms = _rectangle_terms(rows_at + query * rows_token, cols_at + query * cols_token, is_query,
+                                         tile_row, tile_col, WINDOW, WINDOW, term_scale, BLOCK_M, TILE_ROWS,
+                                         TILE_COLS)
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * score_scale + terms
+            scores = tl.where(is_key[None, :], scores, float("-inf"))
+            new_best = tl.maximum(best, tl.max(scores, 1))
+            weights = tl.exp2(scores - new_best[:, None])
+            decay = tl.exp2(best - new_best)
+            total = total * decay + tl.sum(weights, 1)
+            acc = tl.dot(weights.to(v.dtype), v, acc * decay[:, None], input_precision=PRECISION)
+            best = new_best
+        acc = acc / total[:, None]
+        tl.store(out_at + written[:, None] * out_token + dim[None, :], acc.to(out_at.dtype.element_ty),
+                 mask=is_query[:, None])
+
+    @triton.jit
+    def _window_attention_kernel(q_ptr, k_ptr, v_ptr, rows_ptr, cols_ptr, out_ptr,
+                                 q_view, q_head, q_token, k_view, k_head, k_token, v_view, v_head, v_token,
+                                 rows_view, rows_head, rows_token, cols_view, cols_head, cols_token,
+                                 out_view, out_token, out_head, heads, width, windows_across, written_height,
+                                 written_width, score_scale, term_scale,
+                                 HEAD_DIM: tl.constexpr, WINDOW: tl.constexpr, ENTRIES: tl.constexpr,
+                                 BLOCK_M: tl.constexpr, TAIL: tl.constexpr, TILE_ROWS: tl.constexpr,
+                                 TILE_COLS: tl.constexpr, TABLES: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+                                 PRECISION: tl.constexpr):
+        # One window of one view and head a program (axis 0: the window; 1: view·head): its queries in the grid's
+        # written part, BLOCK_M at a time, then the rest TAIL at a time (a 14 × 14 window: 3 × 64 + 16 rows of
+        # products where blocks of 64 alone take 4 × 64).
+        window = tl.program_id(0)
+        view_head = tl.program_id(1).to(tl.int64)
+        view, head = view_head // heads, view_head % heads
+        first_row = (window // windows_across) * WINDOW
+        first_col = (window % windows_across) * WINDOW
+        valid_width = tl.minimum(written_width - first_col, WINDOW)
+        count = tl.minimum(written_height - first_row, WINDOW) * valid_width
+        q_at = q_ptr + view * q_view + head * q_head
+        k_at = k_ptr + view * k_view + head * k_head
+        v_at = v_ptr + view * v_view + head * v_head
+        rows_at = rows_ptr + view * rows_view + head * rows_head
+        cols_at = cols_ptr + view * cols_view + head * cols_head
+        out_at = out_ptr + view * out_view + head * out_head
+        rel_h = rows_ptr  # unused without TABLES
+        rel_w = cols_ptr
+        if TABLES:  # rows_ptr, cols_ptr: SAM's two tables [2·window − 1, d], one for every head
+            dim = tl.arange(0, HEAD_DIM)
+            entry = tl.arange(0, ENTRIES)
+            is_entry = (entry < 2 * WINDOW - 1)[:, None]
+            rel_h = tl.load(rows_ptr + entry[:, None] * HEAD_DIM + dim[None, :], mask=is_entry, other=0.0)
+            rel_w = tl.load(cols_ptr + entry[:, None] * HEAD_DIM + dim[None, :], mask=is_entry, other=0.0)
+            if DOT_IN_FP32:
+                rel_h = rel_h.to(tl.float32)
+                rel_w = rel_w.to(tl.float32)
+        full = count // BLOCK_M
+        for block in range(0, full):
+            _window_query_block(q_at, k_at, v_at, out_at, rows_at, cols_at, rel_h, rel_w, first_row, first_col,
+                                width, written_width, valid_width, count, block * BLOCK_M, q_token, k_token, v_token,
+                                out_token, rows_token, cols_token, score_scale, term_scale, HEAD_DIM, WINDOW,
+                                ENTRIES, BLOCK_M, TILE_ROWS, TILE_COLS, TABLES, DOT_IN_FP32, PRECISION)
+        for start in range(full * BLOCK_M, count, TAIL):
+            _window_query_block(q_at, k_at, v_at, out_at, rows_at, cols_at, rel_h, rel_w, first_row, first_col,
+                                width, written_width, valid_width, count, start, q_token, k_token, v_token,
+                                out_token, rows_token, cols_token, score_scale, term_scale, HEAD_DIM, WINDOW,
+                                ENTRIES, TAIL, TILE_ROWS, TILE_COLS, TABLES, DOT_IN_FP32, PRECISION)
 
     @triton.jit
     def _line_terms_kernel(q_ptr, table_ptr, out_ptr, q_view, q_head, q_token, out_view, out_head, out_token,
@@ -270,56 +352,60 @@ def relative_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_te
     of `window`) cut in windows from its top left, r and c then counted in the window.
     q, k, v [B, n, N, d] (any strides with a unit stride along d); row_terms [B, n, N, ≥ height or window],
     col_terms [B, n, N, ≥ width or window] (unit stride along the last dimension; entries past those are not
-    read) → [B, N', n, d] (the layout the block's output projection reads), the queries of the grid's top-left
-    `written` (h, w) part, N' = h·w (the whole grid by default: N' = N).
+    read) → [B, N', n, d] (the layout the block's output projection reads); with `window`, only the queries of
+    the grid's top-left `written` (h, w) part, N' = h·w (the whole grid by default: N' = N).
     `tables`: instead of the terms, SAM's relative-position tables (rel_h, rel_w) ([2·s − 1, d] each, s the
-    walked height and width: the grid's or the window's, `deepencoder.resized_relative_table`), from which the
-    kernel computes the terms itself (row_terms[i, r] = q_i · rel_h[row(i) − r + s − 1]), in float32, without
-    writing them: faster than reading them within windows, slower over a whole grid (`SamAttention.terms_in_kernel`).
-    With `terms_first` as well, the terms are computed from the tables before the attention (`table_terms`) and read.
+    walked height and width: the grid's or the window's, `deepencoder.resized_relative_table`): over a grid the
+    terms are computed from them first (`table_terms`) and read; within windows the window kernel computes them
+    itself (row_terms[i, r] = q_i · rel_h[row(i) − r + s − 1]), in float32, without writing them, unless
+    `terms_first` (`SamAttention.terms_in_kernel`).
     For benchmarks' sweeps: `tiles` (queries a program, warps, pipeline stages), `keys` (the key rectangle's
     rows and columns, `key_tiles` by default)."""
     batch, heads, tokens, head_dim = q.shape
     if tokens != height * width:
         raise ValueError(f"{tokens} tokens are not a {height} × {width} grid")
-    block_queries, warps, stages = tiles or (BLOCK_QUERIES, WARPS, STAGES)
     walk_height, walk_width = (window, window) if window else (height, width)
     if window and (height % window or width % window):
         raise ValueError(f"a {height} × {width} grid is not whole {window} × {window} windows: pad it first")
+    if written is not None and not window:
+        raise ValueError("`written` is for windows only: a grid's attention writes all of its queries")
     tile_rows, tile_cols = keys or key_tiles(walk_height, walk_width, WINDOW_TILE_KEYS if window else TILE_KEYS)
-    written_height, written_width = written or (height, width)
-    if written_height > height or written_width > width:
-        raise ValueError(f"the written {written_height} × {written_width} part is not within the "
-                         f"{height} × {width} grid")
     if tile_rows == 1 and tile_cols < walk_width:
         raise ValueError(f"a key tile of one row must hold the grid's {walk_width} columns, not {tile_cols}")
-    windows_down, windows_across = (height // window, width // window) if window else (1, 1)
-    entries_h = entries_w = 1
-    if tables is not None and terms_first:
+    in_kernel = tables is not None and window and not terms_first
+    if tables is not None and not in_kernel:
         row_terms, col_terms = table_terms(q, *tables, height, width, window)
-        tables = None
-    if tables is not None:
+    if in_kernel:
         rel_h, rel_w = (table.to(q.dtype).contiguous() for table in tables)
-        if rel_h.shape != (2 * walk_height - 1, head_dim) or rel_w.shape != (2 * walk_width - 1, head_dim):
+        if rel_h.shape != (2 * window - 1, head_dim) or rel_w.shape != (2 * window - 1, head_dim):
             raise ValueError(f"tables {tuple(rel_h.shape)} and {tuple(rel_w.shape)} are not [2·s − 1, {head_dim}] "
-                             f"for a walk of {walk_height} × {walk_width}")
-        entries_h, entries_w = (max(16, triton.next_power_of_2(2 * s - 1)) for s in (walk_height, walk_width))
+                             f"for windows of {window}")
         row_terms, col_terms = rel_h[None, None], rel_w[None, None]  # read as tables; their strides unused
-    out = q.new_empty(batch, written_height * written_width, heads, head_dim)
-    grid = (_cdiv(walk_height * walk_width, block_queries), batch * heads, windows_down * windows_across)
-    _relative_attention_kernel[grid](
-        q, k, v, row_terms, col_terms, out,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        row_terms.stride(0), row_terms.stride(1), row_terms.stride(2),
-        col_terms.stride(0), col_terms.stride(1), col_terms.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        heads, height, width, walk_height, walk_width, windows_across, written_height, written_width,
-        _LOG2_E / math.sqrt(head_dim), _LOG2_E,
-        HEAD_DIM=head_dim, BLOCK_M=block_queries, TILE_ROWS=tile_rows, TILE_COLS=tile_cols,
-        DOT_IN_FP32=_INTERPRETED, num_warps=warps, num_stages=stages,
-        # float32 inputs (the tests' reference precision) multiply in float32, not TensorFloat-32
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        TABLES=tables is not None, ENTRIES_H=entries_h, ENTRIES_W=entries_w,
-        COVERED=walk_height % tile_rows == 0 and walk_width % tile_cols == 0)
+    common = dict(HEAD_DIM=head_dim, TILE_ROWS=tile_rows, TILE_COLS=tile_cols, DOT_IN_FP32=_INTERPRETED,
+                  # float32 inputs (the tests' reference precision) multiply in float32, not TensorFloat-32
+                  PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+               v.stride(0), v.stride(1), v.stride(2),
+               row_terms.stride(0), row_terms.stride(1), row_terms.stride(2),
+               col_terms.stride(0), col_terms.stride(1), col_terms.stride(2))
+    if window:
+        written_height, written_width = written or (height, width)
+        if written_height > height or written_width > width:
+            raise ValueError(f"the written {written_height} × {written_width} part is not within the "
+                             f"{height} × {width} grid")
+        block_queries, warps, stages = tiles or (WINDOW_BLOCK_QUERIES, WINDOW_WARPS, WINDOW_STAGES)
+        out = q.new_empty(batch, written_height * written_width, heads, head_dim)
+        _window_attention_kernel[((height // window) * (width // window), batch * heads)](
+            q, k, v, row_terms, col_terms, out, *strides, out.stride(0), out.stride(1), out.stride(2),
+            heads, width, width // window, written_height, written_width, _LOG2_E / math.sqrt(head_dim), _LOG2_E,
+            WINDOW=window, ENTRIES=max(16, triton.next_power_of_2(2 * window - 1)), BLOCK_M=block_queries,
+            TAIL=min(WINDOW_TAIL_QUERIES, block_queries), TABLES=bool(in_kernel), num_warps=warps,
+            num_stages=stages, **common)
+        return out
+    block_queries, warps, stages = tiles or (BLOCK_QUERIES, WARPS, STAGES)
+    out = q.new_empty(batch, tokens, heads, head_dim)
+    _relative_attention_kernel[(_cdiv(tokens, block_queries), batch * heads)](
+        q, k, v, row_terms, col_terms, out, *strides, out.stride(0), out.stride(1), out.stride(2),
+        heads, height, width, _LOG2_E / math.sqrt(head_dim), _LOG2_E, BLOCK_M=block_queries, num_warps=warps,
+        num_stages=stages, COVERED=height % tile_rows == 0 and width % tile_cols == 0, **common)
     return out
