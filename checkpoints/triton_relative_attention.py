@@ -198,9 +198,10 @@ if triton is not None:
         total = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         slot = tl.arange(0, TILE_ROWS * TILE_COLS)
-        for tile in tl.static_range(tl.cdiv(WINDOW, TILE_ROWS) * tl.cdiv(WINDOW, TILE_COLS)):
-            tile_row = (tile // tl.cdiv(WINDOW, TILE_COLS)) * TILE_ROWS
-            tile_col = (tile % tl.cdiv(WINDOW, TILE_COLS)) * TILE_COLS
+        rectangles_across: tl.constexpr = (WINDOW + TILE_COLS - 1) // TILE_COLS
+        for tile in tl.static_range(((WINDOW + TILE_ROWS - 1) // TILE_ROWS) * rectangles_across):
+            tile_row = (tile // rectangles_across) * TILE_ROWS
+            tile_col = (tile % rectangles_across) * TILE_COLS
             key_row, key_col = tile_row + slot // TILE_COLS, tile_col + slot % TILE_COLS  # in the window
             is_key = (key_row < WINDOW) & (key_col < WINDOW)
             key = (first_row + key_row) * width + first_col + key_col
