@@ -30,8 +30,7 @@ and values are the projection's; the window kernel writes only the queries of th
 unpadded grid and made up the keys past it from the projection's bias, which saves the projection of the
 padding, 13% more rows for one pass, 0.21 ms, but slowed the kernel more: one 16-page pass's windows 2.36–2.52 ms
 against 1.82–1.93 in the padded grid; h200-2026-12-01e calls 1 and 2.) A window is one program: its queries of
-the written part in blocks of 64, the rest in blocks of 16 (a 14 × 14 window's 196 queries: 3 × 64 + 16, where
-blocks of 64 alone make 4 × 64), each block against the window's two key rectangles. Its terms are computed in
+the written part in blocks of 64, each block against the window's two key rectangles. Its terms are computed in
 the kernel from SAM's two relative-position tables (`tables`): each query against every entry (2·s − 1 of them)
 by one small product, and for each key the entry of its offset from the query looked up with tl.gather (no terms
 written, no copies of q for their products: one pass's windows 2.4 ms against 3.1 on the H200, in the grid
@@ -56,13 +55,15 @@ TILE_KEYS = 64
 # ... and of a window in a grid of whole windows: 8 × 16, two rectangles a 14 × 14 window (one 16-page pass's
 # windows 1.82 ms against 2.17 with 4 × 16, h200-2026-12-01e call 1)
 WINDOW_TILE_KEYS = 128
-# The window kernel: a program a window, its queries 64 at a time and the rest 16 at a time, 4 warps, no pipeline
-# stages (its loop over query blocks gains nothing from them and two stages cost shared memory): one 16-page
-# pass's windows 1.50 ms against 1.93 for the grid kernel's windows (h200-2026-12-01f call 2; 2 stages 1.91,
-# tails of 32 1.50, 32 queries 2.14, 8 warps 3.14, both rectangles' keys loaded first 1.74, the window's keys in
-# runs of 128 + 64 + 16 with each key's terms gathered 2.18)
+# The window kernel: a program a window, its queries 64 at a time, 4 warps, no pipeline stages (its loop over query
+# blocks gains nothing from them, and two stages cost shared memory): one 16-page pass's windows 1.50–1.62 ms
+# against 1.90–1.93 for the grid kernel's windows, the same bits (h200-2026-12-01f calls 2 and 6; two stages
+# 1.91, 32 queries 2.14, 8 warps 3.14, both rectangles' keys loaded first 1.74, the window's keys in runs of
+# 128 + 64 + 16 with each key's terms gathered 2.18). A window's last 4 queries in a block of 16 rows instead of
+# 64 (3 × 64 + 16 rows of products, not 4 × 64) ran no faster (1.63–1.69 against 1.62, call 6) and, rounding a
+# little differently, moved the six-page numerics' Tiny figure to 1.435% from float32, past the original's 1.430
+# (call 5): not kept.
 WINDOW_BLOCK_QUERIES = 64
-WINDOW_TAIL_QUERIES = 16
 WINDOW_WARPS = 4
 WINDOW_STAGES = 1
 _LOG2_E = 1.4426950408889634
@@ -240,12 +241,11 @@ if triton is not None:
                                  out_view, out_token, out_head, heads, width, windows_across, written_height,
                                  written_width, score_scale, term_scale,
                                  HEAD_DIM: tl.constexpr, WINDOW: tl.constexpr, ENTRIES: tl.constexpr,
-                                 BLOCK_M: tl.constexpr, TAIL: tl.constexpr, TILE_ROWS: tl.constexpr,
+                                 BLOCK_M: tl.constexpr, TILE_ROWS: tl.constexpr,
                                  TILE_COLS: tl.constexpr, TABLES: tl.constexpr, DOT_IN_FP32: tl.constexpr,
                                  PRECISION: tl.constexpr):
         # One window of one view and head a program (axis 0: the window; 1: view·head): its queries in the grid's
-        # written part, BLOCK_M at a time, then the rest TAIL at a time (a 14 × 14 window: 3 × 64 + 16 rows of
-        # products where blocks of 64 alone take 4 × 64).
+        # written part, BLOCK_M at a time.
         window = tl.program_id(0)
         view_head = tl.program_id(1).to(tl.int64)
         view, head = view_head // heads, view_head % heads
@@ -270,17 +270,11 @@ if triton is not None:
             if DOT_IN_FP32:
                 rel_h = rel_h.to(tl.float32)
                 rel_w = rel_w.to(tl.float32)
-        full = count // BLOCK_M
-        for block in range(0, full):
-            _window_query_block(q_at, k_at, v_at, out_at, rows_at, cols_at, rel_h, rel_w, first_row, first_col,
-                                width, written_width, valid_width, count, block * BLOCK_M, q_token, k_token, v_token,
-                                out_token, rows_token, cols_token, score_scale, term_scale, HEAD_DIM, WINDOW,
-                                ENTRIES, BLOCK_M, TILE_ROWS, TILE_COLS, TABLES, DOT_IN_FP32, PRECISION)
-        for start in range(full * BLOCK_M, count, TAIL):
+        for start in range(0, count, BLOCK_M):
             _window_query_block(q_at, k_at, v_at, out_at, rows_at, cols_at, rel_h, rel_w, first_row, first_col,
                                 width, written_width, valid_width, count, start, q_token, k_token, v_token,
                                 out_token, rows_token, cols_token, score_scale, term_scale, HEAD_DIM, WINDOW,
-                                ENTRIES, TAIL, TILE_ROWS, TILE_COLS, TABLES, DOT_IN_FP32, PRECISION)
+                                ENTRIES, BLOCK_M, TILE_ROWS, TILE_COLS, TABLES, DOT_IN_FP32, PRECISION)
 
     @triton.jit
     def _line_terms_kernel(q_ptr, table_ptr, out_ptr, q_view, q_head, q_token, out_view, out_head, out_token,
@@ -400,7 +394,7 @@ def relative_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_te
             q, k, v, row_terms, col_terms, out, *strides, out.stride(0), out.stride(1), out.stride(2),
             heads, width, width // window, written_height, written_width, _LOG2_E / math.sqrt(head_dim), _LOG2_E,
             WINDOW=window, ENTRIES=max(16, triton.next_power_of_2(2 * window - 1)), BLOCK_M=block_queries,
-            TAIL=min(WINDOW_TAIL_QUERIES, block_queries), TABLES=bool(in_kernel), num_warps=warps,
+            TABLES=bool(in_kernel), num_warps=warps,
             num_stages=stages, **common)
         return out
     block_queries, warps, stages = tiles or (BLOCK_QUERIES, WARPS, STAGES)
