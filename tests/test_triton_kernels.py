@@ -853,6 +853,43 @@ def test_kernel_matches_pytorch(interpreted, name):
     assert interpreted[name] == "ok", interpreted[name]
 
 
+# The served shapes of SAM's attention kernels: (kernel, constexprs, pointer type, launch options)
+HOPPER_BUILDS = (
+    ("_relative_attention_kernel", dict(HEAD_DIM=64, BLOCK_M=64, TILE_ROWS=1, TILE_COLS=64, DOT_IN_FP32=False,
+                                        PRECISION="tf32", COVERED=True), "*bf16", dict(num_warps=4, num_stages=3)),
+    ("_relative_attention_kernel", dict(HEAD_DIM=64, BLOCK_M=64, TILE_ROWS=8, TILE_COLS=8, DOT_IN_FP32=False,
+                                        PRECISION="tf32", COVERED=True), "*bf16", dict(num_warps=4, num_stages=3)),
+    ("_window_attention_kernel", dict(HEAD_DIM=64, WINDOW=14, ENTRIES=32, BLOCK_M=64, TILE_ROWS=8, TILE_COLS=16,
+                                      TABLES=True, DOT_IN_FP32=False, PRECISION="tf32"), "*bf16",
+     dict(num_warps=4, num_stages=1)),
+    ("_window_attention_kernel", dict(HEAD_DIM=32, WINDOW=7, ENTRIES=16, BLOCK_M=64, TILE_ROWS=8, TILE_COLS=16,
+                                      TABLES=False, DOT_IN_FP32=False, PRECISION="ieee"), "*fp32",
+     dict(num_warps=4, num_stages=1)),
+)
+
+
+def test_sam_attention_kernels_compile_for_hopper():
+    """SAM's attention kernels compiled for the H200 (sm_90) here, without a GPU: Triton's interpreter, which runs
+    the checks above on the CPU, accepts code the GPU compiler refuses (a window's rectangles counted with
+    tl.cdiv, a tensor, where static_range needs a constant: h200-2026-12-01f call 3), so this catches it before a
+    device run."""
+    triton = pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        pytest.skip("kernels are the interpreter's in this process")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    (kernels,) = load_kernel_modules("triton_relative_attention")
+    for name, constants, pointer, options in HOPPER_BUILDS:
+        kernel = getattr(kernels, name)
+        signature = {arg: "constexpr" if arg in constants else pointer if arg.endswith("_ptr")
+                     else "fp32" if arg.endswith("_scale") else "i32" for arg in kernel.arg_names}
+        source = ASTSource(fn=kernel, signature=signature,
+                           constexprs={(kernel.arg_names.index(arg),): value for arg, value in constants.items()})
+        built = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+        assert built.asm.get("cubin"), f"{name} {constants}: no sm_90 binary"
+
+
 def main():
     parser = argparse.ArgumentParser(description="Run the Triton kernel checks in this process.")
     parser.add_argument("--device", default="cpu", help="cpu (needs TRITON_INTERPRET=1) or cuda")
