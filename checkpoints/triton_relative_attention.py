@@ -82,6 +82,16 @@ def key_tiles(height: int, width: int, keys: int = TILE_KEYS) -> tuple:
 if triton is not None:
 
     @triton.jit
+    def _softmax_step(scores, shift, best, new_best, total, acc, v, PRECISION: tl.constexpr):
+        """One tile of keys in the online softmax (scores in log2 units): its weights exp2(scores − shift), added to
+        the running sum and to the weighted values after both are rescaled from the old maximum to the new."""
+        weights = tl.exp2(scores - shift[:, None])
+        decay = tl.exp2(best - new_best)
+        total = total * decay + tl.sum(weights, 1)
+        acc = tl.dot(weights.to(v.dtype), v, acc * decay[:, None], input_precision=PRECISION)
+        return total, acc
+
+    @triton.jit
     def _relative_attention_kernel(q_ptr, k_ptr, v_ptr, rows_ptr, cols_ptr, out_ptr,
                                    q_view, q_head, q_token, k_view, k_head, k_token, v_view, v_head, v_token,
                                    rows_view, rows_head, rows_token, cols_view, cols_head, cols_token,
@@ -144,13 +154,10 @@ if triton is not None:
                 # A whole row of keys shares one row term per query: added to the row's maximum and taken off the
                 # shift of the exponent instead of to each score (an addition a score fewer).
                 new_best = tl.maximum(best, tl.max(scores, 1) + row_term)
-                weights = tl.exp2(scores - (new_best - row_term)[:, None])
+                total, acc = _softmax_step(scores, new_best - row_term, best, new_best, total, acc, v, PRECISION)
             else:
                 new_best = tl.maximum(best, tl.max(scores, 1))
-                weights = tl.exp2(scores - new_best[:, None])
-            decay = tl.exp2(best - new_best)
-            total = total * decay + tl.sum(weights, 1)
-            acc = tl.dot(weights.to(v.dtype), v, acc * decay[:, None], input_precision=PRECISION)
+                total, acc = _softmax_step(scores, new_best, best, new_best, total, acc, v, PRECISION)
             best = new_best
         acc = acc / total[:, None]
         tl.store(out_ptr + view * out_view + query[:, None] * out_token + head * out_head + dim[None, :],
@@ -225,10 +232,7 @@ if triton is not None:
             scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * score_scale + terms
             scores = tl.where(is_key[None, :], scores, float("-inf"))
             new_best = tl.maximum(best, tl.max(scores, 1))
-            weights = tl.exp2(scores - new_best[:, None])
-            decay = tl.exp2(best - new_best)
-            total = total * decay + tl.sum(weights, 1)
-            acc = tl.dot(weights.to(v.dtype), v, acc * decay[:, None], input_precision=PRECISION)
+            total, acc = _softmax_step(scores, new_best, best, new_best, total, acc, v, PRECISION)
             best = new_best
         acc = acc / total[:, None]
         tl.store(out_at + written[:, None] * out_token + dim[None, :], acc.to(out_at.dtype.element_ty),
