@@ -26,15 +26,17 @@ more than it saved (h200-2026-12-01).
 Windows are read where they lie in a grid of whole windows (`window`): SAM pads the grid to whole windows
 with zero tokens after its norm, and `SamBlock` does so before the qkv projection, so the padded tokens' keys
 and values are the projection's; the window kernel writes only the queries of the grid before its padding
-(`written`). The copies that cut the windows out and put them back are not needed. (A kernel once read the
-unpadded grid and made up the keys past it from the projection's bias, which saves the projection of the
-padding, 13% more rows for one pass, 0.21 ms, but slowed the kernel more: one 16-page pass's windows 2.36–2.52 ms
-against 1.82–1.93 in the padded grid; h200-2026-12-01e calls 1 and 2.) A window is one program: its queries of
-the written part in blocks of 64, each block against the window's two key rectangles. Its terms are computed in
-the kernel from SAM's two relative-position tables (`tables`): each query against every entry (2·s − 1 of them)
-by one small product, and for each key the entry of its offset from the query looked up with tl.gather (no terms
-written, no copies of q for their products: one pass's windows 2.4 ms against 3.1 on the H200, in the grid
-kernel of h200-2026-12-01), or read from tables computed first.
+(`written`). The copies that cut the windows out and put them back are not needed. Or (`padding`, SamBlock's
+opt-in) the grid is left as it is and the window kernel reads the keys and values past it at the padding's row
+(the projection's bias): each key row's address is chosen, so the tiles are the padded grid's, the same bits.
+(The grid kernel's windows once made that padding up with selects in every step, 2.36–2.52 ms a pass's windows
+against 1.82–1.93 in the padded grid, h200-2026-12-01e; a select over the window kernel's loaded tiles 1.77
+against 1.44; the rows' addresses chosen 1.44 against 1.47, h200-2026-12-01g calls 1-2.) A window is one program:
+its queries of the written part in blocks of 64, each block against the window's two key rectangles. Its terms
+are computed in the kernel from SAM's two relative-position tables (`tables`): each query against every entry
+(2·s − 1 of them) by one small product, and for each key the entry of its offset from the query looked up with
+tl.gather (no terms written, no copies of q for their products: one pass's windows 2.4 ms against 3.1 on the
+H200, in the grid kernel of h200-2026-12-01), or read from tables computed first.
 
 Shapes: B views, n heads, N = height·width tokens, d head dim.
 """
@@ -178,14 +180,17 @@ if triton is not None:
                           [BLOCK_M, TILE_ROWS * TILE_COLS]) * term_scale
 
     @triton.jit
-    def _window_query_block(q_at, k_at, v_at, out_at, rows_at, cols_at, rel_h, rel_w, first_row, first_col, width,
-                            written_width, valid_width, count, start, q_token, k_token, v_token, out_token,
-                            rows_token, cols_token, score_scale, term_scale,
+    def _window_query_block(q_at, k_at, v_at, out_at, rows_at, cols_at, rel_h, rel_w, padding_k, padding_v,
+                            first_row, first_col, width, written_height, written_width, valid_width, count, start,
+                            q_token, k_token, v_token, out_token, rows_token, cols_token, score_scale, term_scale,
                             HEAD_DIM: tl.constexpr, WINDOW: tl.constexpr, ENTRIES: tl.constexpr,
                             BLOCK_M: tl.constexpr, TILE_ROWS: tl.constexpr, TILE_COLS: tl.constexpr,
-                            TABLES: tl.constexpr, DOT_IN_FP32: tl.constexpr, PRECISION: tl.constexpr):
+                            TABLES: tl.constexpr, PADDING: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+                            PRECISION: tl.constexpr):
         """Queries start .. start + BLOCK_M of a window's `count` (those of the grid's written part, row by row,
-        valid_width a row) against the window's keys, rectangle by rectangle; their outputs stored."""
+        valid_width a row) against the window's keys, rectangle by rectangle; their outputs stored. With PADDING
+        the grid is the written part alone, and the window's keys past it are read at padding_k, padding_v (the
+        head's padding key and value)."""
         local = start + tl.arange(0, BLOCK_M)
         is_query = local < count
         query_row, query_col = local // valid_width, local % valid_width  # in the window
@@ -213,8 +218,16 @@ if triton is not None:
             key_row, key_col = tile_row + slot // TILE_COLS, tile_col + slot % TILE_COLS  # in the window
             is_key = (key_row < WINDOW) & (key_col < WINDOW)
             key = (first_row + key_row) * width + first_col + key_col
-            k = tl.load(k_at + key[:, None] * k_token + dim[None, :], mask=is_key[:, None], other=0.0)
-            v = tl.load(v_at + key[:, None] * v_token + dim[None, :], mask=is_key[:, None], other=0.0)
+            if PADDING:
+                # keys of the window past the grid read from the padding's row (and the rectangle's keys past the
+                # window, masked below): the rows' addresses chosen, not the loaded values (a select over the
+                # loaded tiles cost 1.77 ms a pass's windows against 1.44, h200-2026-12-01g call 1)
+                in_grid = is_key & (first_row + key_row < written_height) & (first_col + key_col < written_width)
+                k = tl.load(tl.where(in_grid, k_at + key * k_token, padding_k)[:, None] + dim[None, :])
+                v = tl.load(tl.where(in_grid, v_at + key * v_token, padding_v)[:, None] + dim[None, :])
+            else:
+                k = tl.load(k_at + key[:, None] * k_token + dim[None, :], mask=is_key[:, None], other=0.0)
+                v = tl.load(v_at + key[:, None] * v_token + dim[None, :], mask=is_key[:, None], other=0.0)
             if DOT_IN_FP32:
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
@@ -239,17 +252,18 @@ if triton is not None:
                  mask=is_query[:, None])
 
     @triton.jit
-    def _window_attention_kernel(q_ptr, k_ptr, v_ptr, rows_ptr, cols_ptr, out_ptr,
+    def _window_attention_kernel(q_ptr, k_ptr, v_ptr, rows_ptr, cols_ptr, padding_ptr, out_ptr,
                                  q_view, q_head, q_token, k_view, k_head, k_token, v_view, v_head, v_token,
                                  rows_view, rows_head, rows_token, cols_view, cols_head, cols_token,
                                  out_view, out_token, out_head, heads, width, windows_across, written_height,
                                  written_width, score_scale, term_scale,
                                  HEAD_DIM: tl.constexpr, WINDOW: tl.constexpr, ENTRIES: tl.constexpr,
                                  BLOCK_M: tl.constexpr, TILE_ROWS: tl.constexpr,
-                                 TILE_COLS: tl.constexpr, TABLES: tl.constexpr, DOT_IN_FP32: tl.constexpr,
-                                 PRECISION: tl.constexpr):
+                                 TILE_COLS: tl.constexpr, TABLES: tl.constexpr, PADDING: tl.constexpr,
+                                 DOT_IN_FP32: tl.constexpr, PRECISION: tl.constexpr):
         # One window of one view and head a program (axis 0: the window; 1: view·head): its queries in the grid's
-        # written part, BLOCK_M at a time.
+        # written part, BLOCK_M at a time. With PADDING, padding_ptr [2, heads, d]: the key and value of every
+        # head's padding (the grid is not padded to whole windows: the window's keys past it are these).
         window = tl.program_id(0)
         view_head = tl.program_id(1).to(tl.int64)
         view, head = view_head // heads, view_head % heads
@@ -265,6 +279,8 @@ if triton is not None:
         out_at = out_ptr + view * out_view + head * out_head
         rel_h = rows_ptr  # unused without TABLES
         rel_w = cols_ptr
+        padding_k = padding_ptr + head * HEAD_DIM  # this head's padding key and value (read with PADDING)
+        padding_v = padding_k + heads * HEAD_DIM
         if TABLES:  # rows_ptr, cols_ptr: SAM's two tables [2·window − 1, d], one for every head
             dim = tl.arange(0, HEAD_DIM)
             entry = tl.arange(0, ENTRIES)
@@ -275,10 +291,11 @@ if triton is not None:
                 rel_h = rel_h.to(tl.float32)
                 rel_w = rel_w.to(tl.float32)
         for start in range(0, count, BLOCK_M):
-            _window_query_block(q_at, k_at, v_at, out_at, rows_at, cols_at, rel_h, rel_w, first_row, first_col,
-                                width, written_width, valid_width, count, start, q_token, k_token, v_token,
-                                out_token, rows_token, cols_token, score_scale, term_scale, HEAD_DIM, WINDOW,
-                                ENTRIES, BLOCK_M, TILE_ROWS, TILE_COLS, TABLES, DOT_IN_FP32, PRECISION)
+            _window_query_block(q_at, k_at, v_at, out_at, rows_at, cols_at, rel_h, rel_w, padding_k, padding_v,
+                                first_row, first_col, width, written_height, written_width, valid_width, count,
+                                start, q_token, k_token, v_token, out_token, rows_token, cols_token, score_scale,
+                                term_scale, HEAD_DIM, WINDOW, ENTRIES, BLOCK_M, TILE_ROWS, TILE_COLS, TABLES,
+                                PADDING, DOT_IN_FP32, PRECISION)
 
     @triton.jit
     def _line_terms_kernel(q_ptr, table_ptr, out_ptr, q_view, q_head, q_token, out_view, out_head, out_token,
@@ -345,14 +362,17 @@ def table_terms(q: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor, heigh
 def relative_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_terms: torch.Tensor,
                        col_terms: torch.Tensor, height: int, width: int, window: int = 0, tiles: tuple = None,
                        keys: tuple = None, tables: tuple = None, terms_first: bool = False,
-                       written: tuple = None) -> torch.Tensor:
+                       written: tuple = None, padding: torch.Tensor = None) -> torch.Tensor:
     """softmax(q·kᵀ/√d + row_terms[i, r] + col_terms[i, c])·v for keys (r, c) of a height × width grid, or
     with `window`, of the window × window window holding the query, the grid (whole windows: its sides multiples
-    of `window`) cut in windows from its top left, r and c then counted in the window.
+    of `window`, unless `padding`) cut in windows from its top left, r and c then counted in the window.
     q, k, v [B, n, N, d] (any strides with a unit stride along d); row_terms [B, n, N, ≥ height or window],
     col_terms [B, n, N, ≥ width or window] (unit stride along the last dimension; entries past those are not
     read) → [B, N', n, d] (the layout the block's output projection reads); with `window`, only the queries of
-    the grid's top-left `written` (h, w) part, N' = h·w (the whole grid by default: N' = N).
+    the grid's top-left `written` (h, w) part, N' = h·w (the whole grid by default: N' = N). With `window` and
+    `padding` [2, n, d] (the key and the value of each head's padding token: SAM's zero token through the qkv
+    projection, its bias), the grid is any size and not padded: its last windows overhang it, their keys past it
+    are those, and all of its queries are written.
     `tables`: instead of the terms, SAM's relative-position tables (rel_h, rel_w) ([2·s − 1, d] each, s the
     walked height and width: the grid's or the window's, `deepencoder.resized_relative_table`): over a grid the
     terms are computed from them first (`table_terms`) and read; within windows the window kernel computes them
@@ -364,10 +384,15 @@ def relative_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_te
     if tokens != height * width:
         raise ValueError(f"{tokens} tokens are not a {height} × {width} grid")
     walk_height, walk_width = (window, window) if window else (height, width)
-    if window and (height % window or width % window):
+    if window and padding is None and (height % window or width % window):
         raise ValueError(f"a {height} × {width} grid is not whole {window} × {window} windows: pad it first")
-    if written is not None and not window:
-        raise ValueError("`written` is for windows only: a grid's attention writes all of its queries")
+    if (written is not None or padding is not None) and not window:
+        raise ValueError("`written` and `padding` are for windows only: a grid's attention writes all of its "
+                         "queries and has no padding")
+    if padding is not None and written is not None:
+        raise ValueError("with `padding` the grid is not padded: all of its queries are written")
+    if padding is not None and padding.shape != (2, heads, head_dim):
+        raise ValueError(f"padding {tuple(padding.shape)} is not [2, {heads}, {head_dim}]")
     tile_rows, tile_cols = keys or key_tiles(walk_height, walk_width, WINDOW_TILE_KEYS if window else TILE_KEYS)
     if tile_rows == 1 and tile_cols < walk_width:
         raise ValueError(f"a key tile of one row must hold the grid's {walk_width} columns, not {tile_cols}")
@@ -394,12 +419,12 @@ def relative_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_te
                              f"{height} × {width} grid")
         block_queries, warps, stages = tiles or (WINDOW_BLOCK_QUERIES, WINDOW_WARPS, WINDOW_STAGES)
         out = q.new_empty(batch, written_height * written_width, heads, head_dim)
-        _window_attention_kernel[((height // window) * (width // window), batch * heads)](
-            q, k, v, row_terms, col_terms, out, *strides, out.stride(0), out.stride(1), out.stride(2),
-            heads, width, width // window, written_height, written_width, _LOG2_E / math.sqrt(head_dim), _LOG2_E,
-            WINDOW=window, ENTRIES=max(16, triton.next_power_of_2(2 * window - 1)), BLOCK_M=block_queries,
-            TABLES=bool(in_kernel), num_warps=warps,
-            num_stages=stages, **common)
+        padding_kv = q if padding is None else padding.to(q.dtype).contiguous()  # (q: a pointer, unread)
+        _window_attention_kernel[(_cdiv(height, window) * _cdiv(width, window), batch * heads)](
+            q, k, v, row_terms, col_terms, padding_kv, out, *strides, out.stride(0), out.stride(1), out.stride(2),
+            heads, width, _cdiv(width, window), written_height, written_width, _LOG2_E / math.sqrt(head_dim),
+            _LOG2_E, WINDOW=window, ENTRIES=max(16, triton.next_power_of_2(2 * window - 1)), BLOCK_M=block_queries,
+            TABLES=bool(in_kernel), PADDING=padding is not None, num_warps=warps, num_stages=stages, **common)
         return out
     block_queries, warps, stages = tiles or (BLOCK_QUERIES, WARPS, STAGES)
     out = q.new_empty(batch, tokens, heads, head_dim)

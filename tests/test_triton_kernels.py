@@ -713,6 +713,18 @@ def check_relative_attention(device):
             tiles = kernels.key_tiles(down, across, kernels.WINDOW_TILE_KEYS if window else kernels.TILE_KEYS)
             assert_close(got, expected, dtype,
                          f"relative_attention {height}x{width} window {window} by {tiles} d={head_dim} {dtype}")
+            padding = torch.stack([k_bias, v_bias]).to(device)
+
+            def same_unpadded(padded_result, what, **terms):
+                """The windows over the grid as it is, the keys past it the padding's (SamBlock's other way):
+                the same bits as over the grid padded first (the same tiles, their padded keys selected)."""
+                if not window:
+                    return
+                unpadded = kernels.relative_attention(q.to(device), k.to(device), v.to(device), height=height,
+                                                      width=width, window=window, padding=padding, **terms)
+                assert torch.equal(unpadded, padded_result), f"{what} {height}x{width} window {window} {dtype}: " \
+                    "the unpadded grid with its padding's keys differs from the grid padded first"
+            same_unpadded(got, "terms read", row_terms=row_table.to(device), col_terms=col_table.to(device))
             # The terms computed in the kernel from SAM's tables: row_terms[i, r] = q_i · rel_h[row(i) − r + s − 1],
             # row(i) counted in the walked part (the grid, or the query's window), s its height (columns alike).
             # (scaled so that the terms are of the size of the ones above)
@@ -734,6 +746,8 @@ def check_relative_attention(device):
                                              written=written)
             assert_close(got, expected, dtype, f"relative_attention from tables {height}x{width} window {window} "
                          f"by {tiles} d={head_dim} {dtype}")
+            same_unpadded(got, "terms from tables", row_terms=None, col_terms=None,
+                          tables=(rel_h.to(device), rel_w.to(device)))
             # the same terms computed first, a product for each line of the grid (`table_terms`), then read
             got_rows, got_cols = kernels.table_terms(q.to(device), rel_h.to(device), rel_w.to(device), height, width,
                                                      window)
@@ -747,15 +761,18 @@ def check_relative_attention(device):
                                              terms_first=True, written=written)
             assert_close(got, expected, dtype, f"relative_attention, terms first from tables {height}x{width} "
                          f"window {window} by {tiles} d={head_dim} {dtype}")
+            same_unpadded(got, "terms first from tables", row_terms=None, col_terms=None,
+                          tables=(rel_h.to(device), rel_w.to(device)), terms_first=True)
 
 
 @check
 def check_sam_blocks_through_the_kernel(device):
     """SAM's blocks with their attention through the Triton kernel as `SamAttention` calls it (the tables resized
     for the grid or the window; the terms computed first by `table_terms`, or within windows in the kernel; the
-    grid padded to whole windows before the projection) against the same block on the materialised path (the
-    dense bias, the original's order), float32: global blocks over grids walked by rows and by rectangles, windowed
-    blocks whose windows overhang the grid and fit it, tables trained for another size (resampled)."""
+    grid padded to whole windows before the projection, or the padding's keys and values made up in the kernel)
+    against the same block on the materialised path (the dense bias, the original's order), float32: global
+    blocks over grids walked by rows and by rectangles, windowed blocks whose windows overhang the grid and fit
+    it, tables trained for another size (resampled)."""
     (deepencoder,) = load_kernel_modules("deepencoder")
     generator = torch.Generator().manual_seed(3)
     for grid, window, trained_for in ((16, 0, 16), (12, 0, 20), (16, 7, 7), (12, 6, 9)):
@@ -770,12 +787,14 @@ def check_sam_blocks_through_the_kernel(device):
             expected = block(x)
         block.attn.fold_relative_positions, block.attn.relative_kernel = True, True
         assert block.attn.runs_the_kernel(x, window), f"grid {grid} window {window}: not through the kernel"
-        for terms_inside in (False, True) if window else (False,):
-            block.attn.terms_in_kernel = terms_inside
+        for terms_inside, padding_inside in ((False, False), (True, False), (True, True)) if window \
+                else ((False, False),):
+            block.attn.terms_in_kernel, block.attn.padding_in_kernel = terms_inside, padding_inside
             with torch.no_grad():
                 got = block(x)
             assert_close(got, expected, torch.float32, f"SamBlock grid {grid} window {window} "
-                         f"terms {'inside' if terms_inside else 'first'} through the kernel")
+                         f"terms {'inside' if terms_inside else 'first'} through the kernel, padding "
+                         f"{'inside it' if padding_inside else 'before the projection'}")
 
 
 # ---------------------------------------------------------------- running the checks
@@ -860,10 +879,13 @@ HOPPER_BUILDS = (
     ("_relative_attention_kernel", dict(HEAD_DIM=64, BLOCK_M=64, TILE_ROWS=8, TILE_COLS=8, DOT_IN_FP32=False,
                                         PRECISION="tf32", COVERED=True), "*bf16", dict(num_warps=4, num_stages=3)),
     ("_window_attention_kernel", dict(HEAD_DIM=64, WINDOW=14, ENTRIES=32, BLOCK_M=64, TILE_ROWS=8, TILE_COLS=16,
-                                      TABLES=True, DOT_IN_FP32=False, PRECISION="tf32"), "*bf16",
+                                      TABLES=True, PADDING=False, DOT_IN_FP32=False, PRECISION="tf32"), "*bf16",
+     dict(num_warps=4, num_stages=1)),
+    ("_window_attention_kernel", dict(HEAD_DIM=64, WINDOW=14, ENTRIES=32, BLOCK_M=64, TILE_ROWS=8, TILE_COLS=16,
+                                      TABLES=True, PADDING=True, DOT_IN_FP32=False, PRECISION="tf32"), "*bf16",
      dict(num_warps=4, num_stages=1)),
     ("_window_attention_kernel", dict(HEAD_DIM=32, WINDOW=7, ENTRIES=16, BLOCK_M=64, TILE_ROWS=8, TILE_COLS=16,
-                                      TABLES=False, DOT_IN_FP32=False, PRECISION="ieee"), "*fp32",
+                                      TABLES=False, PADDING=True, DOT_IN_FP32=False, PRECISION="ieee"), "*fp32",
      dict(num_warps=4, num_stages=1)),
 )
 
