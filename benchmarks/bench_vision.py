@@ -306,7 +306,8 @@ def flops_by_kind(model, views: list) -> dict:
 # name → how the served towers run: "cudnn" (SDPA with cuDNN's kernels first for what SAM runs through SDPA),
 # "kernel" (SAM's blocks through the Triton kernel: None, "rows" (grids it walks by whole rows: the default),
 # "global" (global blocks) or "all"), "tables" (within windows, the kernel computes the relative terms from the
-# tables), "options" (Inductor's, for compiling the blocks)
+# tables), "padding" (within windows, the padding past the grid made up in the kernel), "options" (Inductor's, for
+# compiling the blocks)
 SERVED_TRIALS = {
     "flash attention, folded": dict(cudnn=False, kernel=None),
     "cuDNN attention, folded": dict(cudnn=True, kernel=None),
@@ -329,6 +330,10 @@ SERVED_TRIALS = {
     # ... with the windows' terms computed first and read (windows whole since h200-2026-12-01e)
     "Triton kernel for every block, windows' terms read, GELU in the product's epilogue": dict(
         cudnn=False, kernel="all", gelu="epilogue"),
+    # ... with the windows' padding made up in the kernel (DEEPSEEK_OCR_SAM_WINDOW_PADDING=kernel): the grid as it
+    # is, neither padded nor its padding projected
+    "Triton kernel for every block, GELU in the product's epilogue, windows' padding in the kernel": dict(
+        cudnn=False, kernel="all", tables=True, gelu="epilogue", padding=True),
     # Inductor's own GEMM templates, to fuse the GELU into the first MLP product: on the H200 its autotuning
     # took 10-20 s a shape (and its templates ran at 55-61% of the best choice), the towers' compile more
     # than five minutes (h200-2026-11-30l, call 1)
@@ -366,7 +371,8 @@ def served_trial(model, groups: dict, pages: int, reference32: dict, base: dict,
     kernel, options = trial["kernel"], trial.get("options")
     inner.sam_model.use_cudnn_attention(trial["cudnn"])
     inner.sam_model.use_relative_attention_kernel(kernel is not None, windows=kernel != "global",
-                                                  any_grid=kernel != "rows", terms_in_kernel=trial.get("tables", False))
+                                                  any_grid=kernel != "rows", terms_in_kernel=trial.get("tables", False),
+                                                  padding_in_kernel=trial.get("padding", False))
     inner.sam_model.use_gelu(trial.get("gelu", "exact"))
     uncompile_vision_towers(model)
     torch._dynamo.reset()

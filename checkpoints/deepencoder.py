@@ -287,6 +287,10 @@ class SamAttention(nn.Module):
         # in its loop over the keys cost more than the products saved (H200: 5.5 ms against 2.7 + 0.5 for one
         # pass's 1024 views, 14.9 against 3.5 + 0.9 for its 640 tiles, h200-2026-12-01).
         self.terms_in_kernel = False
+        # With `relative_kernel`, within windows: the grid left as it is, the kernel taking the keys and values
+        # of the padding past it from the qkv projection's bias (`padding_in_kernel`, read by SamBlock), or the
+        # grid padded to whole windows before the projection.
+        self.padding_in_kernel = False
         head_dim = dim // heads
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
@@ -312,7 +316,9 @@ class SamAttention(nn.Module):
         window of it, x then whole windows (SamBlock pads it with zero tokens; only through the kernel,
         `runs_the_kernel`: otherwise SamBlock cuts the windows out and calls this on each); `written` (h, w): the
         output is the top-left h × w part of the grid, [B, h, w, C] (the padding's outputs neither computed nor
-        written)."""
+        written). Within windows through the kernel, a grid that is not whole windows (SamBlock left the padding
+        to the kernel, `padding_in_kernel`) overhangs them: the keys and values past it are the padding's, the
+        projection's bias (SAM pads the norm's output with zero tokens)."""
         batch, height, width, _ = x.shape
         qkv = self.qkv(x).reshape(batch, height * width, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # [B, heads, HW, d]
@@ -323,8 +329,13 @@ class SamAttention(nn.Module):
             # the tables of the walked part (the grid, or a window: a token's terms are those of its place in it)
             tables = (resized_relative_table(window or height, self.rel_pos_h),
                       resized_relative_table(window or width, self.rel_pos_w))
+            padding = None
+            if window and (height % window or width % window):
+                bias = self.qkv.bias if self.qkv.bias is not None else q.new_zeros(3 * q.shape[1] * q.shape[-1])
+                padding = bias.view(3, self.heads, -1)[1:].to(q.dtype)  # [2, heads, d]: the keys', the values'
             out = relative_attention(q, k, v, None, None, height, width, window=window, tables=tables,
-                                     terms_first=not (window and self.terms_in_kernel), written=written)
+                                     terms_first=not (window and self.terms_in_kernel), written=written,
+                                     padding=padding)
             return self.proj(out.reshape(batch, *(written or (height, width)), -1))  # out [B, hw, heads, d]
         rel_h = relative_positions(height, height, self.rel_pos_h)  # [H, H, d]
         rel_w = relative_positions(width, width, self.rel_pos_w)  # [W, W, d]
@@ -388,14 +399,19 @@ class SamBlock(nn.Module):
             # The kernel reads the windows where they lie in the grid, padded here to whole windows as the
             # original pads them (zero tokens after the norm): the padded tokens' keys and values come from the
             # qkv projection (the 1024 view's 64 × 64 grid grows to 70 × 70, a 640 tile's 40 × 40 to 42 × 42) and
-            # the kernel's windows are whole. Padding inside the kernel instead (its keys past the grid made up
-            # from the projection's bias) saves that projection's extra rows but slows the kernel more: one
-            # 16-page pass's windows 2.52 ms against 1.82, the qkv product 1.17 against 1.38 (h200-2026-12-01e
-            # call 1); a page's vision pass, attention −0.36 ms, products +0.07. Compiled, the pad is a kernel of
-            # its own that reads the norm's input again (+0.19 ms a page, call 4); two ways to fold it into the
-            # norm were slower (the padding's nearest tokens normalised then zeroed: Inductor's looped reduction;
-            # a Triton norm-and-pad kernel; calls 5 and 6).
-            x = self.attn(pad_to_windows(x, self.window_size), window=self.window_size, written=x.shape[1:3])
+            # the kernel's windows are whole. Compiled, the pad is a kernel of its own that reads the norm's input
+            # again (+0.19 ms a page, h200-2026-12-01e call 4); two ways to fold it into the norm were slower (the
+            # padding's nearest tokens normalised then zeroed: Inductor's looped reduction; a Triton norm-and-pad
+            # kernel; calls 5 and 6). With `padding_in_kernel` the grid stays as it is and the window kernel reads
+            # the padding's keys and values from the projection's bias (its rows' addresses chosen, no select over
+            # the loaded tiles): the same bits eagerly, one pass's windows 1.44 ms against 1.47, the served pass
+            # 7.98 ms a page against 8.37 (h200-2026-12-01g calls 1-2); but compiled, the norm is then one fused
+            # kernel instead of a reduction and a pointwise pass, which rounds a few values differently, and at
+            # six pages Tiny's first-step logits were 1.54% from float32, past the original's 1.43 (call 3): opt-in.
+            if self.attn.padding_in_kernel:
+                x = self.attn(x, window=self.window_size)
+            else:
+                x = self.attn(pad_to_windows(x, self.window_size), window=self.window_size, written=x.shape[1:3])
         elif self.window_size:
             height, width = x.shape[1:3]
             x, padded = partition_windows(x, self.window_size)
@@ -445,15 +461,17 @@ class SamEncoder(nn.Module):
             block.attn.attention_backends = cudnn_first() if enabled else None
 
     def use_relative_attention_kernel(self, enabled: bool, windows: bool = True, any_grid: bool = True,
-                                      terms_in_kernel: bool = False) -> None:
+                                      terms_in_kernel: bool = False, padding_in_kernel: bool = False) -> None:
         """The blocks' attention through the Triton kernel (`SamAttention.relative_kernel`) or not; `windows`:
         the windowed blocks' too, or only the global blocks'; `any_grid`: every grid, or only those the kernel
         walks by whole rows (`SamAttention.kernel_for_any_grid`); `terms_in_kernel`: within windows, the kernel
-        computes the relative terms from the tables (`SamAttention.terms_in_kernel`)."""
+        computes the relative terms from the tables (`SamAttention.terms_in_kernel`); `padding_in_kernel`: the
+        windows' padding past the grid made up in the kernel (`SamAttention.padding_in_kernel`)."""
         for block in self.blocks:
             block.attn.relative_kernel = enabled and (windows or block.attn.global_attention)
             block.attn.kernel_for_any_grid = any_grid
             block.attn.terms_in_kernel = terms_in_kernel
+            block.attn.padding_in_kernel = padding_in_kernel
 
     def use_gelu(self, way: str) -> None:
         """How the blocks' MLP GELU runs on CUDA (`MLPBlock.gelu_way`): "exact", "kernel" (Triton's; "exact"

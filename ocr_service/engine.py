@@ -114,7 +114,8 @@ def choose_vision_kernels(model, settings: Settings, graphs: bool) -> None:
     own_kernels = settings.vision != "original"  # the original's order keeps PyTorch's kernels throughout
     every_block = settings.sam_kernel == "all"
     sam.use_relative_attention_kernel(own_kernels and settings.sam_kernel != "0",
-                                      any_grid=every_block, terms_in_kernel=every_block)
+                                      any_grid=every_block, terms_in_kernel=every_block,
+                                      padding_in_kernel=every_block and settings.sam_window_padding == "kernel")
     sam.use_gelu({"0": "exact", "1": "kernel", "epilogue": "epilogue"}[settings.sam_gelu] if own_kernels else "exact")
     sam.use_cudnn_attention(own_kernels and settings.vision_cudnn and graphs)
 

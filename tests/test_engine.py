@@ -268,21 +268,23 @@ def test_a_failed_prompt_takes_its_predictions_other_pages_out_of_the_page_by_pa
     assert wait_idle(batched.server) == {"rows": 0, "blocks": 0, "waiting": 0, "predictions": 0}
 
 
-@pytest.mark.parametrize("vision, sam_kernel, vision_cudnn, sam_gelu, graphs, kernel_on, cudnn_on, gelu_way", [
-    ("compiled", "all", True, "epilogue", True, True, True, "epilogue"),  # the defaults on a GPU
-    ("compiled", "1", True, "0", True, True, True, "exact"),  # the kernel for grids walked by rows alone, F.gelu
-    ("compiled", "all", True, "1", True, True, True, "kernel"),  # the kernel for every grid and the GELU kernel
-    ("compiled", "1", True, "1", False, True, False, "kernel"),  # towers called, not replayed: no cuDNN plans
-    ("fast", "0", False, "0", True, False, False, "exact"),  # all turned off
-    ("original", "1", True, "epilogue", False, False, False, "exact"),  # the original's order: PyTorch's kernels
+@pytest.mark.parametrize("vision, sam_kernel, vision_cudnn, sam_gelu, padding, graphs, kernel_on, cudnn_on, gelu_way", [
+    ("compiled", "all", True, "epilogue", "grid", True, True, True, "epilogue"),  # the defaults on a GPU
+    ("compiled", "all", True, "epilogue", "kernel", True, True, True, "epilogue"),  # windows' padding in the kernel
+    ("compiled", "1", True, "0", "kernel", True, True, True, "exact"),  # the kernel for grids walked by rows, F.gelu
+    ("compiled", "all", True, "1", "kernel", True, True, True, "kernel"),  # every grid, the GELU kernel
+    ("compiled", "1", True, "1", "kernel", False, True, False, "kernel"),  # towers called, not replayed: no cuDNN
+    ("fast", "0", False, "0", "kernel", True, False, False, "exact"),  # all turned off
+    ("original", "1", True, "epilogue", "kernel", False, False, False, "exact"),  # the original's order
 ])
-def test_sams_kernels_follow_the_settings(tiny_model, vision, sam_kernel, vision_cudnn, sam_gelu, graphs, kernel_on,
-                                          cudnn_on, gelu_way):
+def test_sams_kernels_follow_the_settings(tiny_model, vision, sam_kernel, vision_cudnn, sam_gelu, padding, graphs,
+                                          kernel_on, cudnn_on, gelu_way):
     from checkpoints.deepencoder import cudnn_first, triton_available
     from ocr_service.engine import choose_vision_kernels
 
     settings = Settings.from_env({"DEEPSEEK_OCR_DEVICE": "cpu", "DEEPSEEK_OCR_VISION": vision,
                                   "DEEPSEEK_OCR_SAM_KERNEL": sam_kernel, "DEEPSEEK_OCR_SAM_GELU": sam_gelu,
+                                  "DEEPSEEK_OCR_SAM_WINDOW_PADDING": padding,
                                   "DEEPSEEK_OCR_VISION_CUDNN": str(int(vision_cudnn))})
     off = Settings.from_env({"DEEPSEEK_OCR_DEVICE": "cpu", "DEEPSEEK_OCR_SAM_KERNEL": "0", "DEEPSEEK_OCR_SAM_GELU": "0",
                              "DEEPSEEK_OCR_VISION_CUDNN": "0"})
@@ -292,6 +294,8 @@ def test_sams_kernels_follow_the_settings(tiny_model, vision, sam_kernel, vision
             assert block.attn.relative_kernel is kernel_on
             assert block.attn.kernel_for_any_grid is (sam_kernel == "all")
             assert block.attn.terms_in_kernel is (sam_kernel == "all")  # the windows' terms from the tables
+            # the windows' padding past the grid made up in the kernel, or the grid padded before the projection
+            assert block.attn.padding_in_kernel is (sam_kernel == "all" and padding == "kernel")
             assert block.attn.attention_backends == (cudnn_first() if cudnn_on else None)
             # (the Triton kernel where Triton is, F.gelu where it is missing)
             assert block.mlp.gelu_way == ("exact" if gelu_way == "kernel" and not triton_available() else gelu_way)
