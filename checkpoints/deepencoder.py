@@ -405,9 +405,10 @@ class SamBlock(nn.Module):
             # kernel; calls 5 and 6). With `padding_in_kernel` the grid stays as it is and the window kernel reads
             # the padding's keys and values from the projection's bias (its rows' addresses chosen, no select over
             # the loaded tiles): the same bits eagerly, one pass's windows 1.44 ms against 1.47, the served pass
-            # 7.98 ms a page against 8.37 (h200-2026-12-01g calls 1-2); but compiled, the norm is then one fused
-            # kernel instead of a reduction and a pointwise pass, which rounds a few values differently, and at
-            # six pages Tiny's first-step logits were 1.54% from float32, past the original's 1.43 (call 3): opt-in.
+            # 7.98 ms a page against 8.37 (h200-2026-12-01g calls 1-2). Compiled, the norm is then one fused
+            # kernel instead of a reduction and a pointwise pass, which rounds a few values differently: over 16
+            # pages the first-step logits stay closer to float32 than the original's on every preset (h200-2026-12-02
+            # call 3; at six pages one compile put Tiny past it, 01g call 3, another not), the engine's default.
             if self.attn.padding_in_kernel:
                 x = self.attn(x, window=self.window_size)
             else:

@@ -109,7 +109,9 @@ def choose_vision_kernels(model, settings: Settings, graphs: bool) -> None:
     captured at load, each is built once; DEEPSEEK_OCR_VISION_CUDNN). SAM's MLP GELU in the first product's
     epilogue (cuBLASLt's; DEEPSEEK_OCR_SAM_GELU=epilogue, the default: 0.56 ms a page faster, its hidden layer
     closer to float32 than F.gelu after the rounded product, README "Faithfulness"), `1` through the Triton kernel
-    (`triton_ops.gelu`), `0` F.gelu after the product as the original."""
+    (`triton_ops.gelu`), `0` F.gelu after the product as the original. Within windows, the padding past the grid
+    made up in the window kernel (DEEPSEEK_OCR_SAM_WINDOW_PADDING=kernel, the default), or the grid padded first
+    (`grid`)."""
     sam = model.model.sam_model
     own_kernels = settings.vision != "original"  # the original's order keeps PyTorch's kernels throughout
     every_block = settings.sam_kernel == "all"

@@ -93,12 +93,12 @@ class Settings:
     # DEEPSEEK_OCR_SAM_GELU: SAM's MLP GELU in the first product's epilogue (cuBLASLt's), "1" through the Triton
     # kernel, "0" F.gelu after the product (the original's)
     sam_gelu: str = "epilogue"
-    # DEEPSEEK_OCR_SAM_WINDOW_PADDING (with the kernel for every block): "grid": the grid padded to whole windows
-    # before the qkv projection; "kernel": SAM's windows over the grid as it is, the keys and values of their
-    # padding past it made up in the window kernel from the projection's bias (0.26 ms a page faster, but its
-    # compiled norm rounds differently and Tiny's first-step logits were further from float32 than the
-    # original's: opt-in, h200-2026-12-01g)
-    sam_window_padding: str = "grid"
+    # DEEPSEEK_OCR_SAM_WINDOW_PADDING (with the kernel for every block): "kernel": SAM's windows over the grid as it
+    # is, the keys and values of their padding past it made up in the window kernel from the projection's bias
+    # (0.26 ms a page faster; its compiled norm rounds a few values differently, and over 16 pages its first-step
+    # logits are closer to float32 than the original's on every preset, h200-2026-12-02 call 3); "grid": the grid
+    # padded to whole windows before the qkv projection, as the original pads it
+    sam_window_padding: str = "kernel"
     programmatic_launch: bool = True  # DEEPSEEK_OCR_PDL (the decode step's kernels, on Hopper and later)
     # requests
     max_pages: int = 50  # DEEPSEEK_OCR_MAX_PAGES
@@ -140,7 +140,7 @@ class Settings:
             vision_cudnn=_flag(env, "DEEPSEEK_OCR_VISION_CUDNN", True),
             sam_kernel=_text(env, "DEEPSEEK_OCR_SAM_KERNEL", "all", ("0", "1", "all")),
             sam_gelu=_text(env, "DEEPSEEK_OCR_SAM_GELU", "epilogue", ("0", "1", "epilogue")),
-            sam_window_padding=_text(env, "DEEPSEEK_OCR_SAM_WINDOW_PADDING", "grid", ("grid", "kernel")),
+            sam_window_padding=_text(env, "DEEPSEEK_OCR_SAM_WINDOW_PADDING", "kernel", ("kernel", "grid")),
             programmatic_launch=_flag(env, "DEEPSEEK_OCR_PDL", True),
             max_pages=_number(env, "DEEPSEEK_OCR_MAX_PAGES", 50),
             max_pixels=_number(env, "DEEPSEEK_OCR_MAX_PIXELS", 64_000_000),

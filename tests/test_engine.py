@@ -269,8 +269,8 @@ def test_a_failed_prompt_takes_its_predictions_other_pages_out_of_the_page_by_pa
 
 
 @pytest.mark.parametrize("vision, sam_kernel, vision_cudnn, sam_gelu, padding, graphs, kernel_on, cudnn_on, gelu_way", [
-    ("compiled", "all", True, "epilogue", "grid", True, True, True, "epilogue"),  # the defaults on a GPU
-    ("compiled", "all", True, "epilogue", "kernel", True, True, True, "epilogue"),  # windows' padding in the kernel
+    ("compiled", "all", True, "epilogue", "kernel", True, True, True, "epilogue"),  # the defaults on a GPU
+    ("compiled", "all", True, "epilogue", "grid", True, True, True, "epilogue"),  # the grid padded to whole windows
     ("compiled", "1", True, "0", "kernel", True, True, True, "exact"),  # the kernel for grids walked by rows, F.gelu
     ("compiled", "all", True, "1", "kernel", True, True, True, "kernel"),  # every grid, the GELU kernel
     ("compiled", "1", True, "1", "kernel", False, True, False, "kernel"),  # towers called, not replayed: no cuDNN
