@@ -68,7 +68,7 @@ for step in "$@"; do
     vision-ocr2) python3 benchmarks/bench_vision.py --model ocr2 --profile "$OUT/ocr2" --json "$OUT/vision-ocr2.json" 2>&1 | tee "$OUT/vision-ocr2.log"
       python3 benchmarks/page_cost.py --json "$OUT/page-cost.json" 2>&1 | tee "$OUT/page-cost.log" ;;
     page-cost) python3 benchmarks/page_cost.py --json "$OUT/page-cost.json" 2>&1 | tee "$OUT/page-cost.log" ;;
-    numerics-ocr2) python3 benchmarks/bench_numerics.py --model ocr2 "${ORIGINAL2[@]}" --json "$OUT/numerics-ocr2.json" 2>&1 | tee "$OUT/numerics-ocr2.log" ;;
+    numerics-ocr2) python3 benchmarks/bench_numerics.py --model ocr2 "${ORIGINAL2[@]}" --tokens 8 --json "$OUT/numerics-ocr2.json" 2>&1 | tee "$OUT/numerics-ocr2.log" ;;
     stages) python3 benchmarks/numerics_stages.py "${ORIGINAL[@]}" --json "$OUT/stages.json" 2>&1 | tee "$OUT/stages.log" ;;
     bulk) python3 benchmarks/bench_bulk.py ${BULK_ARGS:-} --json "$OUT/bulk.json" 2>&1 | tee "$OUT/bulk.log" ;;
     bulk-ray) install_ray; python3 benchmarks/bench_bulk.py --ray --gpus 2 --json "$OUT/bulk-ray.json" 2>&1 | tee "$OUT/bulk-ray.log" ;;
