@@ -69,3 +69,31 @@ def test_a_batched_pass_gives_each_prompt_the_models_own_embeddings(model_and_to
             text = ~prompt.image_mask
             assert torch.equal(embeds[text], own[text])
             torch.testing.assert_close(embeds[prompt.image_mask], own[prompt.image_mask], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the uploads' own stream is CUDA's")
+def test_on_cuda_the_pixels_upload_on_a_stream_of_their_own_before_the_towers_read_them(tiny_checkpoint):
+    """On a GPU the pass's views are copied from pinned memory on a stream of their own, every size at once, and
+    the towers' stream waits for each size's copies: the embeddings are, bit for bit, those of the same pass
+    over views that were on the GPU before it began."""
+    import copy
+
+    import checkpoints
+    from transformers import PreTrainedTokenizerFast
+
+    model = checkpoints.DeepseekOCRForCausalLM.from_pretrained(str(tiny_checkpoint), dtype=torch.float32)
+    model = model.to("cuda").eval()
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(tiny_checkpoint))
+    preset = gundam(model)
+    images = [document_image(900, 1300, seed=10), document_image(1200, 800, seed=11)]
+    pinned = [Preprocessor(model, tokenizer, 1, pin=True)._prepare(image, PROMPT, preset) for image in images]
+    assert pinned[0].images[0].tiles.is_pinned()
+    there = copy.deepcopy(pinned)
+    for prompt in there:
+        for views in prompt.images:
+            views.global_view, views.tiles = views.global_view.cuda(), views.tiles.cuda()
+    torch.cuda.synchronize()
+    expected = encode_prompts(model, there)
+    uploaded = encode_prompts(model, pinned)
+    for got, want in zip(uploaded, expected):
+        assert torch.equal(got, want)
