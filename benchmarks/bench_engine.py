@@ -35,7 +35,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.bench_vision import prefill, vision_flops  # noqa: E402
+from benchmarks.bench_vision import pass_seconds, prefill, vision_flops  # noqa: E402
 from benchmarks.ceilings import measure_ceilings  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     MODEL_PRESETS, PROMPT, a4_page, default_checkpoint, device_name, peak_gib, random_checkpoint, reset_peak,
@@ -281,15 +281,8 @@ def vision_pass(engine: OCREngine, pages: int, out: Path = None) -> dict:
     prompts = [preprocessor._prepare(image, PROMPT, gundam) for image in images]
     preprocess_s = time.perf_counter() - started
     towers = engine.server.towers  # as the engine encodes: replayed as CUDA graphs by default
-    encode_prompts(model, prompts[:2], towers=towers)  # warm-up
-    sync()
     # the median of a few passes: one pass's wall time moves by ~3% between passes (h200-2026-12-02b)
-    passes_s = []
-    for _ in range(5):
-        started = time.perf_counter()
-        encode_prompts(model, prompts, towers=towers)
-        sync()
-        passes_s.append(time.perf_counter() - started)
+    passes_s = pass_seconds(lambda: encode_prompts(model, prompts, towers=towers), 5)
     encode_s = sorted(passes_s)[len(passes_s) // 2]
     if out is not None:
         from torch.profiler import ProfilerActivity, profile

@@ -59,8 +59,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU for a smoke r
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
 
 
-def timed(fn, repeats: int = 3) -> float:
-    """Median seconds of `fn()` (synchronised), after one warm-up call."""
+def pass_seconds(fn, repeats: int) -> list:
+    """Seconds of each of `repeats` calls of `fn()` (synchronised), after one warm-up call."""
     fn()
     sync()
     times = []
@@ -69,6 +69,12 @@ def timed(fn, repeats: int = 3) -> float:
         fn()
         sync()
         times.append(time.perf_counter() - started)
+    return times
+
+
+def timed(fn, repeats: int = 3) -> float:
+    """Median seconds of `fn()` (synchronised), after one warm-up call."""
+    times = pass_seconds(fn, repeats)
     return sorted(times)[len(times) // 2]
 
 
