@@ -16,8 +16,10 @@ Key tiles (`key_tiles`): a grid whose width is a power of two from 16 is walked 
 and its row term is one value per query. Other grids are walked in rectangles of 64 keys that cover them
 with the fewest padded keys (8 × 8 for a 640 tile's 40 × 40 grid: none; in windows, rectangles of 128 keys:
 8 × 16 for a 14 × 14 window);
-a rectangle's terms are its few rows' and columns' entries of the two tables, summed into it. (Gathering
-each score's two terms from the tables instead took 6.2 ms for one pass's 640 tiles against 3.5, H200.)
+a rectangle's terms are its few rows' and columns' entries of the two tables, summed into it: for a rectangle
+of at most 16 rows and columns (a 640 tile's 8 × 8) by a product of those entries with a one-hot matrix, which
+leaves the sums in the scores' layout; otherwise by broadcasting. (Gathering each score's two terms from the
+tables instead took 6.2 ms for one pass's 640 tiles against 3.5, H200.)
 The grid's terms are read from tables computed before the kernel (by `table_terms`, a product for each line of
 the grid, reading q where it lies in the fused projection; einsums over gathered tables cost copies of q in and
 of the terms out): computing them in the kernel, with a look-up in every step of its loop over the keys, cost
@@ -66,6 +68,12 @@ WINDOW_TILE_KEYS = 128
 # little differently, moved the six-page numerics' Tiny figure to 1.435% from float32, past the original's 1.430
 # (call 5): not kept.
 WINDOW_BLOCK_QUERIES = 64
+# A grid's rectangles of keys whose rows and columns number at most this many take their terms by a product
+# (`_spread_terms`): a 640 tile's 8 × 8 rectangles, one pass's global attention over its tiles 2.98 ms against
+# 3.22 with the broadcast sum, the same bits; rectangles of 4 × 16 (a 1280 view's, OCR 2's 768 tiles), whose
+# entries need a product of 32, ran slower (7.0–7.2 against 6.6–6.9; 5.6–5.7 against 5.2–5.4) and rounded a few
+# scores differently (h200-2026-12-02c call 1).
+TERM_ENTRIES = 16
 WINDOW_WARPS = 4
 WINDOW_STAGES = 1
 _LOG2_E = 1.4426950408889634
@@ -101,8 +109,11 @@ if triton is not None:
                                    heads, height, width, score_scale, term_scale,
                                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, TILE_ROWS: tl.constexpr,
                                    TILE_COLS: tl.constexpr, DOT_IN_FP32: tl.constexpr, PRECISION: tl.constexpr,
-                                   COVERED: tl.constexpr):
+                                   COVERED: tl.constexpr, TERM_ENTRIES: tl.constexpr = 0):
         # A block of queries of one view and head against every key of the grid, a tile of keys a step.
+        # TERM_ENTRIES (rectangles only): a rectangle's row and column entries loaded as one tile of that many
+        # columns and spread over its keys by a product with a one-hot matrix (`_spread_terms`); 0: summed by
+        # broadcasting (`_rectangle_terms`).
         block = tl.program_id(0)
         view_head = tl.program_id(1).to(tl.int64)
         view, head = view_head // heads, view_head % heads
@@ -126,6 +137,14 @@ if triton is not None:
                                 mask=is_query[:, None] & (slot_col < width)[None, :], other=0.0)
             col_terms = col_terms.to(tl.float32) * term_scale
             next_row_term = tl.load(rows_at, mask=is_query, other=0.0)
+        elif TERM_ENTRIES:
+            # entry e of a rectangle's term tile is its row e (e < TILE_ROWS), then its column e − TILE_ROWS: key
+            # slot s takes the entries of its row and its column, the same two in every rectangle
+            entry = tl.arange(0, TERM_ENTRIES)
+            is_row_entry = entry < TILE_ROWS
+            is_col_entry = (entry >= TILE_ROWS) & (entry < TILE_ROWS + TILE_COLS)
+            spread = (((entry[:, None] == slot_row[None, :]) & is_row_entry[:, None])
+                      | ((entry[:, None] == TILE_ROWS + slot_col[None, :]) & is_col_entry[:, None])).to(q.dtype)
         best = tl.full([BLOCK_M], float("-inf"), tl.float32)
         total = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -145,6 +164,10 @@ if triton is not None:
                 row_term = next_row_term.to(tl.float32) * term_scale
                 next_row_term = tl.load(rows_at + tile_row + 1, mask=is_query & (tile_row + 1 < height), other=0.0)
                 terms = col_terms
+            elif TERM_ENTRIES:  # the rectangle's row and column entries spread over its keys by one product
+                terms = _spread_terms(rows_at, cols_at, is_query, tile_row, tile_col, height, width, entry,
+                                      is_row_entry, is_col_entry, spread, term_scale, TILE_ROWS, DOT_IN_FP32,
+                                      PRECISION)
             else:  # the rectangle's row terms and column terms, summed into it
                 terms = _rectangle_terms(rows_at, cols_at, is_query, tile_row, tile_col, height, width, term_scale,
                                          BLOCK_M, TILE_ROWS, TILE_COLS)
@@ -178,6 +201,25 @@ if triton is not None:
                             mask=is_query[:, None] & (rect_col < width)[None, :], other=0.0)
         return tl.reshape(row_terms.to(tl.float32)[:, :, None] + col_terms.to(tl.float32)[:, None, :],
                           [BLOCK_M, TILE_ROWS * TILE_COLS]) * term_scale
+
+    @triton.jit
+    def _spread_terms(rows_at, cols_at, is_query, tile_row, tile_col, height, width, entry, is_row_entry,
+                      is_col_entry, spread, term_scale, TILE_ROWS: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+                      PRECISION: tl.constexpr):
+        """The terms of the rectangle of keys from (tile_row, tile_col) as `_rectangle_terms` gives them, by a
+        product: each query's entries of the rectangle's rows and columns, one [BLOCK_M, TERM_ENTRIES] tile, times
+        `spread` (one-hot: a key slot's row entry and column entry) adds each key's two entries in the product's
+        float32 sum, which lands in the scores' own layout (the broadcast sum is built in another and converted
+        there in every step)."""
+        row_line = tile_row + entry
+        col_line = tile_col + entry - TILE_ROWS
+        valid = (is_row_entry & (row_line < height)) | (is_col_entry & (col_line < width))
+        at = tl.where(is_row_entry[None, :], rows_at[:, None] + row_line[None, :], cols_at[:, None] + col_line[None, :])
+        entries = tl.load(at, mask=is_query[:, None] & valid[None, :], other=0.0)
+        if DOT_IN_FP32:
+            entries = entries.to(tl.float32)
+            spread = spread.to(tl.float32)
+        return tl.dot(entries, spread, input_precision=PRECISION) * term_scale
 
     @triton.jit
     def _window_query_block(q_at, k_at, v_at, out_at, rows_at, cols_at, rel_h, rel_w, padding_k, padding_v,
@@ -431,5 +473,6 @@ def relative_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_te
     _relative_attention_kernel[(_cdiv(tokens, block_queries), batch * heads)](
         q, k, v, row_terms, col_terms, out, *strides, out.stride(0), out.stride(1), out.stride(2),
         heads, height, width, _LOG2_E / math.sqrt(head_dim), _LOG2_E, BLOCK_M=block_queries, num_warps=warps,
-        num_stages=stages, COVERED=height % tile_rows == 0 and width % tile_cols == 0, **common)
+        num_stages=stages, COVERED=height % tile_rows == 0 and width % tile_cols == 0,
+        TERM_ENTRIES=TERM_ENTRIES if 1 < tile_rows and tile_rows + tile_cols <= TERM_ENTRIES else 0, **common)
     return out

@@ -660,7 +660,8 @@ def windowed_relative_attention_reference(q, k, v, row_terms, col_terms, height,
 def check_relative_attention(device):
     """SAM's attention with the relative positions added in the kernel: square and oblong grids walked a row
     at a time (a width that is a power of two) and by rectangles of keys (the rest: a 14 × 14 window, a grid
-    the rectangles cover exactly and ones they overhang, whose keys are masked), windows read in the grid
+    the rectangles cover exactly and ones they overhang, whose keys are masked; rectangles of 8 × 8 keys, whose
+    terms are spread by a product, and of 4 × 16, summed by broadcasting), windows read in the grid
     (padded to whole windows by tokens whose keys and values are the biases, as SamBlock pads, only the grid's
     queries written; one window larger than the grid, one that fits it exactly; an unpadded grid refused),
     more queries than one block, q/k/v cut out of one fused projection (strided views), term tables wider
@@ -877,7 +878,11 @@ HOPPER_BUILDS = (
     ("_relative_attention_kernel", dict(HEAD_DIM=64, BLOCK_M=64, TILE_ROWS=1, TILE_COLS=64, DOT_IN_FP32=False,
                                         PRECISION="tf32", COVERED=True), "*bf16", dict(num_warps=4, num_stages=3)),
     ("_relative_attention_kernel", dict(HEAD_DIM=64, BLOCK_M=64, TILE_ROWS=8, TILE_COLS=8, DOT_IN_FP32=False,
-                                        PRECISION="tf32", COVERED=True), "*bf16", dict(num_warps=4, num_stages=3)),
+                                        PRECISION="tf32", COVERED=True, TERM_ENTRIES=16), "*bf16",
+     dict(num_warps=4, num_stages=3)),
+    ("_relative_attention_kernel", dict(HEAD_DIM=64, BLOCK_M=64, TILE_ROWS=4, TILE_COLS=16, DOT_IN_FP32=False,
+                                        PRECISION="tf32", COVERED=True, TERM_ENTRIES=0), "*bf16",
+     dict(num_warps=4, num_stages=3)),
     ("_window_attention_kernel", dict(HEAD_DIM=64, WINDOW=14, ENTRIES=32, BLOCK_M=64, TILE_ROWS=8, TILE_COLS=16,
                                       TABLES=True, PADDING=False, DOT_IN_FP32=False, PRECISION="tf32"), "*bf16",
      dict(num_warps=4, num_stages=1)),
