@@ -432,6 +432,8 @@ def main():
     parser.add_argument("--trial", nargs="*", default=[], choices=sorted(TRIALS),
                         help="the largest job once more with one thing changed: " + "; ".join(
                             f"{name}: {what}" for name, what in TRIALS.items()))
+    parser.add_argument("--trial-pages", type=int, nargs="*", help="the job sizes each --trial runs (default: the "
+                        "largest of --job-pages)")
     parser.add_argument("--timeline", type=Path, help="folder: the largest job once more with a window of it "
                         "under the profiler (benchmarks/timeline.py), its trace and GPU time by stage")
     parser.add_argument("--timeline-window", type=float, nargs=2, default=[3.0, 2.0], metavar=("START_S", "LENGTH_S"))
@@ -501,14 +503,16 @@ def main():
             finally:
                 vision.stream = served_stream
     for trial in args.trial:
-        # Trials, each on the largest job: something the serving loop does, changed for one job and put back
-        pages = max(args.job_pages)
-        undo = start_trial(engine, trial)
-        try:
-            ours.setdefault("trials", {})[trial] = page_job(engine, pages, args.job_tokens)
-        finally:
-            undo()
-        print(f"job, trial {trial}", json.dumps(ours["trials"][trial]), flush=True)
+        # Trials, each on the largest job (or --trial-pages): something the serving loop does, changed for one job
+        # and put back
+        for pages in args.trial_pages or [max(args.job_pages)]:
+            key = trial if not args.trial_pages else f"{trial}, {pages} pages"
+            undo = start_trial(engine, trial)
+            try:
+                ours.setdefault("trials", {})[key] = page_job(engine, pages, args.job_tokens)
+            finally:
+                undo()
+            print(f"job, trial {key}", json.dumps(ours["trials"][key]), flush=True)
     if args.timeline:
         from benchmarks.timeline import print_summary, profile_window
 
@@ -605,7 +609,8 @@ def main():
         print(f"| trial: {pages}-page job with the vision passes at a higher stream priority than decode, pages/s | "
               f"{job['pages_s']:.2f} (vision {job['encode_ms_per_page']:.1f} ms a page, prefill "
               f"{job['prefill_tokens_s']:,.0f} tokens/s) | – | – | |")
-    for trial, job in ours.get("trials", {}).items():
+    for key, job in ours.get("trials", {}).items():
+        trial = key.split(",")[0]
         print(f"| trial: {job['pages']}-page job, {TRIALS[trial]}, pages/s | {job['pages_s']:.2f} (prefill "
               f"{job['prefill_tokens_s']:,.0f} tokens/s, {job['prefill_ms_each']:.0f} ms each; vision "
               f"{job['encode_ms_per_page']:.1f} ms a page, passes of {job['vision_pages_per_pass']:.1f}) | – | – | |")
