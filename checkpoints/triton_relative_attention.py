@@ -138,9 +138,10 @@ if triton is not None:
             # Whole rows, a row a step: every row's column terms are these; each query's row term is one value,
             # added to the row's maximum and taken off the shift of the exponent instead of to each score (an
             # addition a score fewer). The loop counts rows, and over a grid the rows cover (COVERED) the keys are
-            # loaded unmasked: one pass's 1024 views 2.21 ms against 2.42 for the walk by tiles of before, whose
-            # tile's row and column were a division and a remainder by a width known at run time (h200-2026-12-02c
-            # call 3, the same bits).
+            # loaded unmasked: one pass's 1024 views 2.35–2.40 ms against 2.41–2.61 for the walk by tiles of
+            # before, whose tile's row and column were a division and a remainder by a width known at run time
+            # (h200-2026-12-02c call 4, alternating on the same inputs; 2.21 against 2.41–2.46 in call 3; the same
+            # bits).
             is_col = slot_col < width
             col_terms = tl.load(cols_at[:, None] + slot_col[None, :], mask=is_query[:, None] & is_col[None, :],
                                 other=0.0)
