@@ -284,9 +284,8 @@ if triton is not None:
                 in_grid = is_key & (first_row + key_row < written_height) & (first_col + key_col < written_width)
                 k = tl.load(tl.where(in_grid, k_at + key * k_token, padding_k)[:, None] + dim[None, :])
                 v = tl.load(tl.where(in_grid, v_at + key * v_token, padding_v)[:, None] + dim[None, :])
-            else:
-                k = tl.load(k_at + key[:, None] * k_token + dim[None, :], mask=is_key[:, None], other=0.0)
-                v = tl.load(v_at + key[:, None] * v_token + dim[None, :], mask=is_key[:, None], other=0.0)
+            else:  # the rectangle's keys past the window masked
+                k, v = _keys_and_values(k_at, v_at, key, is_key, k_token, v_token, dim, False, False)
             if DOT_IN_FP32:
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
