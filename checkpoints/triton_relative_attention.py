@@ -59,6 +59,12 @@ TILE_KEYS = 64
 # ... and of a window in a grid of whole windows: 8 × 16, two rectangles a 14 × 14 window (one 16-page pass's
 # windows 1.82 ms against 2.17 with 4 × 16, h200-2026-12-01e call 1)
 WINDOW_TILE_KEYS = 128
+# A grid's rectangles of keys whose rows and columns number at most this many take their terms by a product
+# (`_spread_terms`): a 640 tile's 8 × 8 rectangles, one pass's global attention over its tiles 2.98 ms against
+# 3.22 with the broadcast sum, the same bits; rectangles of 4 × 16 (a 1280 view's, OCR 2's 768 tiles), whose
+# entries need a product of 32, ran slower (7.0–7.2 against 6.6–6.9; 5.6–5.7 against 5.2–5.4) and rounded a few
+# scores differently (h200-2026-12-02c call 1).
+TERM_ENTRIES = 16
 # The window kernel: a program a window, its queries 64 at a time, 4 warps, no pipeline stages (its loop over query
 # blocks gains nothing from them, and two stages cost shared memory): one 16-page pass's windows 1.50–1.62 ms
 # against 1.90–1.93 for the grid kernel's windows, the same bits (h200-2026-12-01f calls 2 and 6; two stages
@@ -68,12 +74,6 @@ WINDOW_TILE_KEYS = 128
 # little differently, moved the six-page numerics' Tiny figure to 1.435% from float32, past the original's 1.430
 # (call 5): not kept.
 WINDOW_BLOCK_QUERIES = 64
-# A grid's rectangles of keys whose rows and columns number at most this many take their terms by a product
-# (`_spread_terms`): a 640 tile's 8 × 8 rectangles, one pass's global attention over its tiles 2.98 ms against
-# 3.22 with the broadcast sum, the same bits; rectangles of 4 × 16 (a 1280 view's, OCR 2's 768 tiles), whose
-# entries need a product of 32, ran slower (7.0–7.2 against 6.6–6.9; 5.6–5.7 against 5.2–5.4) and rounded a few
-# scores differently (h200-2026-12-02c call 1).
-TERM_ENTRIES = 16
 WINDOW_WARPS = 4
 WINDOW_STAGES = 1
 _LOG2_E = 1.4426950408889634
