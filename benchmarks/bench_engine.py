@@ -509,7 +509,7 @@ def main():
             key = trial if not args.trial_pages else f"{trial}, {pages} pages"
             undo = start_trial(engine, trial)
             try:
-                ours.setdefault("trials", {})[key] = page_job(engine, pages, args.job_tokens)
+                ours.setdefault("trials", {})[key] = {"trial": trial, **page_job(engine, pages, args.job_tokens)}
             finally:
                 undo()
             print(f"job, trial {key}", json.dumps(ours["trials"][key]), flush=True)
@@ -609,9 +609,8 @@ def main():
         print(f"| trial: {pages}-page job with the vision passes at a higher stream priority than decode, pages/s | "
               f"{job['pages_s']:.2f} (vision {job['encode_ms_per_page']:.1f} ms a page, prefill "
               f"{job['prefill_tokens_s']:,.0f} tokens/s) | – | – | |")
-    for key, job in ours.get("trials", {}).items():
-        trial = key.split(",")[0]
-        print(f"| trial: {job['pages']}-page job, {TRIALS[trial]}, pages/s | {job['pages_s']:.2f} (prefill "
+    for job in ours.get("trials", {}).values():
+        print(f"| trial: {job['pages']}-page job, {TRIALS[job['trial']]}, pages/s | {job['pages_s']:.2f} (prefill "
               f"{job['prefill_tokens_s']:,.0f} tokens/s, {job['prefill_ms_each']:.0f} ms each; vision "
               f"{job['encode_ms_per_page']:.1f} ms a page, passes of {job['vision_pages_per_pass']:.1f}) | – | – | |")
     def agreements(runs):
