@@ -6,32 +6,35 @@ import copy
 import pytest
 import torch
 
-from ocr_service.vision_graphs import GraphedTowers, powers_of_two_up_to, view_chunks
+from ocr_service.vision_graphs import GraphedTowers, graph_sizes, view_chunks
 
 
-@pytest.mark.parametrize("views, largest, chunks", [
-    (96, 128, [64, 32]),  # six tiles a page, 16 pages
-    (144, 128, [128, 16]),  # the most tiles a pass of 16 pages holds
-    (300, 128, [128, 128, 32, 8, 4]),  # beyond the largest graph: it repeats
-    (16, 16, [16]),
-    (1, 16, [1]),
-    (15, 16, [8, 4, 2, 1]),
-    (0, 4, []),
+def test_graphs_are_captured_for_every_count_up_to_sixteen_then_every_eighth():
+    assert graph_sizes(144) == list(range(1, 17)) + [24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 104, 112, 120, 128,
+                                                     136, 144]
+    assert graph_sizes(100)[-1] == 96  # the last multiple of eight within the most views
+    assert graph_sizes(5) == [1, 2, 3, 4, 5]
+    assert graph_sizes(0) == []
+
+
+@pytest.mark.parametrize("views, chunks", [
+    (96, [96]),  # six tiles a page, 16 pages: one replay
+    (90, [88, 2]),
+    (144, [144]),  # the most tiles a pass of 16 pages holds
+    (300, [144, 144, 12]),  # beyond the largest graph: it repeats
+    (15, [15]),
+    (1, [1]),
+    (0, []),
 ])
-def test_a_call_is_cut_into_the_binary_digits_of_its_views(views, largest, chunks):
-    assert view_chunks(views, largest) == chunks
+def test_a_call_replays_the_largest_graph_that_fits_then_the_largest_that_fits_the_rest(views, chunks):
+    assert view_chunks(views, graph_sizes(144)) == chunks
     assert sum(chunks) == views
 
 
-def test_the_largest_graph_must_hold_a_power_of_two():
-    with pytest.raises(ValueError, match="power of two"):
-        view_chunks(10, 96)
-
-
-def test_graph_sizes_are_the_powers_of_two_within_the_most_views():
-    assert powers_of_two_up_to(144) == [1, 2, 4, 8, 16, 32, 64, 128]
-    assert powers_of_two_up_to(1) == [1]
-    assert powers_of_two_up_to(0) == []
+def test_every_call_can_be_made_of_the_sizes_only_with_a_graph_of_one_view():
+    assert view_chunks(7, [1, 2, 4]) == [4, 2, 1]
+    with pytest.raises(ValueError, match="must include 1"):
+        view_chunks(10, [2, 4, 8])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -44,15 +47,15 @@ def test_replayed_towers_give_the_towers_features(which, cudnn, tiny_model, tiny
     towers = GraphedTowers(model, {side: 5})
     logged = []
     report = towers.capture(log=logged.append)
-    assert report["graphs"] == 3 and sorted(towers.graphs) == [(side, 1), (side, 2), (side, 4)]
-    assert logged and logged[0].startswith("captured 3 CUDA graphs")
+    assert report["graphs"] == 5 and sorted(towers.graphs) == [(side, count) for count in range(1, 6)]
+    assert logged and logged[0].startswith("captured 5 CUDA graphs")
     torch.manual_seed(0)
     views = torch.randn(7, 3, side, side, device="cuda", dtype=torch.bfloat16)
     with torch.inference_mode():
-        for count in (1, 2, 4):  # a captured size: the same kernels as the towers called on that many views
+        for count in (1, 3, 5):  # a captured size: the same kernels as the towers called on that many views
             assert torch.equal(towers(views[:count]), model.model.encode_views(views[:count]))
-        replayed = towers(views)  # 4 + 2 + 1 replays
-        called = torch.cat([model.model.encode_views(views[s:e]) for s, e in ((0, 4), (4, 6), (6, 7))])
+        replayed = towers(views)  # 5 + 2 replays
+        called = torch.cat([model.model.encode_views(views[s:e]) for s, e in ((0, 5), (5, 7))])
         assert torch.equal(replayed, called)
         other_side = model.processing.RESOLUTION_MODES["Gundam"][0]  # the global view's: not captured here
         few = torch.randn(1, 3, other_side, other_side, device="cuda", dtype=torch.bfloat16)
