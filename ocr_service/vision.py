@@ -16,6 +16,7 @@ original's order (a dense bias of (side/16)⁴ values per head and view) calls s
 """
 
 import contextlib
+import functools
 import itertools
 import queue
 import threading
@@ -155,7 +156,7 @@ def encode_prompts(model, prompts: Sequence[PromptInputs], call_pixels: Optional
     features = {}
     uploads = _upload(groups, device)
     for size, members in groups.items():
-        pixels, uploaded = uploads[size]
+        pixels, uploaded = uploads[size]()
         if uploaded is not None:
             torch.cuda.current_stream(device).wait_event(uploaded)
         per_pass = max(1, call_pixels // (size * size))
@@ -182,34 +183,42 @@ _UPLOAD_STREAMS: dict = {}  # CUDA device → the stream that copies views to it
 
 
 def _upload(groups: dict, device: torch.device) -> dict:
-    """The views of each size (`encode_prompts`' groups) joined on `device`, each copied as it is (the
-    Preprocessor leaves them pinned, as uint8 pixels) into its place: size → (views, the event after their
-    copies, or None off CUDA). On CUDA every size's copies are queued at once on a stream of their own, so that
-    one size's upload runs while the towers encode the size before it: a pass of 16 A4 Gundam pages uploads
-    168 MB of pixels, 3.7 ms of copies over the H200's host link (traced), which on the towers' stream came
-    before each size's encoding."""
+    """The views of each size (`encode_prompts`' groups) joined on `device`: size → `upload()`, which copies each
+    view as it is (the Preprocessor leaves them pinned, as uint8 pixels) into its place and returns (the views,
+    the event after their copies, or None off CUDA). On CUDA every size's buffer is taken here, at once, and its
+    copies are queued on a stream of their own when `upload()` is called, just before that size's towers are
+    launched: one size's upload runs while the towers encode the size before it (a pass of 16 A4 Gundam pages
+    uploads 168 MB of pixels, 3.7 ms of copies over the H200's host link, traced), and the first size's towers do
+    not wait for the host to queue every other size's copies first (a copy a page and size: ~100 launches)."""
     if device.type != "cuda":
-        return {size: (torch.cat([views for _, views in members]).to(device), None)
-                for size, members in groups.items()}
+        def joined(size: int) -> tuple:
+            return torch.cat([views for _, views in groups[size]]).to(device), None
+
+        return {size: functools.partial(joined, size) for size in groups}
     towers_stream = torch.cuda.current_stream(device)
     if device not in _UPLOAD_STREAMS:
         _UPLOAD_STREAMS[device] = torch.cuda.Stream(device)
     upload_stream = _UPLOAD_STREAMS[device]
     # The buffers come from the towers' stream's share of the allocator, free in its order only: the copies
-    # wait for what that stream has queued, and that stream waits for each size's copies before reading them.
+    # wait for what that stream has queued until now, and that stream waits for each size's copies before
+    # reading them.
     upload_stream.wait_stream(towers_stream)
-    uploads = {}
+    buffers = {}
     for size, members in groups.items():
         first = members[0][1]
-        pixels = torch.empty((sum(views.shape[0] for _, views in members), *first.shape[1:]), dtype=first.dtype,
-                             device=device)
+        buffers[size] = torch.empty((sum(views.shape[0] for _, views in members), *first.shape[1:]),
+                                    dtype=first.dtype, device=device)
+
+    def upload(size: int) -> tuple:
+        pixels = buffers[size]
         with torch.cuda.stream(upload_stream):
             start = 0
-            for _, views in members:
+            for _, views in groups[size]:
                 pixels[start:start + views.shape[0]].copy_(views, non_blocking=True)
                 start += views.shape[0]
-            uploads[size] = (pixels, upload_stream.record_event())
-    return uploads
+            return pixels, upload_stream.record_event()
+
+    return {size: functools.partial(upload, size) for size in groups}
 
 
 def _ids_and_image_positions(prompts: Sequence[PromptInputs], pin: bool) -> tuple:
