@@ -45,8 +45,7 @@ VIEW_STEP = 8
 def graph_sizes(most: int) -> list:
     """The counts of views graphs are captured for, for calls of at most `most` views: 1 .. EXACT_VIEWS, then
     the multiples of VIEW_STEP up to `most`."""
-    exact = list(range(1, min(most, EXACT_VIEWS) + 1))
-    return exact + list(range(EXACT_VIEWS + VIEW_STEP, most + 1, VIEW_STEP)) if exact else []
+    return list(range(1, min(most, EXACT_VIEWS) + 1)) + list(range(EXACT_VIEWS + VIEW_STEP, most + 1, VIEW_STEP))
 
 
 def view_chunks(views: int, sizes) -> list:
