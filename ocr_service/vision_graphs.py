@@ -37,7 +37,7 @@ from .vision_compile import attention_backends_kept
 
 # Graph sizes (`graph_sizes`): every count of views up to EXACT_VIEWS, then every multiple of VIEW_STEP. A pass of
 # 16 pages holds up to 16 global views and (Gundam, up to nine tiles a page) 144 tiles: 16 + 16 graphs for the
-# tiles' side, 16 for each other side; captured in ~6 s on the H200, against ~2 s for the powers of two.
+# tiles' side, 16 for each other side; captured in 4–6 s on the H200, against ~2 s for the powers of two.
 EXACT_VIEWS = 16
 VIEW_STEP = 8
 
