@@ -25,6 +25,7 @@ under the profiler (`benchmarks/timeline.py`: GPU time by stream and engine stag
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -41,7 +42,8 @@ from benchmarks.common import (  # noqa: E402
     MODEL_PRESETS, PROMPT, a4_page, default_checkpoint, device_name, peak_gib, random_checkpoint, reset_peak,
     run_original_driver, sync, work_since,
 )
-from checkpoints.generation import SERVING_NO_REPEAT_RULE  # noqa: E402
+from checkpoints.generation import SERVING_NO_REPEAT_RULE, NoRepeatNGramGuard  # noqa: E402
+from checkpoints.modeling_deepseekv2 import KVCache  # noqa: E402
 from ocr_service.decode_batch import Entry  # noqa: E402
 from ocr_service.engine import OCREngine  # noqa: E402
 from ocr_service.settings import Settings  # noqa: E402
@@ -394,6 +396,7 @@ def agreement(engine: OCREngine, pages: int, tokens: int, first_seed: int = 0) -
     same, compared = 0, 0
     model, tokenizer = engine.model, engine.tokenizer
     prefixes = []  # each page's tokens in common, from the first
+    partings = []  # where a page parts: the plain path's margin there (parting_margin)
     for image, result in zip(images, batched):
         inputs = model.prepare_inputs(tokenizer, PROMPT, [image], gundam.base_size, gundam.image_size,
                                       gundam.crop_mode)
@@ -404,7 +407,38 @@ def agreement(engine: OCREngine, pages: int, tokens: int, first_seed: int = 0) -
         same += prefix
         compared += tokens
         prefixes.append(prefix)
-    return {"same": same, "compared": compared, "prefixes": prefixes}
+        if prefix < min(len(plain), len(result.token_ids)):
+            partings.append(parting_margin(model, inputs, plain[:prefix], plain[prefix], result.token_ids[prefix]))
+    return {"same": same, "compared": compared, "prefixes": prefixes, "partings": partings}
+
+
+def bf16_step(value: float) -> float:
+    """The spacing of bf16 numbers at `value` (8 significant bits): how far apart two rounded logits of that
+    size can be and still differ."""
+    return 2.0 ** (math.floor(math.log2(abs(value))) - 7) if value else 2.0 ** -133
+
+
+@torch.inference_mode()
+def parting_margin(model, inputs, common: list, plain_token: int, engine_token: int) -> dict:
+    """Where a page's tokens part: the plain path's own logits at that token, replayed as generate_tokens
+    computes them (the prompt, then each token in common through the KV cache, the n-gram ban applied), and
+    how far its choice stood above the engine's, in steps of bf16 at that size. A gap of a step or two is a
+    tie at the logits' precision, which any other rounding order may turn either way."""
+    device = model.lm_head.weight.device
+    embeds = model.model.embed_prompt(inputs.input_ids.to(device)[None], inputs.image_mask.to(device)[None],
+                                      [inputs.images])
+    cache = KVCache(model.config.num_hidden_layers)
+    guard = NoRepeatNGramGuard(SERVING_NO_REPEAT_RULE, inputs.input_ids.tolist())
+    hidden = model.model.decode(embeds, cache=cache)
+    for token in common:
+        guard.append(token)
+        hidden = model.model.decode(model.model.embed_tokens(torch.tensor([[token]], device=device)), cache=cache)
+    logits = guard.mask_banned(model.lm_head(hidden[:, -1]).float()[0])
+    chosen, other = float(logits[plain_token]), float(logits[engine_token])
+    return {"at": len(common), "plain_logit": chosen, "engine_choice_logit": other,
+            "gap_bf16_steps": (chosen - other) / bf16_step(chosen),
+            "banned_tokens": int(torch.isinf(logits).sum()),  # the n-gram ban's doing at this token
+            "replay_matches": int(logits.argmax()) == plain_token}
 
 
 def main():
@@ -614,8 +648,13 @@ def main():
               f"{job['prefill_tokens_s']:,.0f} tokens/s, {job['prefill_ms_each']:.0f} ms each; vision "
               f"{job['encode_ms_per_page']:.1f} ms a page, passes of {job['vision_pages_per_pass']:.1f}) | – | – | |")
     def agreements(runs):
+        partings = [p for run in runs for p in run.get("partings", [])]
         return (" / ".join(f"{run['same']}/{run['compared']}" for run in runs) + " (per page: "
-                + "; ".join(" ".join(map(str, run["prefixes"])) for run in runs) + ")")
+                + "; ".join(" ".join(map(str, run["prefixes"])) for run in runs) + ")"
+                + ("; where pages parted, the plain path's choice above the engine's by "
+                   + ", ".join(f"{p['gap_bf16_steps']:.0f} bf16 steps at token {p['at']}"
+                               + (" (after the n-gram ban)" if p["banned_tokens"] else "") for p in partings)
+                   if partings else ""))
 
     if "agreement" in ours:
         print(f"| bf16 greedy tokens, batched engine = plain generate_tokens | "
