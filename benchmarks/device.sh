@@ -12,7 +12,8 @@
 #              .whl/ray-b/, one folder a call: ignored files stay on a warm machine); parts are joined here
 # Steps: kernels (bench_kernels' default ops, weighted_sum among them), weighted-sum (that op alone),
 # grouping (the experts' grouping by expert, one program against parallel),
-# vision, engine, timeline (the jobs, trials of the serving loop's choices named in TRIALS (default:
+# vision, engine (ENGINE_ARGS: more of bench_engine.py's options, e.g. "--skip priority-trial exactness" to fit one
+# 600 s call with the original), timeline (the jobs, trials of the serving loop's choices named in TRIALS (default:
 # vision-towers-called no-launch-turn; bench_engine.py --help lists them), and a window of the 256-page
 # job under the profiler: GPU time by stream and stage, benchmarks/timeline.py), engine-rows256 (engine with 256 rows and a 110 GiB budget: its jobs and a 256-row step), engine-steps, service, numerics, stages, tests, bulk (one GPU), bulk-ray (2 GPUs);
 # engine-ocr2 and numerics-ocr2 run engine and numerics on DeepSeek-OCR 2; jobs runs the 128-page job of
@@ -54,7 +55,7 @@ for step in "$@"; do
     grouping) python3 benchmarks/bench_kernels.py --ops grouping --json "$OUT/grouping.json" 2>&1 | tee "$OUT/grouping.log" ;;
     weighted-sum) python3 benchmarks/bench_kernels.py --ops weighted_sum --json "$OUT/weighted-sum.json" 2>&1 | tee "$OUT/weighted-sum.log" ;;
     vision) python3 benchmarks/bench_vision.py --profile "$OUT" --json "$OUT/vision.json" 2>&1 | tee "$OUT/vision.log" ;;
-    engine) python3 benchmarks/bench_engine.py "${ORIGINAL[@]}" --profile "$OUT" --json "$OUT/engine.json" 2>&1 | tee "$OUT/engine.log" ;;
+    engine) python3 benchmarks/bench_engine.py "${ORIGINAL[@]}" ${ENGINE_ARGS:-} --profile "$OUT" --json "$OUT/engine.json" 2>&1 | tee "$OUT/engine.log" ;;
     engine-rows256) DEEPSEEK_OCR_GPU_MEMORY_GIB=110 python3 benchmarks/bench_engine.py "${ORIGINAL[@]}" --batches 32 64 128 256 --profile "$OUT" --json "$OUT/engine-rows256.json" 2>&1 | tee "$OUT/engine-rows256.log" ;;
     timeline) python3 benchmarks/bench_engine.py --skip steps priority-trial --trial ${TRIALS:-vision-towers-called no-launch-turn} --timeline "$OUT" --json "$OUT/timeline.json" 2>&1 | tee "$OUT/timeline.log" ;;
     engine-steps) python3 benchmarks/bench_engine.py --skip job --profile "$OUT" --json "$OUT/engine-steps.json" 2>&1 | tee "$OUT/engine-steps.log" ;;
