@@ -13,9 +13,11 @@ A forward over the cache is one of two kinds:
 - decode: one new token per sequence ([B] tokens); each attends to its own cached length.
 
 Attention itself: prefill runs PyTorch's scaled_dot_product_attention per prompt (prompts of equal
-length together); decode reads the blocks in place with a Triton kernel on CUDA (one program per
-sequence, head and split of the sequence, then a reduction of the splits), or with a gather of the
-blocks and a masked SDPA elsewhere, which is the definition.
+length together), the definition, or on CUDA a Triton kernel over the packed prompts whose bounds it reads
+from a table on the device (`PagedBatch.work`): nothing in it depends on the lengths on the host, so the
+whole prefill can be a CUDA graph for a count of tokens. Decode reads the blocks in place with a Triton
+kernel on CUDA (one program per sequence, head and split of the sequence, then a reduction of the splits),
+or with a gather of the blocks and a masked SDPA elsewhere, which is the definition.
 """
 
 from dataclasses import dataclass, field
@@ -41,11 +43,20 @@ class PagedBatch:
     seq_lens: Optional[torch.Tensor] = None  # [B] int32
     # Prefill only: the packed prompts' lengths, in order (host integers: they shape the computation).
     prompt_lengths: Optional[tuple] = None
+    # Prefill only, on CUDA: the Triton kernel's table of the prompts (`triton_attention.prefill_work`) on the
+    # device; made from `prompt_lengths` by the first layer when not given.
+    work: Optional[torch.Tensor] = None
     _length_groups: Optional[list] = field(default=None, repr=False)  # made by the first layer, read by the rest
 
     @property
     def is_prefill(self) -> bool:
         return self.prompt_lengths is not None
+
+    def attention_work(self, device) -> torch.Tensor:
+        """The prefill kernel's table on `device` (made once per forward when the caller gave none)."""
+        if self.work is None:
+            self.work = triton_attention.prefill_work(self.prompt_lengths).to(device)
+        return self.work
 
     def length_groups(self, device) -> list:
         """(length, prompts, index [prompts · length] of their packed tokens) for each prompt length: the
@@ -85,6 +96,8 @@ class PagedKVCache:
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         store_kv(keys, values, k, v, batch.slots)
         if batch.is_prefill:
+            if use_triton(q):
+                return triton_attention.prefill_attention(q, k, v, batch.attention_work(q.device))
             return prefill_attention(q, k, v, batch.length_groups(q.device))
         return paged_decode_attention(q, keys, values, batch.block_tables, batch.seq_lens)
 

@@ -1,7 +1,10 @@
 """Triton kernels of the paged key/value cache in `paged_attention.py`: writing keys and values into
-their slots, and decode attention read from the blocks in place (one program per sequence, head and
-split of the sequence, then a reduction of the splits). Each kernel sits beside the function that
-launches it; `triton_common.py` says what all the families share.
+their slots, decode attention read from the blocks in place (one program per sequence, head and
+split of the sequence, then a reduction of the splits), and the prefill's causal attention of packed
+prompts over their own tokens (one program per block of a prompt's queries and head, the prompts'
+bounds read from a table on the device, so that a CUDA graph of the prefill serves prompts of any
+lengths). Each kernel sits beside the function that launches it; `triton_common.py` says what all the
+families share.
 
 Shapes in comments: T tokens, H heads, Hkv key/value heads, Dh head dim, B sequences.
 """
@@ -10,8 +13,8 @@ from typing import Optional
 
 import torch
 
-from .triton_common import (_cdiv, _multiprocessors, _next_power_of_2, _wait_for_previous, available,  # noqa: F401
-                            launch_options, tl, triton)
+from .triton_common import (_INTERPRETED, _cdiv, _multiprocessors, _next_power_of_2, _wait_for_previous,  # noqa: F401
+                            available, launch_options, tl, triton)
 
 # Paged decode: positions per loop step of one program (at most the cache block size), its warps,
 # how many programs to aim for per multiprocessor when choosing how many splits each sequence gets,
@@ -256,4 +259,115 @@ def paged_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Te
         _combine_splits_kernel[(batch, heads)](
             partial_out, partial_stats, out, out.stride(0), out.stride(1), heads, head_dim, splits,
             BLOCK_S=_next_power_of_2(splits), BLOCK_D=block_d, num_warps=4, **launch_options(q.device))
+    return out
+
+
+# ---------------------------------------------------------------- prefill attention
+
+# Queries a program, keys a step, warps and stages of the prefill kernel. A page's prompt (~920 tokens) is
+# ~15 blocks of queries; its attention is ~2% of a prefill's arithmetic (the experts' GEMMs are the rest).
+PREFILL_BLOCK_M = 64
+PREFILL_BLOCK_N = 64
+PREFILL_WARPS = 4
+PREFILL_STAGES = 3
+_WORK_COLUMNS = 3  # a work row: (first token of the prompt, its end, the program's first query)
+
+
+def prefill_work(prompt_lengths, rows: Optional[int] = None) -> torch.Tensor:
+    """The prefill kernel's table for packed prompts of these lengths: a row per block of PREFILL_BLOCK_M
+    queries of a prompt, (prompt's first token, its end, the block's first query), int64 on the host; padded
+    to `rows` rows of (0, 0, 0), which do nothing (`prefill_work_rows` bounds how many a layout needs)."""
+    table = []
+    start = 0
+    for length in prompt_lengths:
+        end = start + int(length)
+        table.extend((start, end, first) for first in range(start, end, PREFILL_BLOCK_M))
+        start = end
+    if rows is not None:
+        if len(table) > rows:
+            raise ValueError(f"prefill_work: {len(table)} blocks of queries do not fit in {rows} rows")
+        table.extend([(0, 0, 0)] * (rows - len(table)))
+    return torch.tensor(table, dtype=torch.long).reshape(-1, _WORK_COLUMNS)
+
+
+def prefill_work_rows(tokens: int, prompts: int) -> int:
+    """The most work rows `prompts` prompts of `tokens` tokens in all can need (each prompt's last block may be
+    partial)."""
+    return tokens // PREFILL_BLOCK_M + prompts
+
+
+if triton is not None:
+
+    @triton.jit
+    def _prefill_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, work_ptr,
+                                  q_token, q_head, k_token, k_head, v_token, v_head, out_token, out_head,
+                                  queries_per_kv, head_dim, scale_log2,
+                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                                  DOT_IN_FP32: tl.constexpr, PRECISION: tl.constexpr):
+        """Program (work row, head): a block of one prompt's queries against that prompt's keys up to the
+        block's last query (causal), an online softmax a step of BLOCK_N keys. A row of (0, 0, 0) does nothing."""
+        row = tl.program_id(0).to(tl.int64)
+        head = tl.program_id(1).to(tl.int64)
+        start = tl.load(work_ptr + row * 3)
+        end = tl.load(work_ptr + row * 3 + 1)
+        first = tl.load(work_ptr + row * 3 + 2)
+        if first < end:
+            kv_head = head // queries_per_kv
+            query = first + tl.arange(0, BLOCK_M)
+            is_query = query < end
+            dim = tl.arange(0, BLOCK_D)
+            is_dim = dim < head_dim
+            q = tl.load(q_ptr + query[:, None] * q_token + head * q_head + dim[None, :],
+                        mask=is_query[:, None] & is_dim[None, :], other=0.0)
+            if DOT_IN_FP32:
+                q = q.to(tl.float32)
+            best = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            total = tl.zeros([BLOCK_M], tl.float32)
+            acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+            stop = tl.minimum(first + BLOCK_M, end)  # past the block's last query nothing is visible to it
+            for key_start in range(start, stop, BLOCK_N):
+                key = key_start + tl.arange(0, BLOCK_N)
+                is_key = key < stop
+                k = tl.load(k_ptr + key[:, None] * k_token + kv_head * k_head + dim[None, :],
+                            mask=is_key[:, None] & is_dim[None, :], other=0.0)
+                v = tl.load(v_ptr + key[:, None] * v_token + kv_head * v_head + dim[None, :],
+                            mask=is_key[:, None] & is_dim[None, :], other=0.0)
+                if DOT_IN_FP32:
+                    k = k.to(tl.float32)
+                    v = v.to(tl.float32)
+                scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # log2 units: exp2 below
+                visible = (key[None, :] <= query[:, None]) & is_key[None, :]
+                scores = tl.where(visible, scores, float("-inf"))
+                # A query's first step always sees the prompt's first key: its maximum is finite from there on
+                # (the rows past the prompt's end, never stored, may not be).
+                new_best = tl.maximum(best, tl.max(scores, 1))
+                weights = tl.exp2(scores - new_best[:, None])
+                decay = tl.exp2(best - new_best)
+                total = total * decay + tl.sum(weights, 1)
+                acc = tl.dot(weights.to(v.dtype), v, acc * decay[:, None], input_precision=PRECISION)
+                best = new_best
+            out = acc / total[:, None]
+            tl.store(out_ptr + query[:, None] * out_token + head * out_head + dim[None, :],
+                     out.to(out_ptr.dtype.element_ty), mask=is_query[:, None] & is_dim[None, :])
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, work: torch.Tensor) -> torch.Tensor:
+    """Causal attention of packed prompts over their own tokens: q [T, H, Dh], k/v [T, Hkv, Dh] → [T, H, Dh];
+    `work` [rows, 3] on q's device (`prefill_work`) names the prompts. Tokens no row covers (a CUDA graph's
+    padding beyond its prompts, when the caller leaves them out) are left unwritten."""
+    tokens, heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    if heads % kv_heads:
+        raise ValueError(f"prefill_attention: {heads} query heads do not divide into {kv_heads} key/value heads")
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    work = work.contiguous()
+    out = torch.empty(tokens, heads, head_dim, dtype=q.dtype, device=q.device)
+    if tokens == 0 or work.shape[0] == 0:
+        return out
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    _prefill_attention_kernel[(work.shape[0], heads)](
+        q, k, v, out, work, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1), heads // kv_heads, head_dim, 1.4426950408889634 / head_dim ** 0.5,
+        BLOCK_M=PREFILL_BLOCK_M, BLOCK_N=PREFILL_BLOCK_N, BLOCK_D=max(_next_power_of_2(head_dim), 16),
+        DOT_IN_FP32=_INTERPRETED, PRECISION=precision, num_warps=PREFILL_WARPS, num_stages=PREFILL_STAGES)
     return out

@@ -447,6 +447,47 @@ def check_paged_decode_large_blocks(device):
     assert_close(got, expected[few], torch.bfloat16, "paged_decode_attention block 64, a few sequences")
 
 
+def packed_prompts_case(dtype, lengths, heads, kv_heads, head_dim, seed=9):
+    """q, k, v of packed prompts cut out of one fused projection [T, (H + 2·Hkv)·Dh], as the model's are."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens = sum(lengths)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=generator).to(dtype)
+    q = qkv[:, :heads * head_dim].view(tokens, heads, head_dim)
+    k = qkv[:, heads * head_dim:(heads + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
+    v = qkv[:, (heads + kv_heads) * head_dim:].view(tokens, kv_heads, head_dim)
+    return q, k, v
+
+
+@check
+def check_prefill_attention(device):
+    """Packed prompts of lengths around the kernel's block of queries (one token, a block less one, a block, a
+    block and one, several blocks), each attending causally to itself only, against the SDPA definition."""
+    paged_attention, kernels = load_kernel_modules("paged_attention", "triton_attention")
+    block = kernels.PREFILL_BLOCK_M
+    lengths = (1, block - 1, block, block + 1, 2 * block + 5)
+    for dtype in float_types():
+        for heads, kv_heads, head_dim in ((4, 2, 16), (2, 2, 128)):
+            q, k, v = packed_prompts_case(dtype, lengths, heads, kv_heads, head_dim)
+            batch = paged_attention.PagedBatch(positions=torch.zeros(0), slots=torch.zeros(0), prompt_lengths=lengths)
+            expected = paged_attention.prefill_attention(q, k, v, batch.length_groups("cpu"))
+            work = kernels.prefill_work(lengths).to(device)
+            got = kernels.prefill_attention(q.to(device), k.to(device), v.to(device), work)
+            assert_close(got, expected, dtype, f"prefill_attention H={heads} Hkv={kv_heads} Dh={head_dim} {dtype}")
+    # A table padded with rows that do nothing (a CUDA graph's), NaN in another prompt's keys never read.
+    q, k, v = packed_prompts_case(torch.float32, lengths, 4, 2, 16)
+    batch = paged_attention.PagedBatch(positions=torch.zeros(0), slots=torch.zeros(0), prompt_lengths=lengths)
+    expected = paged_attention.prefill_attention(q, k, v, batch.length_groups("cpu"))
+    rows = kernels.prefill_work_rows(sum(lengths), len(lengths))
+    work = kernels.prefill_work(lengths, rows=rows)
+    assert work.shape == (rows, 3) and int(work[-1].abs().sum()) == 0, "the table was not padded with empty rows"
+    assert len(kernels.prefill_work(lengths)) <= rows, "prefill_work_rows is not a bound"
+    poisoned_k, poisoned_v = k.clone(), v.clone()
+    poisoned_k[sum(lengths[:4]):], poisoned_v[sum(lengths[:4]):] = float("nan"), float("nan")
+    got = kernels.prefill_attention(q.to(device), poisoned_k.to(device), poisoned_v.to(device), work.to(device))
+    cut = sum(lengths[:4])
+    assert_close(got[:cut], expected[:cut], torch.float32, "prefill_attention beside another prompt's NaN keys")
+
+
 @check
 def check_store_kv(device):
     paged_attention, kernels = load_kernel_modules("paged_attention", "triton_attention")
@@ -915,6 +956,28 @@ def test_sam_attention_kernels_compile_for_hopper():
                            constexprs={(kernel.arg_names.index(arg),): value for arg, value in constants.items()})
         built = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
         assert built.asm.get("cubin"), f"{name} {constants}: no sm_90 binary"
+
+
+def test_prefill_attention_kernel_compiles_for_hopper():
+    """The prefill's attention kernel compiled for the H200 (sm_90) at the model's shapes, without a GPU (see above)."""
+    triton = pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        pytest.skip("kernels are the interpreter's in this process")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    (kernels,) = load_kernel_modules("triton_attention")
+    kernel = kernels._prefill_attention_kernel
+    constants = dict(BLOCK_M=kernels.PREFILL_BLOCK_M, BLOCK_N=kernels.PREFILL_BLOCK_N, BLOCK_D=128, DOT_IN_FP32=False,
+                     PRECISION="tf32")
+    types = dict(work_ptr="*i64", scale_log2="fp32")
+    signature = {arg: "constexpr" if arg in constants else types.get(arg, "*bf16" if arg.endswith("_ptr") else "i32")
+                 for arg in kernel.arg_names}
+    source = ASTSource(fn=kernel, signature=signature,
+                       constexprs={(kernel.arg_names.index(arg),): value for arg, value in constants.items()})
+    built = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                           options=dict(num_warps=kernels.PREFILL_WARPS, num_stages=kernels.PREFILL_STAGES))
+    assert built.asm.get("cubin"), "_prefill_attention_kernel: no sm_90 binary"
 
 
 def main():
