@@ -319,9 +319,19 @@ TRIALS = {
     # (5 ms by default; the serving, vision and preprocessing threads share one interpreter)
     "switch-interval-0.2ms": "Python's thread switch interval at 0.2 ms",
     "vision-towers-called": "the vision towers called, not replayed as CUDA graphs (DEEPSEEK_OCR_VISION_GRAPHS=0)",
+    "prefill-called": "the batched prefill called, not replayed as CUDA graphs (as before 2026-12-02f)",
     "one-program-grouping": "the decode step's experts grouped in one program (ALIGN_ONE_PROGRAM_MAX_ROWS 8192, "
                             "before 2026-11-30's seventh session), its graphs captured again",
 }
+
+
+def prefill_description(engine: OCREngine) -> str:
+    prefill = engine.server.batch.prefill
+    if prefill.mode == "graphs":
+        return (f"CUDA graphs of {len(prefill.buckets)} token counts up to {prefill.buckets[-1]:,}, attention by "
+                "the Triton kernel over packed prompts")
+    return "called, attention by " + ("the Triton kernel over packed prompts" if engine.device.type == "cuda"
+                                      else "SDPA per prompt length")
 
 
 def start_trial(engine: OCREngine, trial: str) -> Callable[[], None]:
@@ -347,6 +357,11 @@ def start_trial(engine: OCREngine, trial: str) -> Callable[[], None]:
         served = server.vision.towers
         server.vision.towers = None
         return lambda: setattr(server.vision, "towers", served)
+    if trial == "prefill-called":
+        prefill = server.batch.prefill
+        served = prefill.mode
+        prefill.mode = "exact"
+        return lambda: setattr(prefill, "mode", served)
     if trial == "one-program-grouping":
         from checkpoints import triton_moe
         batch, served_rows = server.batch, triton_moe.ALIGN_ONE_PROGRAM_MAX_ROWS
@@ -592,8 +607,7 @@ def main():
 
     print(f"\n{engine.served.title}, {report['device']}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
           f"{engine.settings.dtype}, {args.size} random weights; KV cache paged ({engine.server.batch.block_size}-position blocks), decode attention: "
-          f"Triton paged kernel; prefill attention: " + ("Triton kernel over the packed prompts\n" if engine.device.type
-                                                           == "cuda" else "SDPA per prompt length\n"))
+          f"Triton paged kernel; prefill: {prefill_description(engine)}\n")
     matmul = ceilings["matmul_flops"]
     print(f"| measure | ours | original | floor (bytes ÷ {bandwidth / 1e12:.2f} TB/s, FLOPs ÷ {matmul / 1e12:.0f} "
           "TFLOP/s, both measured) | target |\n|---|---|---|---|---|")
@@ -622,6 +636,8 @@ def main():
         per_token = alone["flops"] / (alone["prompts"] * alone["length"])
         print(f"| prefill alone, {alone['prompts']} prompts of {alone['length']} tokens, tokens/s | "
               f"{alone['tokens_s']:,.0f} | – | {matmul / per_token:,.0f} ({per_token / 1e9:.1f} GFLOP a token) | |")
+        if "tokens_s_graphs" in alone:
+            print(f"| … replayed as its CUDA graph (as served), tokens/s | {alone['tokens_s_graphs']:,.0f} | – | – | |")
     job_targets = {128: "≥ 16", 256: "≥ 20"}
     for pages, job in ours.get("jobs", {}).items():
         pages = int(pages)

@@ -682,23 +682,32 @@ def prefill_flops(config, lengths: list) -> float:
 
 
 def prefill(model, prompts: int, length: int, profile_out: Path = None) -> dict:
+    """One batched prefill of `prompts` prompts of `length` tokens through the decode batch's admission, alone on
+    the GPU: called (every kernel launched from Python), and on CUDA replayed as the serving engine's CUDA graph
+    of its bucket (`prefill_graphs.py`; captured in the warm-up call)."""
     config = model.config
     blocks_each = math.ceil(length / 64) + 1
-    batch = DecodeBatch(model, prompts * blocks_each + 1, 64, prompts, length + 64, SERVING_NO_REPEAT_RULE,
-                        LOOP_STOP_OFF, 1, use_cuda_graphs=False)
-    entries = []
-    for row in range(prompts):
-        embeds = torch.randn(length, config.hidden_size, device=DEVICE, dtype=DTYPE) * 0.02
-        blocks = list(range(1 + row * blocks_each, 1 + (row + 1) * blocks_each))
-        entries.append(Entry(row, embeds, torch.zeros(length, dtype=torch.long), blocks, 16, []))
-    with torch.inference_mode():
-        seconds = timed(lambda: batch.admit(entries))
-        table = kernel_table(lambda: batch.admit(entries), profile_out, 20) if profile_out is not None else ""
     tokens = prompts * length
+    modes = ["exact"] + (["graphs"] if DEVICE == "cuda" else [])
+    seconds = {}
+    with torch.inference_mode():
+        for mode in modes:
+            batch = DecodeBatch(model, prompts * blocks_each + 1, 64, prompts, length + 64, SERVING_NO_REPEAT_RULE,
+                                LOOP_STOP_OFF, 1, use_cuda_graphs=False, prefill_tokens=tokens, prefill_mode=mode)
+            entries = []
+            for row in range(prompts):
+                embeds = torch.randn(length, config.hidden_size, device=DEVICE, dtype=DTYPE) * 0.02
+                blocks = list(range(1 + row * blocks_each, 1 + (row + 1) * blocks_each))
+                entries.append(Entry(row, embeds, torch.zeros(length, dtype=torch.long), blocks, 16, []))
+            seconds[mode] = timed(lambda: batch.admit(entries))
+            if mode == "exact":
+                table = kernel_table(lambda: batch.admit(entries), profile_out, 20) if profile_out is not None else ""
+            del batch
     flops = prefill_flops(config, [length] * prompts)
-    del batch
-    return {"prompts": prompts, "length": length, "seconds": seconds, "tokens_s": tokens / seconds,
-            "flops": flops, "table": table[:4000]}
+    graphed = {"seconds_graphs": seconds["graphs"], "tokens_s_graphs": tokens / seconds["graphs"]} \
+        if "graphs" in seconds else {}
+    return {"prompts": prompts, "length": length, "seconds": seconds["exact"], "tokens_s": tokens / seconds["exact"],
+            **graphed, "flops": flops, "table": table[:4000]}
 
 
 def main():

@@ -73,7 +73,7 @@ for step in "$@"; do
     stages) python3 benchmarks/numerics_stages.py "${ORIGINAL[@]}" --json "$OUT/stages.json" 2>&1 | tee "$OUT/stages.log" ;;
     bulk) python3 benchmarks/bench_bulk.py ${BULK_ARGS:-} --json "$OUT/bulk.json" 2>&1 | tee "$OUT/bulk.log" ;;
     bulk-ray) install_ray; python3 benchmarks/bench_bulk.py --ray --gpus 2 --json "$OUT/bulk-ray.json" 2>&1 | tee "$OUT/bulk-ray.log" ;;
-    tests) python3 -m pytest -q -x tests/test_triton_kernels.py tests/test_generation.py tests/test_loop_stop.py tests/test_vision_graphs.py tests/test_deepencoder.py tests/test_modeling_deepseekv2.py 2>&1 | tee "$OUT/tests.log" ;;
+    tests) python3 -m pytest -q -x tests/test_triton_kernels.py tests/test_prefill_graphs.py tests/test_generation.py tests/test_loop_stop.py tests/test_vision_graphs.py tests/test_deepencoder.py tests/test_modeling_deepseekv2.py 2>&1 | tee "$OUT/tests.log" ;;
     *) echo "unknown step $step" ;;
   esac
 done

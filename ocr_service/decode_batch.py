@@ -1,5 +1,6 @@
 """The device side of batched decoding: the paged KV cache, the state of each decode row, the batched
-prefill that admits sequences, and the decode step captured as CUDA graphs.
+prefill that admits sequences (as CUDA graphs on CUDA: `prefill_graphs.py`), and the decode step captured
+as CUDA graphs.
 
 A decode step runs the model's own modules (`DeepseekOCRForCausalLM.forward_paged`) on one token per
 row, then the repetition guard, the greedy choice, the loop detector and the stop checks, all on the
@@ -25,6 +26,8 @@ from checkpoints.generation import (
     greedy_tokens, mask_repeated_ngrams,
 )
 from checkpoints.paged_attention import PagedBatch, PagedKVCache
+
+from .prefill_graphs import PrefillGraphs, fixed_bytes as prefill_fixed_bytes
 
 # Each row's stop state on the device is an int: RUNNING, or the code of the reason it stopped. The host
 # only ever sees the reasons (`RowState.stop_reason`).
@@ -74,7 +77,10 @@ class RowState:
 class DecodeBatch:
     def __init__(self, model, num_blocks: int, block_size: int, max_rows: int, max_seq_len: int,
                  repetition: NoRepeatNGramRule, loop_rule: LoopStopRule, eos_token_id: int,
-                 use_cuda_graphs: Optional[bool] = None):
+                 use_cuda_graphs: Optional[bool] = None, prefill_tokens: Optional[int] = None,
+                 prefill_mode: Optional[str] = None):
+        """`prefill_tokens`: the most tokens of one batched prefill, whose passes then run as CUDA graphs
+        (with `use_cuda_graphs`); `prefill_mode` overrides that choice (`PrefillGraphs`' modes)."""
         config = model.config
         self.model = model
         self.num_blocks = num_blocks  # of the cache's pool (block 0, the scratch block, beside them)
@@ -102,6 +108,9 @@ class DecodeBatch:
         self.use_cuda_graphs = self.device.type == "cuda" if use_cuda_graphs is None else use_cuda_graphs
         self._graphs: dict = {}
         self._pool = None
+        if prefill_mode is None:
+            prefill_mode = "graphs" if self.use_cuda_graphs and prefill_tokens else "exact"
+        self.prefill = PrefillGraphs(model, self.cache, max_rows, prefill_tokens or 0, prefill_mode)
 
     # ------------------------------------------------------------------ the cache's size
 
@@ -111,7 +120,8 @@ class DecodeBatch:
                       **batch_options) -> "DecodeBatch":
         """A batch whose KV cache takes what `budget` leaves: on a GPU, after the weights and the peak of
         `other_work()` (what runs beside the decode: the largest vision pass) and of the largest prefill
-        (`prefill_tokens`), each measured by running it once, and the budget's headroom; never more than every
+        (`prefill_tokens`), each measured by running it once (the prefill's CUDA graphs hold that peak in
+        their pool, and their fixed buffers beside it), and the budget's headroom; never more than every
         row at its longest. On a GPU the budget also becomes the allocator's cap. `growth_tokens`: what a
         sequence grows by between two looks at it (a pool that cannot hold one sequence that long is refused,
         naming the setting to raise). `batch_options`: the rest of `DecodeBatch`'s arguments."""
@@ -123,9 +133,11 @@ class DecodeBatch:
             if blocks * block_size <= 2 * growth_tokens:
                 raise RuntimeError(f"DEEPSEEK_OCR_CPU_CACHE_GIB={budget.cpu_cache_gib:g} holds {blocks} cache "
                                    f"block(s) of {block_size} positions: too few for any page; raise it")
-            return cls(model, blocks, block_size, max_rows, max_seq_len, **batch_options)
+            return cls(model, blocks, block_size, max_rows, max_seq_len, prefill_tokens=prefill_tokens,
+                       **batch_options)
         limit = min(budget.gpu_gib * 2**30, 0.92 * budget.card_bytes)
-        peak = _peak_beside_cache(model, block_size, max_seq_len, prefill_tokens, other_work)
+        peak = (_peak_beside_cache(model, block_size, max_seq_len, prefill_tokens, other_work)
+                + prefill_fixed_bytes(model, max_rows, prefill_tokens))
         blocks = min(useful, int((limit - peak - budget.headroom_gib * 2**30) // block_bytes))
         if blocks * block_size < max_seq_len + growth_tokens:
             raise RuntimeError(f"DEEPSEEK_OCR_GPU_MEMORY_GIB={budget.gpu_gib:g} leaves no room for the KV "
@@ -135,7 +147,7 @@ class DecodeBatch:
         # not. As a cap, the allocator gives cached blocks back rather than go beyond the budget.
         device_index = torch.cuda.current_device() if device.index is None else device.index
         torch.cuda.set_per_process_memory_fraction(limit / budget.card_bytes, device_index)
-        return cls(model, blocks, block_size, max_rows, max_seq_len, **batch_options)
+        return cls(model, blocks, block_size, max_rows, max_seq_len, prefill_tokens=prefill_tokens, **batch_options)
 
     # ------------------------------------------------------------------ the decode step
 
@@ -228,7 +240,7 @@ class DecodeBatch:
         pageable memory waits for every kernel queued before it on this stream; behind a vision pass on the
         other stream, each such copy waited for that pass, and admitting a dozen pages took the whole pass.)"""
         block_size, width = self.block_size, self.history.shape[1]
-        packed, positions, slots, lengths = [], [], [], []
+        packed, positions, slots = [], [], []
         tables = torch.zeros(len(entries), self.block_tables.shape[1], dtype=torch.long)
         histories = torch.full((len(entries), width), -1, dtype=torch.long)  # each row's ids, then -1
         for index, entry in enumerate(entries):
@@ -245,19 +257,16 @@ class DecodeBatch:
             slots.append(table[span // block_size] * block_size + span % block_size)
             packed.append(context)
             positions.append(span)
-            lengths.append(length)
         prompt_lengths = torch.tensor([entry.prompt_ids.shape[0] for entry in entries])
         rows_host = torch.tensor([entry.row for entry in entries])
-        last = torch.tensor(lengths).cumsum(0) - 1
-        columns = [tables, histories, torch.cat(positions), torch.cat(slots), last, rows_host, prompt_lengths,
-                   torch.tensor(lengths), torch.tensor([entry.max_new_tokens for entry in entries])]
+        columns = [tables, histories, rows_host, prompt_lengths, torch.tensor([part.shape[0] for part in packed]),
+                   torch.tensor([entry.max_new_tokens for entry in entries])]
         uploaded = self._upload(torch.cat([column.reshape(-1) for column in columns]))
-        tables, histories, positions, slots, last, rows, prompt_lengths, cache_lengths, limits = [
+        tables, histories, rows, prompt_lengths, cache_lengths, limits = [
             part.view(column.shape) for part, column in zip(uploaded.split([c.numel() for c in columns]), columns)]
         self.block_tables.index_copy_(0, rows, tables.int())
         self.history.index_copy_(0, rows, histories)
-        self.cache.batch = PagedBatch(positions=positions, slots=slots, prompt_lengths=tuple(lengths))
-        logits = self.model.forward_paged(torch.cat(packed).to(self.dtype), self.cache, last)  # [n, V]
+        logits = self.prefill.run(packed, torch.cat(positions), torch.cat(slots))  # [n, V]
         self.prompt_lengths.index_copy_(0, rows, prompt_lengths)
         self.limits.index_copy_(0, rows, limits)
         self.positions.index_copy_(0, rows, cache_lengths)

@@ -469,6 +469,11 @@ class ServingLoop:
         graphs = self.batch.capture_all()
         if graphs:
             log(f"captured {graphs} CUDA graphs of the decode step in {time.monotonic() - started:.1f} s")
+        started = time.monotonic()
+        graphs = self.batch.prefill.capture_all()
+        if graphs:
+            log(f"captured {graphs} CUDA graphs of the batched prefill (up to {settings.prefill_tokens} tokens) "
+                f"in {time.monotonic() - started:.1f} s")
         log(f"KV cache: {blocks} blocks of {BLOCK_SIZE} positions ({blocks * block_bytes / 2**30:.1f} GiB), "
             f"up to {self.max_rows} sequences at once"
             + (f", within a {self.budget_gib:g} GiB budget" if on_gpu else ""))

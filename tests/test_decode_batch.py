@@ -11,6 +11,7 @@ import torch
 import checkpoints
 from checkpoints.generation import LOOP_STOP_OFF, SERVING_NO_REPEAT_RULE
 from ocr_service.decode_batch import DecodeBatch, MemoryBudget
+from ocr_service.prefill_graphs import fixed_bytes
 
 BLOCK, ROWS, LONGEST, GROWTH = 64, 4, 1024, 17
 OPTIONS = dict(repetition=SERVING_NO_REPEAT_RULE, loop_rule=LOOP_STOP_OFF, eos_token_id=1)
@@ -70,8 +71,11 @@ def test_on_a_gpu_the_cache_takes_what_the_weights_the_work_beside_and_the_large
     allocator = Allocator(monkeypatch, base=10 * GiB, beside=3 * GiB, prefill=2 * GiB)
     allocator.prefill_cache = (math.ceil(512 / BLOCK) + 1) * block_bytes(model)  # the prefill's own cache
     ran = []
-    # 15 GiB of weights and work, 5 of headroom, and room for 30.5 blocks (fewer than every row at its longest)
-    budget = MemoryBudget(cpu_cache_gib=1.0, gpu_gib=20 + 30.5 * block_bytes(model) / GiB, card_bytes=200 * GiB)
+    # 15 GiB of weights and work, the prefill graphs' fixed buffers, 5 GiB of headroom, and room for 30.5 blocks
+    # (fewer than every row at its longest)
+    graphs = fixed_bytes(model, ROWS, 512)
+    budget = MemoryBudget(cpu_cache_gib=1.0, gpu_gib=20 + (graphs + 30.5 * block_bytes(model)) / GiB,
+                          card_bytes=200 * GiB)
     batch = within(model, budget, 512, other_work=lambda: ran.append("vision"))
     assert ran == ["vision"]  # the work beside the decode ran once, measured
     assert batch.num_blocks == 30 < ROWS * math.ceil(LONGEST / BLOCK)
