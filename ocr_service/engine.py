@@ -458,6 +458,7 @@ class ServingLoop:
         self.batch = DecodeBatch.within_budget(
             model, budget, BLOCK_SIZE, self.max_rows, MAX_SEQUENCE, growth_tokens=growth,
             prefill_tokens=settings.prefill_tokens, other_work=self._largest_vision_pass,
+            prefill_mode=None if settings.prefill_graphs else "exact",
             repetition=engine.repetition, loop_rule=engine.loop_rule, eos_token_id=engine.eos)
         blocks, block_bytes = self.batch.num_blocks, self.batch.block_bytes
         self.policy = SchedulingPolicy(BlockPool(blocks, BLOCK_SIZE), self.max_rows, max_waiting=2 * self.max_rows,

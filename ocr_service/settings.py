@@ -80,6 +80,7 @@ class Settings:
     max_rows: Optional[int] = None  # DEEPSEEK_OCR_MAX_ROWS (None: per the device, `rows_and_budget`)
     sync_every: int = 16  # DEEPSEEK_OCR_SYNC_EVERY
     prefill_tokens: int = 16384  # DEEPSEEK_OCR_PREFILL_TOKENS
+    prefill_graphs: bool = True  # DEEPSEEK_OCR_PREFILL_GRAPHS
     cpus: int = 1  # DEEPSEEK_OCR_CPUS (the cores this process's CPU work may use)
     preprocess_workers: int = 1  # DEEPSEEK_OCR_PREPROCESS_WORKERS
     # generation
@@ -129,6 +130,7 @@ class Settings:
             max_rows=_number(env, "DEEPSEEK_OCR_MAX_ROWS", None if on_gpu else CPU_ROWS),
             sync_every=_number(env, "DEEPSEEK_OCR_SYNC_EVERY", 16),
             prefill_tokens=_number(env, "DEEPSEEK_OCR_PREFILL_TOKENS", 16384, minimum=2048),
+            prefill_graphs=_flag(env, "DEEPSEEK_OCR_PREFILL_GRAPHS", True),
             cpus=cores,
             preprocess_workers=_number(env, "DEEPSEEK_OCR_PREPROCESS_WORKERS",
                                        max(1, min(12, cores - 2)) if on_gpu else 1),
@@ -187,7 +189,7 @@ ENVIRONMENT_VARIABLES = (
     "DEEPSEEK_OCR_MODEL", "DEEPSEEK_OCR_WEIGHTS_URL", "DEEPSEEK_OCR_WEIGHTS_DIR", "DEEPSEEK_OCR_OFFLINE",
     "DEEPSEEK_OCR_DEVICE", "DEEPSEEK_OCR_DTYPE", "DEEPSEEK_OCR_ENGINE", "DEEPSEEK_OCR_ATTENTION", "DEEPSEEK_OCR_GPU_MEMORY_GIB",
     "DEEPSEEK_OCR_CPU_CACHE_GIB", "DEEPSEEK_OCR_MAX_ROWS", "DEEPSEEK_OCR_SYNC_EVERY", "DEEPSEEK_OCR_PREFILL_TOKENS",
-    "DEEPSEEK_OCR_PREPROCESS_WORKERS", "DEEPSEEK_OCR_REPETITION_RULE", "DEEPSEEK_OCR_STOP_LOOPS",
+    "DEEPSEEK_OCR_PREFILL_GRAPHS", "DEEPSEEK_OCR_PREPROCESS_WORKERS", "DEEPSEEK_OCR_REPETITION_RULE", "DEEPSEEK_OCR_STOP_LOOPS",
     "DEEPSEEK_OCR_ROTARY", "DEEPSEEK_OCR_VISION", "DEEPSEEK_OCR_VISION_GRAPHS", "DEEPSEEK_OCR_VISION_CUDNN",
     "DEEPSEEK_OCR_SAM_KERNEL", "DEEPSEEK_OCR_SAM_GELU", "DEEPSEEK_OCR_SAM_WINDOW_PADDING",
     "DEEPSEEK_OCR_PDL", "DEEPSEEK_OCR_MAX_PAGES", "DEEPSEEK_OCR_MAX_PIXELS", "DEEPSEEK_OCR_PDF_DPI",

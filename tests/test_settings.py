@@ -31,6 +31,9 @@ def test_defaults_on_a_gpu():
     # SAM's windows over the grid as it is, their padding made up in the window kernel (rounding a few values
     # differently, within the original's distance from float32 over 16 pages); the grid padded first is opt-in
     assert settings.sam_window_padding == "kernel"
+    # the prefill replayed as CUDA graphs (its in-job figure steady whatever the host does); called, opt-in
+    assert settings.prefill_graphs
+    assert not Settings.from_env({"DEEPSEEK_OCR_DEVICE": "cuda", "DEEPSEEK_OCR_PREFILL_GRAPHS": "0"}).prefill_graphs
 
 
 def test_rows_and_memory_follow_the_card_unless_set():
