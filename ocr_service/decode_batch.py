@@ -27,7 +27,7 @@ from checkpoints.generation import (
 )
 from checkpoints.paged_attention import PagedBatch, PagedKVCache
 
-from .prefill_graphs import PrefillGraphs, fixed_bytes as prefill_fixed_bytes
+from .prefill_graphs import PrefillGraphs, fixed_bytes as prefill_fixed_bytes, upload
 
 # Each row's stop state on the device is an int: RUNNING, or the code of the reason it stopped. The host
 # only ever sees the reasons (`RowState.stop_reason`).
@@ -282,10 +282,7 @@ class DecodeBatch:
                 self._resume_row(entry)
 
     def _upload(self, host: torch.Tensor) -> torch.Tensor:
-        """A host tensor on the device, without waiting for this stream's queued kernels (from pinned memory)."""
-        if self.device.type != "cuda":
-            return host.to(self.device)
-        return host.pin_memory().to(self.device, non_blocking=True)
+        return upload(host, self.device)
 
     def _start_fresh_rows(self, rows: torch.Tensor, logits: torch.Tensor, prompt_lengths: torch.Tensor,
                           limits: torch.Tensor) -> None:

@@ -125,7 +125,7 @@ class PrefillGraphs:
         if bucket is None:
             last = torch.tensor(lengths).cumsum(0) - 1
             host = torch.cat([positions, slots, last])
-            uploaded = _upload(host, self.device)
+            uploaded = upload(host, self.device)
             positions, slots, last = uploaded.split([tokens, tokens, len(lengths)])
             self.cache.batch = PagedBatch(positions=positions, slots=slots, prompt_lengths=tuple(lengths))
             return self.model.forward_paged(torch.cat(parts).to(self.dtype), self.cache, last)
@@ -188,6 +188,7 @@ def _pinned(host: torch.Tensor, device) -> torch.Tensor:
     return host.pin_memory() if torch.device(device).type == "cuda" else host
 
 
-def _upload(host: torch.Tensor, device) -> torch.Tensor:
-    """A host tensor on the device, without waiting for the stream's queued kernels (from pinned memory)."""
+def upload(host: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on the device, without waiting for the stream's queued kernels (from pinned memory:
+    `DecodeBatch.admit` says why)."""
     return _pinned(host, device).to(device, non_blocking=True)
