@@ -235,8 +235,9 @@ class DecodeBatch:
         """Prefill several sequences in one pass (their prompts packed, each attending to itself) and
         set up their rows; a fresh sequence gets its first token here.
 
-        Nothing here waits for the device: every integer the admission needs goes up in one copy from pinned
-        memory before the prefill is launched, and the rows are started from device tensors. (A copy from
+        Nothing here waits for the device: the integers of the rows go up in one copy from pinned memory, the
+        prefill's (positions, slots, its attention's table) in another (`PrefillGraphs.run`), before the prefill
+        is launched, and the rows are started from device tensors. (A copy from
         pageable memory waits for every kernel queued before it on this stream; behind a vision pass on the
         other stream, each such copy waited for that pass, and admitting a dozen pages took the whole pass.)"""
         block_size, width = self.block_size, self.history.shape[1]
