@@ -108,9 +108,19 @@ class DecodeBatch:
         self.use_cuda_graphs = self.device.type == "cuda" if use_cuda_graphs is None else use_cuda_graphs
         self._graphs: dict = {}
         self._pool = None
-        if prefill_mode is None:
-            prefill_mode = "graphs" if self.use_cuda_graphs and prefill_tokens else "exact"
-        self.prefill = PrefillGraphs(model, self.cache, max_rows, prefill_tokens or 0, prefill_mode)
+        self.prefill = PrefillGraphs(model, self.cache, max_rows, prefill_tokens or 0,
+                                     self.prefill_mode(self.device, prefill_tokens, use_cuda_graphs, prefill_mode))
+
+    @staticmethod
+    def prefill_mode(device: torch.device, prefill_tokens: Optional[int], use_cuda_graphs: Optional[bool] = None,
+                     prefill_mode: Optional[str] = None) -> str:
+        """How the batched prefill runs (`PrefillGraphs`' modes): as `prefill_mode` asks, else as CUDA graphs
+        wherever the decode step is replayed (on CUDA, unless `use_cuda_graphs` says otherwise) and a pass's
+        tokens are bounded, else called."""
+        if prefill_mode is not None:
+            return prefill_mode
+        replayed = device.type == "cuda" if use_cuda_graphs is None else use_cuda_graphs
+        return "graphs" if replayed and prefill_tokens else "exact"
 
     # ------------------------------------------------------------------ the cache's size
 
@@ -120,8 +130,8 @@ class DecodeBatch:
                       **batch_options) -> "DecodeBatch":
         """A batch whose KV cache takes what `budget` leaves: on a GPU, after the weights and the peak of
         `other_work()` (what runs beside the decode: the largest vision pass) and of the largest prefill
-        (`prefill_tokens`), each measured by running it once (the prefill's CUDA graphs hold that peak in
-        their pool, and their fixed buffers beside it), and the budget's headroom; never more than every
+        (`prefill_tokens`), each measured by running it once (the prefill's CUDA graphs, when it is replayed,
+        hold that peak in their pool, and their fixed buffers beside it), and the budget's headroom; never more than every
         row at its longest. On a GPU the budget also becomes the allocator's cap. `growth_tokens`: what a
         sequence grows by between two looks at it (a pool that cannot hold one sequence that long is refused,
         naming the setting to raise). `batch_options`: the rest of `DecodeBatch`'s arguments."""
@@ -136,8 +146,11 @@ class DecodeBatch:
             return cls(model, blocks, block_size, max_rows, max_seq_len, prefill_tokens=prefill_tokens,
                        **batch_options)
         limit = min(budget.gpu_gib * 2**30, 0.92 * budget.card_bytes)
-        peak = (_peak_beside_cache(model, block_size, max_seq_len, prefill_tokens, other_work)
-                + prefill_fixed_bytes(model, max_rows, prefill_tokens))
+        mode = cls.prefill_mode(device, prefill_tokens, batch_options.get("use_cuda_graphs"),
+                                batch_options.get("prefill_mode"))
+        peak = _peak_beside_cache(model, block_size, max_seq_len, prefill_tokens, other_work)
+        if mode != "exact":  # the inputs and output its graphs read and write, kept for good
+            peak += prefill_fixed_bytes(model, max_rows, prefill_tokens)
         blocks = min(useful, int((limit - peak - budget.headroom_gib * 2**30) // block_bytes))
         if blocks * block_size < max_seq_len + growth_tokens:
             raise RuntimeError(f"DEEPSEEK_OCR_GPU_MEMORY_GIB={budget.gpu_gib:g} leaves no room for the KV "

@@ -27,9 +27,9 @@ def block_bytes(model) -> int:
     return 2 * config.num_hidden_layers * config.num_key_value_heads * BLOCK * config.head_dim * 4
 
 
-def within(model, budget, prefill_tokens=512, other_work=lambda: None):
+def within(model, budget, prefill_tokens=512, other_work=lambda: None, **options):
     return DecodeBatch.within_budget(model, budget, BLOCK, ROWS, LONGEST, GROWTH, prefill_tokens, other_work,
-                                     **OPTIONS)
+                                     **OPTIONS, **options)
 
 
 def test_on_the_cpu_the_cache_takes_its_own_budget_and_never_more_than_every_row_at_its_longest(model):
@@ -72,14 +72,34 @@ def test_on_a_gpu_the_cache_takes_what_the_weights_the_work_beside_and_the_large
     allocator.prefill_cache = (math.ceil(512 / BLOCK) + 1) * block_bytes(model)  # the prefill's own cache
     ran = []
     # 15 GiB of weights and work, the prefill graphs' fixed buffers, 5 GiB of headroom, and room for 30.5 blocks
-    # (fewer than every row at its longest)
+    # (fewer than every row at its longest); "padded" lays the prefill out as its graphs do, on the CPU
     graphs = fixed_bytes(model, ROWS, 512)
     budget = MemoryBudget(cpu_cache_gib=1.0, gpu_gib=20 + (graphs + 30.5 * block_bytes(model)) / GiB,
                           card_bytes=200 * GiB)
-    batch = within(model, budget, 512, other_work=lambda: ran.append("vision"))
+    batch = within(model, budget, 512, other_work=lambda: ran.append("vision"), prefill_mode="padded")
+    assert batch.prefill.mode == "padded"
     assert ran == ["vision"]  # the work beside the decode ran once, measured
     assert batch.num_blocks == 30 < ROWS * math.ceil(LONGEST / BLOCK)
     assert allocator.cap == (pytest.approx(budget.gpu_gib / 200), 0)  # the budget is the allocator's cap
+
+
+def test_a_prefill_that_is_called_leaves_its_graphs_buffers_to_the_cache(model, monkeypatch):
+    GiB = 2**30
+    graphs = fixed_bytes(model, ROWS, 512)
+    assert graphs > block_bytes(model)  # what the test tells apart: a block or more
+    budget = MemoryBudget(cpu_cache_gib=1.0, gpu_gib=20 + (graphs + 30.5 * block_bytes(model)) / GiB,
+                          card_bytes=200 * GiB)
+    blocks = {}
+    for mode in ("padded", "exact"):
+        allocator = Allocator(monkeypatch, base=10 * GiB, beside=3 * GiB, prefill=2 * GiB)
+        allocator.prefill_cache = (math.ceil(512 / BLOCK) + 1) * block_bytes(model)
+        blocks[mode] = within(model, budget, 512, prefill_mode=mode).num_blocks
+    assert blocks["padded"] == 30
+    assert blocks["exact"] == math.floor(30.5 + graphs / block_bytes(model))
+    # on the CPU, with nothing asked, the prefill is called: the same as "exact"
+    allocator = Allocator(monkeypatch, base=10 * GiB, beside=3 * GiB, prefill=2 * GiB)
+    allocator.prefill_cache = (math.ceil(512 / BLOCK) + 1) * block_bytes(model)
+    assert within(model, budget, 512).num_blocks == blocks["exact"]
 
 
 def test_a_gpu_budget_that_leaves_no_cache_names_the_setting_to_raise(model, monkeypatch):
