@@ -16,6 +16,7 @@
 # 600 s call with the original), timeline (the jobs, trials of the serving loop's choices named in TRIALS (default:
 # vision-towers-called no-launch-turn; bench_engine.py --help lists them), and a window of the 256-page
 # job under the profiler: GPU time by stream and stage, benchmarks/timeline.py), engine-rows256 (engine with 256 rows and a 110 GiB budget: its jobs and a 256-row step), engine-steps, service, numerics, stages, tests, bulk (one GPU), bulk-ray (2 GPUs);
+# agreement-trees (the greedy agreement of earlier trees, TREES, beside this one's: agreement_across_trees.py);
 # engine-ocr2 and numerics-ocr2 run engine and numerics on DeepSeek-OCR 2; jobs runs the 128-page job of
 # each model; vision-ocr2 runs vision on DeepSeek-OCR 2 (kernel tables of its vision pass and prefill under
 # $OUT/ocr2), then page-cost; page-cost counts one page's work for both models (CPU only, seconds).
@@ -73,6 +74,14 @@ for step in "$@"; do
     stages) python3 benchmarks/numerics_stages.py "${ORIGINAL[@]}" --json "$OUT/stages.json" 2>&1 | tee "$OUT/stages.log" ;;
     bulk) python3 benchmarks/bench_bulk.py ${BULK_ARGS:-} --json "$OUT/bulk.json" 2>&1 | tee "$OUT/bulk.log" ;;
     bulk-ray) install_ray; python3 benchmarks/bench_bulk.py --ray --gpus 2 --json "$OUT/bulk-ray.json" 2>&1 | tee "$OUT/bulk-ray.log" ;;
+    # the greedy agreement of each carried earlier tree (TREES: folders from `git archive`, e.g. .bench/at-935e07e)
+    # and of this one, measured alike, their token streams set against each other
+    agreement-trees) python3 -c "import sys; sys.path.insert(0, '.'); from pathlib import Path; from benchmarks.common import random_checkpoint; random_checkpoint(Path('/tmp/bench-checkpoint'))"
+      for tree in ${TREES:-} .; do
+        name=$(basename "$(cd "$tree" && pwd)"); [ "$tree" = . ] && name=served
+        python3 benchmarks/agreement_across_trees.py run "$tree" "$OUT/agreement-$name.json" 2>&1 | tee "$OUT/agreement-$name.log"
+      done
+      python3 benchmarks/agreement_across_trees.py compare "$OUT"/agreement-*.json 2>&1 | tee "$OUT/agreement-trees.md" ;;
     tests) python3 -m pytest -q -x tests/test_triton_kernels.py tests/test_prefill_graphs.py tests/test_generation.py tests/test_loop_stop.py tests/test_vision_graphs.py tests/test_deepencoder.py tests/test_modeling_deepseekv2.py 2>&1 | tee "$OUT/tests.log" ;;
     *) echo "unknown step $step" ;;
   esac
