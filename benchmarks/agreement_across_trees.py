@@ -34,6 +34,20 @@ def common_prefix(a: list, b: list) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
+def both_paths(engine, prompt: str, images: list, resolution, tokens: int, rule) -> list:
+    """Each image's prompt inputs, the plain path's greedy tokens (`generate_tokens`, a page at a time) and the
+    batched engine's (the images in one job), under the n-gram `rule`, EOS ignored: [(inputs, plain, engine)]."""
+    batched = engine.run_pages(images, prompt, resolution, tokens)
+    model, tokenizer = engine.model, engine.tokenizer
+    pages = []
+    for image, result in zip(images, batched):
+        inputs = model.prepare_inputs(tokenizer, prompt, [image], resolution.base_size, resolution.image_size,
+                                      resolution.crop_mode)
+        plain, _ = model.generate_tokens(inputs, tokens, repetition=rule, loops=None, eos_token_id=-1)
+        pages.append((inputs, plain, list(result.token_ids)))
+    return pages
+
+
 def run(tree: Path, out: Path, groups: int, checkpoint: Path) -> dict:
     sys.path.insert(0, str(tree))  # that tree's packages, whatever this file's own tree holds
     import torch
@@ -57,21 +71,14 @@ def run(tree: Path, out: Path, groups: int, checkpoint: Path) -> dict:
     else:  # trees from before the second model: the first model's presets
         from ocr_service.presets import RESOLUTION_PRESETS
         gundam = RESOLUTION_PRESETS["Gundam (Recommended)"]
-    model, tokenizer = engine.model, engine.tokenizer
     report = {"tree": str(tree), "settings": {k: v for k, v in os.environ.items() if k.startswith("DEEPSEEK_OCR_")},
               "groups": []}
     for group in range(groups):
         seeds = list(range(PAGES_A_GROUP * group, PAGES_A_GROUP * (group + 1)))
-        images = [a4_page(seed=seed) for seed in seeds]
-        batched = engine.run_pages(images, PROMPT, gundam, TOKENS)
-        pages = []
-        for seed, image, result in zip(seeds, images, batched):
-            inputs = model.prepare_inputs(tokenizer, PROMPT, [image], gundam.base_size, gundam.image_size,
-                                          gundam.crop_mode)
-            plain, _ = model.generate_tokens(inputs, TOKENS, repetition=SERVING_NO_REPEAT_RULE, loops=None,
-                                             eos_token_id=-1)
-            tokens = list(result.token_ids)
-            pages.append({"seed": seed, "same": common_prefix(plain, tokens), "plain": plain, "engine": tokens})
+        paths = both_paths(engine, PROMPT, [a4_page(seed=seed) for seed in seeds], gundam, TOKENS,
+                           SERVING_NO_REPEAT_RULE)
+        pages = [{"seed": seed, "same": common_prefix(plain, tokens), "plain": plain, "engine": tokens}
+                 for seed, (_, plain, tokens) in zip(seeds, paths)]
         same = sum(page["same"] for page in pages)
         report["groups"].append({"same": same, "compared": PAGES_A_GROUP * TOKENS, "pages": pages})
         print(f"group {group}: {same}/{PAGES_A_GROUP * TOKENS}, per page {[page['same'] for page in pages]}",

@@ -36,6 +36,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks.agreement_across_trees import both_paths, common_prefix  # noqa: E402
 from benchmarks.bench_vision import pass_seconds, prefill, vision_flops  # noqa: E402
 from benchmarks.ceilings import measure_ceilings  # noqa: E402
 from benchmarks.common import (  # noqa: E402
@@ -406,24 +407,17 @@ def page_job(engine: OCREngine, pages: int, tokens: int, on_start: Callable[[], 
 def agreement(engine: OCREngine, pages: int, tokens: int, first_seed: int = 0) -> dict:
     """Greedy tokens of the batched engine against the model's plain generate_tokens, same rules."""
     images = [a4_page(seed=first_seed + i) for i in range(pages)]
-    gundam = engine.resolution(GUNDAM)
-    batched = engine.run_pages(images, PROMPT, gundam, tokens)
     same, compared = 0, 0
-    model, tokenizer = engine.model, engine.tokenizer
     prefixes = []  # each page's tokens in common, from the first
     partings = []  # where a page parts: the plain path's margin there (parting_margin)
-    for image, result in zip(images, batched):
-        inputs = model.prepare_inputs(tokenizer, PROMPT, [image], gundam.base_size, gundam.image_size,
-                                      gundam.crop_mode)
-        plain, _ = model.generate_tokens(inputs, tokens, repetition=SERVING_NO_REPEAT_RULE, loops=None,
-                                         eos_token_id=-1)
-        prefix = next((i for i, (a, b) in enumerate(zip(plain, result.token_ids)) if a != b), min(len(plain),
-                                                                                                     len(result.token_ids)))
+    for inputs, plain, batched in both_paths(engine, PROMPT, images, engine.resolution(GUNDAM), tokens,
+                                             SERVING_NO_REPEAT_RULE):
+        prefix = common_prefix(plain, batched)
         same += prefix
         compared += tokens
         prefixes.append(prefix)
-        if prefix < min(len(plain), len(result.token_ids)):
-            partings.append(parting_margin(model, inputs, plain[:prefix], plain[prefix], result.token_ids[prefix]))
+        if prefix < min(len(plain), len(batched)):
+            partings.append(parting_margin(engine.model, inputs, plain[:prefix], plain[prefix], batched[prefix]))
     return {"same": same, "compared": compared, "prefixes": prefixes, "partings": partings}
 
 
